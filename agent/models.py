@@ -1,0 +1,108 @@
+"""The two trainable models of PAPERS.md on top of the frozen MobileNetV2 ``f``.
+
+* :class:`IferHead` ``g``: per-image expression classifier on f's 1,280-d feature.
+* :class:`VideoModel` ``v``: per-frame FC 1280→128 → FC 128→64 → LSTM(64), many-to-one, → K-way linear.
+  Only ``v`` travels in federated rounds; :func:`to_named_arrays` / :func:`from_named_arrays` convert it to
+  the framework-free form the aggregator handles.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from security.errors import ValidationError
+
+FEATURE_DIM = 1280
+
+# Class sets shared by IFER and VFER (IFER makes VFER's pseudo labels, so they must agree).
+CLASS_SETS: dict[int, tuple[str, ...]] = {
+    4: ("happiness", "anger", "sadness", "neutral"),
+    6: ("happiness", "anger", "sadness", "neutral", "fear", "disgust"),
+    7: ("happiness", "anger", "sadness", "neutral", "fear", "disgust", "surprise"),
+}
+
+__all__ = [
+    "CLASS_SETS",
+    "FEATURE_DIM",
+    "IferHead",
+    "VideoModel",
+    "from_named_arrays",
+    "to_named_arrays",
+]
+
+
+def _check_classes(num_classes: int) -> None:
+    if type(num_classes) is not int or num_classes not in CLASS_SETS:
+        raise ValidationError(f"num_classes must be one of {sorted(CLASS_SETS)}")
+
+
+class IferHead(nn.Module):
+    """``g``: fully connected layers + softmax over f's 1,280-d output (logits from ``forward``)."""
+
+    def __init__(self, *, num_classes: int, hidden: int = 512, dropout: float = 0.3) -> None:
+        _check_classes(num_classes)
+        super().__init__()
+        self.num_classes = num_classes
+        self.net = nn.Sequential(
+            nn.Linear(FEATURE_DIM, hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits ``(N, K)`` for features ``(N, 1280)``."""
+        return self.net(features)  # type: ignore[no-any-return]
+
+
+class VideoModel(nn.Module):
+    """``v``: the small video classifier personalized on the device and averaged across devices.
+
+    Input ``(batch, time, 1280)`` with zero pre-padding; logits ``(batch, K)`` from the LSTM's last step.
+    ``dp=True`` swaps ``nn.LSTM`` for Opacus' ``DPLSTM`` (same parameter names and shapes, so state dicts load
+    either way and the federated update is identical in form).
+    """
+
+    def __init__(self, *, num_classes: int, dp: bool = False) -> None:
+        _check_classes(num_classes)
+        super().__init__()
+        self.num_classes = num_classes
+        self.frame = nn.Sequential(
+            nn.Linear(FEATURE_DIM, 128),
+            nn.ReLU(inplace=True),
+            nn.Linear(128, 64),
+            nn.ReLU(inplace=True),
+        )
+        if dp:
+            from opacus.layers import DPLSTM
+
+            self.lstm: nn.Module = DPLSTM(64, 64, batch_first=True)
+        else:
+            self.lstm = nn.LSTM(64, 64, batch_first=True)
+        self.out = nn.Linear(64, num_classes)
+
+    def forward(self, clips: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, K)`` for clips ``(B, T, 1280)``."""
+        x = self.frame(clips)
+        seq, _ = self.lstm(x)
+        return self.out(seq[:, -1, :])  # type: ignore[no-any-return]
+
+
+def to_named_arrays(model: nn.Module) -> dict[str, np.ndarray]:
+    """The model's parameters as float32 numpy arrays keyed by state-dict name (what travels)."""
+    return {k: v.detach().cpu().numpy().astype(np.float32, copy=True) for k, v in model.state_dict().items()}
+
+
+def from_named_arrays(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
+    """Load named arrays into ``model``; names and shapes must match exactly."""
+    state = model.state_dict()
+    if set(arrays) != set(state):
+        raise ValidationError("named arrays do not match the model's parameter names")
+    for name, tensor in state.items():
+        if tuple(arrays[name].shape) != tuple(tensor.shape):
+            raise ValidationError(f"shape mismatch for parameter {name!r}")
+    model.load_state_dict({k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in arrays.items()})

@@ -1,0 +1,3 @@
+"""Protocol buffer definitions (``protos/fedfer/v1/*.proto``) and their committed generated Python."""
+
+__all__: list[str] = []
