@@ -18,6 +18,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "federation": ("bench.federation", "one secure-aggregation round over real gRPC"),
     "edge": ("bench.edge", "the on-device vision pipeline on a video"),
     "learning": ("bench.learning", "IFER vs the published peer, and personalization"),
+    "cache": ("bench.cache", "encrypted feature cache throughput and footprint"),
+    "storage": ("bench.storage", "latency of the aggregator's storage operations"),
 }
 
 

@@ -6,12 +6,35 @@ differential-privacy helpers, key handles and at-rest envelope encryption. Nothi
 fedfer, opens a socket, reads a clock or touches a file.
 """
 
+from security.envelope import DataKey, KeyEncryptionKey
 from security.errors import FedferError, IntegrityError, ProtocolError, RoundAbortedError, ValidationError
+from security.keys import AgreementKey, IdentityKey, verify_signature
+from security.secagg import (
+    AggregateResult,
+    DuplicateMessageError,
+    MalformedMessageError,
+    SecAggClient,
+    SecAggParams,
+    SecAggServer,
+    decode_message,
+)
 
 __all__ = [
+    "AggregateResult",
+    "AgreementKey",
+    "DataKey",
+    "DuplicateMessageError",
     "FedferError",
+    "IdentityKey",
     "IntegrityError",
+    "KeyEncryptionKey",
+    "MalformedMessageError",
     "ProtocolError",
     "RoundAbortedError",
+    "SecAggClient",
+    "SecAggParams",
+    "SecAggServer",
     "ValidationError",
+    "decode_message",
+    "verify_signature",
 ]

@@ -1,0 +1,791 @@
+"""The encrypted feature cache: an SQLite index (WAL) of AES-256-GCM records under per-session data keys.
+
+Nothing but ciphertext and non-secret bookkeeping (session id, creation time, counts, sizes) reaches disk:
+
+* A key-encryption key (KEK) lives in a :class:`~agent.cache_keys.KeyStore` (a 0600 file, or the OS keyring).
+* Each session gets its own data key (DEK), stored only wrapped under the KEK, bound to (cache id, session).
+* Each frame is one record, sealed by the session's DEK with associated data binding (cache id, session,
+  position, kind, format version): swapping, reordering, moving records between sessions or caches, or
+  replacing one with an older ciphertext of another position is detected as an integrity error for exactly
+  that record; every other record stays readable.
+* :meth:`FeatureCache.end_session` appends an encrypted *seal* carrying the frame count, so a sealed session
+  whose tail was cut off is detected too.
+* :meth:`FeatureCache.forget` is crypto-shredding: the session's wrapped DEK and rows are deleted with
+  SQLite's ``secure_delete`` (freed content is zeroed), the WAL is checkpointed and truncated, and by
+  default the KEK is rotated so that even an old copy of the database cannot be opened with the key that
+  remains. :meth:`FeatureCache.purge` forgets everything and replaces the KEK.
+* Retention drops sessions older than ``max_age_s`` and, oldest first, sessions beyond ``max_bytes``.
+
+Crash safety: each append (or batch) is one SQLite transaction in WAL mode, so a process killed mid-write
+loses at most the transaction in flight and the cache opens afterwards.
+
+Known limits: a whole-database rollback to an older copy (all files replaced together) cannot be detected
+without a monotonic counter outside the disk; a truncated tail of a session that was never sealed looks like
+a session whose writer stopped early.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import secrets
+import sqlite3
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Final, Literal
+
+import numpy as np
+
+from agent.cache_keys import FileKeyStore, KeyStore, KeyStoreError
+from agent.records import FEATURE_DIM, FrameRecord
+from security.envelope import DataKey, KeyEncryptionKey, RecordKind
+from security.errors import FedferError, IntegrityError, ValidationError
+
+__all__ = [
+    "DB_NAME",
+    "KEY_FILE_NAME",
+    "CacheError",
+    "FeatureCache",
+    "RecordIntegrityError",
+    "SessionContents",
+    "SessionInfo",
+    "SessionNotFoundError",
+    "SessionSealedError",
+    "decode_frame",
+    "encode_frame",
+]
+
+_log = logging.getLogger(__name__)
+
+DB_NAME: Final = "features.sqlite"
+KEY_FILE_NAME: Final = "cache.kek"
+_SCHEMA_VERSION: Final = b"1"
+_PAGE_SIZE: Final = 8192  # three ~2.7 KB records per page instead of one per 4 KB page
+_SESSION_ID = re.compile(r"[0-9a-f]{32}")
+
+# Frame plaintext: timestamp f64, score f32, box 4 x f32, K u16, feature 1280 x f16, probs K x f32.
+_FRAME_HEADER = struct.Struct("<df4fH")
+_FEATURE_BYTES: Final = FEATURE_DIM * 2
+_SEAL = struct.Struct("<Q")
+_MAX_CLASSES: Final = 1024
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS meta (
+    name  TEXT PRIMARY KEY,
+    value BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sessions (
+    sid         INTEGER PRIMARY KEY,
+    public_id   TEXT NOT NULL UNIQUE,
+    created     REAL NOT NULL,
+    wrapped_dek BLOB NOT NULL,
+    frames      INTEGER NOT NULL DEFAULT 0,
+    bytes       INTEGER NOT NULL DEFAULT 0,
+    sealed      INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS records (
+    sid  INTEGER NOT NULL REFERENCES sessions(sid) ON DELETE CASCADE,
+    seq  INTEGER NOT NULL,
+    kind INTEGER NOT NULL,
+    blob BLOB NOT NULL,
+    PRIMARY KEY (sid, seq)
+);
+"""
+
+
+class CacheError(FedferError):
+    """The feature cache cannot carry out an operation (other than an integrity failure)."""
+
+
+class SessionNotFoundError(CacheError, LookupError):
+    """No session with that id exists (never created, forgotten, or dropped by retention)."""
+
+
+class SessionSealedError(CacheError):
+    """The session was ended with :meth:`FeatureCache.end_session`; it accepts no more records."""
+
+
+class RecordIntegrityError(IntegrityError):
+    """One record of a session failed verification (tampered, truncated, swapped, moved or missing).
+
+    Attributes:
+        session_id: the session's public id (not secret).
+        position: the record's position in the session.
+    """
+
+    def __init__(self, session_id: str, position: int) -> None:
+        super().__init__(f"record {position} of session {session_id} failed verification")
+        self.session_id = session_id
+        self.position = position
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    """Metadata of one session: never any content.
+
+    Attributes:
+        session_id: 32 lowercase hex characters.
+        created: creation time, seconds since the epoch.
+        frames: number of frame records written.
+        bytes: stored bytes (record ciphertexts plus the wrapped data key).
+        sealed: whether :meth:`FeatureCache.end_session` closed it.
+    """
+
+    session_id: str
+    created: float
+    frames: int
+    bytes: int
+    sealed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SessionContents:
+    """The verified part of a session, as returned by :meth:`FeatureCache.recover_session`.
+
+    Attributes:
+        session_id: the session's id.
+        records: ``(position, record)`` pairs that verified, in order.
+        failed: positions that failed verification or are missing.
+        complete: True when the session is sealed, its seal verified and no record failed.
+    """
+
+    session_id: str
+    records: tuple[tuple[int, FrameRecord], ...]
+    failed: tuple[int, ...]
+    complete: bool
+
+    def __repr__(self) -> str:
+        return (
+            f"SessionContents(session_id={self.session_id!r}, records={len(self.records)}, "
+            f"failed={self.failed!r}, complete={self.complete})"
+        )
+
+
+def encode_frame(record: FrameRecord) -> bytes:
+    """Serialize a :class:`FrameRecord` to the cache's compact plaintext (2,590 + 4·K bytes)."""
+    if not isinstance(record, FrameRecord):
+        raise ValidationError("append takes FrameRecord instances")
+    probs = record.ifer_probs
+    if probs.size > _MAX_CLASSES:
+        raise ValidationError(f"at most {_MAX_CLASSES} classes")
+    x, y, w, h = (float(v) for v in record.box)
+    header = _FRAME_HEADER.pack(float(record.timestamp), float(record.score), x, y, w, h, probs.size)
+    feature = record.feature.astype("<f2", copy=False).tobytes()
+    return b"".join((header, feature, probs.astype("<f4", copy=False).tobytes()))
+
+
+def decode_frame(data: bytes) -> FrameRecord:
+    """Parse bytes written by :func:`encode_frame`.
+
+    Raises:
+        ValidationError: the bytes do not have the expected layout.
+    """
+    if len(data) < _FRAME_HEADER.size + _FEATURE_BYTES:
+        raise ValidationError("frame record too short")
+    timestamp, score, x, y, w, h, k = _FRAME_HEADER.unpack_from(data)
+    if len(data) != _FRAME_HEADER.size + _FEATURE_BYTES + 4 * k:
+        raise ValidationError("frame record has the wrong length")
+    offset = _FRAME_HEADER.size
+    feature = np.frombuffer(data, dtype="<f2", count=FEATURE_DIM, offset=offset).astype(np.float16)
+    probs = np.frombuffer(data, dtype="<f4", count=k, offset=offset + _FEATURE_BYTES).astype(np.float32)
+    return FrameRecord(timestamp=timestamp, feature=feature, ifer_probs=probs, box=(x, y, w, h), score=score)
+
+
+def _check_session_id(session_id: str) -> bytes:
+    if type(session_id) is not str or _SESSION_ID.fullmatch(session_id) is None:
+        raise ValidationError("a session id is 32 lowercase hex characters")
+    return session_id.encode("ascii")
+
+
+class FeatureCache:
+    """Encrypted, crash-safe store of per-frame features grouped by session.
+
+    Safe to share between threads of one process; several processes may open the same directory (SQLite
+    WAL serializes writers; a KEK rotated by one process is picked up by the others).
+
+    Example::
+
+        with FeatureCache(state_dir / "cache") as cache:
+            sid = cache.begin_session()
+            cache.append_batch(sid, records)
+            cache.end_session(sid)
+            frames = cache.read_session(sid)
+    """
+
+    def __init__(
+        self,
+        directory: Path | str,
+        *,
+        key_store: KeyStore | None = None,
+        max_age_s: float | None = None,
+        max_bytes: int | None = None,
+        rotate_kek_on_forget: bool = True,
+        synchronous: Literal["FULL", "NORMAL"] = "FULL",
+        busy_timeout_s: float = 30.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """Open (creating if needed) the cache in ``directory``.
+
+        Args:
+            directory: the cache's directory; created with mode 0700 when missing.
+            key_store: where the KEK lives; default: a 0600 file ``directory/cache.kek``.
+            max_age_s: drop sessions created longer ago than this (None: no age limit).
+            max_bytes: keep the stored bytes under this, dropping the oldest sessions first (None: no limit).
+            rotate_kek_on_forget: replace the KEK on every :meth:`forget`, so an old copy of the database
+                cannot be opened with the key that remains.
+            synchronous: SQLite's durability level; FULL also survives power loss, NORMAL survives a killed
+                process (WAL) and is faster.
+            busy_timeout_s: how long to wait for another process's write lock.
+            clock: source of "now" in seconds since the epoch (injected by tests).
+
+        Raises:
+            ValidationError: a bad argument.
+            CacheError: the index file is not a readable SQLite database.
+            InsecureKeyFileError: the key file is accessible by group/others.
+            KeyStoreError: the database exists but its KEK is missing from the key store.
+            IntegrityError: the key store's KEK does not open this database.
+        """
+        if max_age_s is not None and (type(max_age_s) not in (int, float) or not max_age_s > 0):
+            raise ValidationError("max_age_s must be a positive number or None")
+        if max_bytes is not None and (type(max_bytes) is not int or max_bytes <= 0):
+            raise ValidationError("max_bytes must be a positive int or None")
+        if synchronous not in ("FULL", "NORMAL"):
+            raise ValidationError("synchronous must be 'FULL' or 'NORMAL'")
+        if type(busy_timeout_s) not in (int, float) or busy_timeout_s < 0:
+            raise ValidationError("busy_timeout_s must be a non-negative number")
+        if type(rotate_kek_on_forget) is not bool:
+            raise ValidationError("rotate_kek_on_forget must be a bool")
+        self._dir = Path(directory)
+        self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._store: KeyStore = FileKeyStore(self._dir / KEY_FILE_NAME) if key_store is None else key_store
+        self._max_age_s = None if max_age_s is None else float(max_age_s)
+        self._max_bytes = max_bytes
+        self._rotate_on_forget = rotate_kek_on_forget
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._deks: dict[str, DataKey] = {}
+        self._db_path = self._dir / DB_NAME
+        self._touch_private(self._db_path)
+        self._conn: sqlite3.Connection | None = sqlite3.connect(
+            self._db_path, isolation_level=None, check_same_thread=False, timeout=busy_timeout_s
+        )
+        try:
+            self._configure(synchronous)
+            self._cache_id, self._kek = self._initialize()
+        except sqlite3.DatabaseError as exc:
+            self._conn.close()
+            self._conn = None
+            raise CacheError(f"the cache index {self._db_path} is unreadable or corrupt") from exc
+        except BaseException:
+            self._conn.close()
+            self._conn = None
+            raise
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+
+    def __repr__(self) -> str:
+        return f"FeatureCache({str(self._dir)!r})"
+
+    def __enter__(self) -> FeatureCache:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the database and drop every key handle this instance holds. Idempotent."""
+        with self._lock:
+            self._deks.clear()
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    @property
+    def directory(self) -> Path:
+        """The cache's directory."""
+        return self._dir
+
+    @property
+    def database_path(self) -> Path:
+        """The SQLite index file (``-wal`` and ``-shm`` files sit beside it)."""
+        return self._db_path
+
+    # -- sessions -------------------------------------------------------------------------------------
+
+    def begin_session(self, *, created: float | None = None) -> str:
+        """Start a session with a fresh data key; returns its id (32 hex characters).
+
+        Retention is enforced first, so a full cache makes room by dropping its oldest sessions.
+        """
+        if created is not None and type(created) not in (int, float):
+            raise ValidationError("created must be a number")
+        when = float(self._clock() if created is None else created)
+        self.enforce_retention()
+        session_id = secrets.token_hex(16)
+        dek = DataKey.generate()
+        with self._lock, self._write() as conn:
+            kek = self._current_kek(conn)
+            wrapped = kek.wrap_data_key(dek, cache_id=self._cache_id, session_id=session_id.encode("ascii"))
+            conn.execute(
+                "INSERT INTO sessions (public_id, created, wrapped_dek, bytes) VALUES (?, ?, ?, ?)",
+                (session_id, when, wrapped, len(wrapped)),
+            )
+            self._deks[session_id] = dek
+        _log.debug("cache session %s started", session_id)
+        return session_id
+
+    def append(self, session_id: str, record: FrameRecord) -> int:
+        """Encrypt and store one frame; returns its position. One transaction (see :meth:`append_batch`)."""
+        return self.append_batch(session_id, (record,))[0]
+
+    def append_batch(self, session_id: str, records: Iterable[FrameRecord]) -> list[int]:
+        """Encrypt and store frames in one transaction; returns their positions.
+
+        Either all of the batch is stored or none of it (a killed process loses the batch in flight).
+
+        Raises:
+            SessionNotFoundError: unknown session.
+            SessionSealedError: the session was ended.
+            ValidationError: an element is not a FrameRecord.
+        """
+        sid_bytes = _check_session_id(session_id)
+        plaintexts = [encode_frame(r) for r in records]
+        with self._lock, self._write() as conn:
+            sid, frames, sealed, wrapped = self._session_row(conn, session_id)
+            if sealed:
+                raise SessionSealedError(f"session {session_id} is sealed")
+            dek = self._dek(conn, session_id, wrapped)
+            rows = []
+            total = 0
+            for i, plaintext in enumerate(plaintexts):
+                blob = dek.encrypt_record(
+                    plaintext,
+                    cache_id=self._cache_id,
+                    session_id=sid_bytes,
+                    position=frames + i,
+                    kind=RecordKind.FRAME,
+                )
+                rows.append((sid, frames + i, RecordKind.FRAME, blob))
+                total += len(blob)
+            conn.executemany("INSERT INTO records (sid, seq, kind, blob) VALUES (?, ?, ?, ?)", rows)
+            conn.execute(
+                "UPDATE sessions SET frames = frames + ?, bytes = bytes + ? WHERE sid = ?",
+                (len(rows), total, sid),
+            )
+        if self._max_bytes is not None and self.total_bytes() > self._max_bytes:
+            self.enforce_retention(keep=session_id)
+        return list(range(frames, frames + len(plaintexts)))
+
+    def end_session(self, session_id: str) -> None:
+        """Seal the session: append an encrypted record of its frame count; later appends are refused.
+
+        Idempotent for a session that is already sealed.
+        """
+        sid_bytes = _check_session_id(session_id)
+        with self._lock, self._write() as conn:
+            sid, frames, sealed, wrapped = self._session_row(conn, session_id)
+            if sealed:
+                return
+            blob = self._dek(conn, session_id, wrapped).encrypt_record(
+                _SEAL.pack(frames),
+                cache_id=self._cache_id,
+                session_id=sid_bytes,
+                position=frames,
+                kind=RecordKind.SEAL,
+            )
+            conn.execute(
+                "INSERT INTO records (sid, seq, kind, blob) VALUES (?, ?, ?, ?)",
+                (sid, frames, RecordKind.SEAL, blob),
+            )
+            conn.execute(
+                "UPDATE sessions SET sealed = 1, bytes = bytes + ? WHERE sid = ?", (len(blob), sid)
+            )
+
+    def sessions(self) -> list[SessionInfo]:
+        """Metadata of every session, oldest first (no content, no keys)."""
+        with self._lock:
+            rows = self._db().execute(
+                "SELECT public_id, created, frames, bytes, sealed FROM sessions ORDER BY created, sid"
+            ).fetchall()
+        return [SessionInfo(str(r[0]), float(r[1]), int(r[2]), int(r[3]), bool(r[4])) for r in rows]
+
+    def session_info(self, session_id: str) -> SessionInfo:
+        """Metadata of one session.
+
+        Raises:
+            SessionNotFoundError: unknown session.
+        """
+        _check_session_id(session_id)
+        with self._lock:
+            row = self._db().execute(
+                "SELECT public_id, created, frames, bytes, sealed FROM sessions WHERE public_id = ?",
+                (session_id,),
+            ).fetchone()
+        if row is None:
+            raise SessionNotFoundError(f"no session {session_id}")
+        return SessionInfo(str(row[0]), float(row[1]), int(row[2]), int(row[3]), bool(row[4]))
+
+    def total_bytes(self) -> int:
+        """Stored bytes over all sessions (record ciphertexts plus wrapped data keys)."""
+        with self._lock:
+            (total,) = self._db().execute("SELECT COALESCE(SUM(bytes), 0) FROM sessions").fetchone()
+        return int(total)
+
+    # -- reading --------------------------------------------------------------------------------------
+
+    def read_record(self, session_id: str, position: int) -> FrameRecord:
+        """Verify and decode one frame.
+
+        Raises:
+            SessionNotFoundError: unknown session.
+            RecordIntegrityError: the record is missing or failed verification.
+            ValidationError: ``position`` is out of the session's range.
+        """
+        sid_bytes = _check_session_id(session_id)
+        if type(position) is not int or position < 0:
+            raise ValidationError("position must be a non-negative int")
+        with self._lock, self._read() as conn:
+            sid, frames, _sealed, wrapped = self._session_row(conn, session_id)
+            if position >= frames:
+                raise ValidationError(f"session {session_id} has {frames} frames")
+            row = conn.execute(
+                "SELECT kind, blob FROM records WHERE sid = ? AND seq = ?", (sid, position)
+            ).fetchone()
+            dek = self._dek(conn, session_id, wrapped)
+        if row is None:
+            raise RecordIntegrityError(session_id, position)
+        return self._open_frame(dek, sid_bytes, session_id, position, int(row[0]), row[1])
+
+    def read_session(self, session_id: str) -> list[FrameRecord]:
+        """All frames of a session, verified; strict.
+
+        Raises:
+            SessionNotFoundError: unknown session.
+            RecordIntegrityError: the first record that is missing or failed verification (including a
+                sealed session whose seal does not match its frames). Use :meth:`recover_session` to read
+                whatever still verifies.
+        """
+        contents = self.recover_session(session_id)
+        if contents.failed:
+            raise RecordIntegrityError(session_id, contents.failed[0])
+        return [record for _, record in contents.records]
+
+    def iter_sessions(self) -> Iterator[tuple[SessionInfo, list[FrameRecord]]]:
+        """Yield ``(info, frames)`` for every session, oldest first (strict, as :meth:`read_session`)."""
+        for info in self.sessions():
+            try:
+                yield info, self.read_session(info.session_id)
+            except SessionNotFoundError:
+                continue  # forgotten meanwhile (another process, retention)
+
+    def recover_session(self, session_id: str) -> SessionContents:
+        """Read every record of a session that verifies; report the positions that do not.
+
+        Raises:
+            SessionNotFoundError: unknown session.
+        """
+        sid_bytes = _check_session_id(session_id)
+        with self._lock, self._read() as conn:
+            sid, frames, sealed, wrapped = self._session_row(conn, session_id)
+            rows = conn.execute(
+                "SELECT seq, kind, blob FROM records WHERE sid = ? ORDER BY seq", (sid,)
+            ).fetchall()
+            dek = self._dek(conn, session_id, wrapped)
+        good: list[tuple[int, FrameRecord]] = []
+        failed: set[int] = set()
+        seal_count: int | None = None
+        seen: set[int] = set()
+        for seq, kind, blob in rows:
+            seq = int(seq)
+            seen.add(seq)
+            if kind == RecordKind.SEAL:
+                try:
+                    plain = dek.decrypt_record(
+                        blob,
+                        cache_id=self._cache_id,
+                        session_id=sid_bytes,
+                        position=seq,
+                        kind=RecordKind.SEAL,
+                    )
+                    (seal_count,) = _SEAL.unpack(plain)
+                    if seal_count != seq:
+                        raise IntegrityError("seal position mismatch")
+                except (IntegrityError, ValidationError, struct.error):
+                    failed.add(seq)
+                    seal_count = None
+                continue
+            try:
+                good.append((seq, self._open_frame(dek, sid_bytes, session_id, seq, int(kind), blob)))
+            except RecordIntegrityError:
+                failed.add(seq)
+        # Positions the index promises but that are gone, and anything past an authenticated seal count.
+        expected = seal_count if seal_count is not None else frames
+        failed.update(p for p in range(expected) if p not in seen)
+        if seal_count is not None:
+            failed.update(p for p, _ in good if p >= seal_count)
+            good = [(p, r) for p, r in good if p < seal_count]
+        if sealed and seal_count is None:
+            failed.add(frames)  # the index says sealed but the seal is missing
+        complete = bool(sealed) and seal_count is not None and not failed
+        return SessionContents(session_id, tuple(good), tuple(sorted(failed)), complete)
+
+    # -- forgetting -----------------------------------------------------------------------------------
+
+    def forget(self, session_id: str) -> None:
+        """Crypto-shred a session: delete its wrapped data key and records, leaving nothing decryptable.
+
+        Deleted content is zeroed (``secure_delete``), the WAL is checkpointed and truncated, free pages are
+        returned to the file system, and (by default) the KEK is rotated.
+
+        Raises:
+            SessionNotFoundError: unknown session.
+        """
+        _check_session_id(session_id)
+        with self._lock:
+            if self._delete_sessions([session_id]) == 0:
+                raise SessionNotFoundError(f"no session {session_id}")
+            if self._rotate_on_forget:
+                self._rotate()
+            self._scrub()
+        _log.info("cache session %s forgotten", session_id)
+
+    def purge(self) -> None:
+        """Forget every session and replace the KEK (the old one is overwritten and discarded)."""
+        with self._lock:
+            with self._write() as conn:
+                conn.execute("DELETE FROM records")
+                conn.execute("DELETE FROM sessions")
+            self._deks.clear()
+            self._rotate()
+            self._scrub()
+        _log.info("cache purged; key-encryption key replaced")
+
+    def rotate_kek(self) -> None:
+        """Replace the KEK and re-wrap every session's data key under the new one, crash-safely.
+
+        The store briefly holds both keys; whichever the database was committed under is used on the next
+        open, and the old key is then discarded.
+        """
+        with self._lock:
+            self._rotate()
+            self._scrub()
+
+    def _rotate(self) -> None:
+        with self._lock:
+            new = KeyEncryptionKey.generate()
+            with self._write() as conn:
+                old = self._current_kek(conn)
+                self._store.save([old, new])
+                rows = conn.execute("SELECT sid, public_id, wrapped_dek FROM sessions").fetchall()
+                for sid, public_id, wrapped in rows:
+                    name = str(public_id).encode("ascii")
+                    try:
+                        dek = old.unwrap_data_key(wrapped, cache_id=self._cache_id, session_id=name)
+                    except IntegrityError:
+                        # Already unreadable (its wrapped key was tampered with): it cannot be re-wrapped,
+                        # and must not block forgetting the others. It stays listed so it can be forgotten.
+                        _log.warning("cache session %s has a corrupt data key; left as is", public_id)
+                        continue
+                    conn.execute(
+                        "UPDATE sessions SET wrapped_dek = ? WHERE sid = ?",
+                        (new.wrap_data_key(dek, cache_id=self._cache_id, session_id=name), sid),
+                    )
+                conn.execute("UPDATE meta SET value = ? WHERE name = 'kek'", (new.fingerprint.encode(),))
+            self._store.save([new])
+            self._kek = new
+
+    def enforce_retention(self, *, now: float | None = None, keep: str | None = None) -> list[str]:
+        """Drop sessions older than ``max_age_s``, then the oldest until under ``max_bytes``.
+
+        Args:
+            now: the current time (default: the injected clock).
+            keep: a session never dropped for size (the one being written).
+
+        Returns:
+            The ids of the dropped sessions, oldest first.
+        """
+        if self._max_age_s is None and self._max_bytes is None:
+            return []
+        when = float(self._clock() if now is None else now)
+        with self._lock:
+            infos = self.sessions()
+            drop: list[str] = []
+            if self._max_age_s is not None:
+                drop = [s.session_id for s in infos if s.created < when - self._max_age_s]
+            if self._max_bytes is not None:
+                remaining = [s for s in infos if s.session_id not in drop]
+                total = sum(s.bytes for s in remaining)
+                for s in remaining:
+                    if total <= self._max_bytes:
+                        break
+                    if s.session_id == keep:
+                        continue
+                    drop.append(s.session_id)
+                    total -= s.bytes
+            if drop:
+                self._delete_sessions(drop)
+                if self._rotate_on_forget:
+                    self._rotate()
+                self._scrub()
+                _log.info("retention dropped %d cache session(s)", len(drop))
+        return drop
+
+    # -- internals ------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _touch_private(path: Path) -> None:
+        # SQLite creates the -wal and -shm files with the database file's permissions: make those 0600.
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            return
+        os.close(fd)
+
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise CacheError("the feature cache is closed")
+        return self._conn
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        conn = self._db()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        # One snapshot for the session row, the KEK fingerprint and the records, so that a rotation
+        # committed by another process in between cannot pair a wrapped key with the wrong KEK.
+        conn = self._db()
+        conn.execute("BEGIN")
+        try:
+            yield conn
+        finally:
+            conn.execute("COMMIT")
+
+    def _configure(self, synchronous: str) -> None:
+        conn = self._db()
+        (pages,) = conn.execute("PRAGMA page_count").fetchone()
+        if pages == 0:  # a brand-new file: layout pragmas only take effect before the first table
+            conn.execute(f"PRAGMA page_size = {_PAGE_SIZE}")
+            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute(f"PRAGMA synchronous = {synchronous}")
+        conn.execute("PRAGMA secure_delete = ON")
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("PRAGMA temp_store = MEMORY")
+
+    def _initialize(self) -> tuple[bytes, KeyEncryptionKey]:
+        with self._write() as conn:
+            # executescript() would commit on its own: run the statements inside this transaction instead.
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            meta = dict(conn.execute("SELECT name, value FROM meta").fetchall())
+            keys = self._store.load()
+            if not meta:
+                kek = keys[-1] if keys else KeyEncryptionKey.generate()
+                if not keys:
+                    self._store.save([kek])
+                cache_id = secrets.token_bytes(16)
+                conn.executemany(
+                    "INSERT INTO meta (name, value) VALUES (?, ?)",
+                    [("schema", _SCHEMA_VERSION), ("cache_id", cache_id), ("kek", kek.fingerprint.encode())],
+                )
+                return cache_id, kek
+            if meta.get("schema") != _SCHEMA_VERSION:
+                raise CacheError("unsupported cache format version")
+            kek = self._matching_kek(keys, bytes(meta["kek"]).decode("ascii"))
+            if len(keys) > 1:  # a rotation was interrupted: keep only the key the database uses
+                self._store.save([kek])
+            return bytes(meta["cache_id"]), kek
+
+    @staticmethod
+    def _matching_kek(keys: Sequence[KeyEncryptionKey], fingerprint: str) -> KeyEncryptionKey:
+        for key in keys:
+            if secrets.compare_digest(key.fingerprint, fingerprint):
+                return key
+        if not keys:
+            raise KeyStoreError("the cache's key-encryption key is missing; its contents are unrecoverable")
+        raise IntegrityError("the key-encryption key does not open this cache")
+
+    def _current_kek(self, conn: sqlite3.Connection) -> KeyEncryptionKey:
+        (value,) = conn.execute("SELECT value FROM meta WHERE name = 'kek'").fetchone()
+        fingerprint = bytes(value).decode("ascii")
+        if fingerprint != self._kek.fingerprint:  # another process rotated it
+            self._kek = self._matching_kek(self._store.load(), fingerprint)
+        return self._kek
+
+    def _session_row(self, conn: sqlite3.Connection, session_id: str) -> tuple[int, int, bool, bytes]:
+        row = conn.execute(
+            "SELECT sid, frames, sealed, wrapped_dek FROM sessions WHERE public_id = ?", (session_id,)
+        ).fetchone()
+        if row is None:
+            self._deks.pop(session_id, None)
+            raise SessionNotFoundError(f"no session {session_id}")
+        return int(row[0]), int(row[1]), bool(row[2]), bytes(row[3])
+
+    def _dek(self, conn: sqlite3.Connection, session_id: str, wrapped: bytes) -> DataKey:
+        dek = self._deks.get(session_id)
+        if dek is None:
+            try:
+                dek = self._current_kek(conn).unwrap_data_key(
+                    wrapped, cache_id=self._cache_id, session_id=session_id.encode("ascii")
+                )
+            except IntegrityError:
+                raise IntegrityError(f"the data key of session {session_id} failed verification") from None
+            self._deks[session_id] = dek
+        return dek
+
+    def _open_frame(
+        self, dek: DataKey, sid_bytes: bytes, session_id: str, position: int, kind: int, blob: bytes
+    ) -> FrameRecord:
+        try:
+            if kind != RecordKind.FRAME:
+                raise IntegrityError("not a frame record")
+            plain = dek.decrypt_record(
+                blob, cache_id=self._cache_id, session_id=sid_bytes, position=position, kind=RecordKind.FRAME
+            )
+            return decode_frame(plain)
+        except (IntegrityError, ValidationError):
+            raise RecordIntegrityError(session_id, position) from None
+
+    def _delete_sessions(self, session_ids: Sequence[str]) -> int:
+        deleted = 0
+        with self._write() as conn:
+            for session_id in session_ids:
+                row = conn.execute("SELECT sid FROM sessions WHERE public_id = ?", (session_id,)).fetchone()
+                if row is None:
+                    continue
+                conn.execute("DELETE FROM records WHERE sid = ?", (row[0],))
+                conn.execute("DELETE FROM sessions WHERE sid = ?", (row[0],))
+                deleted += 1
+        for session_id in session_ids:
+            self._deks.pop(session_id, None)
+        return deleted
+
+    def _scrub(self) -> None:
+        """Return free pages to the file system and fold the WAL into the database, then truncate it."""
+        conn = self._db()
+        # Through executescript(): sqlite3's execute() steps this pragma once, freeing a single page.
+        conn.executescript("PRAGMA incremental_vacuum;")
+        for attempt in range(50):
+            busy, _log_frames, _done = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            if not busy:
+                return
+            time.sleep(0.02 * (attempt + 1) if attempt < 10 else 0.2)
+        _log.warning("cache WAL could not be truncated: another process holds a read transaction")

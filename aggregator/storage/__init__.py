@@ -1,0 +1,36 @@
+"""Durable aggregator state behind one interface, with SQLite (default) and PostgreSQL backends.
+
+Pick a backend by URL with :func:`open_storage`: ``sqlite:///absolute/path.db`` (or ``sqlite:relative.db``)
+or ``postgresql://user@host:port/dbname``.
+"""
+
+from aggregator.storage.base import (
+    ACTIVE_STATUSES,
+    ConflictError,
+    DeviceRecord,
+    ModelRecord,
+    NotFoundError,
+    ResponseRecord,
+    RoundRecord,
+    RoundStatus,
+    Storage,
+    StorageError,
+    TokenRecord,
+)
+from aggregator.storage.factory import open_storage, redact_url
+
+__all__ = [
+    "ACTIVE_STATUSES",
+    "ConflictError",
+    "DeviceRecord",
+    "ModelRecord",
+    "NotFoundError",
+    "ResponseRecord",
+    "RoundRecord",
+    "RoundStatus",
+    "Storage",
+    "StorageError",
+    "TokenRecord",
+    "open_storage",
+    "redact_url",
+]

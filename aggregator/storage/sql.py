@@ -1,0 +1,667 @@
+# ruff: noqa: S608 -- only module constants are interpolated into SQL; values are always bound parameters.
+"""The SQL implementation of :class:`~aggregator.storage.base.Storage` shared by SQLite and PostgreSQL.
+
+Backends supply a connection, a transaction context manager, the DDL type names and the driver's
+integrity-error classes; every query is written once here with ``?`` placeholders. Races between replicas
+are settled by constraints (primary keys, a partial unique index allowing one active round per cohort) and by
+compare-and-set updates, never by reading and then writing in separate statements.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import datetime as dt
+import json
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Protocol
+
+from aggregator.storage.base import (
+    ConflictError,
+    DeviceRecord,
+    JsonValue,
+    ModelRecord,
+    NotFoundError,
+    ResponseRecord,
+    RoundRecord,
+    RoundStatus,
+    Storage,
+    StorageError,
+    TokenRecord,
+)
+
+__all__ = ["SCHEMA_VERSION", "Cursor", "SqlStorage"]
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_TERMINAL = ("published", "aborted")
+_MAX_TEXT = 256
+
+
+class Cursor(Protocol):
+    """The part of a DB-API cursor the shared queries use."""
+
+    @property
+    def rowcount(self) -> int:
+        """Rows changed by the last statement."""
+
+    def execute(self, sql: str, params: Sequence[Any] = ..., /) -> Any:
+        """Run one statement."""
+
+    def fetchone(self) -> Any:
+        """Return the next row or None."""
+
+    def fetchall(self) -> Any:
+        """Return the remaining rows."""
+
+
+# Each migration is a list of statements; {blob} and {autoid} are filled in per dialect. Never edit a
+# released migration: append a new one.
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE tokens (
+            token_hash {blob} PRIMARY KEY,
+            created_at BIGINT NOT NULL,
+            expires_at BIGINT NOT NULL,
+            label TEXT NOT NULL,
+            used_at BIGINT,
+            device_id TEXT
+        )""",
+        """CREATE TABLE devices (
+            device_id TEXT PRIMARY KEY,
+            cert_fingerprint TEXT NOT NULL UNIQUE,
+            cert_serial TEXT NOT NULL UNIQUE,
+            identity_public_key {blob} NOT NULL,
+            created_at BIGINT NOT NULL,
+            revoked_at BIGINT
+        )""",
+        """CREATE TABLE rounds (
+            round_id {autoid},
+            cohort TEXT NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ('open', 'advertise_keys', 'share_keys', 'masked_input',
+                                                   'unmask', 'published', 'aborted')),
+            params TEXT NOT NULL,
+            created_at BIGINT NOT NULL,
+            updated_at BIGINT NOT NULL,
+            finished_at BIGINT,
+            model_version BIGINT,
+            state {blob} NOT NULL,
+            participants TEXT NOT NULL,
+            version BIGINT NOT NULL
+        )""",
+        "CREATE UNIQUE INDEX rounds_one_active ON rounds (cohort) "
+        "WHERE status NOT IN ('published', 'aborted')",
+        """CREATE TABLE round_messages (
+            round_id BIGINT NOT NULL REFERENCES rounds (round_id),
+            stage TEXT NOT NULL,
+            device_id TEXT NOT NULL,
+            payload {blob} NOT NULL,
+            created_at BIGINT NOT NULL,
+            PRIMARY KEY (round_id, stage, device_id)
+        )""",
+        """CREATE TABLE responses (
+            scope TEXT NOT NULL,
+            request_id TEXT NOT NULL,
+            request_digest {blob} NOT NULL,
+            response {blob} NOT NULL,
+            created_at BIGINT NOT NULL,
+            PRIMARY KEY (scope, request_id)
+        )""",
+        "CREATE INDEX responses_created ON responses (created_at)",
+        """CREATE TABLE models (
+            version BIGINT PRIMARY KEY CHECK (version > 0),
+            parent BIGINT,
+            manifest TEXT NOT NULL,
+            digest TEXT NOT NULL,
+            blob {blob} NOT NULL,
+            created_at BIGINT NOT NULL
+        )""",
+    ),
+)
+
+SCHEMA_VERSION = len(_MIGRATIONS)
+"""The schema version this code creates and expects."""
+
+
+def _to_db_time(value: dt.datetime) -> int:
+    if not isinstance(value, dt.datetime) or value.tzinfo is None:
+        raise StorageError("times must be timezone-aware datetimes")
+    delta = value - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def _from_db_time(value: int) -> dt.datetime:
+    return _EPOCH + dt.timedelta(microseconds=int(value))
+
+
+def _opt_time(value: int | None) -> dt.datetime | None:
+    return None if value is None else _from_db_time(value)
+
+
+def _text(value: object, what: str, *, empty: bool = False) -> str:
+    if type(value) is not str or len(value) > _MAX_TEXT or (not value and not empty):
+        raise StorageError(f"{what} must be a non-empty string of at most {_MAX_TEXT} characters")
+    return value
+
+
+def _blob(value: object, what: str) -> bytes:
+    if type(value) is not bytes:
+        raise StorageError(f"{what} must be bytes")
+    return value
+
+
+def _int(value: object, what: str, *, positive: bool = True) -> int:
+    if type(value) is not int or (positive and value <= 0):
+        raise StorageError(f"{what} must be a positive int")
+    return value
+
+
+def _dump_params(params: Mapping[str, JsonValue]) -> str:
+    if not isinstance(params, Mapping):
+        raise StorageError("round params must be a mapping")
+    try:
+        return json.dumps(dict(params), sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise StorageError("round params are not JSON-serializable") from exc
+
+
+_ROUND_COLUMNS = (
+    "round_id, cohort, status, params, created_at, updated_at, finished_at, model_version, state, "
+    "participants, version"
+)
+_DEVICE_COLUMNS = "device_id, cert_fingerprint, cert_serial, identity_public_key, created_at, revoked_at"
+_TOKEN_COLUMNS = "token_hash, created_at, expires_at, label, used_at, device_id"  # noqa: S105
+
+
+def _round(row: Sequence[Any]) -> RoundRecord:
+    return RoundRecord(
+        round_id=int(row[0]),
+        cohort=row[1],
+        status=RoundStatus(row[2]),
+        params=json.loads(row[3]),
+        created_at=_from_db_time(row[4]),
+        updated_at=_from_db_time(row[5]),
+        finished_at=_opt_time(row[6]),
+        model_version=None if row[7] is None else int(row[7]),
+        state=bytes(row[8]),
+        participants=tuple(json.loads(row[9])),
+        version=int(row[10]),
+    )
+
+
+def _device(row: Sequence[Any]) -> DeviceRecord:
+    return DeviceRecord(
+        device_id=row[0],
+        cert_fingerprint=row[1],
+        cert_serial=int(row[2], 16),
+        identity_public_key=bytes(row[3]),
+        created_at=_from_db_time(row[4]),
+        revoked_at=_opt_time(row[5]),
+    )
+
+
+def _token(row: Sequence[Any]) -> TokenRecord:
+    return TokenRecord(
+        token_hash=bytes(row[0]),
+        created_at=_from_db_time(row[1]),
+        expires_at=_from_db_time(row[2]),
+        label=row[3],
+        used_at=_opt_time(row[4]),
+        device_id=row[5],
+    )
+
+
+class SqlStorage(Storage):
+    """Shared SQL logic; subclasses provide the connection and dialect details."""
+
+    _blob_type: str
+    _autoid_type: str
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._closed = False
+
+    # -- backend hooks ------------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def _begin(self, *, write: bool) -> contextlib.AbstractContextManager[Cursor]:
+        """Open a transaction and yield a cursor; commit on success, roll back on error."""
+
+    @abc.abstractmethod
+    def _is_integrity_error(self, exc: BaseException) -> bool:
+        """True if ``exc`` is the driver's constraint-violation error."""
+
+    @abc.abstractmethod
+    def _close_connection(self) -> None:
+        """Close the driver connection."""
+
+    @abc.abstractmethod
+    def _lock_schema(self, cur: Cursor) -> None:
+        """Serialise concurrent migrations (called first inside the migration transaction)."""
+
+    # -- plumbing -----------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _tx(self, *, write: bool = True) -> Iterator[Cursor]:
+        with self._lock:
+            if self._closed:
+                raise StorageError("storage is closed")
+            with self._begin(write=write) as cur:
+                yield cur
+
+    def _migrate(self, now: dt.datetime) -> None:
+        with self._tx() as cur:
+            self._lock_schema(cur)
+            cur.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations "
+                "(version INTEGER PRIMARY KEY, applied_at BIGINT)"
+            )
+            cur.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
+            current = int(cur.fetchone()[0])
+            if current > SCHEMA_VERSION:
+                raise StorageError("database schema is newer than this fedfer version")
+            for number in range(current + 1, SCHEMA_VERSION + 1):
+                for statement in _MIGRATIONS[number - 1]:
+                    cur.execute(statement.format(blob=self._blob_type, autoid=self._autoid_type))
+                cur.execute(
+                    "INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)",
+                    (number, _to_db_time(now)),
+                )
+
+    def close(self) -> None:
+        """Release the connection. Further calls raise :class:`StorageError`."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._close_connection()
+
+    def schema_version(self) -> int:
+        """Return the schema version the database is migrated to."""
+        with self._tx(write=False) as cur:
+            cur.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
+            return int(cur.fetchone()[0])
+
+    # -- tokens -------------------------------------------------------------------------------------------
+
+    def add_token(self, token: TokenRecord) -> None:
+        """Store a new, unused enrollment token."""
+        if not isinstance(token, TokenRecord):
+            raise StorageError("token must be a TokenRecord")
+        if token.used_at is not None or token.device_id is not None:
+            raise StorageError("a new token must be unused")
+        params = (
+            _blob(token.token_hash, "token hash"),
+            _to_db_time(token.created_at),
+            _to_db_time(token.expires_at),
+            _text(token.label, "label", empty=True),
+        )
+        try:
+            with self._tx() as cur:
+                cur.execute(
+                    "INSERT INTO tokens (token_hash, created_at, expires_at, label) VALUES (?, ?, ?, ?)",
+                    params,
+                )
+        except Exception as exc:
+            if self._is_integrity_error(exc):
+                raise ConflictError("enrollment token already exists") from None
+            raise
+
+    def get_token(self, token_hash: bytes) -> TokenRecord | None:
+        """Return the token with this hash, or None."""
+        with self._tx(write=False) as cur:
+            cur.execute(
+                f"SELECT {_TOKEN_COLUMNS} FROM tokens WHERE token_hash = ?", (_blob(token_hash, "hash"),)
+            )
+            row = cur.fetchone()
+        return None if row is None else _token(row)
+
+    def delete_expired_tokens(self, *, now: dt.datetime) -> int:
+        """Delete unused tokens that expired before ``now``; return how many were deleted."""
+        with self._tx() as cur:
+            cur.execute("DELETE FROM tokens WHERE used_at IS NULL AND expires_at <= ?", (_to_db_time(now),))
+            return int(cur.rowcount)
+
+    # -- devices ------------------------------------------------------------------------------------------
+
+    def enroll_device(self, *, token_hash: bytes, device: DeviceRecord, now: dt.datetime) -> DeviceRecord:
+        """Atomically consume an unused, unexpired token and register ``device``."""
+        if not isinstance(device, DeviceRecord):
+            raise StorageError("device must be a DeviceRecord")
+        if device.revoked_at is not None:
+            raise StorageError("a new device cannot be revoked")
+        ts = _to_db_time(now)
+        row = (
+            _text(device.device_id, "device id"),
+            _text(device.cert_fingerprint, "fingerprint"),
+            format(_int(device.cert_serial, "serial"), "x"),
+            _blob(device.identity_public_key, "identity key"),
+            _to_db_time(device.created_at),
+        )
+        try:
+            with self._tx() as cur:
+                cur.execute(
+                    "UPDATE tokens SET used_at = ?, device_id = ? "
+                    "WHERE token_hash = ? AND used_at IS NULL AND expires_at > ?",
+                    (ts, device.device_id, _blob(token_hash, "token hash"), ts),
+                )
+                if cur.rowcount != 1:
+                    raise ConflictError("enrollment token is invalid, expired or already used")
+                cur.execute(f"INSERT INTO devices ({_DEVICE_COLUMNS}) VALUES (?, ?, ?, ?, ?, NULL)", row)
+        except Exception as exc:
+            if self._is_integrity_error(exc):
+                raise ConflictError("device id or certificate is already registered") from None
+            raise
+        return device
+
+    def get_device(self, device_id: str) -> DeviceRecord | None:
+        """Return the device with this id, or None."""
+        with self._tx(write=False) as cur:
+            cur.execute(
+                f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE device_id = ?", (_text(device_id, "id"),)
+            )
+            row = cur.fetchone()
+        return None if row is None else _device(row)
+
+    def list_devices(self, *, include_revoked: bool = True) -> list[DeviceRecord]:
+        """Return registered devices ordered by id."""
+        where = "" if include_revoked else " WHERE revoked_at IS NULL"
+        with self._tx(write=False) as cur:
+            cur.execute(f"SELECT {_DEVICE_COLUMNS} FROM devices{where} ORDER BY device_id")
+            return [_device(r) for r in cur.fetchall()]
+
+    def revoke_device(self, device_id: str, *, now: dt.datetime) -> DeviceRecord:
+        """Mark a device revoked (idempotent: a second call keeps the first time)."""
+        ts = _to_db_time(now)
+        with self._tx() as cur:
+            cur.execute(
+                "UPDATE devices SET revoked_at = COALESCE(revoked_at, ?) WHERE device_id = ?",
+                (ts, _text(device_id, "device id")),
+            )
+            if cur.rowcount != 1:
+                raise NotFoundError("no such device")
+            cur.execute(f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE device_id = ?", (device_id,))
+            return _device(cur.fetchone())
+
+    def revoked_serials(self) -> frozenset[int]:
+        """Return the certificate serial numbers of all revoked devices."""
+        with self._tx(write=False) as cur:
+            cur.execute("SELECT cert_serial FROM devices WHERE revoked_at IS NOT NULL")
+            return frozenset(int(r[0], 16) for r in cur.fetchall())
+
+    # -- rounds -------------------------------------------------------------------------------------------
+
+    def create_round(
+        self,
+        *,
+        params: Mapping[str, JsonValue],
+        now: dt.datetime,
+        cohort: str = "default",
+        state: bytes = b"",
+    ) -> RoundRecord:
+        """Open a new round with status ``OPEN`` and version 1."""
+        ts = _to_db_time(now)
+        values = (_text(cohort, "cohort"), _dump_params(params), ts, ts, _blob(state, "state"))
+        try:
+            with self._tx() as cur:
+                cur.execute(
+                    "INSERT INTO rounds (cohort, status, params, created_at, updated_at, state, "
+                    "participants, version) VALUES (?, 'open', ?, ?, ?, ?, '[]', 1) RETURNING "
+                    + _ROUND_COLUMNS,
+                    values,
+                )
+                return _round(cur.fetchone())
+        except Exception as exc:
+            if self._is_integrity_error(exc):
+                raise ConflictError("the cohort already has an active round") from None
+            raise
+
+    def get_round(self, round_id: int) -> RoundRecord | None:
+        """Return the round with this id, or None."""
+        with self._tx(write=False) as cur:
+            cur.execute(
+                f"SELECT {_ROUND_COLUMNS} FROM rounds WHERE round_id = ?",
+                (_int(round_id, "round id"),),
+            )
+            row = cur.fetchone()
+        return None if row is None else _round(row)
+
+    def active_round(self, cohort: str = "default") -> RoundRecord | None:
+        """Return the cohort's round that is not yet published or aborted, or None."""
+        with self._tx(write=False) as cur:
+            cur.execute(
+                f"SELECT {_ROUND_COLUMNS} FROM rounds "
+                "WHERE cohort = ? AND status NOT IN ('published', 'aborted')",
+                (_text(cohort, "cohort"),),
+            )
+            row = cur.fetchone()
+        return None if row is None else _round(row)
+
+    def list_rounds(self, *, cohort: str | None = None, limit: int = 100) -> list[RoundRecord]:
+        """Return the most recent rounds, newest first."""
+        _int(limit, "limit")
+        with self._tx(write=False) as cur:
+            if cohort is None:
+                cur.execute(
+                    f"SELECT {_ROUND_COLUMNS} FROM rounds ORDER BY round_id DESC LIMIT ?",
+                    (limit,),
+                )
+            else:
+                cur.execute(
+                    f"SELECT {_ROUND_COLUMNS} FROM rounds WHERE cohort = ? ORDER BY round_id DESC LIMIT ?",
+                    (_text(cohort, "cohort"), limit),
+                )
+            return [_round(r) for r in cur.fetchall()]
+
+    def update_round(
+        self,
+        round_id: int,
+        *,
+        expected_version: int,
+        now: dt.datetime,
+        status: RoundStatus | None = None,
+        state: bytes | None = None,
+        participants: Sequence[str] | None = None,
+        model_version: int | None = None,
+    ) -> RoundRecord:
+        """Compare-and-set: change the round only if its version is still ``expected_version``."""
+        _int(round_id, "round id")
+        _int(expected_version, "expected version")
+        sets = ["version = version + 1", "updated_at = ?"]
+        values: list[Any] = [_to_db_time(now)]
+        if status is not None:
+            if not isinstance(status, RoundStatus):
+                raise StorageError("status must be a RoundStatus")
+            sets.append("status = ?")
+            values.append(status.value)
+            if status.terminal:
+                sets.append("finished_at = ?")
+                values.append(_to_db_time(now))
+        if state is not None:
+            sets.append("state = ?")
+            values.append(_blob(state, "state"))
+        if participants is not None:
+            if isinstance(participants, str):
+                raise StorageError("participants must be a sequence of device ids")
+            ids = sorted({_text(p, "participant") for p in participants})
+            sets.append("participants = ?")
+            values.append(json.dumps(ids))
+        if model_version is not None:
+            sets.append("model_version = ?")
+            values.append(_int(model_version, "model version"))
+        values.extend([round_id, expected_version])
+        with self._tx() as cur:
+            cur.execute(
+                f"UPDATE rounds SET {', '.join(sets)} "
+                "WHERE round_id = ? AND version = ? AND status NOT IN ('published', 'aborted')",
+                values,
+            )
+            updated = cur.rowcount == 1
+            cur.execute(f"SELECT {_ROUND_COLUMNS} FROM rounds WHERE round_id = ?", (round_id,))
+            row = cur.fetchone()
+        if row is None:
+            raise NotFoundError("no such round")
+        if not updated:
+            raise ConflictError("round changed concurrently or is finished")
+        return _round(row)
+
+    def put_round_message(
+        self, round_id: int, *, stage: RoundStatus, device_id: str, payload: bytes, now: dt.datetime
+    ) -> bool:
+        """Store one device's message for one stage of a round, first write wins."""
+        if not isinstance(stage, RoundStatus) or stage.terminal or stage is RoundStatus.OPEN:
+            raise StorageError("stage must be a collecting RoundStatus")
+        key = (_int(round_id, "round id"), stage.value, _text(device_id, "device id"))
+        payload = _blob(payload, "payload")
+        with self._tx() as cur:
+            cur.execute("SELECT status FROM rounds WHERE round_id = ?", (round_id,))
+            found = cur.fetchone()
+            if found is None:
+                raise NotFoundError("no such round")
+            if found[0] in _TERMINAL:
+                raise ConflictError("round is finished")
+            cur.execute(
+                "INSERT INTO round_messages (round_id, stage, device_id, payload, created_at) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (round_id, stage, device_id) DO NOTHING",
+                (*key, payload, _to_db_time(now)),
+            )
+            if cur.rowcount == 1:
+                return True
+            cur.execute(
+                "SELECT payload FROM round_messages WHERE round_id = ? AND stage = ? AND device_id = ?", key
+            )
+            existing = bytes(cur.fetchone()[0])
+        if existing != payload:
+            raise ConflictError("a different message is already stored for this device and stage")
+        return False
+
+    def round_messages(self, round_id: int, *, stage: RoundStatus) -> dict[str, bytes]:
+        """Return ``{device_id: payload}`` of every message stored for one stage of a round."""
+        if not isinstance(stage, RoundStatus):
+            raise StorageError("stage must be a RoundStatus")
+        with self._tx(write=False) as cur:
+            cur.execute(
+                "SELECT device_id, payload FROM round_messages WHERE round_id = ? AND stage = ? "
+                "ORDER BY device_id",
+                (_int(round_id, "round id"), stage.value),
+            )
+            return {r[0]: bytes(r[1]) for r in cur.fetchall()}
+
+    # -- idempotency --------------------------------------------------------------------------------------
+
+    def record_response(
+        self, *, scope: str, request_id: str, request_digest: bytes, response: bytes, now: dt.datetime
+    ) -> ResponseRecord:
+        """Record the response to a request id unless one is recorded; return the record that won."""
+        key = (_text(scope, "scope"), _text(request_id, "request id"))
+        digest = _blob(request_digest, "request digest")
+        with self._tx() as cur:
+            cur.execute(
+                "INSERT INTO responses (scope, request_id, request_digest, response, created_at) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (scope, request_id) DO NOTHING",
+                (*key, digest, _blob(response, "response"), _to_db_time(now)),
+            )
+            cur.execute(
+                "SELECT request_digest, response, created_at FROM responses "
+                "WHERE scope = ? AND request_id = ?",
+                key,
+            )
+            row = cur.fetchone()
+        record = ResponseRecord(
+            scope=scope,
+            request_id=request_id,
+            request_digest=bytes(row[0]),
+            response=bytes(row[1]),
+            created_at=_from_db_time(row[2]),
+        )
+        if record.request_digest != digest:
+            raise ConflictError("request id was already used for a different request")
+        return record
+
+    def get_response(self, *, scope: str, request_id: str) -> ResponseRecord | None:
+        """Return the recorded response for a request id, or None."""
+        key = (_text(scope, "scope"), _text(request_id, "request id"))
+        with self._tx(write=False) as cur:
+            cur.execute(
+                "SELECT request_digest, response, created_at FROM responses "
+                "WHERE scope = ? AND request_id = ?",
+                key,
+            )
+            row = cur.fetchone()
+        if row is None:
+            return None
+        return ResponseRecord(
+            scope=scope,
+            request_id=request_id,
+            request_digest=bytes(row[0]),
+            response=bytes(row[1]),
+            created_at=_from_db_time(row[2]),
+        )
+
+    def delete_responses_before(self, *, before: dt.datetime) -> int:
+        """Forget idempotency records created before ``before``; return how many."""
+        with self._tx() as cur:
+            cur.execute("DELETE FROM responses WHERE created_at < ?", (_to_db_time(before),))
+            return int(cur.rowcount)
+
+    # -- models -------------------------------------------------------------------------------------------
+
+    def put_model(self, model: ModelRecord) -> bool:
+        """Store a model version, first write wins."""
+        if not isinstance(model, ModelRecord):
+            raise StorageError("model must be a ModelRecord")
+        version = _int(model.version, "model version")
+        parent = None if model.parent is None else _int(model.parent, "parent version")
+        if type(model.manifest) is not str or type(model.digest) is not str:
+            raise StorageError("manifest and digest must be strings")
+        with self._tx() as cur:
+            cur.execute(
+                "INSERT INTO models (version, parent, manifest, digest, blob, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (version) DO NOTHING",
+                (
+                    version,
+                    parent,
+                    model.manifest,
+                    model.digest,
+                    _blob(model.blob, "blob"),
+                    _to_db_time(model.created_at),
+                ),
+            )
+            if cur.rowcount == 1:
+                return True
+            cur.execute("SELECT digest FROM models WHERE version = ?", (version,))
+            existing = cur.fetchone()[0]
+        if existing != model.digest:
+            raise ConflictError("model version already exists with different content")
+        return False
+
+    def get_model(self, version: int) -> ModelRecord | None:
+        """Return one model version, or None."""
+        with self._tx(write=False) as cur:
+            cur.execute(
+                "SELECT version, parent, manifest, digest, blob, created_at FROM models WHERE version = ?",
+                (_int(version, "model version"),),
+            )
+            row = cur.fetchone()
+        if row is None:
+            return None
+        return ModelRecord(
+            version=int(row[0]),
+            parent=None if row[1] is None else int(row[1]),
+            manifest=row[2],
+            digest=row[3],
+            blob=bytes(row[4]),
+            created_at=_from_db_time(row[5]),
+        )
+
+    def latest_model_version(self) -> int | None:
+        """Return the highest stored model version, or None when the registry is empty."""
+        with self._tx(write=False) as cur:
+            cur.execute("SELECT MAX(version) FROM models")
+            value = cur.fetchone()[0]
+        return None if value is None else int(value)
+
+    def list_model_versions(self) -> list[int]:
+        """Return every stored model version, ascending."""
+        with self._tx(write=False) as cur:
+            cur.execute("SELECT version FROM models ORDER BY version")
+            return [int(r[0]) for r in cur.fetchall()]

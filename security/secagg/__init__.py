@@ -1,0 +1,72 @@
+"""Secure aggregation: SecAgg (Bonawitz et al., CCS 2017) with SecAgg+ neighbour graphs (Bell et al., 2020).
+
+Protocol. Clients 1..n of a round each hold an Ed25519 identity key whose public half the transport knows
+from the device certificate / registry. (1) Each client advertises two fresh X25519 public keys signed by its
+identity key. (2) It verifies its neighbours' signed keys, draws a 32-byte self-mask seed b_u and Shamir
+t-of-|H(u)| shares b_u and its mask private key among its neighbours and itself, each share pair AES-256-GCM
+encrypted under an HKDF key agreed with the receiver (associated data = round digest, sender, receiver).
+(3) It uploads y_u = encode(w_u * x_u, w_u) + PRG(b_u) + sum_v ±PRG(s_uv) mod 2^k, with s_uv agreed
+pairwise by X25519 + HKDF and PRG = AES-256-CTR. (4) Survivors reveal shares of the survivors' b_u and of the
+dropped clients' mask keys (never both for one client); the server removes the self masks and the dropped
+clients' pairwise masks and decodes sum(w_u x_u) and sum(w_u). The neighbour graph is complete (SecAgg) or a
+random k-regular ring (SecAgg+), fixed by the round id.
+
+Threat model. An honest-but-curious server, possibly colluding with fewer than t clients (fewer than t of any
+client's share holders for SecAgg+), learns only the sum of the survivors' weighted updates and their total
+weight. Signatures over the round keys stop a server from substituting keys (no man in the middle on the
+shares); AEAD associated data stops shares being redirected, swapped or replayed across rounds; a client
+refuses to reveal both secrets of one peer. Not covered: a malicious server that lies about who dropped to
+different clients (Bonawitz's extra consistency-check round is not implemented), and malformed inputs from
+malicious clients (the sum is only as good as its inputs; clipping bounds each honest client's influence).
+
+Error bound. Updates are clipped to [-c, c], multiplied by the integer weight and scaled by s (the largest
+scale for which n clients cannot wrap mod 2^k), then rounded. The decoded mean differs from the exact weighted
+mean of the clipped updates by at most ``m * 0.5 / (s * W_tot)`` per coordinate for m survivors of total
+weight W_tot (<= 0.5 / s); :attr:`AggregateResult.error_bound` reports it for each round.
+
+Drive it with :class:`SecAggServer` and one :class:`SecAggClient` per device; both are pure state machines.
+"""
+
+from security.secagg._wire import MalformedMessageError
+from security.secagg.client import ClientStage, SecAggClient
+from security.secagg.graph import NeighbourGraph
+from security.secagg.messages import (
+    AdvertiseKeys,
+    EncryptedShare,
+    KeysBroadcast,
+    MaskedInput,
+    Message,
+    RevealedShare,
+    ShareKeys,
+    SharesBroadcast,
+    UnmaskRequest,
+    UnmaskResponse,
+    decode_message,
+)
+from security.secagg.params import SecAggParams, default_neighbors, default_threshold
+from security.secagg.server import AggregateResult, DuplicateMessageError, SecAggServer, ServerStage
+
+__all__ = [
+    "AdvertiseKeys",
+    "AggregateResult",
+    "ClientStage",
+    "DuplicateMessageError",
+    "EncryptedShare",
+    "KeysBroadcast",
+    "MalformedMessageError",
+    "MaskedInput",
+    "Message",
+    "NeighbourGraph",
+    "RevealedShare",
+    "SecAggClient",
+    "SecAggParams",
+    "SecAggServer",
+    "ServerStage",
+    "ShareKeys",
+    "SharesBroadcast",
+    "UnmaskRequest",
+    "UnmaskResponse",
+    "decode_message",
+    "default_neighbors",
+    "default_threshold",
+]

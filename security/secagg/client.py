@@ -1,0 +1,380 @@
+"""The client half of secure aggregation as a pure state machine (messages in, messages out).
+
+No sockets, clocks, files or threads: the transport feeds each server message to the matching method and
+sends back what it returns. Every incoming message is checked for exact type, stage, round and addressee
+before it touches state; any failure moves the client to ``ABORTED`` and drops its secrets, so a confused or
+malicious server can at worst make the client stop, never make it reveal more.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections.abc import Mapping
+from typing import Any, NoReturn
+
+import numpy as np
+import numpy.typing as npt
+
+from security.crypto import RandomBytes, aead_decrypt, aead_encrypt
+from security.errors import IntegrityError, ProtocolError, RoundAbortedError, ValidationError
+from security.keys import PUBLIC_KEY_BYTES, AgreementKey, IdentityKey, verify_signature
+from security.quantize import working_dtype
+from security.secagg._derive import (
+    MaskApplier,
+    encryption_info,
+    pairwise_info,
+    pairwise_sign,
+    reduce_mod,
+    self_mask_key,
+    share_ad,
+)
+from security.secagg.graph import NeighbourGraph
+from security.secagg.messages import (
+    AdvertiseKeys,
+    EncryptedShare,
+    KeysBroadcast,
+    MaskedInput,
+    RevealedShare,
+    ShareKeys,
+    SharesBroadcast,
+    UnmaskRequest,
+    UnmaskResponse,
+    signed_keys_payload,
+)
+from security.secagg.params import SecAggParams
+from security.shamir import SHARE_BYTES, split_secret
+
+__all__ = ["ClientStage", "SecAggClient"]
+
+_SEED_BYTES = 32
+
+
+class ClientStage(enum.Enum):
+    """Where a client is in the round: the next method it expects to be called."""
+
+    ADVERTISE_KEYS = "advertise_keys"
+    SHARE_KEYS = "share_keys"
+    MASKED_INPUT = "masked_input"
+    UNMASK = "unmask"
+    DONE = "done"
+    ABORTED = "aborted"
+
+
+class SecAggClient:
+    """One client's side of one secure-aggregation round.
+
+    Args:
+        params: the round parameters (identical on every party).
+        client_id: this client's id in the round, 1..n.
+        identity_key: this device's Ed25519 identity key handle.
+        identity_keys: ``{client id: Ed25519 public key bytes}`` for the round's roster, delivered by the
+            transport from device certificates / the registry (must contain at least this client and its
+            neighbours). Peer round keys are trusted only if signed by these keys.
+        _random_bytes: private test seam for all randomness; production uses the OS CSPRNG.
+
+    Raises:
+        ValidationError: on malformed arguments or an identity key that does not match the roster.
+    """
+
+    def __init__(
+        self,
+        *,
+        params: SecAggParams,
+        client_id: int,
+        identity_key: IdentityKey,
+        identity_keys: Mapping[int, bytes],
+        _random_bytes: RandomBytes = os.urandom,
+    ) -> None:
+        if not isinstance(params, SecAggParams):
+            raise ValidationError("params must be SecAggParams")
+        if type(client_id) is not int or not 1 <= client_id <= params.num_clients:
+            raise ValidationError("client_id must be an int in 1..num_clients")
+        if not isinstance(identity_key, IdentityKey):
+            raise ValidationError("identity_key must be an IdentityKey handle")
+        graph = NeighbourGraph(params)
+        holders = graph.holders(client_id)
+        roster: dict[int, bytes] = {}
+        for cid in holders:
+            pk = identity_keys.get(cid)
+            if type(pk) is not bytes or len(pk) != PUBLIC_KEY_BYTES:
+                raise ValidationError("identity_keys must map every neighbour id to 32 public-key bytes")
+            roster[cid] = pk
+        if roster[client_id] != identity_key.public_bytes():
+            raise ValidationError("identity_key does not match this client's roster entry")
+        self._params = params
+        self._id = client_id
+        self._identity = identity_key
+        self._roster = roster
+        self._neighbors = graph.neighbors(client_id)
+        self._random = _random_bytes
+        self._stage = ClientStage.ADVERTISE_KEYS
+        self._enc_key: AgreementKey | None = None
+        self._mask_key: AgreementKey | None = None
+        self._advertised: AdvertiseKeys | None = None
+        self._peer_keys: dict[int, AdvertiseKeys] = {}
+        self._aead_keys: dict[int, bytes] = {}
+        self._seed: bytes | None = None
+        self._held: dict[int, tuple[bytes, bytes]] = {}
+        self._share_peers: frozenset[int] = frozenset()
+        self.mask_bytes_generated = 0
+
+    @property
+    def client_id(self) -> int:
+        """This client's id in the round."""
+        return self._id
+
+    @property
+    def stage(self) -> ClientStage:
+        """The stage the client is in."""
+        return self._stage
+
+    def __repr__(self) -> str:
+        return f"SecAggClient(client_id={self._id}, stage={self._stage.value})"
+
+    def __reduce__(self) -> NoReturn:
+        # The client holds key handles and other clients' shares: never serialize it.
+        raise TypeError("SecAggClient holds secrets and cannot be pickled")
+
+    def __deepcopy__(self, memo: Any) -> NoReturn:
+        raise TypeError("SecAggClient holds secrets and cannot be copied")
+
+    # -- helpers -----------------------------------------------------------------------------------------
+
+    def _expect(self, stage: ClientStage, message: object, message_type: type, addressee: object) -> None:
+        """Cheap checks that reject a message without changing any state."""
+        if self._stage is ClientStage.ABORTED:
+            raise RoundAbortedError("this client has aborted the round")
+        if self._stage is not stage:
+            raise ProtocolError(f"client is in stage {self._stage.value}, not {stage.value}")
+        if type(message) is not message_type:
+            raise ProtocolError(f"expected a {message_type.__name__} message")
+        if getattr(message, "round_id", None) != self._params.round_id:
+            raise ProtocolError("message belongs to another round")
+        if addressee != self._id:
+            raise ProtocolError("message is addressed to another client")
+
+    def _abort(self) -> None:
+        self._stage = ClientStage.ABORTED
+        self._wipe()
+
+    def _wipe(self) -> None:
+        self._enc_key = None
+        self._mask_key = None
+        self._seed = None
+        self._aead_keys.clear()
+        self._held.clear()
+
+    def _guarded(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (ProtocolError, IntegrityError, RoundAbortedError, ValidationError):
+            if self._stage is not ClientStage.ABORTED:
+                self._abort()
+            raise
+
+    # -- stage 1 -----------------------------------------------------------------------------------------
+
+    def advertise_keys(self) -> AdvertiseKeys:
+        """Generate the round's two X25519 key pairs and return their public halves, signed.
+
+        Returns:
+            The :class:`AdvertiseKeys` message for the server.
+
+        Raises:
+            ProtocolError: if called out of order.
+        """
+        if self._stage is not ClientStage.ADVERTISE_KEYS:
+            raise ProtocolError(f"client is in stage {self._stage.value}, not advertise_keys")
+        self._enc_key = AgreementKey.generate(_random_bytes=self._random)
+        self._mask_key = AgreementKey.generate(_random_bytes=self._random)
+        enc_pk = self._enc_key.public_bytes()
+        mask_pk = self._mask_key.public_bytes()
+        signature = self._identity.sign(signed_keys_payload(self._params.digest, self._id, enc_pk, mask_pk))
+        self._advertised = AdvertiseKeys(self._params.round_id, self._id, enc_pk, mask_pk, signature)
+        self._stage = ClientStage.SHARE_KEYS
+        return self._advertised
+
+    # -- stage 2 -----------------------------------------------------------------------------------------
+
+    def share_keys(self, broadcast: KeysBroadcast) -> ShareKeys:
+        """Verify the neighbours' signed keys, then secret-share this client's seed and mask key to them.
+
+        Args:
+            broadcast: the server's :class:`KeysBroadcast` for this client.
+
+        Returns:
+            The :class:`ShareKeys` message (one AEAD ciphertext per neighbour).
+
+        Raises:
+            ProtocolError: wrong stage, type, round, addressee, or entries from non-neighbours.
+            IntegrityError: a neighbour's keys are not signed by its identity key, or keys were altered.
+            RoundAbortedError: fewer than t share holders advertised keys.
+        """
+        self._expect(ClientStage.SHARE_KEYS, broadcast, KeysBroadcast, getattr(broadcast, "receiver", None))
+        return self._guarded(self._share_keys, broadcast)  # type: ignore[no-any-return]
+
+    def _share_keys(self, broadcast: KeysBroadcast) -> ShareKeys:
+        if self._enc_key is None or self._mask_key is None or self._advertised is None:
+            raise ProtocolError("client state is incomplete")  # unreachable: the stage guarantees it
+        entries = {e.sender: e for e in broadcast.entries}
+        if entries.get(self._id) != self._advertised:
+            raise IntegrityError("own advertised keys are missing or altered")
+        seen_keys: set[bytes] = set()
+        for sender, entry in entries.items():
+            if sender != self._id and sender not in self._neighbors:
+                raise ProtocolError("keys from a client that is not a neighbour")
+            if entry.encryption_key in seen_keys or entry.mask_key in seen_keys:
+                raise IntegrityError("duplicate public keys in broadcast")
+            seen_keys.update((entry.encryption_key, entry.mask_key))
+        if len(entries) < self._params.threshold:
+            raise RoundAbortedError("fewer share holders than the threshold")
+        digest = self._params.digest
+        for sender, entry in entries.items():
+            if sender != self._id:
+                verify_signature(
+                    self._roster[sender],
+                    signed_keys_payload(digest, sender, entry.encryption_key, entry.mask_key),
+                    entry.signature,
+                )
+        self._peer_keys = {s: e for s, e in entries.items() if s != self._id}
+        self._seed = self._random(_SEED_BYTES)
+        if type(self._seed) is not bytes or len(self._seed) != _SEED_BYTES:
+            raise ValidationError("random source returned malformed bytes")
+        points = sorted(entries)
+        t = self._params.threshold
+        seed_shares = split_secret(self._seed, threshold=t, points=points, _random_bytes=self._random)
+        key_shares = split_secret(
+            self._mask_key.export_private_bytes_DANGEROUS(),
+            threshold=t,
+            points=points,
+            _random_bytes=self._random,
+        )
+        out: list[EncryptedShare] = []
+        me = self._id.to_bytes(4, "little")
+        for peer in points:
+            if peer == self._id:
+                self._held[self._id] = (seed_shares[peer], key_shares[peer])
+                continue
+            aead_key = self._enc_key.derive(
+                self._peer_keys[peer].encryption_key, info=encryption_info(self._id, peer), salt=digest
+            )
+            self._aead_keys[peer] = aead_key
+            plaintext = me + peer.to_bytes(4, "little") + seed_shares[peer] + key_shares[peer]
+            ciphertext = aead_encrypt(
+                aead_key,
+                plaintext,
+                associated_data=share_ad(digest, self._id, peer),
+                _random_bytes=self._random,
+            )
+            out.append(EncryptedShare(self._id, peer, ciphertext))
+        self._enc_key = None  # only the derived per-peer AEAD keys are needed from here on
+        self._stage = ClientStage.MASKED_INPUT
+        return ShareKeys(self._params.round_id, self._id, tuple(out))
+
+    # -- stage 3 -----------------------------------------------------------------------------------------
+
+    def masked_input(
+        self, broadcast: SharesBroadcast, *, update: npt.NDArray[np.floating[Any]], weight: int
+    ) -> MaskedInput:
+        """Store the shares received from neighbours and return the masked, weighted, quantized update.
+
+        Args:
+            broadcast: the server's :class:`SharesBroadcast` for this client.
+            update: 1-D float array of length ``params.dim`` (clipped to ``[-clip, clip]``).
+            weight: integer weight 1..max_weight (for FedAvg, the example count).
+
+        Returns:
+            The :class:`MaskedInput` message.
+
+        Raises:
+            ProtocolError: wrong stage, type, round, addressee, or shares from non-neighbours.
+            IntegrityError: a share fails authenticated decryption (tampered, misaddressed, replayed).
+            RoundAbortedError: fewer than t share holders (this client included) remain.
+            ValidationError: on a malformed update or weight.
+        """
+        self._expect(
+            ClientStage.MASKED_INPUT, broadcast, SharesBroadcast, getattr(broadcast, "receiver", None)
+        )
+        encoded = self._params.codec().encode(update, weight)  # a bad local input does not abort the round
+        return self._guarded(self._masked_input, broadcast, encoded)  # type: ignore[no-any-return]
+
+    def _masked_input(
+        self, broadcast: SharesBroadcast, encoded: npt.NDArray[np.unsignedinteger[Any]]
+    ) -> MaskedInput:
+        if self._mask_key is None or self._seed is None:
+            raise ProtocolError("client state is incomplete")  # unreachable: the stage guarantees it
+        params = self._params
+        senders = [s.sender for s in broadcast.shares]
+        for sender in senders:
+            if sender not in self._peer_keys:
+                raise ProtocolError("share from a client that is not an advertised neighbour")
+        if len(senders) + 1 < params.threshold:
+            raise RoundAbortedError("fewer share holders than the threshold")
+        digest = params.digest
+        me = self._id.to_bytes(4, "little")
+        received: dict[int, tuple[bytes, bytes]] = {}
+        for item in broadcast.shares:
+            plain = aead_decrypt(
+                self._aead_keys[item.sender],
+                item.ciphertext,
+                associated_data=share_ad(digest, item.sender, self._id),
+            )
+            if plain[:4] != item.sender.to_bytes(4, "little") or plain[4:8] != me:
+                raise IntegrityError("share is bound to other parties")
+            received[item.sender] = (plain[8 : 8 + SHARE_BYTES], plain[8 + SHARE_BYTES :])
+        self._held.update(received)
+        self._share_peers = frozenset(received)
+        applier = MaskApplier(length=params.vector_length, dtype=working_dtype(params.modulus_bits))
+        applier.apply(encoded, self_mask_key(self._seed, digest), +1)
+        for peer in sorted(self._share_peers):
+            seed = self._mask_key.derive(
+                self._peer_keys[peer].mask_key, info=pairwise_info(self._id, peer), salt=digest
+            )
+            applier.apply(encoded, seed, pairwise_sign(self._id, peer))
+        self.mask_bytes_generated += applier.generated_bytes
+        reduce_mod(encoded, params.modulus_bits)
+        # The mask key and seed now live on only as shares; drop the originals.
+        self._mask_key = None
+        self._seed = None
+        self._aead_keys.clear()
+        self._stage = ClientStage.UNMASK
+        return MaskedInput(params.round_id, self._id, params.modulus_bits, encoded)
+
+    # -- stage 4 -----------------------------------------------------------------------------------------
+
+    def unmask(self, request: UnmaskRequest) -> UnmaskResponse:
+        """Reveal self-mask-seed shares of survivors and mask-key shares of dropped neighbours.
+
+        Never reveals both kinds for one client: the request must classify every neighbour that shared
+        keys as exactly one of survivor or dropped, and this client must be a survivor.
+
+        Args:
+            request: the server's :class:`UnmaskRequest` for this client.
+
+        Returns:
+            The :class:`UnmaskResponse` message.
+
+        Raises:
+            ProtocolError: wrong stage, type, round, addressee, or an inconsistent survivor/dropped split.
+            RoundAbortedError: fewer than t survivors among this client's share holders.
+        """
+        self._expect(ClientStage.UNMASK, request, UnmaskRequest, getattr(request, "receiver", None))
+        return self._guarded(self._unmask, request)  # type: ignore[no-any-return]
+
+    def _unmask(self, request: UnmaskRequest) -> UnmaskResponse:
+        survivors = set(request.survivors)
+        dropped = set(request.dropped)
+        if self._id not in survivors:
+            raise ProtocolError("this client is not listed as a survivor")
+        if self._id in dropped:
+            raise ProtocolError("this client is listed as dropped")
+        if (survivors | dropped) != (set(self._share_peers) | {self._id}):
+            raise ProtocolError("survivor/dropped lists do not match the neighbours that shared keys")
+        if len(survivors) < self._params.threshold:
+            raise RoundAbortedError("fewer surviving share holders than the threshold")
+        seed_shares = tuple(RevealedShare(u, self._held[u][0]) for u in sorted(survivors))
+        key_shares = tuple(RevealedShare(u, self._held[u][1]) for u in sorted(dropped))
+        self._wipe()
+        self._stage = ClientStage.DONE
+        return UnmaskResponse(self._params.round_id, self._id, seed_shares, key_shares)
