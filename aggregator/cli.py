@@ -1,18 +1,277 @@
-"""``fedfer-aggregator``: create a deployment (``init``) and run the service (``serve``)."""
+"""``fedfer-aggregator``: create a deployment, issue enrollment tokens, run the service, revoke devices.
+
+Commands::
+
+    fedfer-aggregator init DIR [--listen HOST:PORT] [--min-clients N] ...
+    fedfer-aggregator token DIR [--label TEXT] [--ttl-hours H]       # prints one one-time token
+    fedfer-aggregator import-model DIR FILE.npz                      # publishes an initial central v
+    fedfer-aggregator serve --config DIR/aggregator.toml [--enroll-listen HOST:PORT] [--rounds N] ...
+    fedfer-aggregator revoke DIR DEVICE_ID
+    fedfer-aggregator status DIR                                      # JSON: devices, rounds, model versions
+
+Files are read here (entry point) and nowhere deeper; secrets never reach stdout except the token that
+``token`` exists to print.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import datetime as dt
+import json
+import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from aggregator.config import (
+    CONFIG_FILENAME,
+    AggregatorConfig,
+    RoundConfig,
+    StageDeadlines,
+    create_enrollment_token,
+    init_deployment,
+    load_config,
+    read_certificate_authority,
+    read_server_tls,
+)
+from aggregator.enrollment import EnrollmentService
+from aggregator.registry import ModelRegistry
+from aggregator.rounds import RoundCoordinator, RoundSettings
+from aggregator.secret_files import write_public_file
+from aggregator.server import ServerTls, build_server, serve_forever
+from aggregator.service import EdgeLimits
+from aggregator.storage import open_storage
+from security.errors import FedferError, ValidationError
+
+__all__ = ["build_parser", "main", "round_settings"]
+
+_log = logging.getLogger("aggregator")
+
+
+def _config_path(target: str) -> Path:
+    path = Path(target)
+    return path / CONFIG_FILENAME if path.is_dir() else path
+
+
+def round_settings(config: AggregatorConfig, args: argparse.Namespace) -> RoundSettings:
+    """Combine the deployment's ``[rounds]`` section with the ``serve`` flags into :class:`RoundSettings`.
+
+    The config's ``threshold_fraction`` is applied to each device's share holders (its neighbours and
+    itself), which is what the SecAgg+ threshold constrains.
+    """
+    r = config.rounds
+    if not r.secagg_plus:
+        degree = 0
+    elif r.neighbours is None:
+        degree = -1
+    else:
+        degree = r.neighbours + (r.neighbours % 2)  # SecAgg+ needs an even degree
+    d = r.deadlines
+    return RoundSettings(
+        min_clients=r.min_clients,
+        max_clients=r.max_clients,
+        threshold=r.threshold if r.threshold is not None else float(r.threshold_fraction),
+        degree=degree,
+        checkin_s=float(args.checkin_s),
+        advertise_s=float(d.advertise_keys_s),
+        share_s=float(d.share_keys_s),
+        masked_s=float(d.masked_input_s),
+        unmask_s=float(d.unmask_s),
+        rounds=int(args.rounds),
+        clip=float(args.clip),
+        max_weight=int(args.max_weight),
+    )
+
+
+def _enroll_listen(listen: str, override: str | None) -> str:
+    if override:
+        return override
+    host, _, port = listen.rpartition(":")
+    return f"{host}:{int(port) + 1}" if int(port) else f"{host}:0"
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    config = load_config(_config_path(args.config))
+    key_pem, cert_pem, ca_pem = read_server_tls(config)
+    tls = ServerTls(certificate_pem=cert_pem, private_key_pem=key_pem, ca_certificate_pem=ca_pem)
+    storage = open_storage(config.storage_url)
+    try:
+        registry = ModelRegistry(storage)
+        enrollment = EnrollmentService(
+            storage=storage,
+            ca=read_certificate_authority(config),
+            certificate_validity=config.certificate_validity,
+        )
+        settings = round_settings(config, args)
+        latest = registry.latest()
+        dim = latest.num_parameters if latest is not None else int(args.max_dim)
+        limits = EdgeLimits.for_dimension(
+            dim=max(dim, int(args.max_dim)), max_message_bytes=config.max_message_bytes
+        )
+        coordinator = RoundCoordinator(storage=storage, registry=registry, settings=settings)
+        coordinator.recover()  # before serving: devices asking about an interrupted round must see it
+        running = await build_server(
+            tls=tls,
+            storage=storage,
+            registry=registry,
+            enrollment=enrollment,
+            coordinator=coordinator,
+            limits=limits,
+            listen=config.listen,
+            enroll_listen=_enroll_listen(config.listen, args.enroll_listen),
+        )
+        ports = {"port": running.port, "enroll_port": running.enroll_port}
+        if args.ports_file:
+            write_public_file(args.ports_file, json.dumps(ports).encode())
+        print(json.dumps({"ready": True, **ports}), flush=True)
+        await serve_forever(running, coordinator)
+    finally:
+        storage.close()
+    return 0
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    deadlines = StageDeadlines(
+        advertise_keys_s=args.deadline_s, share_keys_s=args.deadline_s,
+        masked_input_s=args.deadline_s, unmask_s=args.deadline_s,
+    )  # fmt: skip
+    rounds = RoundConfig(
+        min_clients=args.min_clients,
+        max_clients=args.max_clients,
+        threshold=args.threshold,
+        secagg_plus=not args.complete_graph,
+        neighbours=args.neighbours,
+        deadlines=deadlines,
+    )
+    config = init_deployment(args.dir, listen=args.listen, rounds=rounds)
+    print(f"deployment created: {config.source} (give devices {config.tls.ca_cert})")
+    return 0
+
+
+def _cmd_token(args: argparse.Namespace) -> int:
+    config = load_config(_config_path(args.dir))
+    issued = create_enrollment_token(config, label=args.label, ttl=dt.timedelta(hours=args.ttl_hours))
+    print(issued.token)
+    return 0
+
+
+def _cmd_revoke(args: argparse.Namespace) -> int:
+    config = load_config(_config_path(args.dir))
+    with open_storage(config.storage_url) as storage:
+        enrollment = EnrollmentService(storage=storage, ca=read_certificate_authority(config))
+        record = enrollment.revoke(args.device_id)
+    print(f"revoked {record.device_id}")
+    return 0
+
+
+def _cmd_import_model(args: argparse.Namespace) -> int:
+    config = load_config(_config_path(args.dir))
+    try:
+        with np.load(args.file, allow_pickle=False) as data:
+            arrays = {name: np.asarray(data[name], dtype=np.float32) for name in data.files}
+    except (OSError, ValueError) as exc:
+        raise ValidationError("cannot read the model file (expected a .npz of named arrays)") from exc
+    with open_storage(config.storage_url) as storage:
+        registry = ModelRegistry(storage)
+        latest = storage.latest_model_version()
+        model = registry.publish((latest or 0) + 1, arrays, parent=latest)
+    print(json.dumps({"version": model.version, "sha256": model.digest, "parameters": model.num_parameters}))
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    config = load_config(_config_path(args.dir))
+    with open_storage(config.storage_url) as storage:
+        rounds = storage.list_rounds(limit=1000)
+        out: dict[str, Any] = {
+            "rounds": [
+                {
+                    "round_id": r.round_id,
+                    "status": r.status.value,
+                    "model_version": r.model_version,
+                    "participants": list(r.participants),
+                }
+                for r in sorted(rounds, key=lambda r: r.round_id)
+            ],
+            "model_versions": storage.list_model_versions(),
+            "devices": [
+                {"device_id": d.device_id, "revoked": d.revoked}
+                for d in sorted(storage.list_devices(), key=lambda d: d.device_id)
+            ],
+        }
+    print(json.dumps(out, sort_keys=True))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``fedfer-aggregator`` argument parser."""
+    parser = argparse.ArgumentParser(prog="fedfer-aggregator", description="fedfer cloud aggregator")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("init", help="create a deployment directory (CA, server certificate, config)")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--listen", default="127.0.0.1:50051")
+    p.add_argument("--min-clients", type=int, default=8)
+    p.add_argument("--max-clients", type=int, default=1000)
+    p.add_argument("--threshold", type=int, default=None, help="Shamir threshold count (default: 2/3)")
+    p.add_argument("--complete-graph", action="store_true", help="plain SecAgg instead of SecAgg+")
+    p.add_argument("--neighbours", type=int, default=None, help="SecAgg+ degree (default: O(log n))")
+    p.add_argument("--deadline-s", type=float, default=60.0, help="deadline of every protocol stage")
+    p.set_defaults(handler=_cmd_init)
+
+    p = sub.add_parser("token", help="print a one-time enrollment token")
+    p.add_argument("dir")
+    p.add_argument("--label", default="")
+    p.add_argument("--ttl-hours", type=float, default=24.0)
+    p.set_defaults(handler=_cmd_token)
+
+    p = sub.add_parser("import-model", help="publish a .npz of named float32 arrays as the next central v")
+    p.add_argument("dir")
+    p.add_argument("file", type=Path)
+    p.set_defaults(handler=_cmd_import_model)
+
+    p = sub.add_parser("serve", help="run the gRPC service and the rounds")
+    p.add_argument("--config", required=True, help="DIR/aggregator.toml (or the deployment DIR)")
+    p.add_argument("--enroll-listen", default=None, help="HOST:PORT of enrollment (default: listen port + 1)")
+    p.add_argument("--ports-file", type=Path, default=None, help="write the bound ports here as JSON")
+    p.add_argument("--rounds", type=int, default=0, help="stop after this many published rounds (0 = never)")
+    p.add_argument("--checkin-s", type=float, default=5.0, help="check-in window once min clients joined")
+    p.add_argument("--clip", type=float, default=1.0, help="clip each update coordinate to [-clip, clip]")
+    p.add_argument(
+        "--max-weight", type=int, default=10_000, help="largest weight (example count) a device may use"
+    )
+    p.add_argument("--max-dim", type=int, default=0, help="size limits for updates of at least this length")
+    p.set_defaults(handler=lambda a: asyncio.run(_serve(a)))
+
+    p = sub.add_parser("revoke", help="revoke a device; its certificate is refused from now on")
+    p.add_argument("dir")
+    p.add_argument("device_id")
+    p.set_defaults(handler=_cmd_revoke)
+
+    p = sub.add_parser("status", help="print devices, rounds and model versions as JSON")
+    p.add_argument("dir")
+    p.set_defaults(handler=_cmd_status)
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse the command line and run one aggregator command."""
-    parser = argparse.ArgumentParser(prog="fedfer-aggregator")
-    parser.add_subparsers(dest="command", required=True)
-    parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    return 0
+    """Parse the command line and run one aggregator command; fedfer errors exit with status 2."""
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return int(args.handler(args))
+    except FedferError as exc:
+        print(f"fedfer-aggregator: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

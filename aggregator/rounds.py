@@ -1,0 +1,793 @@
+"""Round orchestration: drive the secure-aggregation server through its stages, with deadlines, in sequence.
+
+One :class:`RoundCoordinator` runs inside the aggregator's event loop. For each round it:
+
+1. **check-in** (storage status ``OPEN``): opens a round on the latest central model version; enrolled devices
+   ask to join (:meth:`RoundCoordinator.join`) and get a client index 1..n. Check-in closes when
+   ``max_clients`` joined, or once ``min_clients`` joined and ``checkin_s`` more seconds passed (before
+   ``min_clients`` it keeps waiting: nobody has committed anything yet). The protocol parameters (n, the
+   SecAgg+ degree, the threshold, a fresh random 32-byte protocol round id) are fixed then;
+2. **advertise keys, share keys, masked input, unmask**: collects one message per eligible device and closes
+   the stage when all arrived or at the stage's deadline; devices that missed it become dropouts, exactly as
+   :class:`security.secagg.server.SecAggServer` defines;
+3. publishes the weighted mean of the survivors' updates as the next central model version.
+
+**What is averaged.** Devices upload the *delta* ``v_local - v_central`` from the round's base version,
+flattened in manifest order (array names sorted, C order), clipped to ``[-clip, clip]`` and quantized by the
+codec together with an integer weight (example count). The aggregator publishes
+``v_next = v_central + weighted_mean(delta)`` as version ``latest + 1`` with the base version as parent.
+
+Fewer survivors than the threshold at any stage aborts the round (the protocol reveals nothing) and nothing is
+published.
+
+**Restarts.** At every stage transition the round's status and its resumable state (public parameters, the
+device/index map, device certificates, identity public keys and the protocol server's snapshot) are written to
+storage, and every accepted device message is stored as it arrives. An aggregator that restarts mid-round
+restores the protocol server, replays the stored messages of the current stage and resumes the round with a
+fresh stage deadline (devices just retry until it is back; their acknowledged messages are not needed again).
+A round interrupted during check-in, or whose state cannot be restored, is aborted instead. Finished rounds
+and registered devices are never lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import datetime as dt
+import enum
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from aggregator.registry import ModelRegistry
+from aggregator.storage import RoundRecord, RoundStatus, Storage
+from security.errors import FedferError, ProtocolError, RoundAbortedError, ValidationError
+from security.secagg.graph import NeighbourGraph
+from security.secagg.messages import AdvertiseKeys, MaskedInput, Message, ShareKeys, UnmaskResponse
+from security.secagg.params import SecAggParams, default_neighbors, default_threshold
+from security.secagg.server import SecAggServer
+
+__all__ = [
+    "DuplicateSubmissionError",
+    "NotParticipantError",
+    "RoundCoordinator",
+    "RoundSettings",
+    "RoundStage",
+    "RoundView",
+    "StageError",
+    "StaleRoundError",
+]
+
+_log = logging.getLogger(__name__)
+
+
+class RoundStage(enum.Enum):
+    """Stages of a round as devices see them."""
+
+    IDLE = "idle"
+    CHECK_IN = "open"
+    ADVERTISE_KEYS = "advertise_keys"
+    SHARE_KEYS = "share_keys"
+    MASKED_INPUT = "masked_input"
+    UNMASK = "unmask"
+    FINISHED = "published"
+    ABORTED = "aborted"
+
+
+_PROTOCOL_STAGES = (
+    RoundStage.ADVERTISE_KEYS,
+    RoundStage.SHARE_KEYS,
+    RoundStage.MASKED_INPUT,
+    RoundStage.UNMASK,
+)
+_NEXT = {
+    RoundStage.CHECK_IN: RoundStage.ADVERTISE_KEYS,
+    RoundStage.ADVERTISE_KEYS: RoundStage.SHARE_KEYS,
+    RoundStage.SHARE_KEYS: RoundStage.MASKED_INPUT,
+    RoundStage.MASKED_INPUT: RoundStage.UNMASK,
+    RoundStage.UNMASK: RoundStage.FINISHED,
+}
+_MESSAGE_TYPE: dict[RoundStage, Any] = {
+    RoundStage.ADVERTISE_KEYS: AdvertiseKeys,
+    RoundStage.SHARE_KEYS: ShareKeys,
+    RoundStage.MASKED_INPUT: MaskedInput,
+    RoundStage.UNMASK: UnmaskResponse,
+}
+
+
+_STATE_FORMAT = "fedfer-round-state/v1"
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text.encode("ascii"), validate=True)
+
+
+class StageError(ProtocolError):
+    """A message arrived for a stage that is not the round's current stage."""
+
+
+class StaleRoundError(ProtocolError):
+    """A message names a round that is not the current one (finished, unknown, or an earlier round)."""
+
+
+class NotParticipantError(ProtocolError):
+    """The device is not (or no longer) a participant of this round, or claims another participant's index."""
+
+
+class DuplicateSubmissionError(ProtocolError):
+    """The device already had a different message accepted for this stage."""
+
+
+def _positive(name: str, value: object) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value < math.inf:
+        raise ValidationError(f"{name} must be a positive number")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class RoundSettings:
+    """Parameters of every round the coordinator runs.
+
+    Attributes:
+        min_clients: fewest devices that must check in before the round proceeds (>= 2).
+        max_clients: most devices admitted to one round (>= min_clients).
+        threshold: Shamir threshold: None for the protocol default (a strict majority of each device's share
+            holders), an int count, or a float fraction of the holders (in (0.5, 1]).
+        degree: SecAgg+ neighbour count: 0 for the complete graph (plain SecAgg), -1 for the protocol
+            default (O(log n)), else an even k >= 2 (capped at n - 1).
+        checkin_s: how long check-in stays open once ``min_clients`` joined.
+        advertise_s, share_s, masked_s, unmask_s: per-stage deadlines in seconds.
+        rounds: how many rounds to finish before :meth:`RoundCoordinator.run` returns (0 = forever).
+        clip: each delta coordinate is clipped to [-clip, clip] before quantization.
+        max_weight: largest example count a device may claim as its weight.
+        modulus_bits: k of the integers mod 2^k the masked vectors live in.
+        cohort: storage cohort of the rounds.
+    """
+
+    min_clients: int = 3
+    max_clients: int = 100
+    threshold: int | float | None = None
+    degree: int = -1
+    checkin_s: float = 5.0
+    advertise_s: float = 20.0
+    share_s: float = 20.0
+    masked_s: float = 60.0
+    unmask_s: float = 20.0
+    rounds: int = 0
+    clip: float = 1.0
+    max_weight: int = 10_000
+    modulus_bits: int = 32
+    cohort: str = "default"
+
+    def __post_init__(self) -> None:
+        for name in ("min_clients", "max_clients", "degree", "rounds", "max_weight", "modulus_bits"):
+            if type(getattr(self, name)) is not int:
+                raise ValidationError(f"{name} must be an int")
+        if not 2 <= self.min_clients <= self.max_clients:
+            raise ValidationError("need 2 <= min_clients <= max_clients")
+        for name in ("checkin_s", "advertise_s", "share_s", "masked_s", "unmask_s", "clip"):
+            _positive(name, getattr(self, name))
+        t = self.threshold
+        if t is not None:
+            if isinstance(t, bool) or not isinstance(t, int | float):
+                raise ValidationError("threshold must be None, an int count or a float fraction")
+            if isinstance(t, int) and t < 2:
+                raise ValidationError("threshold count must be >= 2")
+            if isinstance(t, float) and not 0.5 < t <= 1.0:
+                raise ValidationError("threshold fraction must be in (0.5, 1]")
+        if self.degree < -1 or self.degree == 1 or (self.degree > 1 and self.degree % 2):
+            raise ValidationError("degree must be -1 (default), 0 (complete) or an even number >= 2")
+        if self.rounds < 0 or self.max_weight < 1 or not 8 <= self.modulus_bits <= 62:
+            raise ValidationError("rounds must be >= 0, max_weight >= 1 and modulus_bits in 8..62")
+        if type(self.cohort) is not str or not self.cohort:
+            raise ValidationError("cohort must be a non-empty string")
+
+    def neighbors_for(self, n: int) -> int:
+        """The neighbour-graph degree for a round of ``n`` devices."""
+        if self.degree == -1:
+            return default_neighbors(n)
+        if self.degree == 0 or self.degree >= n - 1:
+            return n - 1
+        return self.degree
+
+    def threshold_for(self, n: int, neighbors: int) -> int:
+        """The Shamir threshold for ``n`` devices with degree ``neighbors`` (2 <= t <= neighbors + 1)."""
+        holders = min(neighbors, n - 1) + 1
+        if self.threshold is None:
+            return default_threshold(n, neighbors)
+        t = self.threshold if isinstance(self.threshold, int) else math.ceil(self.threshold * holders)
+        return max(2, min(holders, t))
+
+    def deadline_s(self, stage: RoundStage) -> float:
+        """The deadline of a protocol stage, in seconds."""
+        return {
+            RoundStage.ADVERTISE_KEYS: self.advertise_s,
+            RoundStage.SHARE_KEYS: self.share_s,
+            RoundStage.MASKED_INPUT: self.masked_s,
+            RoundStage.UNMASK: self.unmask_s,
+        }[stage]
+
+
+@dataclass(frozen=True)
+class RoundView:
+    """A round as one device sees it.
+
+    Attributes:
+        round_id: the round (0 when idle).
+        stage: its stage.
+        model_version: the base model version of the round, or for a finished round the version it
+            published ("" when none).
+        dim: length of the update vector (0 when idle).
+        deadline_unix_ms: when the current stage closes (0 if it has no fixed deadline yet).
+        participant: whether the device takes part (for a finished round: whether its input was used).
+        client_index: the device's index 1..n in the round (0 if none).
+        completed: stages the device has completed in this round.
+        parameters: the protocol's public parameters (``SecAggParams.to_bytes()``), once check-in closed.
+        latest_model_version: newest published version ("" if none).
+        detail: sanitized reason for an abort.
+    """
+
+    round_id: int
+    stage: RoundStage
+    model_version: str = ""
+    dim: int = 0
+    deadline_unix_ms: int = 0
+    participant: bool = False
+    client_index: int = 0
+    completed: tuple[RoundStage, ...] = ()
+    parameters: bytes = b""
+    latest_model_version: str = ""
+    detail: str = ""
+
+
+@dataclass
+class _Round:
+    round_id: int
+    version: int  # storage compare-and-set version
+    base_version: int
+    dim: int
+    stage: RoundStage = RoundStage.CHECK_IN
+    deadline: float = 0.0
+    indices: dict[str, int] = field(default_factory=dict)
+    certificates: dict[int, bytes] = field(default_factory=dict)
+    identity_keys: dict[int, bytes] = field(default_factory=dict)
+    accepted: dict[RoundStage, dict[str, bytes]] = field(default_factory=dict)
+    results: dict[RoundStage, Mapping[int, Message]] = field(default_factory=dict)
+    params: SecAggParams | None = None
+    server: SecAggServer | None = None
+    graph: NeighbourGraph | None = None
+
+    def eligible(self) -> frozenset[int]:
+        return self.server.eligible() if self.server is not None else frozenset()
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    stage: RoundStage
+    model_version: str
+    detail: str
+    participants: frozenset[str]
+
+
+class RoundCoordinator:
+    """Runs secure-aggregation rounds in sequence and answers the service's questions about them.
+
+    All state lives on the event loop's thread: the service calls :meth:`join`, :meth:`submit`,
+    :meth:`view` and :meth:`stage_result` from coroutines on the same loop that runs :meth:`run`.
+
+    Args:
+        storage: durable round and device records.
+        registry: the model registry (central ``v`` versions).
+        settings: round parameters.
+        clock: seconds since the epoch (a seam for tests; production uses :func:`time.time`).
+    """
+
+    def __init__(
+        self,
+        *,
+        storage: Storage,
+        registry: ModelRegistry,
+        settings: RoundSettings,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not isinstance(settings, RoundSettings):
+            raise ValidationError("settings must be RoundSettings")
+        self._storage = storage
+        self._registry = registry
+        self._settings = settings
+        self._clock = clock
+        self._round: _Round | None = None
+        self._resumable: _Round | None = None
+        self._recovered = False
+        self._outcomes: dict[int, _Outcome] = {}
+        self._changed = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._stopped = False
+        self.finished_rounds = 0
+        self.aborted_rounds = 0
+
+    @property
+    def settings(self) -> RoundSettings:
+        """The round parameters."""
+        return self._settings
+
+    # -- life cycle ---------------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to return; a round in progress is aborted."""
+        self._stopped = True
+        self._wake.set()
+
+    def recover(self) -> list[int]:
+        """Deal with the round a previous process left active: resume it if its protocol state was persisted,
+        else abort it (nothing is published for an aborted round). Call before serving requests, so devices
+        asking about the interrupted round see it; :meth:`run` calls it if nobody did.
+
+        Returns:
+            The ids of the rounds aborted.
+        """
+        self._recovered = True
+        aborted = []
+        while (record := self._storage.active_round(self._settings.cohort)) is not None:
+            if self._resumable is None and record.state:
+                try:
+                    self._resumable = self._round = self._restore(record)
+                    _log.warning(
+                        "round %d was interrupted by a restart: resuming in stage %s",
+                        record.round_id,
+                        self._resumable.stage.value,
+                    )
+                    break
+                except (FedferError, ValueError, KeyError, TypeError) as exc:
+                    _log.warning("round %d cannot be resumed (%s)", record.round_id, type(exc).__name__)
+            self._storage.update_round(
+                record.round_id, expected_version=record.version, now=self._now(), status=RoundStatus.ABORTED
+            )
+            aborted.append(record.round_id)
+            _log.warning("round %d was interrupted by a restart: aborted, nothing published", record.round_id)
+        return aborted
+
+    async def run(self) -> None:
+        """Run rounds until :meth:`stop` is called or ``settings.rounds`` rounds finished.
+
+        A round interrupted by a restart is resumed first when its state was persisted, else aborted.
+        """
+        if not self._recovered:
+            self.recover()
+        if self._resumable is not None:
+            rnd, self._resumable = self._resumable, None
+            await self._drive(rnd, self._registry.get(rnd.base_version).arrays, resume=True)
+        while not self._stopped and (
+            self._settings.rounds == 0 or self.finished_rounds < self._settings.rounds
+        ):
+            base = self._storage.latest_model_version()
+            if base is None:
+                await self._sleep(0.5)
+                continue
+            await self._run_round(base)
+
+    async def _run_round(self, base: int) -> None:
+        model = self._registry.get(base)
+        dim = model.num_parameters
+        params = {"base_version": base, "dim": dim}
+        record = self._storage.create_round(params=params, now=self._now(), cohort=self._settings.cohort)
+        rnd = _Round(round_id=record.round_id, version=record.version, base_version=base, dim=dim)
+        rnd.accepted = {s: {} for s in _PROTOCOL_STAGES}
+        _log.info("round %d open for check-in on model version %d (dim %d)", rnd.round_id, base, dim)
+        await self._drive(rnd, model.arrays, resume=False)
+
+    async def _drive(self, rnd: _Round, base: Mapping[str, npt.NDArray[np.float32]], *, resume: bool) -> None:
+        """Take ``rnd`` from its current stage to publication (or abort)."""
+        self._round = rnd
+        self._notify()
+        try:
+            if not resume:
+                await self._check_in(rnd)
+            for stage in _PROTOCOL_STAGES[_PROTOCOL_STAGES.index(rnd.stage) :]:
+                await self._collect(rnd, stage)
+            result = rnd.server.result() if rnd.server is not None else None
+            if result is None:  # pragma: no cover - _collect always builds the server
+                raise RoundAbortedError("no result")
+            version = self._publish(rnd, base, result.mean(), result.survivors)
+            self.finished_rounds += 1
+            _log.info(
+                "round %d published model version %d from %d devices (total weight %d, error bound %.3g)",
+                rnd.round_id,
+                version,
+                len(result.survivors),
+                result.total_weight,
+                result.error_bound,
+            )
+        except RoundAbortedError as exc:
+            self._abort(rnd, "aggregator stopping" if self._stopped else "too few surviving devices", exc)
+        except FedferError as exc:
+            self._abort(rnd, "round failed", exc)
+        except Exception as exc:  # a bug must not take the service down: abort this round, log, go on
+            _log.exception("round %d failed unexpectedly", rnd.round_id)
+            self._abort(rnd, "round failed", exc)
+        finally:
+            self._round = None
+            self._notify()
+
+    async def _check_in(self, rnd: _Round) -> None:
+        s = self._settings
+        while True:
+            if self._stopped:
+                raise RoundAbortedError("stopping")
+            joined = len(rnd.indices)
+            if joined >= s.max_clients:
+                break
+            if joined >= s.min_clients:
+                if rnd.deadline == 0.0:
+                    rnd.deadline = self._clock() + s.checkin_s
+                    self._notify()
+                if self._clock() >= rnd.deadline:
+                    break
+            await self._sleep(rnd.deadline - self._clock() if rnd.deadline else 1.0)
+        n = len(rnd.indices)
+        k = s.neighbors_for(n)
+        rnd.params = SecAggParams.create(
+            round_id=os.urandom(32),
+            num_clients=n,
+            dim=rnd.dim,
+            neighbors=k,
+            threshold=s.threshold_for(n, k),
+            clip=float(s.clip),
+            max_weight=s.max_weight,
+            modulus_bits=s.modulus_bits,
+        )
+        rnd.server = SecAggServer(params=rnd.params, identity_keys=rnd.identity_keys)
+        rnd.graph = rnd.server.graph
+        self._enter(rnd, RoundStage.ADVERTISE_KEYS)
+        _log.info("round %d: %d devices, degree %d, threshold %d", rnd.round_id, n, k, rnd.params.threshold)
+
+    async def _collect(self, rnd: _Round, stage: RoundStage) -> None:
+        server = rnd.server
+        if server is None:  # pragma: no cover - built at check-in
+            raise RoundAbortedError("no protocol server")
+        self._replay_stored(rnd, stage)
+        while not server.all_received() and self._clock() < rnd.deadline:
+            if self._stopped:
+                raise RoundAbortedError("stopping")
+            await self._sleep(rnd.deadline - self._clock())
+        dropped = len(server.pending())
+        if dropped:
+            _log.info("round %d %s: %d devices dropped out", rnd.round_id, stage.value, dropped)
+        rnd.results[stage] = server.close_stage()
+        self._enter(rnd, _NEXT[stage])
+
+    def _enter(self, rnd: _Round, stage: RoundStage) -> None:
+        if stage is not RoundStage.FINISHED:
+            updated = self._storage.update_round(
+                rnd.round_id,
+                expected_version=rnd.version,
+                now=self._now(),
+                status=RoundStatus(stage.value),
+                state=self._persisted_state(rnd, stage),
+            )
+            rnd.version = updated.version
+            rnd.deadline = self._clock() + self._settings.deadline_s(stage)
+        rnd.stage = stage
+        self._notify()
+
+    # -- persistence across restarts --------------------------------------------------------------------
+
+    def _persisted_state(self, rnd: _Round, stage: RoundStage) -> bytes:
+        """What a restarted aggregator needs to resume ``rnd`` at the start of ``stage``.
+
+        Only what the aggregator may see anyway: public parameters, the device/index map, device certificates
+        and identity public keys, and the protocol server's snapshot (signed public keys, routed ciphertexts,
+        the masked running sum, revealed shares). Messages accepted during the stage are stored one by one
+        (:meth:`submit`) and replayed on resume.
+        """
+        if rnd.server is None or rnd.params is None:
+            return b""
+        doc = {
+            "format": _STATE_FORMAT,
+            "stage": stage.value,
+            "base_version": rnd.base_version,
+            "dim": rnd.dim,
+            "indices": rnd.indices,
+            "certificates": {str(i): _b64(c) for i, c in rnd.certificates.items()},
+            "identity_keys": {str(i): _b64(k) for i, k in rnd.identity_keys.items()},
+            "snapshot": _b64(rnd.server.snapshot()),
+        }
+        return json.dumps(doc, sort_keys=True).encode()
+
+    def _restore(self, record: RoundRecord) -> _Round:
+        """Rebuild an interrupted round from its persisted state (raises if it cannot be trusted)."""
+        doc = json.loads(record.state)
+        if doc["format"] != _STATE_FORMAT:
+            raise ValidationError("unknown round state format")
+        stage = RoundStage(doc["stage"])
+        if stage not in _PROTOCOL_STAGES or record.status is not RoundStatus(stage.value):
+            raise ValidationError("round state does not match the round's status")
+        identity_keys = {int(i): _unb64(k) for i, k in doc["identity_keys"].items()}
+        server = SecAggServer.restore(_unb64(doc["snapshot"]), identity_keys=identity_keys)
+        if server.stage.name != stage.name:
+            raise ValidationError("protocol snapshot is in another stage")
+        indices = {str(d): int(i) for d, i in doc["indices"].items()}
+        rnd = _Round(
+            round_id=record.round_id,
+            version=record.version,
+            base_version=int(doc["base_version"]),
+            dim=int(doc["dim"]),
+            stage=stage,
+            deadline=self._clock() + self._settings.deadline_s(stage),
+            indices=indices,
+            certificates={int(i): _unb64(c) for i, c in doc["certificates"].items()},
+            identity_keys=identity_keys,
+            params=server.params,
+            server=server,
+            graph=server.graph,
+        )
+        rnd.accepted = {s: {} for s in _PROTOCOL_STAGES}
+        previous = (
+            _PROTOCOL_STAGES[_PROTOCOL_STAGES.index(stage) - 1]
+            if stage is not RoundStage.ADVERTISE_KEYS
+            else None
+        )
+        if previous is not None:
+            rnd.results[previous] = {i: server.message_for(i) for i in server.eligible()}
+        self._replay_stored(rnd, stage)
+        return rnd
+
+    def _replay_stored(self, rnd: _Round, stage: RoundStage) -> None:
+        """Feed the protocol server the messages of ``stage`` that storage holds but it has not seen.
+
+        Empty in the normal flow; after a restart these are the messages accepted (and acknowledged) before
+        the crash, so devices need not send them again.
+        """
+        server = rnd.server
+        if server is None:
+            return
+        by_device = {d: i for d, i in rnd.indices.items()}
+        for device_id, payload in sorted(
+            self._storage.round_messages(rnd.round_id, stage=RoundStatus(stage.value)).items()
+        ):
+            if device_id in rnd.accepted[stage] or device_id not in by_device:
+                continue
+            message = _MESSAGE_TYPE[stage].from_bytes(payload)
+            if message.sender != by_device[device_id] or message.sender not in server.eligible():
+                continue
+            try:
+                server.receive(message)
+            except (ProtocolError, ValidationError) as exc:
+                _log.warning(
+                    "round %d: stored %s message not replayed (%s)",
+                    rnd.round_id,
+                    stage.value,
+                    type(exc).__name__,
+                )
+                continue
+            rnd.accepted[stage][device_id] = hashlib.sha256(payload).digest()
+
+    def _publish(
+        self,
+        rnd: _Round,
+        base: Mapping[str, npt.NDArray[np.float32]],
+        mean: npt.NDArray[np.float64],
+        survivors: tuple[int, ...],
+    ) -> int:
+        by_index = {i: d for d, i in rnd.indices.items()}
+        participants = sorted(by_index[i] for i in survivors)
+        arrays: dict[str, npt.NDArray[np.float32]] = {}
+        offset = 0
+        for name in sorted(base):
+            current = base[name]
+            delta = mean[offset : offset + current.size].reshape(current.shape)
+            arrays[name] = (current.astype(np.float64) + delta).astype(np.float32)
+            offset += current.size
+        latest = self._storage.latest_model_version() or 0
+        version = self._registry.publish(latest + 1, arrays, parent=rnd.base_version).version
+        self._storage.update_round(
+            rnd.round_id,
+            expected_version=rnd.version,
+            now=self._now(),
+            status=RoundStatus.PUBLISHED,
+            participants=participants,
+            model_version=version,
+        )
+        self._outcomes[rnd.round_id] = _Outcome(
+            RoundStage.FINISHED, str(version), "", frozenset(participants)
+        )
+        return version
+
+    def _abort(self, rnd: _Round, detail: str, exc: BaseException) -> None:
+        _log.warning("round %d aborted: %s (%s)", rnd.round_id, detail, type(exc).__name__)
+        self.aborted_rounds += 1
+        with contextlib.suppress(FedferError):
+            self._storage.update_round(
+                rnd.round_id, expected_version=rnd.version, now=self._now(), status=RoundStatus.ABORTED
+            )
+        self._outcomes[rnd.round_id] = _Outcome(RoundStage.ABORTED, "", detail, frozenset(rnd.indices))
+
+    # -- requests from devices ----------------------------------------------------------------------------
+
+    def join(self, *, device_id: str, round_id: int, certificate_pem: bytes) -> RoundView:
+        """Admit ``device_id`` to the round during check-in (idempotent) and return its view.
+
+        Raises:
+            StaleRoundError: ``round_id`` is not the current round.
+            StageError: check-in is closed.
+        """
+        rnd = self._current(round_id)
+        if device_id not in rnd.indices:
+            if rnd.stage is not RoundStage.CHECK_IN:
+                raise StageError("check-in is closed")
+            if len(rnd.indices) < self._settings.max_clients:
+                record = self._storage.get_device(device_id)
+                if record is None or record.revoked:
+                    raise NotParticipantError("device is not in good standing")
+                index = len(rnd.indices) + 1
+                rnd.indices[device_id] = index
+                rnd.certificates[index] = certificate_pem
+                rnd.identity_keys[index] = record.identity_public_key
+                self._wake.set()
+        return self.view(device_id)
+
+    def view(self, device_id: str, *, known_round_id: int = 0) -> RoundView:
+        """The round as ``device_id`` sees it: ``known_round_id`` if that is over, else the current round."""
+        latest = self._latest_version_text()
+        rnd = self._round
+        if known_round_id and (rnd is None or rnd.round_id != known_round_id):
+            return self._past_view(device_id, known_round_id, latest)
+        if rnd is None:
+            return RoundView(round_id=0, stage=RoundStage.IDLE, latest_model_version=latest)
+        index = rnd.indices.get(device_id, 0)
+        participant = index > 0 and (rnd.stage is RoundStage.CHECK_IN or index in rnd.eligible())
+        return RoundView(
+            round_id=rnd.round_id,
+            stage=rnd.stage,
+            model_version=str(rnd.base_version),
+            dim=rnd.dim,
+            deadline_unix_ms=int(rnd.deadline * 1000),
+            participant=participant,
+            client_index=index,
+            completed=tuple(s for s in _PROTOCOL_STAGES if device_id in rnd.accepted[s]),
+            parameters=rnd.params.to_bytes() if rnd.params is not None else b"",
+            latest_model_version=latest,
+        )
+
+    def _past_view(self, device_id: str, round_id: int, latest: str) -> RoundView:
+        outcome = self._outcomes.get(round_id)
+        if outcome is None:
+            record = self._storage.get_round(round_id)
+            if record is None or record.cohort != self._settings.cohort or not record.status.terminal:
+                raise StaleRoundError("unknown round")
+            finished = record.status is RoundStatus.PUBLISHED
+            outcome = _Outcome(
+                RoundStage.FINISHED if finished else RoundStage.ABORTED,
+                str(record.model_version) if finished and record.model_version is not None else "",
+                "" if finished else "round aborted",
+                frozenset(record.participants),
+            )
+        return RoundView(
+            round_id=round_id,
+            stage=outcome.stage,
+            model_version=outcome.model_version,
+            participant=device_id in outcome.participants,
+            latest_model_version=latest,
+            detail=outcome.detail,
+        )
+
+    async def wait_for_change(self, *, round_id: int, stage: RoundStage, timeout_s: float) -> None:
+        """Return once the current (round, stage) is not (``round_id``, ``stage``), or at the timeout."""
+        deadline = self._clock() + timeout_s
+        while True:
+            rnd = self._round
+            current = (rnd.round_id, rnd.stage) if rnd is not None else (0, RoundStage.IDLE)
+            remaining = deadline - self._clock()
+            if current != (round_id, stage) or remaining <= 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), timeout=remaining)
+
+    def submit(self, *, device_id: str, round_id: int, stage: RoundStage, payload: bytes) -> None:
+        """Accept one device's message for one protocol stage of the current round.
+
+        A repeat of an accepted message is accepted again (harmless); anything else out of place raises and
+        changes nothing.
+
+        Raises:
+            StaleRoundError: ``round_id`` is not the current round.
+            RoundAbortedError: ``round_id`` names a round that aborted.
+            StageError: the round is in another stage.
+            NotParticipantError: the device is not eligible in this stage, or names another sender.
+            DuplicateSubmissionError: a different message of this device was accepted in this stage.
+            ValidationError, ProtocolError, IntegrityError: the protocol layer refused the message.
+        """
+        rnd = self._current(round_id)
+        if rnd.stage is not stage or rnd.server is None:
+            raise StageError("wrong stage")
+        index = rnd.indices.get(device_id, 0)
+        if index == 0 or index not in rnd.server.eligible():
+            raise NotParticipantError("not a participant of this stage")
+        digest = hashlib.sha256(payload).digest()
+        previous = rnd.accepted[stage].get(device_id)
+        if previous is not None:
+            if previous == digest:
+                return
+            raise DuplicateSubmissionError("different message already accepted")
+        message = _MESSAGE_TYPE[stage].from_bytes(payload)
+        if message.sender != index:
+            raise NotParticipantError("message names another sender")
+        rnd.server.receive(message)
+        rnd.accepted[stage][device_id] = digest
+        self._storage.put_round_message(
+            round_id, stage=RoundStatus(stage.value), device_id=device_id, payload=payload, now=self._now()
+        )
+        if rnd.server.all_received():
+            self._wake.set()
+
+    def stage_result(
+        self, *, device_id: str, round_id: int, stage: RoundStage
+    ) -> tuple[bytes, dict[int, bytes]]:
+        """What the aggregator sent ``device_id`` when ``stage`` closed, and (check-in) peer certificates.
+
+        Raises:
+            StaleRoundError: not the current round.
+            StageError: the stage has not closed yet.
+            NotParticipantError: the device has no result in that stage.
+        """
+        rnd = self._current(round_id)
+        index = rnd.indices.get(device_id, 0)
+        if stage is RoundStage.CHECK_IN:
+            if rnd.graph is None:
+                raise StageError("check-in has not closed")
+            if index == 0:
+                raise NotParticipantError("device did not check in")
+            holders = rnd.graph.holders(index)
+            return b"", {i: rnd.certificates[i] for i in sorted(holders)}
+        results = rnd.results.get(stage)
+        if results is None:
+            raise StageError("stage has not closed")
+        message = results.get(index)
+        if message is None:
+            raise NotParticipantError("no result for this device")
+        return message.to_bytes(), {}
+
+    # -- helpers ------------------------------------------------------------------------------------------
+
+    def _current(self, round_id: int) -> _Round:
+        rnd = self._round
+        if rnd is None or rnd.round_id != round_id:
+            outcome = self._outcomes.get(round_id)
+            if outcome is None and 0 < round_id <= 2**63 - 1:
+                record = self._storage.get_round(round_id)
+                if record is not None and record.status is RoundStatus.ABORTED:
+                    raise RoundAbortedError("round aborted")
+            if outcome is not None and outcome.stage is RoundStage.ABORTED:
+                raise RoundAbortedError("round aborted")
+            raise StaleRoundError("not the current round")
+        return rnd
+
+    def _latest_version_text(self) -> str:
+        latest = self._storage.latest_model_version()
+        return "" if latest is None else str(latest)
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout=max(0.01, min(seconds, 1.0)))
+        self._wake.clear()
+
+    def _now(self) -> dt.datetime:
+        return dt.datetime.fromtimestamp(self._clock(), dt.UTC)

@@ -1,0 +1,3 @@
+"""Protocol buffer package ``fedfer`` (versioned sub-packages hold the definitions)."""
+
+__all__: list[str] = []
