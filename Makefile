@@ -23,7 +23,7 @@ system-deps:
 setup: $(BIN)/activate
 
 demo: setup
-	$(BIN)/fedfer-bench secagg --clients 100 --dim 208582 --dropout 0.1
+	$(BIN)/python -m agent.demo $(DEMO_ARGS)
 
 lint: setup
 	$(BIN)/ruff check .

@@ -1,9 +1,317 @@
-"""``fedfer-agent`` commands of the learning area."""
+"""``fedfer-agent`` commands of the learning area.
+
+* ``train-ifer --data DIR --classes {4,6,7}``: IFER (f's last blocks + g) on an ImageFolder set.
+* ``eval-ifer --model M --data DIR [--json]``: the paper's table for any ImageFolder set.
+* ``train-vfer --corpus crema-d --root DIR --ifer M``: central v on CREMA-D's subject-disjoint splits.
+* ``personalize-corpus --corpus crema-d --root DIR --ifer M --vfer V``: per-subject adaptation (halves),
+  optional DP.
+
+Heavy imports happen inside the handlers.
+"""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+DEFAULT_WEIGHTS = "models/mobilenet_v2_tflite/mobilenet_v2_1.0_224_quant.tflite"
+DEFAULT_DETECTOR = "models/mediapipe/face_detection_short_range.tflite"
+
+
+def _assets() -> Path:
+    return Path(os.environ.get("FEDFER_ASSETS", Path(__file__).resolve().parents[2] / "shared"))
+
+
+def _threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, n))
+
+
+def _train_ifer(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from agent.learning.data import list_image_folder
+    from agent.learning.features import cache_dir, content_key, files_digest
+    from agent.learning.ifer import (
+        FaceNet,
+        IferTrainConfig,
+        evaluate_ifer,
+        load_backbone,
+        prefix_activations,
+        save_ifer,
+        train_ifer,
+    )
+    from agent.learning.metrics import format_report
+
+    _threads(args.threads)
+    root: Path = args.data / "train" if (args.data / "train").is_dir() else args.data
+    items = sorted(
+        list_image_folder(root, args.classes),
+        key=lambda it: hashlib.sha256(it.path.name.encode()).hexdigest(),
+    )
+    if args.limit:
+        items = items[: args.limit]
+    n_dev = max(len(items) // 10, 1)
+    if len(items) - n_dev < 2:
+        from agent.learning.errors import DatasetError
+
+        raise DatasetError("too few images to train")
+    backbone, norm = load_backbone(args.weights or _assets() / DEFAULT_WEIGHTS)
+    net = FaceNet(
+        backbone=backbone,
+        normalization=norm,
+        num_classes=args.classes,
+        input_size=args.input_size,
+        split=args.split,
+    )
+
+    def shown(done: int, total: int) -> None:
+        print(f"features {done}/{total}", file=sys.stderr, flush=True)
+
+    acts = prefix_activations(net, items, flips=args.flips, progress=shown)
+    labels = np.array([it.label for it in items])
+    cfg = IferTrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size)
+
+    def epoch(rec: dict[str, float]) -> None:
+        print(
+            f"epoch {int(rec['epoch'])} loss {rec['loss']:.4f} dev macro F1 {100 * rec['dev_macro_f1']:.1f} "
+            f"lr {rec['lr']:.2g}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    res = train_ifer(
+        net, acts[:, n_dev:], labels[n_dev:], acts[0, :n_dev], labels[:n_dev], config=cfg, progress=epoch
+    )
+    rep, _ = evaluate_ifer(net, acts[0, :n_dev], labels[:n_dev])
+    key = content_key(
+        "cli-ifer/1", net.identity(), files_digest((it.path for it in items), labels.tolist()), repr(cfg)
+    )
+    out = args.out or cache_dir("models") / key
+    manifest = save_ifer(net, out, extra={"history": res.history, "dev": rep.as_dict()})
+    print(format_report(rep, title="IFER on the dev split"))
+    print(f"model: {manifest}")
+    return 0
+
+
+def _eval_ifer(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from agent.learning.data import list_image_folder, read_gray
+    from agent.learning.ifer import load_ifer
+    from agent.learning.metrics import classification_report, format_report
+
+    _threads(args.threads)
+    net = load_ifer(args.model)
+    items = list_image_folder(args.data, net.num_classes)
+    if args.limit:
+        items = sorted(items, key=lambda it: hashlib.sha256(it.path.name.encode()).hexdigest())[: args.limit]
+    preds = []
+    for s in range(0, len(items), 256):
+        _, p = net.infer(np.stack([read_gray(it.path) for it in items[s : s + 256]]))
+        preds.append(p.argmax(1))
+    rep = classification_report([it.label for it in items], np.concatenate(preds), net.classes)
+    if args.json:
+        print(json.dumps(rep.as_dict(), sort_keys=True))
+    else:
+        print(format_report(rep, title=f"IFER on {args.data}"))
+    return 0
+
+
+def _crema(args: argparse.Namespace) -> tuple[Any, list[Any]]:
+    from agent.learning.crema import corpus_features
+    from agent.learning.errors import DatasetError
+    from agent.learning.ifer import load_ifer
+
+    if args.corpus != "crema-d":
+        raise DatasetError("only --corpus crema-d is supported")
+    net = load_ifer(args.ifer)
+    data = corpus_features(
+        args.root,
+        net,
+        detector=args.detector or _assets() / DEFAULT_DETECTOR,
+        modality=args.modality,
+        num_classes=net.num_classes,
+        fps=args.fps,
+    )
+    return net, data
+
+
+def _train_vfer(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from agent.learning.crema import split_of
+    from agent.learning.errors import DatasetError
+    from agent.learning.metrics import classification_report, format_report
+    from agent.learning.personalize import pad_clips, predict_clips
+    from agent.learning.vfer import VferTrainConfig, save_vfer, train_vfer
+
+    _threads(args.threads)
+    net, data = _crema(args)
+    parts = split_of(data, args.root)
+    empty = [k for k, v in parts.items() if not v]
+    if empty:
+        raise DatasetError(
+            f"the corpus at {args.root} has no labelled clips for the {', '.join(empty)} split(s)"
+        )
+    length = args.max_frames
+
+    def xy(part: str) -> tuple[Any, Any]:
+        return (
+            pad_clips([c.features for c in parts[part]], length),
+            np.array([c.label for c in parts[part]], dtype=np.int64),
+        )
+
+    (x, y), (dx, dy), (tx, ty) = xy("train"), xy("dev"), xy("test")
+    soft = None
+    if args.partial_labels is not None:
+        from agent.learning.data import read_crema_responses
+        from agent.learning.vfer import soft_targets
+
+        counts = read_crema_responses(
+            args.partial_labels, modality=args.modality, num_classes=net.num_classes
+        )
+        eye = np.eye(net.num_classes, dtype=np.int64)
+        rows = []
+        for c in parts["train"]:
+            vec = counts.get(c.clip.name)
+            rows.append(vec if vec is not None and vec.sum() > 0 else eye[c.label])
+        soft = soft_targets(np.stack(rows))
+    model, res = train_vfer(
+        x,
+        y,
+        dx,
+        dy,
+        num_classes=net.num_classes,
+        config=VferTrainConfig(epochs=args.epochs, lr=args.lr),
+        soft=soft,
+    )
+    rep = classification_report(ty, predict_clips(model, tx).argmax(1), net.classes)
+    manifest = save_vfer(model, args.out, extra={"history": res.history, "test": rep.as_dict()})
+    print(format_report(rep, title="VFER on the CREMA-D test split (subject-disjoint)"))
+    print(f"model: {manifest}")
+    return 0
+
+
+def _personalize(args: argparse.Namespace) -> int:
+    from agent.learning.crema import personalize_subjects
+    from agent.learning.dp import DPConfig
+    from agent.learning.metrics import format_subject_deltas, plot_subject_deltas
+    from agent.learning.personalize import PersonalizeConfig
+    from agent.learning.vfer import load_vfer
+
+    _threads(args.threads)
+    _net, data = _crema(args)
+    v = load_vfer(args.vfer)
+    config = PersonalizeConfig(
+        per_class=args.per_class, p_threshold=args.p_threshold, lr=args.lr, epochs=args.epochs
+    )
+    dp = DPConfig(target_epsilon=args.dp_epsilon, delta=args.dp_delta) if args.dp_epsilon else None
+    result = personalize_subjects(
+        data,
+        v,
+        actors=args.subject or None,
+        config=config,
+        dp=dp,
+        budget_dir=args.budget_dir,
+        epsilon_limit=args.epsilon_limit,
+    )
+    if args.rounds:
+        from agent.learning.crema import fedavg_rounds
+
+        result["fedavg"] = fedavg_rounds(
+            data, v, rounds=args.rounds, actors=args.subject or None, config=config
+        )
+    if args.plot is not None:
+        plot_subject_deltas(result["subjects"], args.plot)
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+    else:
+        print(format_subject_deltas(result["subjects"]))
+        for when in ("before", "after"):
+            r = result[when]
+            print(f"{when}: micro F1 {100 * r['micro_f1']:.1f} (macro {100 * r['macro_f1']:.1f})")
+        for rec in result.get("fedavg", []):
+            r = rec["report"]
+            print(
+                f"central v after {rec['round']} FedAvg round(s): micro F1 {100 * r['micro_f1']:.1f} "
+                f"(macro {100 * r['macro_f1']:.1f})"
+            )
+    return 0
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add this area's sub-commands to ``sub``."""
+    p = sub.add_parser("train-ifer", help="train IFER (f's last blocks + g) on ImageFolder face images")
+    p.add_argument("--data", type=Path, required=True, help="ImageFolder root (or a folder holding train/)")
+    p.add_argument("--classes", type=int, choices=(4, 6, 7), default=6)
+    p.add_argument("--weights", type=Path, default=None, help="MobileNetV2 weights (TFLite or torchvision)")
+    p.add_argument("--input-size", type=int, default=112)
+    p.add_argument("--split", type=int, default=14, help="first trainable MobileNetV2 block (19 = frozen f)")
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--flips", action="store_true", help="mirror augmentation (doubles feature extraction)")
+    p.add_argument("--limit", type=int, default=0, help="use only this many images (0 = all)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--out", type=Path, default=None, help="export folder (default: the cache, by content hash)"
+    )
+    p.set_defaults(handler=_train_ifer)
+
+    p = sub.add_parser("eval-ifer", help="evaluate an IFER export on an ImageFolder set")
+    p.add_argument("--model", type=Path, required=True, help="manifest (.json) or its folder")
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--limit", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_eval_ifer)
+
+    for name, handler, text in (
+        ("train-vfer", _train_vfer, "train the video model v on a CREMA-D layout"),
+        (
+            "personalize-corpus",
+            _personalize,
+            "per-subject personalization of v on a labelled corpus (halves), optional DP",
+        ),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--corpus", choices=("crema-d",), default="crema-d")
+        p.add_argument(
+            "--root", type=Path, required=True, help="clips + summaryTable.csv + VideoDemographics.csv"
+        )
+        p.add_argument("--ifer", type=Path, required=True, help="IFER export (pseudo labels, features)")
+        p.add_argument("--modality", choices=("face", "voice", "audiovisual"), default="face")
+        p.add_argument("--detector", type=Path, default=None)
+        p.add_argument("--fps", type=float, default=10.0)
+        p.add_argument("--threads", type=int, default=1)
+        p.add_argument("--epochs", type=int, default=20 if name == "train-vfer" else 2)
+        p.add_argument("--lr", type=float, default=1e-3)
+        p.set_defaults(handler=handler)
+        if name == "train-vfer":
+            p.add_argument("--out", type=Path, required=True)
+            p.add_argument("--max-frames", type=int, default=None, help="pad/truncate clips to this length")
+            p.add_argument(
+                "--partial-labels",
+                type=Path,
+                default=None,
+                help="finishedResponses.csv of the full corpus: train on vote distributions (KL loss)",
+            )
+        else:
+            p.add_argument("--vfer", type=Path, required=True)
+            p.add_argument("--subject", type=int, action="append", help="actor id (repeatable; default all)")
+            p.add_argument("--per-class", type=int, default=50)
+            p.add_argument("--p-threshold", type=float, default=0.5)
+            p.add_argument("--dp-epsilon", type=float, default=None)
+            p.add_argument("--dp-delta", type=float, default=1e-5)
+            p.add_argument("--budget-dir", type=Path, default=None, help="per-device budget files")
+            p.add_argument("--epsilon-limit", type=float, default=10.0)
+            p.add_argument("--plot", type=Path, default=None)
+            p.add_argument("--rounds", type=int, default=0, help="also run N FedAvg rounds (Table 6 format)")
+            p.add_argument("--json", action="store_true")

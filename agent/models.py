@@ -72,10 +72,11 @@ class VideoModel(nn.Module):
         super().__init__()
         self.num_classes = num_classes
         self.frame = nn.Sequential(
+            # Not in-place: Opacus' backward hooks forbid modifying their outputs in place.
             nn.Linear(FEATURE_DIM, 128),
-            nn.ReLU(inplace=True),
+            nn.ReLU(),
             nn.Linear(128, 64),
-            nn.ReLU(inplace=True),
+            nn.ReLU(),
         )
         if dp:
             from opacus.layers import DPLSTM
@@ -92,17 +93,51 @@ class VideoModel(nn.Module):
         return self.out(seq[:, -1, :])  # type: ignore[no-any-return]
 
 
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside Opacus' ``GradSampleModule`` (or the module itself)."""
+    inner = getattr(model, "_module", None)
+    return inner if isinstance(inner, nn.Module) else model
+
+
+def _canonical_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and buffers under their canonical names.
+
+    ``DPLSTM``'s state dict carries alias keys (``lstm.l0.ih.weight`` beside ``lstm.weight_ih_l0``) for the
+    same tensors; ``named_parameters`` lists each tensor once under the ``nn.LSTM`` name, so the arrays that
+    travel are identical whether or not DP is on.
+    """
+    m = _unwrap(model)
+    out: dict[str, torch.Tensor] = dict(m.named_parameters())
+    out.update(dict(m.named_buffers()))
+    return out
+
+
 def to_named_arrays(model: nn.Module) -> dict[str, np.ndarray]:
-    """The model's parameters as float32 numpy arrays keyed by state-dict name (what travels)."""
-    return {k: v.detach().cpu().numpy().astype(np.float32, copy=True) for k, v in model.state_dict().items()}
+    """The model's parameters as float32 numpy arrays keyed by canonical name (what travels).
+
+    The same for ``VideoModel(dp=False)`` and ``VideoModel(dp=True)`` (also when wrapped by Opacus).
+    """
+    return {
+        k: v.detach().cpu().numpy().astype(np.float32, copy=True)
+        for k, v in sorted(_canonical_tensors(model).items())
+    }
 
 
 def from_named_arrays(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
-    """Load named arrays into ``model``; names and shapes must match exactly."""
-    state = model.state_dict()
-    if set(arrays) != set(state):
+    """Load named arrays into ``model`` in place; names and shapes must match exactly.
+
+    Raises:
+        ValidationError: names differ, a shape differs or a value is not finite.
+    """
+    tensors = _canonical_tensors(model)
+    if set(arrays) != set(tensors):
         raise ValidationError("named arrays do not match the model's parameter names")
-    for name, tensor in state.items():
-        if tuple(arrays[name].shape) != tuple(tensor.shape):
+    for name, tensor in tensors.items():
+        arr = np.asarray(arrays[name])
+        if tuple(arr.shape) != tuple(tensor.shape):
             raise ValidationError(f"shape mismatch for parameter {name!r}")
-    model.load_state_dict({k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in arrays.items()})
+        if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+            raise ValidationError(f"parameter {name!r} holds non-finite values")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            tensor.copy_(torch.from_numpy(np.asarray(arrays[name], dtype=np.float32)).to(tensor.dtype))

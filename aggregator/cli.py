@@ -20,6 +20,7 @@ import asyncio
 import datetime as dt
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,7 +48,7 @@ from aggregator.service import EdgeLimits
 from aggregator.storage import open_storage
 from security.errors import FedferError, ValidationError
 
-__all__ = ["build_parser", "main", "round_settings"]
+__all__ = ["GRPC_CIPHER_ENV", "TLS13_ONLY_CIPHERS", "build_parser", "main", "round_settings"]
 
 _log = logging.getLogger("aggregator")
 
@@ -259,6 +260,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: gRPC reads this once, when it is imported, and applies it to the TLS 1.2 cipher list only.
+GRPC_CIPHER_ENV = "GRPC_SSL_CIPHER_SUITES"
+#: A TLS 1.2 list whose only suite needs a pre-shared key the server never has: no TLS 1.2 handshake can
+#: succeed, while TLS 1.3 (whose suites BoringSSL fixes) is unaffected. grpcio exposes no minimum TLS version.
+TLS13_ONLY_CIPHERS = "ECDHE-PSK-CHACHA20-POLY1305"
+
+
+def _tls13_only_process(args: argparse.Namespace, *, from_command_line: bool) -> None:
+    """Make ``serve`` refuse TLS 1.2 at the handshake: re-execute once with the cipher list set.
+
+    The variable must be in the environment before grpc is imported, and this module imports it, so the
+    process replaces itself (same pid, same arguments) with ``python -m aggregator`` and the variable set.
+    """
+    if args.command != "serve" or os.environ.get(GRPC_CIPHER_ENV) == TLS13_ONLY_CIPHERS:
+        return
+    if not from_command_line:
+        _log.warning("serving in-process: TLS 1.2 clients are refused per call, not at the handshake")
+        return
+    env = {**os.environ, GRPC_CIPHER_ENV: TLS13_ONLY_CIPHERS}
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Fixed program (this interpreter) and this process's own arguments: no shell, nothing from outside.
+    os.execve(sys.executable, [sys.executable, "-m", "aggregator", *sys.argv[1:]], env)  # noqa: S606
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the command line and run one aggregator command; fedfer errors exit with status 2."""
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
@@ -267,6 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    _tls13_only_process(args, from_command_line=argv is None)
     try:
         return int(args.handler(args))
     except FedferError as exc:

@@ -20,6 +20,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "learning": ("bench.learning", "IFER vs the published peer, and personalization"),
     "cache": ("bench.cache", "encrypted feature cache throughput and footprint"),
     "storage": ("bench.storage", "latency of the aggregator's storage operations"),
+    "daemon": ("bench.daemon", "the agent as a service: start-up, control latency, throughput, drain"),
 }
 
 

@@ -13,6 +13,15 @@ from tests.postgres import PostgresServer, running_postgres
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """Options of the privacy audits (registered here so ``pytest tests --audit-report PATH`` works too)."""
+    group = parser.getgroup("privacy audits (tests/privacy)")
+    group.addoption(
+        "--audit-report", default=None, metavar="PATH", help="write every privacy figure as one JSON object"
+    )
+    group.addoption("--audit-full", action="store_true", default=False, help="heavier privacy-audit variants")
+
+
 @pytest.fixture(scope="session")
 def assets() -> Path:
     """The shared real-asset folder (``$FEDFER_ASSETS``, else ``../shared`` beside the checkout)."""

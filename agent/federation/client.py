@@ -27,7 +27,6 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.federation.channel import federation_channel
-from agent.federation.identity import secagg_identity_from_pem
 from agent.federation.retry import RetryPolicy, call_with_retry
 from agent.federation.state import DeviceState
 from protos.fedfer.v1 import common_pb2, federation_pb2, federation_pb2_grpc, models_pb2, models_pb2_grpc
@@ -443,7 +442,7 @@ class FederationClient:
             identity_keys[peer] = identity.identity_public_key
         if pki.device_id_from_certificate(result.peer_certificates[index]) != self._state.device_id:
             raise IntegrityError("aggregator assigned this device's index to another device")
-        identity_key = secagg_identity_from_pem(self._state.identity_key().unsafe_export_pem())
+        identity_key = self._state.identity_key().to_signing_handle()
         return SecAggClient(
             params=params, client_id=index, identity_key=identity_key, identity_keys=identity_keys
         )

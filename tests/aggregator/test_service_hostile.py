@@ -21,7 +21,6 @@ import pytest
 
 from agent.federation.client import FederationClient
 from agent.federation.enroll import enroll
-from agent.federation.identity import secagg_identity_from_pem
 from agent.federation.retry import RetryPolicy
 from agent.federation.state import DeviceState
 from aggregator.enrollment import issue_token
@@ -222,7 +221,7 @@ def test_hostile_participant_is_rejected_and_honest_round_completes(tmp_path: Pa
             client = SecAggClient(
                 params=params,
                 client_id=index,
-                identity_key=secagg_identity_from_pem(attacker.identity_key().unsafe_export_pem()),
+                identity_key=attacker.identity_key().to_signing_handle(),
                 identity_keys=keys,
             )
             other = next(i for i in holders if i != index)

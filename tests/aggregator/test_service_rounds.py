@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent.federation.identity import secagg_identity_from_pem
 from aggregator.enrollment import EnrollmentService, issue_token
 from aggregator.registry import ModelRegistry
 from aggregator.rounds import (
@@ -109,7 +108,7 @@ def client_for(coord: RoundCoordinator, dev: Dev, round_id: int) -> SecAggClient
     return SecAggClient(
         params=params,
         client_id=view.client_index,
-        identity_key=secagg_identity_from_pem(dev.identity.unsafe_export_pem()),
+        identity_key=dev.identity.to_signing_handle(),
         identity_keys=keys,
     )
 

@@ -254,3 +254,16 @@ def test_round_resumes_after_every_connection_drops_mid_round(tmp_path: Path) ->
         assert np.max(np.abs(got - oracle)) < 1e-5
 
     run_in_process(tmp_path, settings, body)
+
+
+def test_secagg_identity_comes_from_the_supported_pki_conversion() -> None:
+    """One home for the key bridge: the hand PKCS#8 parser is gone; ``to_signing_handle`` signs verifiably."""
+    import importlib
+
+    from security import pki
+
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module("agent.federation.identity")
+    stored = pki.IdentityKey.from_pem(pki.IdentityKey.generate().unsafe_export_pem())
+    handle = stored.to_signing_handle()
+    assert handle.public_bytes() == stored.public_bytes()

@@ -1,0 +1,66 @@
+"""Privacy attacks and audits run against fedfer's own models and protocol messages.
+
+These are the adversary's tools, used by ``tests/privacy`` to measure leakage: update inversion against ``v``
+(:mod:`agent.attacks.inversion`), membership inference (:mod:`agent.attacks.membership`) and the one-run DP
+audit with canaries (:mod:`agent.attacks.canary_audit`). Nothing in the agent's data path imports them.
+"""
+
+from agent.attacks.canary_audit import (
+    CanaryAuditResult,
+    dirac_canaries,
+    empirical_epsilon,
+    one_run_audit,
+    one_run_p_value,
+)
+from agent.attacks.inversion import (
+    GradientInversion,
+    frame_similarity,
+    label_overlap,
+    mean_probabilities,
+    rank_labels_by_row_norm,
+    recover_label_counts,
+    sgd_update,
+    split_flat,
+    update_to_gradient,
+)
+from agent.attacks.membership import (
+    MembershipScores,
+    dp_auc_bound,
+    dp_tpr_bound,
+    lira_offline_scores,
+    logit_confidence,
+    loss_scores,
+    membership_audit,
+    roc_auc,
+    tpr_at_fpr,
+)
+from agent.attacks.training import DPSpec, TrainedModel, train_video_model
+
+__all__ = [
+    "CanaryAuditResult",
+    "DPSpec",
+    "GradientInversion",
+    "MembershipScores",
+    "TrainedModel",
+    "dirac_canaries",
+    "dp_auc_bound",
+    "dp_tpr_bound",
+    "empirical_epsilon",
+    "frame_similarity",
+    "label_overlap",
+    "lira_offline_scores",
+    "logit_confidence",
+    "loss_scores",
+    "mean_probabilities",
+    "membership_audit",
+    "one_run_audit",
+    "one_run_p_value",
+    "rank_labels_by_row_norm",
+    "recover_label_counts",
+    "roc_auc",
+    "sgd_update",
+    "split_flat",
+    "tpr_at_fpr",
+    "train_video_model",
+    "update_to_gradient",
+]

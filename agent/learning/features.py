@@ -1,0 +1,97 @@
+"""Content-addressed caching of computed arrays (features, activations, trained models).
+
+Everything expensive is stored under the cache dir (``$FEDFER_CACHE``, default ``~/.cache/fedfer``), keyed by
+a SHA-256 over *what it was computed from* (file contents, model weights, settings), so a changed input can
+never be served a stale result and repeated runs are cheap. Never inside the repository.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.learning.errors import DatasetError
+
+__all__ = ["cache_dir", "cached_arrays", "content_key", "files_digest", "state_digest"]
+
+
+def cache_dir(sub: str = "") -> Path:
+    """The cache folder (mode 0700): ``$FEDFER_CACHE`` or ``$FEDFER_CACHE_DIR``, else ``~/.cache/fedfer``."""
+    env = os.environ.get("FEDFER_CACHE") or os.environ.get("FEDFER_CACHE_DIR")
+    base = Path(env) if env else Path.home() / ".cache" / "fedfer"
+    path = base / sub if sub else base
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
+
+
+def content_key(*parts: bytes | str) -> str:
+    """SHA-256 hex over length-prefixed parts (unambiguous: ``("ab","c") != ("a","bc")``)."""
+    h = hashlib.sha256()
+    for part in parts:
+        data = part.encode() if isinstance(part, str) else bytes(part)
+        h.update(len(data).to_bytes(8, "big"))
+        h.update(data)
+    return h.hexdigest()
+
+
+def files_digest(paths: Iterable[Path], labels: Iterable[int] | None = None) -> str:
+    """SHA-256 over the contents of ``paths`` in order (and their labels if given)."""
+    h = hashlib.sha256()
+    label_list = list(labels) if labels is not None else None
+    for i, p in enumerate(paths):
+        try:
+            h.update(hashlib.sha256(Path(p).read_bytes()).digest())
+        except OSError as exc:
+            raise DatasetError(f"cannot read {Path(p).name}") from exc
+        if label_list is not None:
+            h.update(label_list[i].to_bytes(2, "big"))
+    return h.hexdigest()
+
+
+def state_digest(arrays: dict[str, np.ndarray]) -> str:
+    """SHA-256 over named arrays (names, dtypes, shapes and bytes), e.g. a model's weights."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        arr = np.ascontiguousarray(arrays[name])
+        h.update(content_key(name, str(arr.dtype), repr(arr.shape)).encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def cached_arrays(
+    key: str, compute: Callable[[], dict[str, np.ndarray]], *, sub: str = "arrays"
+) -> dict[str, np.ndarray]:
+    """Load the arrays stored under ``key``, or compute, store (atomically) and return them.
+
+    Args:
+        key: a content key from :func:`content_key`.
+        compute: produces the arrays when they are not cached.
+        sub: cache sub-folder.
+    """
+    if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
+        raise DatasetError("cache key must be a SHA-256 hex digest")
+    folder = cache_dir(sub)
+    path = folder / f"{key}.npz"
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    arrays = compute()
+    buf = io.BytesIO()
+    savez: Any = np.savez  # numpy's stub cannot type **arrays
+    savez(buf, **arrays)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(buf.getvalue())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return arrays

@@ -1,0 +1,464 @@
+"""IFER = g(f(x)): training and inference of the image expression classifier.
+
+:class:`FaceNet` is MobileNetV2 ``f`` (real ImageNet weights) split at block ``split`` into a frozen
+prefix and a trainable suffix, plus the head ``g`` (:class:`agent.models.IferHead`). With ``split=19`` all
+of ``f`` is frozen (the paper's setting) and only ``g`` trains; a smaller split also fine-tunes f's last
+blocks centrally, which the paper allows. Training never recomputes the frozen prefix: its activations for
+every image (optionally also its mirror image, the augmentation) are computed once and cached by content
+hash (:mod:`agent.learning.features`), so an epoch costs only the suffix.
+
+Input faces are uint8 grayscale ``(N, H, W)`` or RGB ``(N, H, W, 3)`` of any size; they are resized to
+``input_size`` (112 by default: ~4x cheaper than 224 on the device, and FER2013 faces are only 48x48).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from agent.learning.data import LabelledImage, read_gray
+from agent.learning.errors import DatasetError, ModelFileError
+from agent.learning.export import load_exported, save_exported
+from agent.learning.features import cached_arrays, content_key, files_digest, state_digest
+from agent.learning.metrics import ClassReport, classification_report
+from agent.mobilenet import MobileNetV2, Normalization
+from agent.models import CLASS_SETS, FEATURE_DIM, IferHead
+
+__all__ = [
+    "FaceNet",
+    "IferTrainConfig",
+    "IferTrainResult",
+    "class_weights",
+    "evaluate_ifer",
+    "load_backbone",
+    "load_ifer",
+    "prefix_activations",
+    "save_ifer",
+    "train_ifer",
+]
+
+LOG = logging.getLogger(__name__)
+NUM_BLOCKS = 19  # len(MobileNetV2.features)
+
+
+def load_backbone(weights: Path) -> tuple[MobileNetV2, Normalization]:
+    """Real ImageNet MobileNetV2 and its input normalization from a weight file (TFLite or torchvision).
+
+    Uses :func:`agent.mobilenet.load_feature_extractor`, which pins the architecture variant to the file.
+    """
+    from agent.mobilenet import load_feature_extractor
+
+    extractor = load_feature_extractor(weights, channels_last=False)
+    model = extractor.model
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model, extractor.normalization
+
+
+class FaceNet(nn.Module):
+    """``g(f(x))`` with f split into a frozen prefix and a trainable suffix.
+
+    Args:
+        backbone: MobileNetV2 with real weights (owned from now on).
+        normalization: the input normalization of those weights.
+        num_classes: 4, 6 or 7.
+        input_size: side of the square network input (faces are resized to it).
+        split: index of the first trainable block of ``backbone.features`` (19 = all of f frozen).
+        hidden: width of g's hidden layer.
+    """
+
+    def __init__(
+        self,
+        *,
+        backbone: MobileNetV2,
+        normalization: Normalization,
+        num_classes: int,
+        input_size: int = 112,
+        split: int = 14,
+        hidden: int = 512,
+    ) -> None:
+        if not isinstance(backbone, MobileNetV2):
+            raise ModelFileError("backbone must be a MobileNetV2")
+        if type(input_size) is not int or not 32 <= input_size <= 448 or input_size % 16:
+            raise ModelFileError("input_size must be a multiple of 16 in [32, 448]")
+        if type(split) is not int or not 1 <= split <= NUM_BLOCKS:
+            raise ModelFileError(f"split must be an int in [1, {NUM_BLOCKS}]")
+        super().__init__()
+        self.num_classes = num_classes
+        self.classes = CLASS_SETS.get(num_classes, ())
+        self.input_size = input_size
+        self.split = split
+        self.normalization = normalization
+        self.tf_padding = backbone.tf_padding
+        self.backbone = backbone
+        self.head = IferHead(num_classes=num_classes, hidden=hidden)
+        self.hidden = hidden
+        std = torch.tensor(normalization.std, dtype=torch.float32)
+        mean = torch.tensor(normalization.mean, dtype=torch.float32)
+        # CPU-only constants (not buffers: they never travel and are no part of the state dict).
+        self._scale = (1.0 / (255.0 * std)).view(1, 3, 1, 1)
+        self._shift = (-mean / std).view(1, 3, 1, 1)
+        for p in self.prefix_parameters():
+            p.requires_grad_(False)
+
+    # -- structure ---------------------------------------------------------------------------------------
+    def _blocks(self, start: int, stop: int) -> list[nn.Module]:
+        return list(self.backbone.features)[start:stop]
+
+    def prefix_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the frozen blocks."""
+        return [p for m in self._blocks(0, self.split) for p in m.parameters()]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters that training updates: f's suffix blocks and g."""
+        suffix = [p for m in self._blocks(self.split, NUM_BLOCKS) for p in m.parameters()]
+        return suffix + list(self.head.parameters())
+
+    def train(self, mode: bool = True) -> FaceNet:
+        """Train mode for g and the suffix's convolutions; the prefix and every BatchNorm stay in eval mode.
+
+        BatchNorm keeps its running statistics while fine-tuning (its affine parameters still learn): the
+        TFLite-converted weights have BN folded into the convolutions (identity BN), and batch statistics
+        would discard exactly that pretrained scale and offset.
+        """
+        super().train(mode)
+        for m in self._blocks(0, self.split):
+            m.eval()
+        for m in self.backbone.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()
+        return self
+
+    # -- inference ---------------------------------------------------------------------------------------
+    def preprocess(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 faces ``(N, H, W)`` gray or ``(N, H, W, 3)`` RGB → normalized ``(N, 3, S, S)``."""
+        import cv2
+
+        arr = np.asarray(images)
+        if arr.dtype != np.uint8 or arr.ndim not in (3, 4) or (arr.ndim == 4 and arr.shape[3] != 3):
+            raise DatasetError("faces must be uint8 (N, H, W) grayscale or (N, H, W, 3) RGB")
+        s = self.input_size
+        out = np.empty((len(arr), s, s, 3), dtype=np.uint8)
+        for i, img in enumerate(arr):
+            if img.shape[:2] != (s, s):
+                interp = cv2.INTER_AREA if img.shape[0] > s else cv2.INTER_LINEAR
+                img = cv2.resize(img, (s, s), interpolation=interp)
+            out[i] = img[..., None] if img.ndim == 2 else img
+        x = torch.from_numpy(out).permute(0, 3, 1, 2).float()
+        return x * self._scale + self._shift
+
+    def prefix(self, x: torch.Tensor) -> torch.Tensor:
+        """Frozen-prefix activations for normalized input (pooled to 1x1 when all of f is frozen)."""
+        h = nn.Sequential(*self._blocks(0, self.split))(x)
+        if self.split == NUM_BLOCKS:
+            h = F.adaptive_avg_pool2d(h, 1)
+        return h  # type: ignore[no-any-return]
+
+    def features_from_prefix(self, h: torch.Tensor) -> torch.Tensor:
+        """f's 1,280-d feature from prefix activations."""
+        if self.split < NUM_BLOCKS:
+            h = nn.Sequential(*self._blocks(self.split, NUM_BLOCKS))(h)
+        return torch.flatten(F.adaptive_avg_pool2d(h, 1), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(N, K)`` for normalized input ``(N, 3, S, S)``."""
+        return self.head(self.features_from_prefix(self.prefix(x)))  # type: ignore[no-any-return]
+
+    def infer(self, images: np.ndarray, *, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+        """Features ``(N, 1280)`` and class probabilities ``(N, K)`` (float32) for uint8 faces."""
+        self.eval()
+        feats, probs = [], []
+        with torch.inference_mode():
+            for start in range(0, len(images), batch_size):
+                x = self.preprocess(images[start : start + batch_size]).contiguous(
+                    memory_format=torch.channels_last
+                )
+                f = self.features_from_prefix(self.prefix(x))
+                feats.append(f.float().numpy())
+                probs.append(torch.softmax(self.head(f), dim=1).float().numpy())
+        if not feats:
+            return np.zeros((0, FEATURE_DIM), np.float32), np.zeros((0, self.num_classes), np.float32)
+        return np.concatenate(feats).astype(np.float32), np.concatenate(probs).astype(np.float32)
+
+    def identity(self) -> str:
+        """Content key of the frozen prefix: its weights, input size, split and normalization."""
+        prefix_state = {
+            k: v.detach().cpu().numpy()
+            for k, v in self.backbone.state_dict().items()
+            if k.startswith("features.") and int(k.split(".")[1]) < self.split
+        }
+        return content_key(
+            "facenet-prefix/1",
+            state_digest(prefix_state),
+            str(self.input_size),
+            str(self.split),
+            repr(self.normalization),
+            str(self.tf_padding),
+        )
+
+
+def _load_images(items: Sequence[LabelledImage]) -> np.ndarray:
+    imgs = [read_gray(it.path) for it in items]
+    if len({im.shape for im in imgs}) > 1:
+        raise DatasetError("images of one set must share a size")
+    return np.stack(imgs)
+
+
+def prefix_activations(
+    net: FaceNet,
+    items: Sequence[LabelledImage],
+    *,
+    flips: bool,
+    batch_size: int = 64,
+    chunk: int = 1024,
+    progress: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
+    """Frozen-prefix activations (float16) for ``items``, cached by content hash in chunks of ``chunk``.
+
+    Chunked caching lets an interrupted extraction resume and lets a prefix of a (shuffled) item list
+    reuse the chunks of a longer one.
+
+    Returns:
+        ``(V, N, C, H, W)`` with ``V = 2`` (original, mirrored) when ``flips`` else ``V = 1``.
+    """
+    identity = net.identity()
+    parts: list[np.ndarray] = []
+    for c0 in range(0, len(items), chunk):
+        part = items[c0 : c0 + chunk]
+        key = content_key("prefix-acts/2", identity, files_digest(it.path for it in part), str(bool(flips)))
+
+        def compute(part: Sequence[LabelledImage] = part) -> dict[str, np.ndarray]:
+            views: list[list[np.ndarray]] = [[] for _ in range(2 if flips else 1)]
+            net.eval()
+            with torch.inference_mode():
+                for start in range(0, len(part), batch_size):
+                    imgs = _load_images(part[start : start + batch_size])
+                    variants = [imgs, np.ascontiguousarray(imgs[:, :, ::-1])] if flips else [imgs]
+                    for v, batch in enumerate(variants):
+                        x = net.preprocess(batch).contiguous(memory_format=torch.channels_last)
+                        views[v].append(net.prefix(x).contiguous().numpy().astype(np.float16))
+            return {"acts": np.stack([np.concatenate(v) for v in views])}
+
+        parts.append(cached_arrays(key, compute, sub="activations")["acts"])
+        if progress is not None:
+            progress(min(c0 + chunk, len(items)), len(items))
+    if not parts:
+        raise DatasetError("no images")
+    return np.concatenate(parts, axis=1)
+
+
+def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    """Inverse-frequency class weights ``n / (K * count)`` (absent classes get weight 0)."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).astype(np.float64)
+    w = np.divide(len(labels), num_classes * counts, out=np.zeros(num_classes), where=counts > 0)
+    return torch.tensor(w, dtype=torch.float32)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IferTrainConfig:
+    """Training settings (paper: Adam lr 1e-3, x0.5 on dev plateau, class-weighted CE).
+
+    Attributes:
+        epochs: passes over the training set.
+        lr: Adam learning rate of g.
+        backbone_lr: Adam learning rate of f's trainable blocks (much lower than g's: 5e-4 wrecked the
+            pretrained blocks in one epoch, 5e-5 fine-tunes them).
+        batch_size: minibatch size.
+        weight_decay: L2 penalty (Adam's).
+        patience: epochs without dev macro-F1 gain before halving the rate.
+        label_smoothing: cross-entropy label smoothing.
+        seed: torch seed for shuffling/initialization (not a secret).
+    """
+
+    epochs: int = 8
+    lr: float = 1e-3
+    backbone_lr: float = 5e-5  # small: the converted weights have BN folded in, so Adam's step sizes matter
+    batch_size: int = 64
+    weight_decay: float = 1e-5
+    patience: int = 1
+    label_smoothing: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if type(self.epochs) is not int or self.epochs < 1:
+            raise DatasetError("epochs must be a positive int")
+        if type(self.batch_size) is not int or self.batch_size < 2:
+            raise DatasetError("batch_size must be an int >= 2")
+        if not (0 < self.lr < 1 and 0 < self.backbone_lr < 1):
+            raise DatasetError("learning rates must lie in (0, 1)")
+
+
+@dataclass(slots=True)
+class IferTrainResult:
+    """What :func:`train_ifer` reports."""
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int = -1
+    best_dev_macro_f1: float = 0.0
+    seconds: float = 0.0
+
+
+def _logits_from_acts(net: FaceNet, acts: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    net.eval()
+    out = []
+    with torch.inference_mode():
+        for start in range(0, acts.shape[0], batch_size):
+            h = torch.from_numpy(acts[start : start + batch_size].astype(np.float32))
+            out.append(net.head(net.features_from_prefix(h)).numpy())
+    return np.concatenate(out) if out else np.zeros((0, net.num_classes), np.float32)
+
+
+def train_ifer(
+    net: FaceNet,
+    train_acts: np.ndarray,
+    train_labels: np.ndarray,
+    dev_acts: np.ndarray,
+    dev_labels: np.ndarray,
+    *,
+    config: IferTrainConfig,
+    progress: Callable[[dict[str, float]], None] | None = None,
+) -> IferTrainResult:
+    """Train f's suffix and g on cached prefix activations; keeps the weights of the best dev epoch.
+
+    Args:
+        net: the model (updated in place).
+        train_acts: ``(V, N, C, H, W)`` from :func:`prefix_activations` (V views, e.g. original + mirror).
+        train_labels: ``(N,)`` class indices.
+        dev_acts: ``(M, C, H, W)`` (one view).
+        dev_labels: ``(M,)``.
+        config: training settings.
+        progress: called with each epoch's record.
+    """
+    if train_acts.ndim != 5 or train_acts.shape[1] != len(train_labels) or len(dev_acts) != len(dev_labels):
+        raise DatasetError("activation and label counts do not match")
+    torch.manual_seed(config.seed)
+    t0 = time.perf_counter()
+    labels = torch.from_numpy(np.asarray(train_labels, dtype=np.int64))
+    loss_fn = nn.CrossEntropyLoss(
+        weight=class_weights(train_labels, net.num_classes), label_smoothing=config.label_smoothing
+    )
+    suffix = [p for p in net.trainable_parameters() if all(p is not q for q in net.head.parameters())]
+    groups: list[dict[str, Any]] = [{"params": list(net.head.parameters()), "lr": config.lr}]
+    if suffix:
+        groups.append({"params": suffix, "lr": config.backbone_lr})
+    opt = torch.optim.Adam(groups, weight_decay=config.weight_decay)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=config.patience)
+    result = IferTrainResult()
+    best_state: dict[str, torch.Tensor] | None = None
+    n_views, n = train_acts.shape[0], train_acts.shape[1]
+    for epoch in range(config.epochs):
+        net.train()
+        order = torch.randperm(n)
+        views = torch.randint(0, n_views, (n,))
+        total, seen = 0.0, 0
+        for start in range(0, n, config.batch_size):
+            idx = order[start : start + config.batch_size]
+            if len(idx) < 2:
+                continue
+            batch = np.stack([train_acts[int(v), int(i)] for i, v in zip(idx, views[idx], strict=True)])
+            h = torch.from_numpy(batch.astype(np.float32))
+            loss = loss_fn(net.head(net.features_from_prefix(h)), labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+            seen += len(idx)
+        dev_pred = _logits_from_acts(net, dev_acts).argmax(1)
+        rep = classification_report(dev_labels, dev_pred, net.classes)
+        sched.step(rep.macro_f1)
+        record = {
+            "epoch": float(epoch + 1),
+            "loss": total / max(seen, 1),
+            "dev_macro_f1": rep.macro_f1,
+            "dev_micro_f1": rep.micro_f1,
+            "lr": float(opt.param_groups[0]["lr"]),
+            "seconds": time.perf_counter() - t0,
+        }
+        result.history.append(record)
+        LOG.info("ifer epoch %d loss %.4f dev macro F1 %.3f", epoch + 1, record["loss"], rep.macro_f1)
+        if progress is not None:
+            progress(record)
+        if rep.macro_f1 > result.best_dev_macro_f1 or best_state is None:
+            result.best_dev_macro_f1 = rep.macro_f1
+            result.best_epoch = epoch + 1
+            best_state = copy.deepcopy(net.state_dict())
+    if best_state is not None:
+        net.load_state_dict(best_state)
+    net.eval()
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def evaluate_ifer(net: FaceNet, acts: np.ndarray, labels: np.ndarray) -> tuple[ClassReport, np.ndarray]:
+    """Report and probabilities ``(N, K)`` on cached single-view prefix activations ``(N, C, H, W)``."""
+    logits = _logits_from_acts(net, acts)
+    probs = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
+    return classification_report(labels, probs.argmax(1), net.classes), probs
+
+
+def save_ifer(net: FaceNet, folder: Path, *, name: str = "ifer", extra: dict[str, Any] | None = None) -> Path:
+    """Export f (all blocks) and g as named arrays plus a manifest; returns the manifest path."""
+    # f's ImageNet classifier is not part of f(x): leave it out of the export.
+    arrays = {
+        f"f.{k}": v.detach().cpu().numpy()
+        for k, v in net.backbone.state_dict().items()
+        if not k.startswith("classifier.")
+    }
+    arrays.update({f"g.{k}": v.detach().cpu().numpy() for k, v in net.head.state_dict().items()})
+    manifest: dict[str, Any] = {
+        "kind": "ifer",
+        "classes": list(net.classes),
+        "input_size": net.input_size,
+        "split": net.split,
+        "hidden": net.hidden,
+        "tf_padding": net.tf_padding,
+        "normalization": {
+            "name": net.normalization.name,
+            "mean": list(net.normalization.mean),
+            "std": list(net.normalization.std),
+        },
+    }
+    manifest.update(extra or {})
+    return save_exported(folder, name, arrays, manifest)
+
+
+def load_ifer(path: Path) -> FaceNet:
+    """Rebuild a :class:`FaceNet` from :func:`save_ifer`'s export (eval mode).
+
+    Raises:
+        ModelFileError: not an IFER export, or the arrays do not fit.
+    """
+    arrays, meta = load_exported(path)
+    if meta.get("kind") != "ifer":
+        raise ModelFileError("not an IFER model export")
+    try:
+        norm = meta["normalization"]
+        normalization = Normalization(norm["name"], tuple(norm["mean"]), tuple(norm["std"]))
+        backbone = MobileNetV2(tf_padding=bool(meta["tf_padding"]))
+        f_state = {k[2:]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("f.")}
+        g_state = {k[2:]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("g.")}
+        missing, unexpected = backbone.load_state_dict(f_state, strict=False)
+        if unexpected or any(not k.startswith("classifier.") for k in missing):
+            raise ModelFileError("IFER export does not fit MobileNetV2")
+        net = FaceNet(
+            backbone=backbone,
+            normalization=normalization,
+            num_classes=len(meta["classes"]),
+            input_size=int(meta["input_size"]),
+            split=int(meta["split"]),
+            hidden=int(meta["hidden"]),
+        )
+        net.head.load_state_dict(g_state, strict=True)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise ModelFileError("IFER export does not fit the model") from exc
+    return net.eval()

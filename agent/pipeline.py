@@ -1,0 +1,514 @@
+"""The on-device vision pipeline: frames → largest face → ``f`` → ``g`` → :class:`FrameRecord` per frame.
+
+Frames with a face are batched across frames (``batch_size`` crops per forward pass, channels-last,
+``torch.inference_mode()``), so the network runs a few large passes instead of many small ones. Records are
+grouped into sessions — stretches of frames with a face; a gap of more than ``session_gap_s`` seconds without
+one closes the session — and streamed to a :class:`RecordSink` (the encrypted
+:class:`agent.cache.FeatureCache`) batch by batch, so a crash or a failing source loses at most the batch
+in flight. Frames and crops stay in RAM and are dropped as soon as their features exist. The same input
+always gives the same features.
+
+Two frame models fit (:class:`FrameModel`):
+
+* :class:`IferModel`: the paper's frozen MobileNetV2 ``f`` (:mod:`agent.mobilenet`) + head ``g``
+  (:class:`agent.models.IferHead`);
+* :class:`ExportedIferModel`: an IFER export of :mod:`agent.learning.ifer` (``f`` possibly fine-tuned, ``g``
+  trained), so cached features match what the video model ``v`` is trained on.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Generator, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from agent.capture import Frame
+from agent.faces import Face, FaceDetector
+from agent.mobilenet import FEATURE_DIM, FeatureExtractor
+from agent.models import IferHead
+from agent.records import FrameRecord
+from security.errors import ValidationError
+
+__all__ = [
+    "ExportedIferModel",
+    "FrameModel",
+    "IferModel",
+    "PipelineStats",
+    "RecordSink",
+    "Session",
+    "VisionPipeline",
+    "daemon_stage",
+    "load_frame_model",
+]
+
+
+class FrameModel(Protocol):
+    """What the pipeline needs from the networks: ``f`` then ``g``."""
+
+    num_classes: int
+
+    def features(self, faces: np.ndarray) -> np.ndarray:
+        """``(N, 1280)`` float32 features for uint8 RGB crops ``(N, S, S, 3)``."""
+        ...
+
+    def classify(self, features: np.ndarray) -> np.ndarray:
+        """``(N, K)`` float32 class probabilities for features ``(N, 1280)``."""
+        ...
+
+
+class RecordSink(Protocol):
+    """Where sessions go (satisfied by :class:`agent.cache.FeatureCache`)."""
+
+    def begin_session(self) -> str:
+        """Start a session; return its id."""
+        ...
+
+    def append_batch(self, session_id: str, records: Iterable[FrameRecord]) -> list[int]:
+        """Store records of the session."""
+        ...
+
+    def end_session(self, session_id: str) -> None:
+        """Close the session."""
+        ...
+
+
+def _softmax(head: torch.nn.Module, features: np.ndarray) -> np.ndarray:
+    with torch.inference_mode():
+        logits = head(torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)))
+        return torch.softmax(logits, dim=1).numpy().astype(np.float32, copy=True)
+
+
+class IferModel:
+    """Frozen ``f`` (:class:`FeatureExtractor`) and head ``g`` (:class:`IferHead`, eval mode).
+
+    Args:
+        extractor: MobileNetV2 with real weights and their normalization.
+        head: the IFER head (trained weights are the caller's business; it is put in eval mode).
+    """
+
+    def __init__(self, *, extractor: FeatureExtractor, head: IferHead) -> None:
+        if not isinstance(extractor, FeatureExtractor) or not isinstance(head, IferHead):
+            raise ValidationError("IferModel needs a FeatureExtractor and an IferHead")
+        self.extractor = extractor
+        self.head = head.eval()
+        self.num_classes = head.num_classes
+
+    def __repr__(self) -> str:
+        return f"IferModel({self.extractor!r}, classes={self.num_classes})"
+
+    def features(self, faces: np.ndarray) -> np.ndarray:
+        """See :class:`FrameModel`."""
+        return self.extractor(faces)
+
+    def classify(self, features: np.ndarray) -> np.ndarray:
+        """See :class:`FrameModel`."""
+        return _softmax(self.head, features)
+
+
+class ExportedIferModel:
+    """Adapter for :class:`agent.learning.ifer.FaceNet` (an IFER export of the learning package).
+
+    Args:
+        net: the loaded ``FaceNet`` (eval mode).
+        channels_last: run ``f`` in channels-last layout.
+    """
+
+    def __init__(self, net: Any, *, channels_last: bool = True) -> None:
+        self.net = net.eval()
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self.num_classes = int(net.num_classes)
+
+    def __repr__(self) -> str:
+        return f"ExportedIferModel(input_size={self.net.input_size}, classes={self.num_classes})"
+
+    def features(self, faces: np.ndarray) -> np.ndarray:
+        """See :class:`FrameModel`."""
+        with torch.inference_mode():
+            x = self.net.preprocess(faces)
+            x = x.contiguous(memory_format=torch.channels_last) if self.channels_last else x.contiguous()
+            f = self.net.features_from_prefix(self.net.prefix(x))
+            return f.numpy().astype(np.float32, copy=True)  # type: ignore[no-any-return]
+
+    def classify(self, features: np.ndarray) -> np.ndarray:
+        """See :class:`FrameModel`."""
+        return _softmax(self.net.head, features)
+
+
+def load_frame_model(
+    *,
+    feature_weights: str | Path | None = None,
+    ifer: str | Path | None = None,
+    head: str | Path | None = None,
+    num_classes: int = 6,
+    cache_dir: str | Path | None = None,
+    channels_last: bool = True,
+    batch_size: int = 4,
+    fuse_batchnorm: bool = True,
+) -> FrameModel:
+    """Build the frame model from files.
+
+    Exactly one of two set-ups:
+
+    * ``ifer``: an IFER export (manifest ``.json`` or its folder) of :mod:`agent.learning.ifer`;
+    * ``feature_weights`` (``.tflite`` or torchvision ``.pth``) plus ``head``, a ``torch.save``'d state dict
+      of :class:`IferHead` with ``num_classes`` classes. Without ``head`` the head keeps its fresh
+      initialization: its probabilities are meaningless (only for timing and feature extraction).
+
+    Raises:
+        ValidationError: neither or both set-ups given.
+        WeightsError: a weight file is missing or does not fit.
+    """
+    from agent.mobilenet import WeightsError, load_feature_extractor
+
+    if (ifer is None) == (feature_weights is None):
+        raise ValidationError("give either an IFER export or feature weights (with an optional head)")
+    if ifer is not None:
+        from agent.learning.ifer import load_ifer
+
+        return ExportedIferModel(load_ifer(Path(ifer)), channels_last=channels_last)
+    assert feature_weights is not None  # narrowed above; not validation
+    extractor = load_feature_extractor(
+        feature_weights,
+        cache_dir=cache_dir,
+        channels_last=channels_last,
+        batch_size=batch_size,
+        fuse_batchnorm=fuse_batchnorm,
+    )
+    g = IferHead(num_classes=num_classes)
+    if head is not None:
+        try:
+            state = torch.load(Path(head), map_location="cpu", weights_only=True)
+            g.load_state_dict(state, strict=True)
+        except Exception as exc:  # corrupt file, wrong keys or shapes: all mean "does not fit"
+            raise WeightsError("IFER head file does not fit IferHead") from exc
+    return IferModel(extractor=extractor, head=g)
+
+
+@dataclass(frozen=True, slots=True)
+class _Done:
+    error: BaseException | None
+
+
+@dataclass
+class Session:
+    """Records of one session (one stretch of frames with a face).
+
+    Attributes:
+        session_id: the sink's id (or a local counter id when no sink is attached).
+        records: the frames' records in time order (kept only when ``keep_records``).
+        frames: number of records written.
+    """
+
+    session_id: str
+    records: list[FrameRecord] = field(default_factory=list)
+    frames: int = 0
+
+    def __repr__(self) -> str:
+        return f"Session(id={self.session_id[:8]}…, frames={self.frames})"
+
+
+@dataclass
+class PipelineStats:
+    """Counters and per-stage wall time (seconds) of a pipeline run.
+
+    Attributes:
+        frames: frames seen.
+        faces: frames with a face.
+        sessions: sessions started.
+        stored_bytes: bytes reported by the sink (0 without one).
+        seconds: wall time per stage: ``face``, ``features`` (f), ``head`` (g), ``store``.
+    """
+
+    frames: int = 0
+    faces: int = 0
+    sessions: int = 0
+    seconds: dict[str, float] = field(
+        default_factory=lambda: {"face": 0.0, "features": 0.0, "head": 0.0, "store": 0.0}
+    )
+
+
+class VisionPipeline:
+    """Frames in, per-session :class:`FrameRecord` lists out (and into the sink).
+
+    Args:
+        detector: the face detector (owned: closed by :meth:`close`).
+        model: ``f`` and ``g``.
+        sink: encrypted cache or other :class:`RecordSink`; ``None`` keeps records only in the returned
+            sessions.
+        batch_size: face crops per forward pass (batched across frames).
+        session_gap_s: a gap longer than this without a face closes the session.
+        keep_records: keep each session's records in RAM and return them (tests, CLI); the sink gets them
+            anyway.
+        overlap_detection: in :meth:`run`, read and detect in a helper thread while ``f`` runs here.
+        clock: timer for the stage statistics.
+    """
+
+    def __init__(
+        self,
+        *,
+        detector: FaceDetector,
+        model: FrameModel,
+        sink: RecordSink | None = None,
+        batch_size: int = 4,
+        session_gap_s: float = 2.0,
+        keep_records: bool = True,
+        overlap_detection: bool = True,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        if type(batch_size) is not int or not 1 <= batch_size <= 256:
+            raise ValidationError("batch_size must be an int in [1, 256]")
+        if not 0.0 < session_gap_s <= 3600.0:
+            raise ValidationError("session_gap_s must lie in (0, 3600]")
+        self.detector = detector
+        self.model = model
+        self.sink = sink
+        self.batch_size = batch_size
+        self.session_gap_s = float(session_gap_s)
+        self.keep_records = keep_records
+        self.overlap_detection = bool(overlap_detection)
+        self.stats = PipelineStats()
+        self._clock = clock
+        self._pending: list[tuple[float, Face]] = []
+        self._session: Session | None = None
+        self._last_face_t: float | None = None
+        self._local_ids = 0
+
+    def __repr__(self) -> str:
+        return f"VisionPipeline(model={self.model!r}, batch_size={self.batch_size})"
+
+    def __enter__(self) -> VisionPipeline:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the detector (records still pending are *not* flushed; call :meth:`finish` first)."""
+        self._pending.clear()
+        self.detector.close()
+
+    # -- per-frame API (the daemon's VisionStage) --------------------------------------------------------
+
+    def process(self, image: np.ndarray, timestamp: float) -> FrameRecord | None:
+        """Run face → f → g on one RGB frame, unbatched; ``None`` when no face is found."""
+        face = self._detect(image)
+        self.stats.frames += 1
+        if face is None:
+            return None
+        self.stats.faces += 1
+        return self._infer([(float(timestamp), face)])[0]
+
+    # -- streaming API ----------------------------------------------------------------------------------
+
+    def run(self, frames: Iterable[Frame]) -> Iterator[Session]:
+        """Process ``frames``; yield each session when it closes (by a gap, or at the end).
+
+        With ``overlap_detection`` the source is read and faces are detected in a helper thread while this
+        thread runs ``f`` and ``g`` (OpenCV, MediaPipe and torch release the GIL), through a small bounded
+        queue; order and results are the same as without it.
+
+        If iterating ``frames`` raises (a vanished camera, a truncated file), everything decoded before is
+        processed and stored and the open session is ended before the error propagates.
+        """
+        detected: Generator[tuple[float, Face | None], None, None] = (
+            self._detect_in_thread(frames)
+            if self.overlap_detection
+            else ((f.timestamp, self._detect(f.image)) for f in frames)
+        )
+        try:
+            for timestamp, face in detected:
+                yield from self._accept(timestamp, face)
+        finally:
+            detected.close()  # stops and joins the helper thread before anything else
+            # Runs on normal end and on a source error alike: what was decoded is not lost.
+            closed = self.finish()
+        if closed is not None:
+            yield closed
+
+    def push(self, frame: Frame) -> list[Session]:
+        """Feed one frame; returns the sessions this frame closed (at most one)."""
+        return self._accept(frame.timestamp, self._detect(frame.image))
+
+    def _accept(self, timestamp: float, face: Face | None) -> list[Session]:
+        self.stats.frames += 1
+        closed: list[Session] = []
+        if face is None:
+            if self._last_face_t is not None and timestamp - self._last_face_t > self.session_gap_s:
+                closed += self._close_session()
+            return closed
+        if self._last_face_t is not None and (
+            timestamp - self._last_face_t > self.session_gap_s or timestamp < self._last_face_t
+        ):
+            closed += self._close_session()
+        self.stats.faces += 1
+        self._last_face_t = timestamp
+        self._pending.append((timestamp, face))
+        if len(self._pending) >= self.batch_size:
+            self._flush()
+        return closed
+
+    def _detect_in_thread(self, frames: Iterable[Frame]) -> Generator[tuple[float, Face | None], None, None]:
+        out: queue.Queue[tuple[float, Face | None] | _Done] = queue.Queue(maxsize=2 * self.batch_size + 2)
+        stop = threading.Event()
+
+        def put(item: tuple[float, Face | None] | _Done) -> bool:
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def work() -> None:
+            try:
+                for frame in frames:
+                    if not put((frame.timestamp, self._detect(frame.image))):
+                        return
+                put(_Done(None))
+            except BaseException as exc:  # handed to the consuming thread, which re-raises it
+                put(_Done(exc))
+
+        worker = threading.Thread(target=work, name="fedfer-face-detect", daemon=True)
+        worker.start()
+        try:
+            while True:
+                item = out.get()
+                if isinstance(item, _Done):
+                    if item.error is not None:
+                        raise item.error
+                    return
+                yield item
+        finally:
+            stop.set()
+            worker.join()
+
+    def finish(self) -> Session | None:
+        """Flush pending faces and end the open session; returns it (or ``None``)."""
+        closed = self._close_session()
+        return closed[0] if closed else None
+
+    # -- internals --------------------------------------------------------------------------------------
+
+    def _detect(self, image: np.ndarray) -> Face | None:
+        t0 = self._clock()
+        face = self.detector.detect(image)
+        self.stats.seconds["face"] += self._clock() - t0
+        return face
+
+    def _infer(self, items: list[tuple[float, Face]]) -> list[FrameRecord]:
+        crops = np.stack([face.crop for _, face in items])
+        t0 = self._clock()
+        feats = self.model.features(crops)
+        t1 = self._clock()
+        probs = self.model.classify(feats)
+        t2 = self._clock()
+        self.stats.seconds["features"] += t1 - t0
+        self.stats.seconds["head"] += t2 - t1
+        if feats.shape != (len(items), FEATURE_DIM) or probs.shape[0] != len(items):
+            raise ValidationError("frame model returned arrays of the wrong shape")
+        feats16 = feats.astype(np.float16)
+        return [
+            FrameRecord(
+                timestamp=t,
+                feature=feats16[i],
+                ifer_probs=np.ascontiguousarray(probs[i], dtype=np.float32),
+                box=face.box,
+                score=face.score,
+            )
+            for i, (t, face) in enumerate(items)
+        ]
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        items, self._pending = self._pending, []
+        records = self._infer(items)
+        session = self._open_session()
+        t0 = self._clock()
+        if self.sink is not None:
+            self.sink.append_batch(session.session_id, records)
+        self.stats.seconds["store"] += self._clock() - t0
+        session.frames += len(records)
+        if self.keep_records:
+            session.records.extend(records)
+
+    def _open_session(self) -> Session:
+        if self._session is None:
+            t0 = self._clock()
+            if self.sink is not None:
+                sid = self.sink.begin_session()
+            else:
+                self._local_ids += 1
+                sid = f"{self._local_ids:032x}"
+            self.stats.seconds["store"] += self._clock() - t0
+            self._session = Session(session_id=sid)
+            self.stats.sessions += 1
+        return self._session
+
+    def _close_session(self) -> list[Session]:
+        self._flush()
+        self._last_face_t = None
+        session, self._session = self._session, None
+        if session is None:
+            return []
+        if self.sink is not None:
+            t0 = self._clock()
+            self.sink.end_session(session.session_id)
+            self.stats.seconds["store"] += self._clock() - t0
+        return [session]
+
+
+def daemon_stage(config: Any) -> VisionPipeline:
+    """The daemon's vision stage (:func:`agent.service.open_vision`): :meth:`VisionPipeline.process`.
+
+    Reads ``config.vision`` (detector model, pinned digest, score, margin) and, when the config defines them,
+    ``vision.ifer_model`` (an IFER export) or ``vision.feature_weights`` (+ ``vision.ifer_head``); the
+    default feature weights are the TFLite MobileNetV2 under ``agent.assets_dir``.
+
+    Raises:
+        agent.service.ComponentUnavailableError: a model file is missing or refused.
+    """
+    from agent.mobilenet import WeightsError
+    from agent.service import ComponentUnavailableError
+
+    vision = config.vision
+    ifer = getattr(vision, "ifer_model", "") or None
+    weights = getattr(vision, "feature_weights", "") or (
+        None if ifer else "models/mobilenet_v2_tflite/mobilenet_v2_1.0_224_quant.tflite"
+    )
+    head = getattr(vision, "ifer_head", "") or None
+    try:
+        detector = FaceDetector(
+            model_path=config.model_path(vision.detector_model),
+            sha256=vision.detector_sha256 or _file_digest(config.model_path(vision.detector_model)),
+            min_confidence=vision.min_score,
+            margin=vision.margin,
+        )
+        model = load_frame_model(
+            ifer=config.model_path(ifer) if ifer else None,
+            feature_weights=config.model_path(weights) if weights else None,
+            head=config.model_path(head) if head else None,
+            batch_size=1,
+        )
+    except (WeightsError, ValidationError) as exc:
+        raise ComponentUnavailableError(f"vision models unavailable: {exc}") from exc
+    return VisionPipeline(detector=detector, model=model, batch_size=1, keep_records=False)
+
+
+def _file_digest(path: Path) -> str:
+    from agent.weights import sha256_file
+
+    return sha256_file(path)

@@ -1,0 +1,473 @@
+"""``fedfer-agent run``: the supervisor that starts, watches and stops the worker processes.
+
+* Starts ``learner``, ``vision`` and ``capture`` (:mod:`agent.workers`) as separate processes and keeps
+  them alive: a worker that exits or stops heartbeating is killed and restarted after an exponential backoff;
+  more than ``daemon.crash_loop_limit`` crashes within ``daemon.crash_loop_window_s`` marks it failed.
+* Serves the control socket (:mod:`agent.control`); malformed requests get error replies.
+* SIGTERM/SIGINT: stops capture first, lets vision and learner drain what is queued, and exits within
+  ``daemon.drain_timeout_s`` (stragglers are killed at the bound).
+* SIGHUP: reads the configuration file again; a valid one is applied by restarting the workers with it, an
+  invalid one is refused and the running configuration kept.
+* Holds the state-directory lock for its whole life; persists the pause flag in ``agent-state.json``.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import zmq
+
+from agent import service
+from agent.config import AgentConfig, ConfigError, apply_path_overrides, config_to_dict, load_config
+from agent.control import ControlError, Request, error_reply, parse_request, run_dir
+from agent.lock import StateDirLock
+from agent.workers import CONFIG_FILE, ROLES, endpoint
+from security.errors import FedferError
+
+__all__ = ["STATE_FILE", "Supervisor", "WorkerHandle"]
+
+_log = logging.getLogger(__name__)
+
+STATE_FILE = "agent-state.json"
+_TICK_S = 0.1
+_MAX_JOBS_KEPT = 20
+
+
+@dataclasses.dataclass
+class WorkerHandle:
+    """What the supervisor knows about one worker role."""
+
+    role: str
+    proc: subprocess.Popen[bytes] | None = None
+    identity: bytes = b""
+    started_at: float = 0.0
+    last_seen: float = 0.0
+    greeted: bool = False
+    state: str = "stopped"
+    stats: dict[str, Any] = dataclasses.field(default_factory=dict)
+    restarts: int = 0
+    crashes: collections.deque[float] = dataclasses.field(default_factory=collections.deque)
+    next_start: float = 0.0
+    failed: bool = False
+    last_exit: int | None = None
+
+    def summary(self, now: float) -> dict[str, Any]:
+        """Status of this worker as plain data."""
+        running = self.proc is not None and self.proc.poll() is None
+        return {
+            "pid": self.proc.pid if running and self.proc is not None else None,
+            "state": "failed" if self.failed else (self.state if running else "stopped"),
+            "restarts": self.restarts,
+            "last_exit": self.last_exit,
+            "heartbeat_age_s": round(now - self.last_seen, 3) if running and self.greeted else None,
+            "uptime_s": round(now - self.started_at, 3) if running else None,
+            "stats": self.stats,
+        }
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Atomically replace ``path`` with ``data`` (0600)."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+class Supervisor:
+    """The agent's supervisor process.
+
+    Args:
+        config: the validated configuration with path overrides applied.
+        config_path: the file SIGHUP reloads (``None``: reload is refused).
+        environ: the environment for path overrides on reload (the entry point passes ``os.environ``).
+    """
+
+    def __init__(
+        self,
+        *,
+        config: AgentConfig,
+        config_path: Path | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        if not config.agent.state_dir:
+            raise ConfigError("agent.state_dir must be resolved before the supervisor starts")
+        self.config = config
+        self.config_path = config_path
+        self._environ = dict(environ or {})
+        self.state_dir = config.state_dir
+        self.run_dir = self.state_dir / "run"
+        self.generation = 1
+        self.paused = False
+        self.jobs: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
+        self.workers = {role: WorkerHandle(role) for role in ROLES}
+        self._lock = StateDirLock(self.state_dir)
+        self._signals: set[int] = set()
+        self._started = time.monotonic()
+        self._draining = False
+        self._context: zmq.Context[Any] | None = None
+        self._control: zmq.Socket[Any] | None = None
+        self._router: zmq.Socket[Any] | None = None
+
+    # ------------------------------------------------------------------------------------ lifecycle
+    def run(self) -> int:
+        """Run until SIGTERM/SIGINT; return the exit status (0 after a clean drain).
+
+        Raises:
+            AgentLockedError: another agent runs on the same state directory.
+            InsecurePathError: the state or run directory is not private.
+        """
+        run_dir(self.state_dir)
+        self._lock.acquire()
+        try:
+            self._load_state()
+            self._clean_run_dir()
+            self._write_worker_config()
+            self._open_sockets()
+            self._install_signals()
+            _log.info(
+                "agent started",
+                extra={"generation": self.generation, "drain_timeout_s": self.config.daemon.drain_timeout_s},
+            )
+            self._loop()
+            return 0
+        finally:
+            self._close_sockets()
+            self._lock.release()
+
+    def _install_signals(self) -> None:
+        def note(signum: int, _frame: FrameType | None) -> None:
+            self._signals.add(signum)
+
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, note)
+
+    def _open_sockets(self) -> None:
+        self._context = zmq.Context()
+        self._router = self._context.socket(zmq.ROUTER)
+        self._router.setsockopt(zmq.LINGER, 0)
+        self._router.setsockopt(zmq.RCVHWM, 10_000)
+        self._router.bind(endpoint(self.run_dir, "workers"))
+        self._control = self._context.socket(zmq.REP)
+        self._control.setsockopt(zmq.LINGER, 0)
+        # A hard transport limit well above the checked one: oversized messages still get an error reply,
+        # absurd ones only cost the sender its connection.
+        self._control.setsockopt(zmq.MAXMSGSIZE, self.config.daemon.control_max_bytes * 4)
+        control_path = self.run_dir / "control.ipc"
+        self._control.bind(endpoint(self.run_dir, "control"))
+        os.chmod(control_path, 0o600)
+
+    def _close_sockets(self) -> None:
+        for sock in (self._control, self._router):
+            if sock is not None:
+                sock.close()
+        if self._context is not None:
+            self._context.term()
+        with contextlib.suppress(FileNotFoundError):
+            (self.run_dir / "control.ipc").unlink()
+
+    def _clean_run_dir(self) -> None:
+        # Sockets left by a supervisor that was killed: we hold the lock, so nobody else uses them.
+        for leftover in self.run_dir.glob("*.ipc"):
+            leftover.unlink()
+
+    def _write_worker_config(self) -> None:
+        _write_private(self.run_dir / CONFIG_FILE, json.dumps(config_to_dict(self.config)).encode("utf-8"))
+
+    def _load_state(self) -> None:
+        path = self.state_dir / STATE_FILE
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError):
+            _log.warning("agent state file unreadable; starting with defaults")
+            return
+        if isinstance(data, dict) and type(data.get("paused")) is bool:
+            self.paused = data["paused"]
+
+    def _save_state(self) -> None:
+        _write_private(self.state_dir / STATE_FILE, json.dumps({"paused": self.paused}).encode("utf-8"))
+
+    # ----------------------------------------------------------------------------------- main loop
+    def _loop(self) -> None:
+        assert self._control is not None and self._router is not None
+        poller = zmq.Poller()
+        poller.register(self._control, zmq.POLLIN)
+        poller.register(self._router, zmq.POLLIN)
+        while True:
+            ready = dict(poller.poll(int(_TICK_S * 1000)))
+            if self._router in ready:
+                self._drain_events()
+            if self._control in ready:
+                self._serve_control()
+            if self._signals & {signal.SIGTERM, signal.SIGINT}:
+                self._shutdown()
+                return
+            if signal.SIGHUP in self._signals:
+                self._signals.discard(signal.SIGHUP)
+                self._reload()
+            self._watch(time.monotonic())
+
+    def _watch(self, now: float) -> None:
+        daemon = self.config.daemon
+        for handle in self.workers.values():
+            if handle.proc is not None:
+                code = handle.proc.poll()
+                if code is not None:
+                    self._on_exit(handle, code, now)
+                    continue
+                limit = daemon.heartbeat_timeout_s if handle.greeted else daemon.start_timeout_s
+                if now - handle.last_seen > limit:
+                    _log.error("worker stopped heartbeating; killing it", extra={"worker": handle.role})
+                    handle.proc.kill()
+                    handle.proc.wait()
+                    self._on_exit(handle, handle.proc.returncode, now)
+            elif not handle.failed and now >= handle.next_start:
+                self._spawn(handle, now)
+
+    def _spawn(self, handle: WorkerHandle, now: float) -> None:
+        argv = [sys.executable, "-m", "agent.workers", "--role", handle.role, "--run-dir", str(self.run_dir)]
+        if handle.role == "capture" and self.paused:
+            argv.append("--paused")
+        handle.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, close_fds=True)
+        handle.started_at = handle.last_seen = now
+        handle.greeted = False
+        handle.identity = b""
+        handle.state = "starting"
+        _log.info("worker started", extra={"worker": handle.role, "worker_pid": handle.proc.pid})
+
+    def _on_exit(self, handle: WorkerHandle, code: int, now: float) -> None:
+        daemon = self.config.daemon
+        handle.proc = None
+        handle.last_exit = code
+        handle.state = "stopped"
+        self._fail_jobs_of(handle.role)
+        while handle.crashes and now - handle.crashes[0] > daemon.crash_loop_window_s:
+            handle.crashes.popleft()
+        handle.crashes.append(now)
+        if len(handle.crashes) > daemon.crash_loop_limit:
+            handle.failed = True
+            _log.error(
+                "worker is crash-looping; giving up on it", extra={"worker": handle.role, "exit": code}
+            )
+            return
+        backoff = min(daemon.restart_backoff_s * 2 ** (len(handle.crashes) - 1), daemon.restart_backoff_max_s)
+        handle.next_start = now + backoff
+        handle.restarts += 1
+        _log.warning(
+            "worker exited; restarting", extra={"worker": handle.role, "exit": code, "backoff_s": backoff}
+        )
+
+    # ------------------------------------------------------------------------------ worker events
+    def _drain_events(self) -> None:
+        assert self._router is not None
+        while self._router.poll(0, zmq.POLLIN):
+            frames = self._router.recv_multipart()
+            if len(frames) != 2 or len(frames[1]) > 1 << 20:
+                continue
+            try:
+                event = json.loads(frames[1])
+            except ValueError:
+                continue
+            if isinstance(event, dict):
+                self._on_event(frames[0], event)
+
+    def _on_event(self, identity: bytes, event: dict[str, Any]) -> None:
+        handle = self.workers.get(str(event.get("role")))
+        if handle is None or handle.proc is None or event.get("pid") != handle.proc.pid:
+            return  # a worker that has since been replaced
+        now = time.monotonic()
+        handle.last_seen = now
+        kind = event.get("type")
+        if kind == "hello":
+            handle.greeted = True
+            handle.identity = identity
+            if handle.role == "capture" and self.paused:
+                self._send(handle, {"type": "pause"})
+        elif kind == "heartbeat":
+            handle.greeted = True
+            handle.identity = identity
+            handle.state = str(event.get("state", "running"))[:32]
+            stats = event.get("stats")
+            if isinstance(stats, dict):
+                handle.stats = stats
+        elif kind == "result":
+            job = self.jobs.get(str(event.get("job")))
+            if job is not None and job["state"] == "running":
+                job["finished"] = time.time()
+                if event.get("ok") is True:
+                    job.update(state="done", result=event.get("result"))
+                else:
+                    job.update(state="failed", error=str(event.get("error", "failed"))[:500])
+
+    def _send(self, handle: WorkerHandle, command: dict[str, Any]) -> bool:
+        assert self._router is not None
+        if not handle.identity:
+            return False
+        try:
+            self._router.send_multipart([handle.identity, json.dumps(command).encode("utf-8")], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            return False
+        return True
+
+    def _fail_jobs_of(self, role: str) -> None:
+        if role != "learner":
+            return
+        for job in self.jobs.values():
+            if job["state"] == "running":
+                job["state"] = "failed"
+                job["error"] = "the learner worker stopped"
+
+    # ----------------------------------------------------------------------------- control plane
+    def _serve_control(self) -> None:
+        assert self._control is not None
+        frames = self._control.recv_multipart()
+        try:
+            request = parse_request(frames, max_bytes=self.config.daemon.control_max_bytes)
+            result = self._handlers()[request.cmd](request)
+            reply = json.dumps({"ok": True, "result": result}, default=str).encode("utf-8")
+        except FedferError as exc:
+            reply = error_reply(str(exc))
+        except Exception as exc:  # the control plane must survive any bug in a component it calls
+            _log.exception("control request failed", extra={"error_type": type(exc).__name__})
+            reply = error_reply(f"internal error ({type(exc).__name__})")
+        self._control.send(reply)
+
+    def _handlers(self) -> dict[str, Callable[[Request], dict[str, Any]]]:
+        return {
+            "status": lambda _r: self.status(),
+            "pause": lambda _r: self._set_paused(True),
+            "resume": lambda _r: self._set_paused(False),
+            "sessions": lambda _r: {"sessions": service.cache_sessions(self.config)},
+            "forget": lambda r: service.cache_forget(self.config, r.args["id"]),
+            "purge": lambda _r: service.cache_purge(self.config),
+            "personalize": lambda _r: self._start_job("personalize"),
+            "join": lambda _r: self._start_job("join"),
+        }
+
+    def status(self) -> dict[str, Any]:
+        """The agent's status: workers, counters, drops, jobs, configuration generation."""
+        now = time.monotonic()
+        workers = {role: handle.summary(now) for role, handle in self.workers.items()}
+        drops = {
+            "frames": int(self.workers["capture"].stats.get("frames_dropped", 0)),
+            "records": int(self.workers["vision"].stats.get("records_dropped", 0)),
+        }
+        return {
+            "pid": os.getpid(),
+            "state_dir": str(self.state_dir),
+            "uptime_s": round(now - self._started, 3),
+            "paused": self.paused,
+            "draining": self._draining,
+            "config_generation": self.generation,
+            "config_digest": self._digest(self.config),
+            "capture": {"fps": self.config.capture.fps},
+            "workers": workers,
+            "drops": drops,
+            "jobs": list(self.jobs.values()),
+        }
+
+    def _set_paused(self, paused: bool) -> dict[str, Any]:
+        self.paused = paused
+        self._save_state()
+        capture = self.workers["capture"]
+        if not paused and capture.failed:
+            # An explicit resume gives a capture that gave up (camera unplugged) a fresh start.
+            capture.failed = False
+            capture.crashes.clear()
+            capture.next_start = time.monotonic()
+        self._send(self.workers["capture"], {"type": "pause" if paused else "resume"})
+        _log.info("capture paused" if paused else "capture resumed")
+        return {"paused": paused}
+
+    def _start_job(self, kind: str) -> dict[str, Any]:
+        learner = self.workers["learner"]
+        if learner.proc is None or not learner.identity:
+            raise ControlError("the learner worker is not running")
+        if any(job["state"] == "running" for job in self.jobs.values()):
+            raise ControlError("another job is running")
+        job_id = uuid.uuid4().hex[:12]
+        if not self._send(learner, {"type": "job", "job": job_id, "kind": kind}):
+            raise ControlError("the learner worker is not reachable")
+        self.jobs[job_id] = {"id": job_id, "kind": kind, "state": "running", "started": time.time()}
+        while len(self.jobs) > _MAX_JOBS_KEPT:
+            self.jobs.popitem(last=False)
+        return {"job": job_id, "kind": kind, "state": "running"}
+
+    # -------------------------------------------------------------------------- reload, shutdown
+    @staticmethod
+    def _digest(config: AgentConfig) -> str:
+        return hashlib.sha256(json.dumps(config_to_dict(config), sort_keys=True).encode()).hexdigest()[:16]
+
+    def _reload(self) -> None:
+        if self.config_path is None:
+            _log.error("config reload refused: the agent was started without a configuration file")
+            return
+        try:
+            new = apply_path_overrides(load_config(self.config_path), self._environ)
+            if new.agent.state_dir != self.config.agent.state_dir:
+                raise ConfigError("agent.state_dir cannot change while the agent runs")
+        except FedferError as exc:
+            _log.error("config reload refused; keeping the running configuration", extra={"reason": str(exc)})
+            return
+        if self._digest(new) == self._digest(self.config):
+            _log.info("config reload: nothing changed")
+            return
+        self.config = new
+        self.generation += 1
+        self._write_worker_config()
+        _log.info("config reloaded; restarting workers", extra={"generation": self.generation})
+        self._stop_workers(time.monotonic() + self.config.daemon.drain_timeout_s)
+        now = time.monotonic()
+        for handle in self.workers.values():
+            handle.failed = False
+            handle.crashes.clear()
+            handle.next_start = now
+
+    def _stop_workers(self, deadline: float) -> None:
+        """SIGTERM the workers in pipeline order (capture first), each drains; SIGKILL at ``deadline``."""
+        for role in reversed(ROLES):
+            handle = self.workers[role]
+            if handle.proc is None:
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                handle.proc.send_signal(signal.SIGTERM)
+            while handle.proc.poll() is None and time.monotonic() < deadline:
+                if self._router is not None and self._router.poll(20, zmq.POLLIN):
+                    self._drain_events()
+            if handle.proc.poll() is None:
+                _log.warning("worker did not drain in time; killing it", extra={"worker": role})
+                handle.proc.kill()
+                handle.proc.wait()
+            handle.last_exit = handle.proc.returncode
+            handle.proc = None
+            handle.state = "stopped"
+            self._fail_jobs_of(role)
+
+    def _shutdown(self) -> None:
+        self._draining = True
+        # Leave part of the bound for stragglers to die, closing sockets and the interpreter's exit.
+        bound = self.config.daemon.drain_timeout_s
+        deadline = time.monotonic() + bound - min(1.0, 0.2 * bound)
+        _log.info("draining workers", extra={"drain_timeout_s": self.config.daemon.drain_timeout_s})
+        self._stop_workers(deadline)
+        _log.info("agent stopped")

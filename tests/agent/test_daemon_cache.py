@@ -1,0 +1,145 @@
+"""The daemon and the encrypted cache: the learner's sink, and cache commands across kill -9 and restarts."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.cache import SessionNotFoundError
+from agent.config import apply_path_overrides, parse_config
+from agent.control import ControlError
+from agent.records import FrameRecord
+from agent.service import CacheSink, decode_record, encode_record, open_cache
+from tests.agent.daemon_harness import Agent, wait_gone, write_config
+
+
+def _record(t: float, seed: int) -> FrameRecord:
+    values = np.frombuffer(os.urandom(1280 * 2), dtype=np.uint16) % 1000
+    return FrameRecord(
+        timestamp=t,
+        feature=(values.astype(np.float32) / 100.0 + seed).astype(np.float16),
+        ifer_probs=np.full(6, 1 / 6, np.float32),
+        box=(10.0, 20.0, 30.0, 40.0),
+        score=0.9,
+    )
+
+
+def _config(state_dir: Path):  # type: ignore[no-untyped-def]
+    return apply_path_overrides(parse_config(""), {"FEDFER_STATE_DIR": str(state_dir)})
+
+
+def test_record_wire_form_round_trips_and_rejects_garbage() -> None:
+    record = _record(1.5, 1)
+    tag, back = decode_record(encode_record("t1", record))  # type: ignore[misc]
+    assert tag == "t1" and back.timestamp == 1.5 and back.score == pytest.approx(0.9)
+    assert np.array_equal(back.feature, record.feature) and back.box == record.box
+    parts = encode_record("t1", record)
+    assert decode_record(parts[:2]) is None
+    assert decode_record([b"{", parts[1], parts[2]]) is None
+    assert decode_record([parts[0], parts[1][:-2], parts[2]]) is None
+    assert decode_record([parts[0], parts[1], b"\x00" * 3]) is None
+
+
+def test_cache_sink_maps_tags_to_sealed_sessions(tmp_path: Path) -> None:
+    config = _config(tmp_path / "state")
+    records = [_record(i * 0.1, i) for i in range(5)]
+    sink = CacheSink(open_cache(config), idle_s=1.0)
+    for r in records[:3]:
+        sink.put("a", r, now=0.0)
+    for r in records[3:]:
+        sink.put("b", r, now=0.5)
+    sink.idle(now=5.0)  # "b" idle for 4.5 s: sealed
+    sink.close()
+    cache = open_cache(config)
+    try:
+        infos = cache.sessions()
+        assert [i.frames for i in infos] == [3, 2] and all(i.sealed for i in infos)
+        stored = cache.read_session(infos[0].session_id) + cache.read_session(infos[1].session_id)
+        assert [np.array_equal(a.feature, b.feature) for a, b in zip(stored, records, strict=True)] == [
+            True
+        ] * 5
+    finally:
+        cache.close()
+
+
+@pytest.mark.slow
+def test_cache_survives_kill_9_and_forget_purge_really_remove(tmp_path: Path, assets: Path) -> None:
+    agent = Agent(tmp_path, write_config(tmp_path / "agent.toml", clips=assets / "data" / "crema-d-sample"))
+    config = _config(agent.state_dir)
+    agent.state_dir.mkdir(mode=0o700)
+    records = {}
+    cache = open_cache(config)
+    for n in range(3):
+        sid = cache.begin_session()
+        batch = [_record(i * 0.2, n) for i in range(4)]
+        cache.append_batch(sid, batch)
+        cache.end_session(sid)
+        records[sid] = batch
+    cache.close()
+    try:
+        agent.start_paused()
+        listed = agent.client.request("sessions")["sessions"]
+        assert {s["id"] for s in listed} == set(records) and all(s["frames"] == 4 for s in listed)
+        assert all(set(s) == {"id", "created", "frames", "bytes", "sealed"} for s in listed)  # no contents
+
+        # kill -9 the learner (the cache writer) and then the supervisor itself.
+        learner = agent.worker_pid("learner")
+        os.kill(learner, signal.SIGKILL)
+        agent.wait_for(lambda s: s["workers"]["learner"]["restarts"] == 1)
+        pids = [w["pid"] for w in agent.status()["workers"].values()]
+        assert agent.proc is not None
+        agent.proc.send_signal(signal.SIGKILL)
+        agent.proc.wait(5)
+        assert all(wait_gone(pid) for pid in pids)
+
+        again = Agent(tmp_path, agent.config).start()
+        try:
+            listed = again.client.request("sessions")["sessions"]
+            assert {s["id"] for s in listed} == set(records)
+            cache = open_cache(config)
+            try:
+                for sid, batch in records.items():
+                    back = cache.read_session(sid)
+                    assert all(np.array_equal(a.feature, b.feature) for a, b in zip(back, batch, strict=True))
+            finally:
+                cache.close()
+
+            kek = agent.state_dir / "cache" / "cache.kek"
+            before = kek.read_bytes()
+            victim = sorted(records)[0]
+            assert again.client.request("forget", id=victim) == {"forgotten": victim}
+            assert kek.read_bytes() != before  # the key that wrapped the victim's data key is gone
+            assert victim not in {s["id"] for s in again.client.request("sessions")["sessions"]}
+            cache = open_cache(config)
+            try:
+                with pytest.raises(SessionNotFoundError):
+                    cache.read_session(victim)
+            finally:
+                cache.close()
+            with pytest.raises(ControlError, match="no session"):
+                again.client.request("forget", id=victim)
+
+            keks = [before, kek.read_bytes()]
+            assert again.client.request("purge", confirm=True) == {"purged": 2}
+            keks.append(kek.read_bytes())
+            assert again.client.request("sessions")["sessions"] == []
+            db = (agent.state_dir / "cache" / "features.sqlite").read_bytes()
+            for batch in records.values():
+                assert batch[0].feature.tobytes()[:64] not in db
+            # The logs (every process, JSON lines) hold no key and no feature.
+            log = agent.log_text()
+            lines = [line for line in log.splitlines() if line.strip()]
+            assert lines and all(line.startswith("{") and json.loads(line)["msg"] for line in lines)
+            for blob in [k[-32:] for k in keks] + [b[0].feature.tobytes()[:16] for b in records.values()]:
+                for text in (blob.hex(), base64.b64encode(blob).decode(), repr(blob)):
+                    assert text not in log
+        finally:
+            again.kill()
+    finally:
+        agent.kill()

@@ -1,0 +1,173 @@
+"""IFER on real FER2013 faces through the CLI: train-ifer (tiny subset), export, eval-ifer --json; the clip
+path on the real CREMA-D sample: MediaPipe faces -> f -> IFER probabilities -> pseudo labels -> adapted v."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.cli import main
+from agent.learning.errors import DatasetError, ModelFileError
+from agent.learning.export import load_exported
+from agent.learning.ifer import FaceNet, load_backbone, load_ifer, prefix_activations
+from agent.learning.vfer import save_vfer
+from agent.models import VideoModel
+
+
+@pytest.fixture(scope="module")
+def trained(assets: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ifer")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FEDFER_CACHE", str(out / "cache"))
+    mp.setenv("FEDFER_ASSETS", str(assets))
+    try:
+        rc = main(
+            [
+                "train-ifer",
+                "--data",
+                str(assets / "data" / "fer2013"),
+                "--classes",
+                "6",
+                "--limit",
+                "160",
+                "--epochs",
+                "2",
+                "--split",
+                "17",
+                "--out",
+                str(out / "model"),
+            ]
+        )
+    finally:
+        mp.undo()
+    assert rc == 0
+    return out / "model" / "ifer.json"
+
+
+def test_train_ifer_exports_named_arrays_with_manifest(trained: Path) -> None:
+    arrays, meta = load_exported(trained)
+    assert meta["kind"] == "ifer" and meta["classes"][0] == "happiness" and len(meta["classes"]) == 6
+    assert meta["input_size"] == 112 and meta["split"] == 17
+    assert len(meta["history"]) == 2
+    assert any(k.startswith("g.") for k in arrays) and any(k.startswith("f.features.18") for k in arrays)
+    assert not any(k.startswith("f.classifier") for k in arrays)
+    net = load_ifer(trained)
+    faces = np.random.default_rng(0).integers(0, 255, (3, 48, 48), dtype=np.uint8)
+    feats, probs = net.infer(faces)
+    assert feats.shape == (3, 1280) and probs.shape == (3, 6)
+    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
+
+
+def test_eval_ifer_json_on_real_test_images(
+    trained: Path, assets: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc = main(
+        [
+            "eval-ifer",
+            "--model",
+            str(trained),
+            "--data",
+            str(assets / "data" / "fer2013" / "test"),
+            "--limit",
+            "120",
+            "--json",
+        ]
+    )
+    assert rc == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert sum(v["support"] for v in rep["per_class"].values()) == 120
+    assert 0.0 <= rep["macro_f1"] <= 1.0 and 0.0 < rep["micro_f1"] <= 1.0
+    assert len(rep["per_class"]) == 6 and len(rep["confusion"]) == 6
+
+
+def test_prefix_activations_are_cached_by_content(
+    assets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agent.learning.data import list_image_folder
+
+    monkeypatch.setenv("FEDFER_CACHE", str(tmp_path))
+    backbone, norm = load_backbone(
+        assets / "models" / "mobilenet_v2_tflite" / "mobilenet_v2_1.0_224_quant.tflite"
+    )
+    net = FaceNet(backbone=backbone, normalization=norm, num_classes=7, split=14)
+    items = list_image_folder(assets / "data" / "fer2013" / "test", 7)[:20]
+    a = prefix_activations(net, items, flips=True, chunk=8)
+    assert a.shape == (2, 20, 96, 7, 7) and a.dtype == np.float16
+    assert len(list((tmp_path / "activations").glob("*.npz"))) == 3
+    b = prefix_activations(net, items[:16], flips=True, chunk=8)  # reuses two chunks
+    np.testing.assert_array_equal(a[:, :16], b)
+    assert not np.array_equal(a[0], a[1])  # mirrored faces give other activations
+    with pytest.raises(ModelFileError):
+        FaceNet(backbone=backbone, normalization=norm, num_classes=7, split=0)
+
+
+def test_crema_sample_full_clip_path(
+    trained: Path,
+    assets: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("FEDFER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("FEDFER_ASSETS", str(assets))
+    vfer = save_vfer(VideoModel(num_classes=6), tmp_path / "v")
+    root = assets / "data" / "crema-d-sample"
+    rc = main(
+        [
+            "personalize-corpus",
+            "--root",
+            str(root),
+            "--ifer",
+            str(trained),
+            "--vfer",
+            str(vfer),
+            "--p-threshold",
+            "0.0",
+            "--json",
+            "--plot",
+            str(tmp_path / "p.png"),
+            "--rounds",
+            "2",
+        ]
+    )
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out)
+    (run,) = result["runs"]
+    assert run["subject"] == 1001 and run["adapt_clips"] == 3 and run["selected"] >= 1
+    assert run["test_clips"] == 3
+    assert result["subjects"]["subjects"][0]["subject"] == "1001"
+    rounds = result["fedavg"]  # the paper's Table 6 protocol: central v after each FedAvg round
+    assert [r["round"] for r in rounds] == [0, 1, 2] and rounds[1]["clients"] == 1
+    assert all(sum(v["support"] for v in r["report"]["per_class"].values()) == 3 for r in rounds)
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    # Every clip produced per-frame features (cached by content hash for the next run).
+    assert len(list((tmp_path / "cache" / "clips").glob("*.npz"))) == 6
+    # train-vfer needs the three subject-disjoint splits: the 6-clip sample of one actor cannot provide them.
+    rc = main(
+        [
+            "train-vfer",
+            "--root",
+            str(root),
+            "--ifer",
+            str(trained),
+            "--out",
+            str(tmp_path / "vv"),
+            "--epochs",
+            "1",
+        ]
+    )
+    assert rc == 2
+    assert "split" in capsys.readouterr().err
+
+
+def test_cli_rejects_bad_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["eval-ifer", "--model", str(tmp_path / "nope.json"), "--data", str(tmp_path)])
+    assert rc == 2
+    assert "manifest" in capsys.readouterr().err
+    with pytest.raises(DatasetError):
+        from agent.learning.data import list_image_folder
+
+        list_image_folder(tmp_path, 6)

@@ -1,0 +1,161 @@
+"""Model downloads with pinned SHA-256: a real loopback HTTP server and file:// URLs stand in for the web."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from agent.mobilenet import IMAGENET_NORMALIZATION, MobileNetV2, WeightsError, load_feature_extractor
+from agent.weights import (
+    MEDIAPIPE_FACE_DETECTOR,
+    TORCHVISION_MOBILENET_V2,
+    PinnedFile,
+    ensure_file,
+    sha256_file,
+    verify_sha256,
+)
+from security.errors import ValidationError
+from tests.agent import vision_support as vs
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+class _QuietServer(http.server.ThreadingHTTPServer):
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass  # a client that stops reading early (the size-limit test) is expected here
+
+
+@pytest.fixture()
+def served(tmp_path: Path) -> Iterator[tuple[Path, str]]:
+    """A folder served over HTTP on 127.0.0.1 (real sockets); yields (folder, base URL)."""
+    root = tmp_path / "www"
+    root.mkdir()
+    server = _QuietServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="module")
+def torchvision_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A torchvision-layout MobileNetV2 state dict saved locally (what mobilenet_v2-b0353104.pth holds)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tv") / "mobilenet_v2-local.pth"
+    torch.save(MobileNetV2().state_dict(), path)
+    return path
+
+
+def test_pinned_constants_are_the_published_files(assets: Path) -> None:
+    assert TORCHVISION_MOBILENET_V2.url == "https://download.pytorch.org/models/mobilenet_v2-b0353104.pth"
+    assert TORCHVISION_MOBILENET_V2.sha256 == "b0353104"
+    # The detector pin is the digest of the very file shipped in ../shared.
+    assert sha256_file(assets / vs.DETECTOR) == MEDIAPIPE_FACE_DETECTOR.sha256
+    assert ensure_file(MEDIAPIPE_FACE_DETECTOR, local_path=assets / vs.DETECTOR) == assets / vs.DETECTOR
+
+
+def test_torchvision_weights_download_over_loopback_http(
+    served: tuple[Path, str], torchvision_file: Path, tmp_path: Path
+) -> None:
+    root, base = served
+    (root / "mobilenet_v2.pth").write_bytes(torchvision_file.read_bytes())
+    pinned = PinnedFile(
+        url=f"{base}/mobilenet_v2.pth", sha256=sha256_file(torchvision_file), filename="mobilenet_v2.pth"
+    )
+    downloads = tmp_path / "downloads"
+    path = ensure_file(pinned, download_dir=downloads)
+    assert path == downloads / "mobilenet_v2.pth"
+    assert sha256_file(path) == pinned.sha256
+    assert [p.name for p in downloads.iterdir()] == ["mobilenet_v2.pth"]  # no partial files left
+    fx = load_feature_extractor(path, sha256=pinned.sha256)
+    assert fx.normalization is IMAGENET_NORMALIZATION
+    expected = torch.load(torchvision_file, weights_only=True)
+    assert all(torch.equal(v, expected[k]) for k, v in fx.model.state_dict().items())
+    # Second call: served from the verified local copy, even with the server's file gone.
+    (root / "mobilenet_v2.pth").unlink()
+    assert ensure_file(pinned, download_dir=downloads) == path
+
+
+def test_hash_prefix_pin_torch_hub_convention(
+    served: tuple[Path, str], torchvision_file: Path, tmp_path: Path
+) -> None:
+    root, base = served
+    digest = sha256_file(torchvision_file)
+    name = f"mobilenet_v2-{digest[:8]}.pth"
+    (root / name).write_bytes(torchvision_file.read_bytes())
+    path = ensure_file(
+        PinnedFile(url=f"{base}/{name}", sha256=digest[:8], filename=name), download_dir=tmp_path
+    )
+    assert path.read_bytes() == torchvision_file.read_bytes()
+
+
+def test_download_with_wrong_hash_is_refused_and_not_kept(
+    served: tuple[Path, str], torchvision_file: Path, tmp_path: Path
+) -> None:
+    root, base = served
+    (root / "w.pth").write_bytes(torchvision_file.read_bytes())
+    wrong = hashlib.sha256(b"something else").hexdigest()
+    downloads = tmp_path / "downloads"
+    with pytest.raises(WeightsError, match="does not match"):
+        ensure_file(PinnedFile(url=f"{base}/w.pth", sha256=wrong, filename="w.pth"), download_dir=downloads)
+    assert list(downloads.iterdir()) == []
+    with pytest.raises(WeightsError, match="cannot download"):
+        ensure_file(
+            PinnedFile(url=f"{base}/absent.pth", sha256=wrong, filename="a.pth"), download_dir=downloads
+        )
+    with pytest.raises(WeightsError, match="exceeds"):
+        ensure_file(
+            PinnedFile(url=f"{base}/w.pth", sha256=wrong, filename="w.pth", max_bytes=1000),
+            download_dir=downloads,
+        )
+    assert list(downloads.iterdir()) == []
+
+
+def test_file_url_and_local_path(torchvision_file: Path, tmp_path: Path) -> None:
+    digest = sha256_file(torchvision_file)
+    pinned = PinnedFile(url=torchvision_file.as_uri(), sha256=digest, filename="tv.pth")
+    assert ensure_file(pinned, download_dir=tmp_path).read_bytes() == torchvision_file.read_bytes()
+    assert ensure_file(pinned, local_path=torchvision_file) == torchvision_file
+    tampered = tmp_path / "tampered.pth"
+    tampered.write_bytes(torchvision_file.read_bytes() + b"\0")
+    with pytest.raises(WeightsError, match="does not match"):
+        ensure_file(pinned, local_path=tampered)
+    with pytest.raises(WeightsError):
+        ensure_file(pinned, local_path=tmp_path / "missing.pth")
+    with pytest.raises(WeightsError):
+        load_feature_extractor(tampered, sha256=digest)
+
+
+def test_stale_download_is_replaced(torchvision_file: Path, tmp_path: Path) -> None:
+    digest = sha256_file(torchvision_file)
+    (tmp_path / "tv.pth").write_bytes(b"stale")
+    path = ensure_file(
+        PinnedFile(url=torchvision_file.as_uri(), sha256=digest, filename="tv.pth"), download_dir=tmp_path
+    )
+    assert verify_sha256(path, digest) == path
+
+
+def test_pin_validation() -> None:
+    with pytest.raises(ValidationError):
+        PinnedFile(url="http://example.com/x", sha256="ab" * 32, filename="x")  # plain http off-host
+    with pytest.raises(ValidationError):
+        PinnedFile(url="ftp://127.0.0.1/x", sha256="ab" * 32, filename="x")
+    with pytest.raises(ValidationError):
+        PinnedFile(url="https://example.com/x", sha256="abc", filename="x")
+    with pytest.raises(ValidationError):
+        PinnedFile(url="https://example.com/x", sha256="ab" * 32, filename="../x")
+    with pytest.raises(ValidationError):
+        verify_sha256(Path(__file__), "not-hex!")
