@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from agent.mobilenet import ActivationQuantization, MobileNetV2, WeightsError
+from agent.paths import cache_dir
 
 __all__ = [
     "BN_EPS",
@@ -60,12 +61,8 @@ class ConvertedWeights:
 
 
 def default_cache_dir() -> Path:
-    """``$FEDFER_CACHE_DIR``, else ``$XDG_CACHE_HOME/fedfer``, else ``~/.cache/fedfer`` (not the repo)."""
-    explicit = os.environ.get("FEDFER_CACHE_DIR")
-    if explicit:
-        return Path(explicit)
-    base = os.environ.get("XDG_CACHE_HOME")
-    return (Path(base) if base else Path.home() / ".cache") / "fedfer"
+    """The agent's cache folder (see :func:`agent.paths.cache_dir`; never the repo)."""
+    return cache_dir()
 
 
 def _dequantize(tensor: np.ndarray, detail: dict[str, Any]) -> np.ndarray:

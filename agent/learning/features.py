@@ -18,17 +18,9 @@ from typing import Any
 import numpy as np
 
 from agent.learning.errors import DatasetError
+from agent.paths import cache_dir
 
 __all__ = ["cache_dir", "cached_arrays", "content_key", "files_digest", "state_digest"]
-
-
-def cache_dir(sub: str = "") -> Path:
-    """The cache folder (mode 0700): ``$FEDFER_CACHE`` or ``$FEDFER_CACHE_DIR``, else ``~/.cache/fedfer``."""
-    env = os.environ.get("FEDFER_CACHE") or os.environ.get("FEDFER_CACHE_DIR")
-    base = Path(env) if env else Path.home() / ".cache" / "fedfer"
-    path = base / sub if sub else base
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return path
 
 
 def content_key(*parts: bytes | str) -> str:
