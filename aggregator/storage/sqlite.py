@@ -13,6 +13,7 @@ import contextlib
 import datetime as dt
 import os
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +21,26 @@ from aggregator.storage.base import StorageError
 from aggregator.storage.sql import Cursor, SqlStorage
 
 __all__ = ["SqliteStorage"]
+
+_WAL_RETRY_S = 0.01
+
+
+def _enter_wal(conn: sqlite3.Connection, timeout_s: float) -> str:
+    """Switch the file to WAL mode and return the journal mode SQLite reports.
+
+    Changing the journal mode needs an exclusive lock for which SQLite does not call its busy handler, so when
+    several processes open a new file at once one of them gets ``SQLITE_BUSY`` at once; retry until the same
+    deadline a writer would wait for.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]).lower()
+        except sqlite3.OperationalError as exc:
+            busy = getattr(exc, "sqlite_errorname", "") in ("SQLITE_BUSY", "SQLITE_LOCKED")
+            if not busy or time.monotonic() >= deadline:
+                raise
+            time.sleep(_WAL_RETRY_S)
 
 
 class SqliteStorage(SqlStorage):
@@ -64,8 +85,8 @@ class SqliteStorage(SqlStorage):
                 self._path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
             )
             self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
-            mode = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
+            mode = _enter_wal(self._conn, busy_timeout_s)
+            if mode != "wal":
                 raise StorageError("SQLite refused WAL mode for this file")
             level = "FULL" if synchronous == "full" else "NORMAL"
             self._conn.execute(f"PRAGMA synchronous = {level}")
