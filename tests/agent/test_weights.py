@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import http.server
@@ -61,7 +62,11 @@ def torchvision_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_pinned_constants_are_the_published_files(assets: Path) -> None:
     assert TORCHVISION_MOBILENET_V2.url == "https://download.pytorch.org/models/mobilenet_v2-b0353104.pth"
-    assert TORCHVISION_MOBILENET_V2.sha256 == "b0353104"
+    # The full digest published for that URL (OpenVINO Open Model Zoo, mobilenet-v2-pytorch/model.yml), which
+    # starts with torch.hub's 8-hex file-name prefix; both are checked.
+    published = "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
+    assert TORCHVISION_MOBILENET_V2.sha256 == published
+    assert TORCHVISION_MOBILENET_V2.hub_prefix and TORCHVISION_MOBILENET_V2.max_bytes >= 14_212_972
     # The detector pin is the digest of the very file shipped in ../shared.
     assert sha256_file(assets / vs.DETECTOR) == MEDIAPIPE_FACE_DETECTOR.sha256
     assert ensure_file(MEDIAPIPE_FACE_DETECTOR, local_path=assets / vs.DETECTOR) == assets / vs.DETECTOR
@@ -89,17 +94,39 @@ def test_torchvision_weights_download_over_loopback_http(
     assert ensure_file(pinned, download_dir=downloads) == path
 
 
-def test_hash_prefix_pin_torch_hub_convention(
+def test_torch_hub_prefix_is_a_second_check_never_the_only_one(
     served: tuple[Path, str], torchvision_file: Path, tmp_path: Path
 ) -> None:
     root, base = served
     digest = sha256_file(torchvision_file)
     name = f"mobilenet_v2-{digest[:8]}.pth"
     (root / name).write_bytes(torchvision_file.read_bytes())
-    path = ensure_file(
-        PinnedFile(url=f"{base}/{name}", sha256=digest[:8], filename=name), download_dir=tmp_path
-    )
-    assert path.read_bytes() == torchvision_file.read_bytes()
+    # A 32-bit prefix alone is no pin: refused before anything is fetched.
+    with pytest.raises(ValidationError, match="full digest"):
+        PinnedFile(url=f"{base}/{name}", sha256=digest[:8], filename=name)
+    with pytest.raises(ValidationError, match="full digest"):
+        verify_sha256(torchvision_file, digest[:8])
+    # The full digest with the file name's prefix checked too.
+    pinned = PinnedFile(url=f"{base}/{name}", sha256=digest, filename=name, hub_prefix=True)
+    assert ensure_file(pinned, download_dir=tmp_path).read_bytes() == torchvision_file.read_bytes()
+    # A pin whose file-name prefix disagrees with its digest, or that has no prefix, is refused.
+    with pytest.raises(ValidationError, match="disagrees"):
+        PinnedFile(url=f"{base}/{name}", sha256=digest, filename="mobilenet_v2-00000000.pth", hub_prefix=True)
+    with pytest.raises(ValidationError, match="<name>-<hex>"):
+        PinnedFile(url=f"{base}/{name}", sha256=digest, filename="mobilenet_v2.pth", hub_prefix=True)
+
+
+def test_another_file_under_the_torchvision_pin_is_refused_and_not_kept(
+    served: tuple[Path, str], torchvision_file: Path, tmp_path: Path
+) -> None:
+    # A state dict with the right layout but other weights, served where the real pin expects its file.
+    root, base = served
+    (root / TORCHVISION_MOBILENET_V2.filename).write_bytes(torchvision_file.read_bytes())
+    pinned = dataclasses.replace(TORCHVISION_MOBILENET_V2, url=f"{base}/{TORCHVISION_MOBILENET_V2.filename}")
+    downloads = tmp_path / "downloads"
+    with pytest.raises(WeightsError, match="does not match"):
+        ensure_file(pinned, download_dir=downloads)
+    assert list(downloads.iterdir()) == []
 
 
 def test_download_with_wrong_hash_is_refused_and_not_kept(
@@ -153,8 +180,9 @@ def test_pin_validation() -> None:
         PinnedFile(url="http://example.com/x", sha256="ab" * 32, filename="x")  # plain http off-host
     with pytest.raises(ValidationError):
         PinnedFile(url="ftp://127.0.0.1/x", sha256="ab" * 32, filename="x")
-    with pytest.raises(ValidationError):
-        PinnedFile(url="https://example.com/x", sha256="abc", filename="x")
+    for short in ("abc", "", "ab" * 4, "AB" * 32):
+        with pytest.raises(ValidationError):
+            PinnedFile(url="https://example.com/x", sha256=short, filename="x")
     with pytest.raises(ValidationError):
         PinnedFile(url="https://example.com/x", sha256="ab" * 32, filename="../x")
     with pytest.raises(ValidationError):
