@@ -126,13 +126,16 @@ def _text(*, allow_empty: bool = False, max_len: int = 4096) -> Callable[[Any], 
 
 
 def _sha256(value: Any) -> str | None:
-    phrase = "must be a 64-character lowercase hex SHA-256 or empty"
-    if type(value) is not str:
+    phrase = "must be a 64-character lowercase hex SHA-256 (the file is always verified; empty is refused)"
+    if type(value) is not str or len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
         return phrase
-    if value == "":
-        return None
-    if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
-        return phrase
+    return None
+
+
+def _download_url(value: Any) -> str | None:
+    # The downloader enforces the rest (plain http only to a loopback host).
+    if type(value) is not str or not value.startswith(("https://", "http://", "file://")):
+        return "must be an https:// (file://, or http:// to a loopback host) URL"
     return None
 
 
@@ -204,7 +207,9 @@ class VisionSection:
     Attributes:
         detector_model: MediaPipe face detector ``.tflite`` (relative paths resolve against
             ``agent.assets_dir``).
-        detector_sha256: pinned SHA-256 of the detector file (empty: do not check).
+        detector_sha256: pinned SHA-256 of the detector file (required: the file is always verified).
+        detector_url: where a missing detector file is downloaded from (into the agent's model folder,
+            verified against ``detector_sha256``); default MediaPipe's own URL for the pinned file.
         ifer_model: an IFER export (``.json`` manifest of f + g); empty: ``feature_weights`` + ``ifer_head``.
         feature_weights: MobileNetV2 weights for f (``.tflite`` or ``.pth``); empty: the TFLite model in the
             assets folder (used only when ``ifer_model`` is empty).
@@ -219,6 +224,11 @@ class VisionSection:
     )
     detector_sha256: str = _opt(
         _sha256, default="bbff11cebd1eb27a1e004cae0b0e63ec8c551cbf34a4451148b4908b8db3eca8"
+    )
+    detector_url: str = _opt(
+        _download_url,
+        default="https://storage.googleapis.com/mediapipe-assets/face_detection_short_range.tflite"
+        "?generation=1677044301978921",
     )
     ifer_model: str = _opt(_text(allow_empty=True), default="", path=True)
     feature_weights: str = _opt(_text(allow_empty=True), default="", path=True)

@@ -476,11 +476,15 @@ def daemon_stage(config: Any) -> VisionPipeline:
 
     Reads ``config.vision`` (detector model, pinned digest, score, margin) and, when the config defines them,
     ``vision.ifer_model`` (an IFER export) or ``vision.feature_weights`` (+ ``vision.ifer_head``); the
-    default feature weights are the TFLite MobileNetV2 under ``agent.assets_dir``.
+    default feature weights are the TFLite MobileNetV2 under ``agent.assets_dir``. A missing detector file
+    is downloaded from ``vision.detector_url`` into the agent's model folder and verified against
+    ``vision.detector_sha256`` (:func:`agent.faces.detector_model_file`); an empty digest is refused.
 
     Raises:
-        agent.service.ComponentUnavailableError: a model file is missing or refused.
+        agent.service.ComponentUnavailableError: a model file is missing, cannot be downloaded or is refused,
+            or the detector digest is not pinned.
     """
+    from agent.faces import detector_model_file
     from agent.mobilenet import WeightsError
     from agent.service import ComponentUnavailableError
 
@@ -491,9 +495,12 @@ def daemon_stage(config: Any) -> VisionPipeline:
     )
     head = getattr(vision, "ifer_head", "") or None
     try:
+        detector_path = detector_model_file(
+            config.model_path(vision.detector_model), sha256=vision.detector_sha256, url=vision.detector_url
+        )
         detector = FaceDetector(
-            model_path=config.model_path(vision.detector_model),
-            sha256=vision.detector_sha256 or _file_digest(config.model_path(vision.detector_model)),
+            model_path=detector_path,
+            sha256=vision.detector_sha256,
             min_confidence=vision.min_score,
             margin=vision.margin,
         )
@@ -506,9 +513,3 @@ def daemon_stage(config: Any) -> VisionPipeline:
     except (WeightsError, ValidationError) as exc:
         raise ComponentUnavailableError(f"vision models unavailable: {exc}") from exc
     return VisionPipeline(detector=detector, model=model, batch_size=1, keep_records=False)
-
-
-def _file_digest(path: Path) -> str:
-    from agent.weights import sha256_file
-
-    return sha256_file(path)

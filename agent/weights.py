@@ -38,6 +38,7 @@ __all__ = [
     "TORCHVISION_MOBILENET_V2",
     "PinnedFile",
     "ensure_file",
+    "pinned_sha256",
     "sha256_file",
     "verify_sha256",
 ]
@@ -47,12 +48,16 @@ _HUB_NAME = re.compile(r".+-([0-9a-f]{8,64})\.[A-Za-z0-9]+")  # torch.hub: <name
 _CHUNK = 1 << 20
 
 
-def _check_digest(value: str) -> str:
-    if type(value) is not str or not _DIGEST.fullmatch(value):
-        raise ValidationError(
-            "sha256 must be the full digest, 64 lowercase hex digits (a prefix or an empty digest is refused)"
-        )
-    return value
+def pinned_sha256(value: str) -> str:
+    """``value`` as a full, lowercase hex SHA-256 digest.
+
+    Raises:
+        ValidationError: anything but 64 hex digits (a prefix or an empty digest is refused).
+    """
+    digest = value.lower() if type(value) is str else ""
+    if not _DIGEST.fullmatch(digest):
+        raise ValidationError("sha256 must be the full digest, 64 hex digits (no prefix, not empty)")
+    return digest
 
 
 def _check_url(url: str) -> None:
@@ -90,7 +95,8 @@ class PinnedFile:
     hub_prefix: bool = False
 
     def __post_init__(self) -> None:
-        _check_digest(self.sha256)
+        if pinned_sha256(self.sha256) != self.sha256:
+            raise ValidationError("sha256 must be lowercase hex")
         if not self.filename or Path(self.filename).name != self.filename:
             raise ValidationError("filename must be a plain file name")
         if self.max_bytes < 1:
@@ -153,7 +159,7 @@ def verify_sha256(path: str | Path, expected: str) -> Path:
         ValidationError: ``expected`` is not a full hex digest (a prefix is refused).
         WeightsError: the file is unreadable or its digest differs.
     """
-    expected = _check_digest(expected.lower() if type(expected) is str else expected)
+    expected = pinned_sha256(expected)
     if not hmac.compare_digest(sha256_file(path), expected):
         raise _mismatch(Path(path).name)
     return Path(path)

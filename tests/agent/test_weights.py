@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
-import http.server
-import threading
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
+from agent.capture import VideoSource
+from agent.faces import FaceDetector, detector_model_file
 from agent.mobilenet import IMAGENET_NORMALIZATION, MobileNetV2, WeightsError, load_feature_extractor
 from agent.weights import (
     MEDIAPIPE_FACE_DETECTOR,
@@ -26,29 +26,13 @@ from security.errors import ValidationError
 from tests.agent import vision_support as vs
 
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
-class _QuietServer(http.server.ThreadingHTTPServer):
-    def handle_error(self, request: object, client_address: object) -> None:
-        pass  # a client that stops reading early (the size-limit test) is expected here
-
-
 @pytest.fixture()
 def served(tmp_path: Path) -> Iterator[tuple[Path, str]]:
     """A folder served over HTTP on 127.0.0.1 (real sockets); yields (folder, base URL)."""
     root = tmp_path / "www"
     root.mkdir()
-    server = _QuietServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield root, f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with vs.http_folder(root) as base:
+        yield root, base
 
 
 @pytest.fixture(scope="module")
@@ -187,3 +171,57 @@ def test_pin_validation() -> None:
         PinnedFile(url="https://example.com/x", sha256="ab" * 32, filename="../x")
     with pytest.raises(ValidationError):
         verify_sha256(Path(__file__), "not-hex!")
+
+
+# -- the face detector: downloaded when missing, always verified -------------------------------------------
+
+
+def test_missing_detector_is_downloaded_verified_and_used(
+    assets: Path, served: tuple[Path, str], tmp_path: Path
+) -> None:
+    root, base = served
+    shutil.copy(assets / vs.DETECTOR, root / MEDIAPIPE_FACE_DETECTOR.filename)
+    url = f"{base}/{MEDIAPIPE_FACE_DETECTOR.filename}"
+    configured = tmp_path / "assets" / vs.DETECTOR  # the device shipped without it
+    models = tmp_path / "models"
+    path = detector_model_file(configured, url=url, download_dir=models)
+    assert path == models / MEDIAPIPE_FACE_DETECTOR.filename
+    assert sha256_file(path) == MEDIAPIPE_FACE_DETECTOR.sha256
+    assert [p.name for p in models.iterdir()] == [path.name]  # no partial file left beside it
+    with VideoSource(source=vs.clips(assets)[0], max_frames=1) as src:
+        (frame,) = list(src.frames())
+    with FaceDetector(model_path=path) as detector:
+        assert detector.detect(frame.image) is not None
+    # Later starts use the verified copy: no network needed (the served file is gone).
+    (root / MEDIAPIPE_FACE_DETECTOR.filename).unlink()
+    assert detector_model_file(configured, url=url, download_dir=models) == path
+    # A configured file that exists is used as is (FaceDetector verifies its bytes).
+    assert detector_model_file(assets / vs.DETECTOR, url="http://127.0.0.1:9/x", download_dir=models) == (
+        assets / vs.DETECTOR
+    )
+
+
+def test_a_wrong_detector_download_is_refused_and_not_kept(
+    assets: Path, served: tuple[Path, str], tmp_path: Path
+) -> None:
+    root, base = served
+    # Another real TFLite model served under the detector's name: its digest is not the pinned one.
+    shutil.copy(assets / "models/mediapipe/face_landmark.tflite", root / MEDIAPIPE_FACE_DETECTOR.filename)
+    url = f"{base}/{MEDIAPIPE_FACE_DETECTOR.filename}"
+    models = tmp_path / "models"
+    with pytest.raises(WeightsError, match="does not match the pinned digest"):
+        detector_model_file(tmp_path / "absent.tflite", url=url, download_dir=models)
+    assert list(models.iterdir()) == []
+    # The genuine file, but pinned to another digest: refused too, nothing kept.
+    shutil.copy(assets / vs.DETECTOR, root / MEDIAPIPE_FACE_DETECTOR.filename)
+    with pytest.raises(WeightsError, match="does not match the pinned digest"):
+        detector_model_file(tmp_path / "absent.tflite", sha256="0" * 64, url=url, download_dir=models)
+    assert list(models.iterdir()) == []
+    # No digest is no pin: refused before anything is fetched or read.
+    for empty in ("", "bbff11ce"):
+        with pytest.raises(ValidationError, match="empty digest is refused"):
+            detector_model_file(tmp_path / "absent.tflite", sha256=empty, url=url, download_dir=models)
+        with pytest.raises(ValidationError, match="empty digest is refused"):
+            FaceDetector(model_path=assets / vs.DETECTOR, sha256=empty)
+    with pytest.raises(ValidationError, match="loopback"):
+        detector_model_file(tmp_path / "absent.tflite", url="http://example.com/x", download_dir=models)
