@@ -65,6 +65,7 @@ def _extract(args: argparse.Namespace) -> int:
             head=args.head,
             num_classes=args.classes,
             batch_size=args.batch_size,
+            emulate_tflite_quantization=args.emulate_quantization,
         )
         detector = stack.enter_context(
             FaceDetector(
@@ -125,6 +126,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--ifer", type=Path, default=None, help="IFER export (manifest) of agent.learning")
     p.add_argument("--head", type=Path, default=None, help="IferHead state dict (with --weights)")
     p.add_argument("--classes", type=int, default=6, choices=(4, 6, 7))
+    p.add_argument(
+        "--emulate-quantization",
+        action="store_true",
+        help="replay the TFLite graph's uint8 activation rounding in f (.tflite weights; closer, slower)",
+    )
     p.add_argument("--detector", type=Path, default=None, help="MediaPipe face detector .tflite (pinned)")
     p.add_argument(
         "--detector-url",

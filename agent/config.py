@@ -214,6 +214,9 @@ class VisionSection:
         feature_weights: MobileNetV2 weights for f (``.tflite`` or ``.pth``); empty: the TFLite model in the
             assets folder (used only when ``ifer_model`` is empty).
         ifer_head: state dict of g for ``feature_weights`` (empty: an untrained head, for timing only).
+        emulate_tflite_quantization: with ``.tflite`` feature weights, replay the TFLite graph's uint8
+            activation rounding (top-1 agreement with the TFLite interpreter 93% instead of 76%, about 10%
+            slower; see docs/vision.md). Off: the plain float network.
         min_score: minimum detector confidence, in (0, 1].
         margin: fraction of the face box added on each side before cropping, in [0, 1].
         session_gap_s: a session ends after this many seconds without a face.
@@ -233,6 +236,7 @@ class VisionSection:
     ifer_model: str = _opt(_text(allow_empty=True), default="", path=True)
     feature_weights: str = _opt(_text(allow_empty=True), default="", path=True)
     ifer_head: str = _opt(_text(allow_empty=True), default="", path=True)
+    emulate_tflite_quantization: bool = _opt(_boolean, default=False)
     min_score: float = _opt(_number(0, 1, lo_open=True), default=0.5)
     margin: float = _opt(_number(0, 1), default=0.2)
     session_gap_s: float = _opt(_number(0, 3600, lo_open=True), default=2.0)

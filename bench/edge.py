@@ -61,6 +61,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ifer", type=Path, default=None, help="IFER export (agent.learning) instead of f + g"
     )
+    parser.add_argument(
+        "--emulate-quantization",
+        action="store_true",
+        help="f replays the TFLite graph's uint8 activation rounding (both set-ups; .tflite weights only)",
+    )
     parser.add_argument("--no-baseline", action="store_true", help="skip the naive baseline run")
     parser.add_argument(
         "--no-overlap", action="store_true", help="optimized run: detect faces in the same thread as f"
@@ -107,6 +112,7 @@ def _run_once(args: argparse.Namespace, *, optimized: bool, state: Path) -> dict
         channels_last=optimized,
         batch_size=batch,
         fuse_batchnorm=optimized,
+        emulate_tflite_quantization=args.emulate_quantization,
     )
     # Warm-up (first-call allocations, MediaPipe graph start) outside the timing, with nothing stored.
     warm_args = argparse.Namespace(**{**vars(args), "seconds": None})
@@ -179,6 +185,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "batch_size": args.batch_size,
+        "emulate_quantization": bool(args.emulate_quantization),
         "overlap_detection": not args.no_overlap,
         "repeats": max(1, int(args.repeats)),
         "all_frames_per_s": [r["frames_per_s"] for r in runs[True]],

@@ -135,3 +135,45 @@ def test_daemon_stage_refuses_a_wrong_download_and_an_unpinned_detector(
         config_from_dict({"vision": {"detector_sha256": ""}})
     with pytest.raises(ConfigError, match=r"vision\.detector_url must be"):
         config_from_dict({"vision": {"detector_url": "ftp://mirror/detector.tflite"}})
+
+
+def test_fidelity_mode_reaches_f_from_the_cli_and_the_config(
+    assets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from agent.cli import main
+    from agent.config import config_from_dict
+    from agent.pipeline import IferModel, daemon_stage
+
+    monkeypatch.setenv("FEDFER_CACHE_DIR", str(vs.cache_dir()))
+    monkeypatch.setenv("FEDFER_ASSETS", str(assets))
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # what the handler would set, restored afterwards
+    clip = str(vs.clips(assets)[0])
+    features = {}
+    with vs.one_torch_thread():  # the handler sets torch's thread count; this restores it
+        for emulate in (False, True):
+            state = tmp_path / f"state-{emulate}"
+            flags = ["--emulate-quantization"] if emulate else []
+            assert main(["extract", "--video", clip, "--state", str(state), "--max-frames", "2", *flags]) == 0
+            (session,) = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["sessions"]
+            with FeatureCache(state / "cache") as cache:
+                records = cache.read_session(session["id"])
+            features[emulate] = np.stack([r.feature.astype(np.float32) for r in records])
+    # Replaying TFLite's uint8 rounding changes f's outputs, a little.
+    a, b = features[False], features[True]
+    assert not np.array_equal(a, b)
+    cosine = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert cosine.min() > 0.9
+    # The daemon takes the mode from [vision].
+    for emulate in (False, True):
+        config = config_from_dict(
+            {
+                "agent": {"state_dir": str(tmp_path / "state"), "assets_dir": str(assets)},
+                "vision": {"emulate_tflite_quantization": emulate},
+            }
+        )
+        stage = daemon_stage(config)
+        try:
+            assert isinstance(stage.model, IferModel)
+            assert stage.model.extractor.model.emulates_quantization is emulate
+        finally:
+            stage.close()
