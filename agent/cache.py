@@ -56,7 +56,7 @@ from typing import Final, Literal
 
 import numpy as np
 
-from agent.cache_keys import FileKeyStore, KeyStore, KeyStoreError
+from agent.cache_keys import KEY_FILE, FileKeyStore, KeyStore, KeyStoreError
 from agent.records import FEATURE_DIM, FrameRecord
 from security.envelope import DataKey, KeyEncryptionKey, RecordKind
 from security.errors import FedferError, IntegrityError, ValidationError
@@ -78,7 +78,7 @@ __all__ = [
 _log = logging.getLogger(__name__)
 
 DB_NAME: Final = "features.sqlite"
-KEY_FILE_NAME: Final = "cache.kek"
+KEY_FILE_NAME: Final = KEY_FILE
 _SCHEMA_VERSION: Final = b"2"  # 2: sealed sessions' keys are bound to "sealed"
 _LEGACY_SCHEMA: Final = b"1"
 _SEALED_BINDING: Final = b"/sealed"
@@ -799,6 +799,11 @@ class FeatureCache:
                 return cache_id, kek
             if meta.get("schema") not in (_SCHEMA_VERSION, _LEGACY_SCHEMA):
                 raise CacheError("unsupported cache format version")
+            if not keys:  # name the store: with key_store "auto" the key may be in the other one
+                raise KeyStoreError(
+                    f"the cache's key-encryption key is missing from {self._store!r}; "
+                    "without it its contents are unrecoverable"
+                )
             kek = self._matching_kek(keys, bytes(meta["kek"]).decode("ascii"))
             cache_id = bytes(meta["cache_id"])
             if meta["schema"] == _LEGACY_SCHEMA:

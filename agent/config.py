@@ -252,12 +252,14 @@ class CacheSection:
     Attributes:
         retention_days: sessions older than this are deleted (and their keys destroyed).
         max_bytes: the cache's size limit; the oldest sessions go first.
-        key_store: ``file`` (a 0600 key-encryption-key file in the state directory) or ``keyring``.
+        key_store: ``file`` (a 0600 key-encryption-key file in the state directory), ``keyring`` (the OS
+            keyring), or ``auto``: the OS keyring for a new cache when the optional ``keyring`` package has a
+            working backend, else the file (a cache that already has a key file keeps it).
     """
 
     retention_days: int = _opt(_integer(1, 3650), default=30)
     max_bytes: int = _opt(_integer(1 << 20, 1 << 40), default=2 << 30)
-    key_store: str = _opt(_choice("file", "keyring"), default="file")
+    key_store: str = _opt(_choice("file", "keyring", "auto"), default="auto")
 
     def __post_init__(self) -> None:
         _validate("cache", self)

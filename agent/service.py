@@ -376,7 +376,9 @@ class RecordSink(Protocol):
 def open_cache(config: AgentConfig) -> Any:
     """Open the encrypted feature cache in ``<state_dir>/cache`` with the configured retention and key store.
 
-    Several processes may open it at once (the learner writes, the supervisor lists and forgets).
+    Several processes may open it at once (the learner writes, the supervisor lists and forgets). The key
+    store follows ``cache.key_store`` (:func:`agent.cache_keys.key_store_for`): with ``auto`` a new cache
+    keeps its KEK in the OS keyring when one is usable, else in a 0600 file; an existing key file is kept.
 
     Raises:
         ComponentUnavailableError: the cache is not installed or its key store is unusable.
@@ -385,11 +387,7 @@ def open_cache(config: AgentConfig) -> Any:
     keys = _component("agent.cache_keys", "the cache key store")
     directory = config.state_dir / CACHE_DIR
     try:
-        key_store = (
-            keys.KeyringKeyStore(account=str(directory.absolute()))
-            if config.cache.key_store == "keyring"
-            else None
-        )
+        key_store = keys.key_store_for(directory, config.cache.key_store)
     except FedferError as exc:
         raise ComponentUnavailableError(f"the cache key store is unusable ({exc})") from None
     return cache.FeatureCache(
