@@ -293,8 +293,8 @@ class FeatureCache:
             key_store: where the KEK lives; default: a 0600 file ``directory/cache.kek``.
             max_age_s: drop sessions created longer ago than this (None: no age limit).
             max_bytes: keep the stored bytes under this, dropping the oldest sessions first (None: no limit).
-            rotate_kek_on_forget: replace the KEK on every :meth:`forget`, so an old copy of the database
-                cannot be opened with the key that remains.
+            rotate_kek_on_forget: replace the KEK on every :meth:`forget` (and retention drop), so an old
+                copy of the database cannot be opened with the key that remains. Sealing always rotates.
             synchronous: SQLite's durability level; FULL also survives power loss, NORMAL survives a killed
                 process (WAL) and is faster.
             busy_timeout_s: how long to wait for another process's write lock.
