@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from agent.learning.errors import PrivacyBudgetExceededError
+from agent.learning.export import atomic_write
 from security.errors import ValidationError
 
 __all__ = ["DPConfig", "PrivacyBudget", "rdp_epsilon"]
@@ -98,10 +97,11 @@ class PrivacyBudget:
             data = json.loads(self.path.read_text(encoding="utf-8"))
             self.history = [(float(s), float(q), int(n)) for s, q, n in data["history"]]
             self.runs = list(data.get("runs", []))
-            if float(data["delta"]) != self.delta:
-                raise ValidationError("privacy budget file was kept at a different delta")
+            kept_at = float(data["delta"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ValidationError("privacy budget file is unreadable") from exc
+        if kept_at != self.delta:
+            raise ValidationError("privacy budget file was kept at a different delta")
 
     def spent(self) -> float:
         """Cumulative epsilon spent so far (RDP composition over every recorded step)."""
@@ -137,14 +137,7 @@ class PrivacyBudget:
             "runs": self.runs,
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(data, fh)
-            os.replace(tmp, self.path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_write(self.path, json.dumps(data).encode("utf-8"))
         return total
 
     def __repr__(self) -> str:
