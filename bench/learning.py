@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from agent.learning.data import list_image_folder, read_gray
     from agent.learning.dp import DPConfig, PrivacyBudget
-    from agent.learning.features import cache_dir, cached_arrays, content_key, files_digest, state_digest
+    from agent.learning.features import cache_dir, cached_arrays, content_key, files_digest
     from agent.learning.ifer import (
         FaceNet,
         IferTrainConfig,
@@ -196,7 +196,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out["peer_fps_cpu"] = n_rep / (time.process_time() - c0)
 
     # ---- clip features (f of the trained IFER model), cached by content hash ---------------------------
-    full_id = state_digest({k: v.detach().numpy() for k, v in net.state_dict().items()})
+    full_id = net.weights_digest()
 
     def clip_feats(items: list[Any], style: Any, seed: int) -> tuple[np.ndarray, np.ndarray]:
         key = content_key(
