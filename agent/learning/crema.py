@@ -27,7 +27,7 @@ from agent.learning.data import (
 from agent.learning.dp import DPConfig, PrivacyBudget
 from agent.learning.errors import DatasetError
 from agent.learning.features import cached_arrays, content_key
-from agent.learning.ifer import FaceNet
+from agent.learning.ifer import FaceNet, restrict_probs
 from agent.learning.metrics import classification_report, subject_deltas
 from agent.learning.personalize import PersonalizeConfig, pad_clips, personalize, predict_clips
 from agent.models import CLASS_SETS, VideoModel, to_named_arrays
@@ -57,13 +57,16 @@ def corpus_features(
 ) -> list[ClipData]:
     """Features and IFER probabilities for every clip under ``root`` with at least one detected face.
 
-    Per-clip results are cached by (model weights, video bytes, fps). ``net`` must share the class set.
+    Per-clip results are cached by (model weights, video bytes, fps). IFER and v share the class set: an
+    IFER with more classes (7, with surprise) is restricted to the ``num_classes`` set
+    (:func:`~agent.learning.ifer.restrict_probs`).
 
     Raises:
-        DatasetError: tables/clips missing or IFER's classes differ from ``num_classes``.
+        DatasetError: tables/clips missing or IFER lacks some of the ``num_classes`` classes.
     """
-    if net.num_classes != num_classes:
-        raise DatasetError("IFER and v must share the class set")
+    classes = CLASS_SETS[num_classes]
+    if not set(classes) <= set(net.classes):
+        raise DatasetError("IFER and v must share the class set (IFER lacks some of v's classes)")
     clips = scan_crema_clips(root)
     labels = crema_vote_labels(clips.values(), modality=modality, num_classes=num_classes)
     nk = net.weights_digest()
@@ -81,7 +84,8 @@ def corpus_features(
 
             got = cached_arrays(key, compute, sub="clips")
             if len(got["f"]):
-                out.append(ClipData(clip, labels.get(name), got["f"].astype(np.float32), got["p"]))
+                probs = restrict_probs(got["p"], net.classes, classes)  # identity when IFER has v's classes
+                out.append(ClipData(clip, labels.get(name), got["f"].astype(np.float32), probs))
             if progress is not None:
                 progress(i + 1, len(clips))
     if not out:

@@ -43,6 +43,7 @@ __all__ = [
     "load_backbone",
     "load_ifer",
     "prefix_activations",
+    "restrict_probs",
     "save_ifer",
     "train_ifer",
 ]
@@ -223,6 +224,23 @@ class FaceNet(nn.Module):
             repr(self.normalization),
             str(self.tf_padding),
         )
+
+
+def restrict_probs(probs: np.ndarray, source: Sequence[str], target: Sequence[str]) -> np.ndarray:
+    """Probabilities over ``source`` classes restricted to the ``target`` classes and renormalized.
+
+    E.g. a 7-class IFER used where the 6-class set is needed (surprise dropped): the same treatment for our
+    model and the peer. Works on any leading shape ``(..., len(source))``.
+
+    Raises:
+        DatasetError: a target class is not among the source classes.
+    """
+    missing = [c for c in target if c not in source]
+    if missing:
+        raise DatasetError(f"classes {missing} are not among the model's classes")
+    cols = [list(source).index(c) for c in target]
+    p = np.asarray(probs)[..., cols]
+    return np.asarray(p / p.sum(axis=-1, keepdims=True), dtype=np.float32)
 
 
 def _load_images(items: Sequence[LabelledImage]) -> np.ndarray:
