@@ -21,7 +21,7 @@ def test_bench_learning_smoke_prints_the_required_keys(assets: Path, tmp_path: P
     args = ["--train-limit", "40", "--test-limit", "150", "--epochs", "1", "--subjects", str(SUBJECTS)]
     args += ["--adapt-clips", "16", "--test-clips", "8", "--frames", str(FRAMES)]
     args += ["--timing-clips", str(TIMING_CLIPS), "--v-clips-per-class", "4", "--v-epochs", "1"]
-    args += ["--plot", str(tmp_path / "subjects.png")]
+    args += ["--plot", str(tmp_path / "subjects.png"), "--ifer6"]
     proc = subprocess.run(
         [sys.executable, "-m", "bench.cli", "learning", *args],
         capture_output=True,
@@ -32,10 +32,11 @@ def test_bench_learning_smoke_prints_the_required_keys(assets: Path, tmp_path: P
     assert proc.returncode == 0, proc.stderr[-3000:]
     (line,) = proc.stdout.strip().splitlines()  # exactly one JSON object
     out = json.loads(line)
-    for key in ("ifer_macro_f1", "ifer_micro_f1", "peer_macro_f1", "peer_micro_f1"):
+    for key in ("ifer_macro_f1", "ifer_micro_f1", "peer_macro_f1", "peer_micro_f1", "ifer6_macro_f1"):
         assert type(out[key]) is float and 0.0 <= out[key] <= 1.0, key
     # The published mini-Xception (~66% on FER2013) is far above chance on the same real test images.
     assert out["peer_micro_f1"] > 0.4 and out["test_images_6"] < out["test_images_7"] == 150
+    assert out["ifer6_train_images"] < out["ifer_train_images"]  # the 6-class IFER never sees surprise
     delta = out["personalization_mean_delta"]
     assert type(delta) is float and -1.0 <= delta <= 1.0
     counts = [out[k] for k in ("subjects_improved", "subjects_unchanged", "subjects_worse")]
