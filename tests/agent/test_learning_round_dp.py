@@ -10,49 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from agent.config import apply_path_overrides, parse_config
 from agent.federation.enroll import enroll
 from agent.models import VideoModel, to_named_arrays
-from agent.records import FrameRecord
-from agent.service import ROUND_BUDGET_FILE, open_cache
+from agent.service import ROUND_BUDGET_FILE
 from security.dp import gaussian_epsilon
-from tests.agent.daemon_harness import Agent, write_config
+from tests.agent.daemon_harness import Agent, fill_cache, write_config
 from tests.integration.federation_harness import Deployment
 
 pytestmark = pytest.mark.slow
 
 SIGMA, CLIP, CLIENTS = 2.0, 1.0, 2
-
-
-def _fill_cache(config_text: str, state_dir: Path, *, sessions: int) -> None:
-    """Cached sessions whose IFER probabilities lean to a class (the plumbing is under test, not accuracy)."""
-    config = apply_path_overrides(parse_config(config_text), {"FEDFER_STATE_DIR": str(state_dir)})
-    cache = open_cache(config)
-    try:
-        for n in range(sessions):
-            label = n % 3
-            probs = np.full(6, 0.04, np.float32)
-            probs[label] = 0.8
-            sid = cache.begin_session()
-            for i in range(4):
-                noise = np.frombuffer(os.urandom(2560), dtype=np.uint16).astype(np.float32) / 65535.0
-                record = FrameRecord(
-                    timestamp=i * 0.1,
-                    feature=(noise + label).astype(np.float16),
-                    ifer_probs=probs,
-                    box=(0, 0, 9, 9),
-                    score=0.9,
-                )
-                cache.append(sid, record)
-            cache.end_session(sid)
-    finally:
-        cache.close()
 
 
 def test_round_dp_noises_the_aggregate_weights_one_and_spends_the_round_budget(
@@ -86,7 +58,7 @@ def test_round_dp_noises_the_aggregate_weights_one_and_spends_the_round_budget(
                     state_dir=agent.state_dir / "federation",
                 )
             )
-            _fill_cache(agent.config.read_text(), agent.state_dir, sessions=sessions)
+            fill_cache(agent.config.read_text(), agent.state_dir, sessions=sessions, frames=4)
             agents.append(agent.start_paused())
         for agent in agents:
             assert agent.client.request("join")["state"] == "running"
