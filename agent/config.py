@@ -291,28 +291,70 @@ class LearningSection:
 
 @dataclass(frozen=True, kw_only=True)
 class PrivacySection:
-    """``[privacy]``: differential privacy of the local training (on by default).
+    """``[privacy]``: differential privacy of the local training (on by default) and of round updates.
 
     Attributes:
         dp: train with DP-SGD (Opacus).
-        target_epsilon: epsilon spent by one personalization run.
-        delta: the DP delta, in (0, 1e-2].
+        target_epsilon: epsilon spent by one personalization run (0: give ``noise_multiplier`` instead).
+        noise_multiplier: DP-SGD noise multiplier instead of a target epsilon (0: use ``target_epsilon``);
+            exactly one of the two is set when ``dp`` is on.
+        delta: the DP delta, in (0, 1e-2] (local training and rounds alike).
         budget: total epsilon this device may spend; training is refused once it is spent.
         max_grad_norm: per-sample gradient clipping bound.
+        round_dp: user-level DP for federated rounds: clip Δv in L2, add this device's share of the
+            Gaussian noise, send it with weight 1 (see :mod:`agent.learning.update`).
+        round_clip_norm: L2 bound on a device's whole Δv.
+        round_target_epsilon: epsilon of one round (0: give ``round_noise_multiplier`` instead).
+        round_noise_multiplier: noise multiplier of the aggregate (0: use ``round_target_epsilon``).
+        round_clients: expected number of devices per round; each adds ``1/round_clients`` of the noise
+            variance. Set it to the round's minimum (1 = every device adds all of it, the safe choice).
+        round_budget: total user-level epsilon this device may spend on rounds; joining is refused beyond it.
     """
 
     dp: bool = _opt(_boolean, default=True)
-    target_epsilon: float = _opt(_number(0, 100, lo_open=True), default=4.0)
+    target_epsilon: float = _opt(_number(0, 100), default=4.0)
+    noise_multiplier: float = _opt(_number(0, 1000), default=0.0)
     delta: float = _opt(_number(0, 1e-2, lo_open=True), default=1e-5)
     budget: float = _opt(_number(0, 1000, lo_open=True), default=16.0)
     max_grad_norm: float = _opt(_number(0, 1000, lo_open=True), default=1.0)
+    round_dp: bool = _opt(_boolean, default=False)
+    round_clip_norm: float = _opt(_number(0, 1000, lo_open=True), default=1.0)
+    round_target_epsilon: float = _opt(_number(0, 100), default=1.0)
+    round_noise_multiplier: float = _opt(_number(0, 1000), default=0.0)
+    round_clients: int = _opt(_integer(1, 1_000_000), default=1)
+    round_budget: float = _opt(_number(0, 1000, lo_open=True), default=8.0)
 
     def __post_init__(self) -> None:
         _validate("privacy", self)
+        _one_of("target_epsilon", self.target_epsilon, "noise_multiplier", self.noise_multiplier, self.dp)
         if self.budget < self.target_epsilon:
             raise ConfigError("privacy.budget must be at least privacy.target_epsilon")
+        _one_of(
+            "round_target_epsilon",
+            self.round_target_epsilon,
+            "round_noise_multiplier",
+            self.round_noise_multiplier,
+            self.round_dp,
+        )
+        if self.round_budget < self.round_target_epsilon:
+            raise ConfigError("privacy.round_budget must be at least privacy.round_target_epsilon")
+        if self.round_dp and self.round_noise_multiplier > 0:
+            from security.dp import gaussian_epsilon
+
+            if gaussian_epsilon(self.round_noise_multiplier, 1, float(self.delta)) > self.round_budget:
+                raise ConfigError(
+                    "privacy.round_budget cannot pay for one round at privacy.round_noise_multiplier"
+                )
         if not self.dp:
             _log.warning("differential privacy is OFF: local training gives no formal privacy guarantee")
+
+
+def _one_of(a: str, a_value: float, b: str, b_value: float, needed: bool) -> None:
+    """Two ``[privacy]`` settings that exclude each other (0 = unset): never both, one when ``needed``."""
+    if a_value > 0 and b_value > 0:
+        raise ConfigError(f"privacy.{a} and privacy.{b} are mutually exclusive (set {a} = 0 to use {b})")
+    if needed and a_value <= 0 and b_value <= 0:
+        raise ConfigError(f"privacy.{a} or privacy.{b} must be positive")
 
 
 @dataclass(frozen=True, kw_only=True)
