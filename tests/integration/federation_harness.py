@@ -7,6 +7,7 @@ Python API; nothing is stubbed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import os
@@ -27,8 +28,9 @@ import numpy.typing as npt
 
 from agent.federation.enroll import enroll
 from agent.federation.state import DeviceState
-from aggregator.config import init_deployment, read_certificate_authority, read_server_tls
+from aggregator.config import init_deployment, load_config, read_certificate_authority, read_server_tls
 from aggregator.enrollment import EnrollmentService, issue_token
+from aggregator.leader import LeaderLease
 from aggregator.registry import ModelRegistry
 from aggregator.rounds import RoundCoordinator, RoundSettings
 from aggregator.server import RunningServer, ServerTls, build_server
@@ -61,12 +63,12 @@ def run_cli(*args: str, timeout: float = 60.0) -> str:
 
 
 class Aggregator:
-    """A ``fedfer-aggregator serve`` subprocess."""
+    """A ``fedfer-aggregator serve`` subprocess (several may serve one deployment: replicas)."""
 
     def __init__(self, deployment: Deployment, extra: Sequence[str]) -> None:
-        self.log_path = deployment.dir / f"serve-{time.monotonic_ns()}.log"
-        ports_file = deployment.dir / "ports.json"
-        ports_file.unlink(missing_ok=True)
+        name = f"serve-{time.monotonic_ns()}"
+        self.log_path = deployment.dir / f"{name}.log"
+        ports_file = deployment.dir / f"{name}.ports.json"
         self._log: IO[bytes] = self.log_path.open("wb")
         self.proc = subprocess.Popen(
             [str(BIN / "fedfer-aggregator"), "serve", "--config", str(deployment.config), "--ports-file",
@@ -81,6 +83,7 @@ class Aggregator:
         ports = json.loads(ports_file.read_text())
         self.port: int = ports["port"]
         self.enroll_port: int = ports["enroll_port"]
+        self.health_port: int = ports["health_port"]
 
     def log(self) -> str:
         """What the aggregator logged so far."""
@@ -203,6 +206,7 @@ class Deployment:
         complete_graph: bool = False,
         listen: str = "127.0.0.1:0",
         model: dict[str, npt.NDArray[np.float32]] | None = None,
+        storage_url: str | None = None,
     ) -> None:
         self.dir = directory
         args = ["fedfer-aggregator", "init", str(directory), "--listen", listen]
@@ -214,6 +218,12 @@ class Deployment:
             args.append("--complete-graph")
         run_cli(*args)
         self.config = directory / "aggregator.toml"
+        self.storage_url = storage_url or f"sqlite://{directory / 'aggregator.db'}"
+        if storage_url is not None:  # as docs/deploy-aggregator.md says: edit [storage] url after init
+            text = self.config.read_text()
+            default = f'url = "sqlite://{directory.resolve() / "aggregator.db"}"'
+            assert default in text
+            self.config.write_text(text.replace(default, f'url = "{storage_url}"'))
         self.ca_pem = (directory / "pki" / "ca.pem").read_bytes()
         model_path = directory / "model0.npz"
         np.savez(model_path, **(model or default_model()))  # type: ignore[arg-type]
@@ -250,17 +260,17 @@ class Deployment:
 
     def model(self, version: int) -> dict[str, npt.NDArray[np.float32]]:
         """A verified model version read from the registry."""
-        with open_storage(f"sqlite://{self.dir / 'aggregator.db'}") as storage:
+        with open_storage(self.storage_url) as storage:
             return dict(ModelRegistry(storage).get(version).arrays)
 
     def stored_messages(self, round_id: int, stage: str) -> int:
         """How many device messages storage holds for one stage of a round."""
-        with open_storage(f"sqlite://{self.dir / 'aggregator.db'}") as storage:
-            return len(storage.round_messages(round_id, stage=RoundStatus(stage)))
+        with open_storage(self.storage_url) as storage:
+            return len(storage.round_message_senders(round_id, stage=RoundStatus(stage)))
 
     def device_ids(self) -> list[str]:
         """Ids of the devices registered in storage."""
-        with open_storage(f"sqlite://{self.dir / 'aggregator.db'}") as storage:
+        with open_storage(self.storage_url) as storage:
             return sorted(d.device_id for d in storage.list_devices())
 
 
@@ -287,23 +297,37 @@ class Harness:
         )
 
     async def close(self) -> None:
-        """Stop rounds and server; close storage."""
+        """Stop rounds and server, give the lease up (as a clean shutdown does); close storage."""
         self.coordinator.stop()
         await self.server.stop(grace=0.5)
         self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self.task
+        self.coordinator.release()
         self.storage.close()
 
 
 async def start(root: Path, settings: RoundSettings, *, limits: EdgeLimits = LIMITS) -> Harness:
     """Create a deployment under ``root`` and start an in-process aggregator on free loopback ports."""
     config = init_deployment(root / "agg", listen="127.0.0.1:0")
+    with open_storage(config.storage_url) as storage:
+        rng = np.random.default_rng(0)
+        ModelRegistry(storage).publish(1, {"w": rng.standard_normal(DIM).astype(np.float32)}, parent=None)
+    return await start_replica(root, settings, limits=limits)
+
+
+async def start_replica(
+    root: Path, settings: RoundSettings, *, limits: EdgeLimits = LIMITS, lease_ttl_s: float = 15.0
+) -> Harness:
+    """Start one more aggregator (its own storage connection, coordinator and ports) on the deployment that
+    :func:`start` created under ``root``: a replica, leader or standby depending on who holds the lease."""
+    config = load_config(root / "agg" / "aggregator.toml")
     key_pem, cert_pem, ca_pem = read_server_tls(config)
     storage = open_storage(config.storage_url)
     registry = ModelRegistry(storage)
-    rng = np.random.default_rng(0)
-    registry.publish(1, {"w": rng.standard_normal(DIM).astype(np.float32)}, parent=None)
     enrollment = EnrollmentService(storage=storage, ca=read_certificate_authority(config))
-    coordinator = RoundCoordinator(storage=storage, registry=registry, settings=settings)
+    lease = LeaderLease(storage, cohort=settings.cohort, ttl_s=lease_ttl_s)
+    coordinator = RoundCoordinator(storage=storage, registry=registry, settings=settings, lease=lease)
     server = await build_server(
         tls=ServerTls(certificate_pem=cert_pem, private_key_pem=key_pem, ca_certificate_pem=ca_pem),
         storage=storage,
@@ -313,8 +337,9 @@ async def start(root: Path, settings: RoundSettings, *, limits: EdgeLimits = LIM
         limits=limits,
         listen="127.0.0.1:0",
         enroll_listen="127.0.0.1:0",
+        health_listen="127.0.0.1:0",
     )
-    task = asyncio.create_task(coordinator.run())
+    task = asyncio.create_task(coordinator.serve())
     return Harness(root, storage, enrollment, coordinator, server, ca_pem, task)
 
 
