@@ -28,7 +28,13 @@ import numpy.typing as npt
 
 from agent.federation.enroll import enroll
 from agent.federation.state import DeviceState
-from aggregator.config import init_deployment, load_config, read_certificate_authority, read_server_tls
+from aggregator.config import (
+    create_enrollment_token,
+    init_deployment,
+    load_config,
+    read_certificate_authority,
+    read_server_tls,
+)
 from aggregator.enrollment import EnrollmentService, issue_token
 from aggregator.leader import LeaderLease
 from aggregator.registry import ModelRegistry
@@ -36,6 +42,7 @@ from aggregator.rounds import RoundCoordinator, RoundSettings
 from aggregator.server import RunningServer, ServerTls, build_server
 from aggregator.service import EdgeLimits
 from aggregator.storage import RoundStatus, Storage, open_storage
+from security.quantize import FixedPointCodec
 
 BIN = Path(sys.executable).parent
 DIM = 1000
@@ -246,12 +253,55 @@ class Deployment:
             )
             return Device(state.directory, state.device_id)
 
-        tokens = [self.token() for _ in range(count)]
+        # The call `fedfer-aggregator token` makes, without a process start per token.
+        config = load_config(self.config)
+        tokens = [create_enrollment_token(config).token for _ in range(count)]
 
         async def all_devices() -> list[Device]:
             return list(await asyncio.gather(*(one(i, t) for i, t in enumerate(tokens))))
 
         return asyncio.run(all_devices())
+
+    def hold_round_two_in_masked_input(
+        self,
+        devices: list[Device],
+        updates: dict[str, npt.NDArray[np.float64]],
+        weights: dict[str, int],
+        *,
+        rounds: int,
+        timeout_s: float = 120.0,
+    ) -> tuple[Device, list[Device]]:
+        """Start every device so that round 2 waits in the masked-input stage, and return once it does.
+
+        Round 1 runs with all devices. In round 2 the first device (the staller) hangs after sharing keys,
+        so the stage stays open until its deadline; this returns once the others' masked inputs are stored.
+        The others take part in ``rounds`` rounds (with one spare attempt).
+
+        Returns:
+            ``(staller, others)``.
+        """
+        staller, *others = devices
+        staller.start(
+            updates[staller.device_id],
+            weights[staller.device_id],
+            rounds=2,
+            stall_after="share_keys",
+            stall_round=2,
+        )
+        for d in others:
+            d.start(
+                updates[d.device_id],
+                weights[d.device_id],
+                rounds=rounds,
+                attempts=rounds + 1,
+                timeout_s=timeout_s,
+            )
+        staller.wait_for_line("stalled", timeout=120)
+        deadline = time.monotonic() + 60
+        while self.stored_messages(2, "masked_input") < len(others):
+            assert time.monotonic() < deadline, "the masked inputs never arrived"
+            time.sleep(0.1)
+        return staller, others
 
     def status(self) -> dict[str, Any]:
         """Rounds and model versions as the storage records them."""
@@ -267,6 +317,11 @@ class Deployment:
         """How many device messages storage holds for one stage of a round."""
         with open_storage(self.storage_url) as storage:
             return len(storage.round_message_senders(round_id, stage=RoundStatus(stage)))
+
+    def round_statuses(self) -> list[str]:
+        """The status of every round, oldest first (read from storage directly)."""
+        with open_storage(self.storage_url) as storage:
+            return [r.status.value for r in reversed(storage.list_rounds(limit=1000))]
 
     def device_ids(self) -> list[str]:
         """Ids of the devices registered in storage."""
@@ -381,3 +436,34 @@ def oracle_mean(updates: dict[str, npt.NDArray[np.float64]], weights: dict[str, 
     total = sum(weights[d] for d in updates)
     acc = sum(weights[d] * np.clip(updates[d], -clip, clip) for d in updates)
     return acc / total
+
+
+CLIP = 1.0
+MAX_WEIGHT = 10_000
+
+
+def random_updates(
+    devices: list[Device], seed: int
+) -> tuple[dict[str, npt.NDArray[np.float64]], dict[str, int]]:
+    """One update of the default model's length and one weight per device (some beyond the clip)."""
+    rng = np.random.default_rng(seed)
+    updates = {d.device_id: rng.normal(0.0, 0.6, DIM) for d in devices}
+    weights = {d.device_id: int(rng.integers(1, 200)) for d in devices}
+    return updates, weights
+
+
+def assert_published(
+    deployment: Deployment,
+    version: int,
+    parent: int,
+    updates: dict[str, npt.NDArray[np.float64]],
+    weights: dict[str, int],
+    n: int,
+) -> None:
+    """Model ``version`` is ``parent`` plus the plaintext FedAvg oracle of ``updates``, within the fixed-point
+    codec's stated bound for a round of ``n`` devices (plus float32 rounding of the stored model)."""
+    codec = FixedPointCodec(dim=DIM, clip=CLIP, max_weight=MAX_WEIGHT, max_clients=n, modulus_bits=32)
+    tol = codec.mean_error_bound(survivors=len(updates), total_weight=sum(weights.values())) + 1e-6
+    expected = flat(deployment.model(parent)) + oracle_mean(updates, weights, CLIP)
+    err = float(np.max(np.abs(flat(deployment.model(version)) - expected)))
+    assert err <= tol, f"max error {err} exceeds the stated bound {tol}"
