@@ -142,6 +142,10 @@ class DuplicateSubmissionError(ProtocolError):
     """The device already had a different message accepted for this stage."""
 
 
+class _HandedOver(FedferError):
+    """The coordinator stopped and leaves the round in progress to the next leader."""
+
+
 class NotLeaderError(FedferError):
     """This replica is a standby (or lost the lease): another replica coordinates the rounds."""
 
@@ -344,6 +348,7 @@ class RoundCoordinator:
         self._changed = asyncio.Event()
         self._wake = asyncio.Event()
         self._stopped = False
+        self._hand_over = False
         self.finished_rounds = 0
         self.aborted_rounds = 0
 
@@ -368,10 +373,21 @@ class RoundCoordinator:
         for listener in self._listeners:
             await listener(leading)
 
-    def stop(self) -> None:
-        """Ask :meth:`run` (or :meth:`serve`) to return; a round in progress is aborted."""
+    def stop(self, *, hand_over: bool = False) -> None:
+        """Ask :meth:`run` (or :meth:`serve`) to return.
+
+        Args:
+            hand_over: leave a round in progress to the next leader (a standby, or this deployment's next
+                process) instead of aborting it: the next leader resumes it, or aborts it if it was still in
+                check-in. Follow with :meth:`release` so a standby need not wait for the lease to expire.
+        """
+        self._hand_over = hand_over
         self._stopped = True
         self._wake.set()
+
+    def _check_stopped(self) -> None:
+        if self._stopped:
+            raise _HandedOver("stopping") if self._hand_over else RoundAbortedError("stopping")
 
     def release(self) -> None:
         """Stop leading and give the lease up, so a standby takes over at once (call after :meth:`stop`)."""
@@ -523,6 +539,8 @@ class RoundCoordinator:
             # Another replica leads now (or changed the round under us): leave the round to it, untouched.
             _log.warning("round %d: no longer the coordinator (%s)", rnd.round_id, type(exc).__name__)
             raise LeadershipLostError("lost the coordinator lease") from None
+        except _HandedOver:
+            _log.warning("round %d left in stage %s for the next leader", rnd.round_id, rnd.stage.value)
         except RoundAbortedError as exc:
             self._abort(rnd, "aggregator stopping" if self._stopped else "too few surviving devices", exc)
         except FedferError as exc:
@@ -537,8 +555,7 @@ class RoundCoordinator:
     async def _check_in(self, rnd: _Round) -> None:
         s = self._settings
         while True:
-            if self._stopped:
-                raise RoundAbortedError("stopping")
+            self._check_stopped()
             joined = len(rnd.indices)
             if joined >= s.max_clients:
                 break
@@ -572,8 +589,7 @@ class RoundCoordinator:
             raise RoundAbortedError("no protocol server")
         self._replay_stored(rnd, stage)
         while not server.all_received() and self._clock() < rnd.deadline:
-            if self._stopped:
-                raise RoundAbortedError("stopping")
+            self._check_stopped()
             await self._sleep(rnd.deadline - self._clock())
             self._replay_stored(rnd, stage)
         dropped = len(server.pending())

@@ -221,7 +221,8 @@ async def serve_forever(running: RunningServer, coordinator: RoundCoordinator) -
 
     The coordinator waits as a standby until it holds the lease, then leads. When it has run all its rounds
     it keeps the lease and the server keeps answering (devices still learn how the last round ended) until
-    it is told to stop; then the lease is released so a standby takes over at once.
+    it is told to stop. Stopping leaves a round in progress to the next leader (it is not aborted) and
+    releases the lease, so a standby takes over at once.
 
     Raises:
         LeadershipLostError: the lease was lost while leading. The server is stopped first; the process
@@ -240,9 +241,12 @@ async def serve_forever(running: RunningServer, coordinator: RoundCoordinator) -
     finally:
         _log.info("stopping aggregator")
         stopper.cancel()
-        coordinator.stop()
-        await running.stop(grace=2.0, drain_s=_DRAIN_S)
+        coordinator.stop(hand_over=True)
+        # NOT_SERVING at once; the ports close after the drain. Meanwhile the coordinator leaves its round
+        # and the lease goes (a no-op unless this replica still holds it), so a standby takes over now.
+        stopping = asyncio.create_task(running.stop(grace=2.0, drain_s=_DRAIN_S))
         if not task.done():
             await asyncio.wait({task}, timeout=2.0)
             task.cancel()
-        coordinator.release()  # a no-op unless this replica still holds the lease
+        coordinator.release()
+        await stopping

@@ -12,7 +12,7 @@ import datetime as dt
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -632,25 +632,56 @@ def test_restart_during_share_keys_resumes_and_publishes_the_oracle_mean(storage
     run(body)
 
 
-def test_a_standby_never_touches_the_round_and_a_stale_leader_is_fenced_off(tmp_path: Path) -> None:
-    clock_a, clock_b = Clock(), Clock()
+@dataclass
+class Replicas:
+    """Two coordinators over two connections to one database, three devices mid-way through a round."""
+
+    a: RoundCoordinator
+    b: RoundCoordinator
+    store_a: Storage
+    store_b: Storage
+    task_a: asyncio.Task[None]
+    task_b: asyncio.Task[None]
+    devices: list[Dev]
+    updates: dict[str, tuple[Any, int]]
+    round_id: int = 0
+    clients: dict[str, SecAggClient] = field(default_factory=dict)
+
+
+def with_two_replicas(
+    tmp_path: Path, clock_a: Clock, clock_b: Clock, body: Callable[[Replicas], Awaitable[None]]
+) -> None:
+    """Start replica ``a`` (it leads), then ``b`` (standby), take the devices' round to its key sharing,
+    then run ``body``."""
     url = f"sqlite://{tmp_path / 'agg.db'}"
     rng = np.random.default_rng(12)
 
-    async def body(store_a: Storage, store_b: Storage) -> None:
-        devices = make_devices(store_a, 3)
-        updates = {d.device_id: (rng.normal(0, 0.6, DIM), i + 1) for i, d in enumerate(devices)}
-        a = coordinator_for(store_a, clock_a, min_clients=3, max_clients=3)
-        task_a = asyncio.create_task(a.run())
-        await until(lambda: a.is_leader, "a leads")
-        b = coordinator_for(store_b, clock_b, min_clients=3, max_clients=3)
-        task_b = asyncio.create_task(b.run())
-        round_id, clients = await _to_share_keys(a, devices)
+    async def main() -> None:
+        with open_storage(url) as store_a, open_storage(url) as store_b:
+            devices = make_devices(store_a, 3)
+            updates = {d.device_id: (rng.normal(0, 0.6, DIM), i + 1) for i, d in enumerate(devices)}
+            a = coordinator_for(store_a, clock_a, min_clients=3, max_clients=3)
+            task_a = asyncio.create_task(a.run())
+            await until(lambda: a.is_leader, "a leads")
+            b = coordinator_for(store_b, clock_b, min_clients=3, max_clients=3)
+            task_b = asyncio.create_task(b.run())
+            r = Replicas(a, b, store_a, store_b, task_a, task_b, devices, updates)
+            r.round_id, r.clients = await _to_share_keys(a, devices)
+            await body(r)
+
+    run(main)
+
+
+def test_a_standby_never_touches_the_round_and_a_stale_leader_is_fenced_off(tmp_path: Path) -> None:
+    clock_a, clock_b = Clock(), Clock()
+
+    async def body(r: Replicas) -> None:
+        a, b, devices, round_id = r.a, r.b, r.devices, r.round_id
         await asyncio.sleep(1.5)  # b asked for the lease more than once meanwhile
-        lease = store_b.get_lease(b.lease.name)
+        lease = r.store_b.get_lease(b.lease.name)
         assert lease is not None and lease.owner == a.lease.owner != b.lease.owner
         assert not b.is_leader and b.view(devices[0].device_id).stage is RoundStage.IDLE
-        active = store_b.active_round()
+        active = r.store_b.active_round()
         assert active is not None and (active.round_id, active.status) == (round_id, RoundStatus.SHARE_KEYS)
 
         # a's process hangs: its clock (and so its renewals) stop, while b's time passes the lease's expiry.
@@ -662,18 +693,37 @@ def test_a_standby_never_touches_the_round_and_a_stale_leader_is_fenced_off(tmp_
         # which fails because b bumped the round's version when it took over: a steps down, aborting nothing.
         assert a.is_leader
         for d in devices:
-            payload = _message(a, d, clients[d.device_id], round_id, RoundStage.SHARE_KEYS, None)
+            payload = _message(a, d, r.clients[d.device_id], round_id, RoundStage.SHARE_KEYS, None)
             a.submit(device_id=d.device_id, round_id=round_id, stage=RoundStage.SHARE_KEYS, payload=payload)
         with pytest.raises(LeadershipLostError):
-            await asyncio.wait_for(task_a, timeout=10)
+            await asyncio.wait_for(r.task_a, timeout=10)
         assert not a.is_leader
         # b picks up the shares a stored and completes the round: published once, the oracle mean.
-        await _finish_round(b, devices, clients, round_id, updates=updates, stages=PROTOCOL_STAGES[2:])
-        await asyncio.wait_for(task_b, timeout=20)
-        _assert_published(store_b, round_id, 2, updates)
+        await _finish_round(b, devices, r.clients, round_id, updates=r.updates, stages=PROTOCOL_STAGES[2:])
+        await asyncio.wait_for(r.task_b, timeout=20)
+        _assert_published(r.store_b, round_id, 2, r.updates)
 
-    async def main() -> None:
-        with open_storage(url) as store_a, open_storage(url) as store_b:
-            await body(store_a, store_b)
+    with_two_replicas(tmp_path, clock_a, clock_b, body)
 
-    run(main)
+
+def test_a_clean_shutdown_hands_the_round_over_to_the_standby(tmp_path: Path) -> None:
+    clock = Clock()
+
+    async def body(r: Replicas) -> None:
+        # SIGTERM on the leader: it stops without aborting the round and gives the lease up.
+        r.a.stop(hand_over=True)
+        await asyncio.wait_for(r.task_a, timeout=10)
+        r.a.release()
+        assert r.store_a.get_lease(r.a.lease.name) is None
+        record = r.store_a.active_round()
+        assert record is not None and (record.round_id, record.status) == (r.round_id, RoundStatus.SHARE_KEYS)
+        # The standby takes over at once (no expiry to wait for: the clock does not move) and resumes it.
+        await until(lambda: r.b.is_leader, "b takes over")
+        assert r.b.view(r.devices[0].device_id).round_id == r.round_id
+        await _finish_round(
+            r.b, r.devices, r.clients, r.round_id, updates=r.updates, stages=PROTOCOL_STAGES[1:]
+        )
+        await asyncio.wait_for(r.task_b, timeout=20)
+        _assert_published(r.store_b, r.round_id, 2, r.updates)
+
+    with_two_replicas(tmp_path, clock, clock, body)

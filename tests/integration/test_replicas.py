@@ -8,6 +8,7 @@ refuses connections while there is none. Real device processes enroll and take p
 from __future__ import annotations
 
 import asyncio
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -161,3 +162,31 @@ def test_two_replicas_on_postgres_fail_over_without_losing_or_repeating_a_round(
     assert "resuming in stage masked_input" in second.log()
     assert "published model version 2" in first.log() and "published model version 2" not in second.log()
     assert "Traceback" not in second.log()
+
+
+def test_sigterm_on_the_leader_hands_over_to_the_standby_at_once(tmp_path: Path) -> None:
+    # Two replicas of one SQLite deployment on one host: the same lease, through the same storage interface.
+    dep = Deployment(tmp_path / "agg", min_clients=2, max_clients=2, deadline_s=10)
+    common = ("--lease-ttl-s", "30", "--health-listen", "127.0.0.1:0")  # a takeover by expiry would be slow
+    first = dep.serve(*common)
+    replicas = [first]
+    try:
+        wait_for(lambda: health_of(first.health_port) == SERVING, "the first replica to lead")
+        second = dep.serve(*common)
+        replicas.append(second)
+        time.sleep(1.0)
+        assert health_of(second.health_port) == NOT_SERVING
+        assert dep.round_statuses() == ["open"]  # the leader's check-in round, untouched by the standby
+        stopped = time.monotonic()
+        assert first.kill(signal.SIGTERM) == 0
+        wait_for(lambda: health_of(second.health_port) == SERVING, "the takeover", timeout=15)
+        took = time.monotonic() - stopped
+    finally:
+        for replica in replicas:
+            replica.kill()
+    assert took < 10, took  # released, not expired (the TTL is 30 s)
+    # The handed-over round was still in check-in (nothing persisted): the new leader aborted it and opened
+    # the next one.
+    assert dep.round_statuses()[:2] == ["aborted", "open"]
+    assert "released the coordinator lease" in first.log()
+    assert "Traceback" not in first.log() + second.log()
