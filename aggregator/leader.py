@@ -3,7 +3,7 @@
 Any number of replicas may serve one deployment (one database), but the rounds of a cohort live in the memory
 of the process that runs them, so exactly one replica at a time may coordinate them. That replica holds the
 cohort's lease (:meth:`~aggregator.storage.base.Storage.acquire_lease`: an owner id and an expiry) and renews
-it every ``ttl / 3``; the others are standbys that try to take it at the same pace and get it only once it
+it every ``ttl / 3``; the others are standbys that ask for it about once a second and get it only once it
 expired (the leader died or lost the database) or was released (the leader stopped cleanly).
 
 A leader that cannot renew before its own expiry, or finds another owner in the row, has lost the lease and
@@ -80,8 +80,13 @@ class LeaderLease:
 
     @property
     def renew_s(self) -> float:
-        """How often the holder renews and a standby retries."""
+        """How often the holder renews."""
         return self.ttl_s / 3
+
+    @property
+    def retry_s(self) -> float:
+        """How often a standby asks for the lease (soon after a release, at most a second)."""
+        return min(1.0, self.renew_s)
 
     @property
     def held(self) -> bool:

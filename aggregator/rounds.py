@@ -493,7 +493,7 @@ class RoundCoordinator:
         while not self._stopped:
             if (self._recovered and self.lease.held) or self.lease.try_acquire():
                 return True
-            await self._sleep(self.lease.renew_s, renew=False)
+            await self._sleep(self.lease.retry_s, renew=False)
         return False
 
     async def _run_round(self, base: int) -> None:

@@ -95,6 +95,18 @@ class Balancer:
         self._thread.join(timeout=10)
 
 
+def leader_and_standby(dep: Deployment, args: tuple[str, ...], replicas: list[Aggregator]) -> None:
+    """Start a replica and wait until it leads, then a second one; both are appended to ``replicas`` (for
+    the caller to kill). Checks that the second stays a standby: alive, federation NOT_SERVING."""
+    replicas.append(dep.serve(*args))
+    wait_for(lambda: health_of(replicas[0].health_port) == SERVING, "the first replica to lead")
+    replicas.append(dep.serve(*args))
+    time.sleep(2.0)  # a standby asks for the lease every second: it has been refused twice by now
+    assert health_of(replicas[1].health_port) == NOT_SERVING
+    assert health_of(replicas[1].health_port, "") == SERVING  # alive: the liveness probe's service name
+    assert health_of(replicas[0].health_port) == SERVING
+
+
 def test_two_replicas_on_postgres_fail_over_without_losing_or_repeating_a_round(
     tmp_path: Path, postgres_server: PostgresServer
 ) -> None:
@@ -109,17 +121,11 @@ def test_two_replicas_on_postgres_fail_over_without_losing_or_repeating_a_round(
     balancer.start()
     common = ("--checkin-s", "1", "--lease-ttl-s", "3", "--health-listen", "127.0.0.1:0")
     common += ("--advertise-port", str(balancer.federation.port))
-    first = dep.serve(*common)
-    replicas = [first]
+    replicas: list[Aggregator] = []
     try:
-        wait_for(lambda: health_of(first.health_port) == SERVING, "the first replica to lead")
-        second = dep.serve(*common)
-        replicas.append(second)
+        leader_and_standby(dep, common, replicas)
+        first, second = replicas
         balancer.backends = [first, second]
-        time.sleep(2.0)  # the second replica asked for the lease twice meanwhile (every ttl/3 = 1 s)
-        assert health_of(second.health_port) == NOT_SERVING
-        assert health_of(second.health_port, "") == SERVING  # alive: the liveness probe's service name
-        assert health_of(first.health_port) == SERVING
 
         devices = dep.enroll_devices(5, balancer.enrollment.port, tmp_path)
         assert {DeviceState.load(d.state).port for d in devices} == {balancer.federation.port}
@@ -168,14 +174,10 @@ def test_sigterm_on_the_leader_hands_over_to_the_standby_at_once(tmp_path: Path)
     # Two replicas of one SQLite deployment on one host: the same lease, through the same storage interface.
     dep = Deployment(tmp_path / "agg", min_clients=2, max_clients=2, deadline_s=10)
     common = ("--lease-ttl-s", "30", "--health-listen", "127.0.0.1:0")  # a takeover by expiry would be slow
-    first = dep.serve(*common)
-    replicas = [first]
+    replicas: list[Aggregator] = []
     try:
-        wait_for(lambda: health_of(first.health_port) == SERVING, "the first replica to lead")
-        second = dep.serve(*common)
-        replicas.append(second)
-        time.sleep(1.0)
-        assert health_of(second.health_port) == NOT_SERVING
+        leader_and_standby(dep, common, replicas)
+        first, second = replicas
         assert dep.round_statuses() == ["open"]  # the leader's check-in round, untouched by the standby
         stopped = time.monotonic()
         assert first.kill(signal.SIGTERM) == 0
