@@ -1,5 +1,9 @@
 """``fedfer-agent`` commands of the federation area: ``enroll``, ``fetch-model``, ``join-round``.
 
+``enroll --token-file PATH`` reads the one-time token from a file only its owner can read, or with
+``--token-file -`` from the first line of stdin (``fedfer-aggregator token DIR | fedfer-agent enroll ...``);
+a token is never accepted on the command line, which any local user can read in ``/proc/*/cmdline``.
+
 ``join-round --update FILE.npz`` reads the update (the delta from the round's base model, flattened in
 manifest order) from an ``.npz`` holding either one 1-D array ``update`` or named arrays matching the
 model's manifest, plus an optional integer ``weight`` (default 1, or ``--weight``). It prints one JSON line
@@ -11,6 +15,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -20,6 +26,8 @@ import numpy as np
 import numpy.typing as npt
 
 from security.errors import FedferError, ValidationError
+
+_MAX_TOKEN_TEXT = 1024
 
 
 class AggregatorRefusedError(FedferError):
@@ -44,10 +52,18 @@ def _rpc_errors_as_fedfer(
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add this area's sub-commands to ``sub``."""
-    p = sub.add_parser("enroll", help="enroll this device with an aggregator (one-time token)")
+    # No abbreviations: `--token SECRET` must be refused, not taken as a prefix of --token-file.
+    p = sub.add_parser(
+        "enroll", help="enroll this device with an aggregator (one-time token)", allow_abbrev=False
+    )
     p.add_argument("--server", required=True, help="HOST:PORT of the aggregator's enrollment endpoint")
     p.add_argument("--ca", required=True, type=Path, help="the deployment CA certificate (PEM)")
-    p.add_argument("--token", required=True, help="one-time enrollment token")
+    p.add_argument(
+        "--token-file",
+        required=True,
+        help="file holding the one-time enrollment token (mode 0600), or - to read it from stdin (it is "
+        "never taken from the command line, which other users can read)",
+    )
     p.add_argument("--state", required=True, type=Path, help="federation state directory")
     p.add_argument("--device-id", default=None, help="requested device id (default: random)")
     p.set_defaults(handler=_rpc_errors_as_fedfer(_enroll))
@@ -75,9 +91,28 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(handler=_rpc_errors_as_fedfer(_join_round))
 
 
+def _read_token(source: str) -> str:
+    """The enrollment token from a file only its owner can read, or from the first line of stdin (``-``)."""
+    if source == "-":
+        text = sys.stdin.readline(_MAX_TOKEN_TEXT)
+    else:
+        try:
+            with open(source, encoding="utf-8") as fh:
+                if os.fstat(fh.fileno()).st_mode & 0o077:
+                    raise ValidationError("the token file is readable by other users; chmod 600 it")
+                text = fh.read(_MAX_TOKEN_TEXT)
+        except (OSError, UnicodeDecodeError):
+            raise ValidationError("cannot read the token file") from None
+    token = text.strip()
+    if not token:
+        raise ValidationError("no enrollment token in the token file")
+    return token
+
+
 def _enroll(args: argparse.Namespace) -> int:
     from agent.federation.enroll import enroll
 
+    token = _read_token(args.token_file)
     try:
         ca_pem = args.ca.read_bytes()
     except OSError as exc:
@@ -86,7 +121,7 @@ def _enroll(args: argparse.Namespace) -> int:
         enroll(
             server=args.server,
             ca_pem=ca_pem,
-            token=args.token,
+            token=token,
             state_dir=args.state,
             device_id=args.device_id,
         )
