@@ -81,13 +81,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--timeout-s", type=float, default=600.0)
     p.add_argument("--rounds", type=int, default=1, help="stop after this many published rounds")
     p.add_argument("--attempts", type=int, default=None, help="most rounds to try (default: rounds + 2)")
-    p.add_argument(
-        "--stall-after",
-        choices=["advertise_keys", "share_keys", "masked_input", "unmask"],
-        default=None,
-        help="testing aid: hang (a device that vanished) right after this stage's message was accepted",
-    )
-    p.add_argument("--stall-round", type=int, default=1, help="which of this device's rounds to stall in")
     p.set_defaults(handler=_rpc_errors_as_fedfer(_join_round))
 
 
@@ -179,28 +172,16 @@ def _join_round(args: argparse.Namespace) -> int:
             raise ValidationError("update length does not match the round's model")
         return flat, weight
 
-    taken = {"rounds": 0}
-
-    async def stall() -> None:
-        if taken["rounds"] == args.stall_round:
-            print(json.dumps({"stalled": args.stall_after}), flush=True)
-            await asyncio.Event().wait()  # hang forever: the test kills this process with SIGKILL
-
-    async def counting_update_fn(base_version: str, dim: int) -> tuple[npt.NDArray[np.float64], int]:
-        taken["rounds"] += 1
-        return await update_fn(base_version, dim)
-
-    hooks = {args.stall_after: stall} if args.stall_after else {}
     policy = RetryPolicy(attempts=40, initial_s=0.2, max_s=2.0)
 
     async def go() -> int:
         published = 0
         attempts = args.attempts if args.attempts is not None else args.rounds + 2
-        async with FederationClient(state=DeviceState.load(args.state), hooks=hooks, policy=policy) as client:
+        async with FederationClient(state=DeviceState.load(args.state), policy=policy) as client:
             for _ in range(attempts):
                 if published >= args.rounds:
                     break
-                outcome = await client.join_round(counting_update_fn, timeout_s=args.timeout_s)
+                outcome = await client.join_round(update_fn, timeout_s=args.timeout_s)
                 print(json.dumps(asdict(outcome) | {"wire_bytes": client.counter.total}), flush=True)
                 published += outcome.status == "published"
         return 0 if published >= args.rounds else 4

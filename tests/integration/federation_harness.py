@@ -49,7 +49,13 @@ DIM = 1000
 LIMITS = EdgeLimits(
     max_message_bytes=256 * 1024, max_payload_bytes=64 * 1024, max_upload_bytes=8 * DIM + 4096
 )
-_ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+REPO = Path(__file__).resolve().parents[2]
+# PYTHONPATH: the test-only wrapper (tests.integration.stalling_agent) is imported from this checkout.
+_ENV = {
+    **os.environ,
+    "PYTHONUNBUFFERED": "1",
+    "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
+}
 
 
 def free_port() -> int:
@@ -135,12 +141,14 @@ class Device:
     ) -> None:
         """Start ``fedfer-agent join-round`` with this update."""
         np.savez(self.update_path, update=update, weight=np.array(weight))
-        cmd = [str(BIN / "fedfer-agent"), "join-round", "--state", str(self.state), "--update",
-               str(self.update_path), "--rounds", str(rounds), "--timeout-s", str(timeout_s)]  # fmt: skip
+        agent = [str(BIN / "fedfer-agent")]
+        if stall_after is not None:  # the real command line, with a test-only hook that hangs the device
+            agent = [sys.executable, "-m", "tests.integration.stalling_agent", "--stall-after", stall_after,
+                     "--stall-round", str(stall_round)]  # fmt: skip
+        cmd = [*agent, "join-round", "--state", str(self.state), "--update", str(self.update_path),
+               "--rounds", str(rounds), "--timeout-s", str(timeout_s)]  # fmt: skip
         if attempts is not None:
             cmd += ["--attempts", str(attempts)]
-        if stall_after is not None:
-            cmd += ["--stall-after", stall_after, "--stall-round", str(stall_round)]
         with self.err_path.open("wb") as err:
             self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=_ENV)
         stdout = self.proc.stdout

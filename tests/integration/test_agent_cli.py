@@ -1,4 +1,8 @@
-"""``fedfer-agent enroll`` takes the one-time token from a private file or stdin, never from argv."""
+"""The agent's federation command line.
+
+``enroll`` takes the one-time token from a private file or stdin, never from argv; ``join-round`` has no test
+hooks (they live in ``tests/integration/stalling_agent.py``).
+"""
 
 from __future__ import annotations
 
@@ -82,3 +86,12 @@ def test_enroll_reads_the_token_from_a_private_file_or_stdin(tmp_path: Path) -> 
         assert sorted(d.device_id for d in h.storage.list_devices()) == sorted([first, second])
 
     run_in_process(tmp_path, RoundSettings(min_clients=2, max_clients=2), body)
+
+
+def test_join_round_ships_no_test_hooks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for hook in ("--stall-after", "--stall-round"):
+        with pytest.raises(SystemExit) as info:
+            agent_main(
+                ["join-round", "--state", str(tmp_path), "--update", str(tmp_path / "u.npz"), hook, "1"]
+            )
+        assert info.value.code == 2 and f"unrecognized arguments: {hook}" in capsys.readouterr().err
