@@ -912,6 +912,15 @@ class RoundCoordinator:
             raise NotParticipantError("no result for this device")
         return message.to_bytes(), {}
 
+    def check_round(self, round_id: int) -> None:
+        """Make sure ``round_id`` is the current round.
+
+        Raises:
+            StaleRoundError: it is not (finished, unknown, or an earlier round).
+            RoundAbortedError: it names a round that aborted.
+        """
+        self._current(round_id)
+
     # -- helpers ------------------------------------------------------------------------------------------
 
     def _current(self, round_id: int) -> _Round:

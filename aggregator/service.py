@@ -21,7 +21,6 @@ import grpc
 
 from aggregator.enrollment import (
     AuthenticationError,
-    DeviceExistsError,
     EnrollmentService,
     TokenRejectedError,
 )
@@ -159,7 +158,6 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         (OversizeError, grpc.StatusCode.RESOURCE_EXHAUSTED, "message too large"),
         (AuthenticationError, grpc.StatusCode.PERMISSION_DENIED, "device is not authorized"),
         (TokenRejectedError, grpc.StatusCode.PERMISSION_DENIED, "enrollment refused"),
-        (DeviceExistsError, grpc.StatusCode.ALREADY_EXISTS, "device already enrolled"),
         (RoundAbortedError, grpc.StatusCode.ABORTED, "round aborted"),
         (StaleRoundError, grpc.StatusCode.FAILED_PRECONDITION, "not the current round"),
         (StageError, grpc.StatusCode.FAILED_PRECONDITION, "wrong stage for this message"),
@@ -346,6 +344,9 @@ class FederationRpc(federation_pb2_grpc.FederationServicer):  # type: ignore[mis
     ) -> common_pb2.StageAck:
         if not self._coordinator.is_leader:  # the lease may have gone while a long upload streamed in
             raise NotLeaderError("standby")
+        # A message of an earlier round is refused even when its request id has a stored answer: replaying
+        # it while a later round runs must not look accepted.
+        self._coordinator.check_round(round_id)
         scope = f"{device_id}/{stage.value}"
         digest = _digest(stage.value.encode(), round_id.to_bytes(8, "big"), payload)
         stored = self._storage.get_response(scope=scope, request_id=request_id)

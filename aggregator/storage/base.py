@@ -262,6 +262,15 @@ class Storage(abc.ABC):
         """Return the token with this hash, or None."""
 
     @abc.abstractmethod
+    def spend_token(self, token_hash: bytes, *, now: dt.datetime) -> bool:
+        """Mark an unused, unexpired token used without registering a device (a refused enrollment that must
+        not be tried again with the same token).
+
+        Returns:
+            True if the token was spent now, False if it was unknown, expired or already used.
+        """
+
+    @abc.abstractmethod
     def delete_expired_tokens(self, *, now: dt.datetime) -> int:
         """Delete unused tokens that expired before ``now``; return how many were deleted."""
 

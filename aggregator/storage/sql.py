@@ -405,6 +405,16 @@ class SqlStorage(Storage):
             row = cur.fetchone()
         return None if row is None else _token(row)
 
+    def spend_token(self, token_hash: bytes, *, now: dt.datetime) -> bool:
+        """Mark an unused, unexpired token used without registering a device."""
+        ts = _to_db_time(now)
+        with self._tx() as cur:
+            cur.execute(
+                "UPDATE tokens SET used_at = ? WHERE token_hash = ? AND used_at IS NULL AND expires_at > ?",
+                (ts, _blob(token_hash, "token hash"), ts),
+            )
+            return int(cur.rowcount) == 1
+
     def delete_expired_tokens(self, *, now: dt.datetime) -> int:
         """Delete unused tokens that expired before ``now``; return how many were deleted."""
         with self._tx() as cur:

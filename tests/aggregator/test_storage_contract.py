@@ -194,6 +194,20 @@ def test_refused_registration_leaves_token_usable(store: Storage) -> None:
     assert [d.device_id for d in store.list_devices()] == ["dev-1", "dev-2"]
 
 
+def test_a_spent_token_cannot_enroll(store: Storage) -> None:
+    store.add_token(token(1))
+    store.add_token(token(2, expires=NOW + dt.timedelta(seconds=1)))
+    assert store.spend_token(token(1).token_hash, now=NOW)
+    assert not store.spend_token(token(1).token_hash, now=NOW)  # once
+    spent = store.get_token(token(1).token_hash)
+    assert spent is not None and spent.used_at == NOW and spent.device_id is None
+    with pytest.raises(ConflictError, match="token"):
+        store.enroll_device(token_hash=token(1).token_hash, device=device(), now=NOW)
+    assert not store.spend_token(token(2).token_hash, now=NOW + dt.timedelta(seconds=1))  # expired
+    assert not store.spend_token(b"\x09" * 32, now=NOW)  # unknown
+    assert store.list_devices() == []
+
+
 def test_large_serials_and_revocation(store: Storage) -> None:
     big = (1 << 158) + 12345  # X.509 serials are up to 159 bits, beyond any SQL BIGINT
     store.add_token(token(1))
