@@ -80,6 +80,11 @@ class TcpProxy:
 
         try:
             await asyncio.gather(pipe(reader, up_writer, up=True), pipe(up_reader, writer, up=False))
+        except asyncio.CancelledError:
+            # The loop is shutting down: end quietly (asyncio's server callback would report a cancelled
+            # handler as an error). The connection is cut below.
+            writer.transport.abort()
+            up_writer.transport.abort()
         finally:
             self._writers -= {writer, up_writer}
 
