@@ -727,3 +727,27 @@ def test_a_clean_shutdown_hands_the_round_over_to_the_standby(tmp_path: Path) ->
         _assert_published(r.store_b, r.round_id, 2, r.updates)
 
     with_two_replicas(tmp_path, clock, clock, body)
+
+
+def test_a_round_opened_behind_the_leaders_back_is_recovered_not_raised(storage: Storage) -> None:
+    clock = Clock()
+    registry = ModelRegistry(storage)
+    settings = RoundSettings(min_clients=3, max_clients=3, degree=0, rounds=1)
+    coord = RoundCoordinator(storage=storage, registry=registry, settings=settings, clock=clock)
+
+    async def body() -> None:
+        task = asyncio.create_task(coord.run())
+        await until(lambda: coord.is_leader, "the coordinator leads")  # no model yet: it waits for one
+        stray = storage.create_round(params={}, now=NOW)  # what a stale leader could still do
+        registry.publish(1, {"w": np.zeros(DIM, dtype=np.float32)}, parent=None)
+        # Its own create_round loses to the stray round: it recovers that one (aborting it: nothing persisted)
+        # and opens its own, instead of crashing out of run().
+        await until(lambda: coord.view("dev-x").stage is RoundStage.CHECK_IN, "its own round")
+        assert coord.view("dev-x").round_id != stray.round_id
+        record = storage.get_round(stray.round_id)
+        assert record is not None and record.status is RoundStatus.ABORTED
+        assert not task.done()
+        coord.stop()
+        await asyncio.wait_for(task, timeout=10)
+
+    run(body)
