@@ -260,6 +260,9 @@ class LearningSection:
         epochs: fine-tuning epochs.
         lr: Adam learning rate.
         min_sessions: personalization waits for at least this many cached sessions.
+        allow_untrained_ifer: run ``personalize``/``join`` even when the IFER head is untrained
+            (``vision.ifer_model`` and ``vision.ifer_head`` empty); its pseudo labels are then meaningless, so
+            this is for experiments only and off by default.
     """
 
     num_classes: int = _opt(_choice(4, 6), default=6)
@@ -268,6 +271,7 @@ class LearningSection:
     epochs: int = _opt(_integer(1, 100), default=2)
     lr: float = _opt(_number(0, 1, lo_open=True), default=1e-3)
     min_sessions: int = _opt(_integer(1, 100_000), default=1)
+    allow_untrained_ifer: bool = _opt(_boolean, default=False)
 
     def __post_init__(self) -> None:
         _validate("learning", self)

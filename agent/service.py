@@ -32,7 +32,6 @@ from types import ModuleType
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
-
 from agent.config import AgentConfig
 from agent.lock import ensure_private_dir
 from agent.records import FEATURE_DIM, FrameRecord
@@ -45,6 +44,7 @@ __all__ = [
     "JOBS",
     "MODELS_DIR",
     "PROCESSED_FILE",
+    "UNTRAINED_IFER",
     "VIDEO_SUFFIXES",
     "CacheSink",
     "ComponentUnavailableError",
@@ -63,10 +63,12 @@ __all__ = [
     "computations_running",
     "decode_record",
     "encode_record",
+    "ifer_untrained",
     "open_cache",
     "open_record_sink",
     "open_source",
     "open_vision",
+    "startup_warnings",
 ]
 
 _log = logging.getLogger(__name__)
@@ -278,6 +280,43 @@ class VisionStage(Protocol):
     def close(self) -> None:
         """Release models."""
         ...
+
+
+_UNTRAINED = (
+    "the IFER head g is untrained (vision.ifer_model and vision.ifer_head are empty), so its pseudo labels "
+    "are meaningless"
+)
+#: Why ``personalize``/``join`` refuse to run on an untrained IFER head, and what to do about it.
+UNTRAINED_IFER = (
+    f"{_UNTRAINED}: install an IFER export (fedfer-agent provision --ifer EXPORT, see "
+    "docs/deploy-systemd.md) and set vision.ifer_model, or set learning.allow_untrained_ifer = true for "
+    "experiments"
+)
+
+
+def ifer_untrained(config: AgentConfig) -> bool:
+    """Whether the vision stage's IFER head would keep its random initialization (no export, no head file)."""
+    return not config.vision.ifer_model and not config.vision.ifer_head
+
+
+def startup_warnings(config: AgentConfig) -> list[str]:
+    """What makes this configuration run but not do its job: an untrained IFER head, missing model files."""
+    warnings = []
+    if ifer_untrained(config):
+        refused = "" if config.learning.allow_untrained_ifer else "; personalize and join are refused"
+        warnings.append(_UNTRAINED + refused)
+    vision = config.vision
+    for key in ("detector_model", "ifer_model", "feature_weights", "ifer_head"):
+        value = getattr(vision, key)
+        if value and not config.model_path(value).exists():
+            warnings.append(f"vision.{key} not found at {config.model_path(value)} (check FEDFER_ASSETS)")
+    return warnings
+
+
+def _require_trained_ifer(config: AgentConfig) -> None:
+    """Refuse learning from pseudo labels of an untrained IFER head (unless the config opts in)."""
+    if ifer_untrained(config) and not config.learning.allow_untrained_ifer:
+        raise ValidationError(UNTRAINED_IFER)
 
 
 def open_vision(config: AgentConfig) -> VisionStage:
@@ -590,6 +629,7 @@ def _save_model(config: AgentConfig, name: str, arrays: dict[str, np.ndarray], m
 
 def _personalize(config: AgentConfig) -> dict[str, Any]:
     """Job ``personalize``: fine-tune ``v`` on the cached sessions; the result stays on the device."""
+    _require_trained_ifer(config)
     central, version = _central_or_initial(config)
 
     async def go() -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -608,6 +648,7 @@ def _join(config: AgentConfig) -> dict[str, Any]:
     central ``v`` of the round's base version is fetched, personalized on the cached sessions, and only the
     masked difference (weighted by the number of clips used) leaves the device.
     """
+    _require_trained_ifer(config)
     if not config.federation.server:
         raise ValidationError("federation.server is not configured: this device does not federate")
     client_module = _component("agent.federation.client", "the federation client")

@@ -147,11 +147,17 @@ class Supervisor:
                 "agent started",
                 extra={"generation": self.generation, "drain_timeout_s": self.config.daemon.drain_timeout_s},
             )
+            self._warn_about_config()
             self._loop()
             return 0
         finally:
             self._close_sockets()
             self._lock.release()
+
+    def _warn_about_config(self) -> None:
+        """Log, once per configuration, what keeps it from doing its job (see ``status`` ``warnings``)."""
+        for text in service.startup_warnings(self.config):
+            _log.warning(text)
 
     def _install_signals(self) -> None:
         def note(signum: int, _frame: FrameType | None) -> None:
@@ -384,6 +390,7 @@ class Supervisor:
             "workers": workers,
             "drops": drops,
             "jobs": list(self.jobs.values()),
+            "warnings": service.startup_warnings(self.config),
         }
 
     def _set_paused(self, paused: bool) -> dict[str, Any]:
@@ -436,6 +443,7 @@ class Supervisor:
         self.generation += 1
         self._write_worker_config()
         _log.info("config reloaded; restarting workers", extra={"generation": self.generation})
+        self._warn_about_config()
         self._stop_workers(time.monotonic() + self.config.daemon.drain_timeout_s)
         now = time.monotonic()
         for handle in self.workers.values():

@@ -61,7 +61,7 @@ def test_three_agents_complete_a_round_and_a_new_central_v_is_published(tmp_path
             agent = Agent(root, write_config(root / "agent.toml", clips=assets / "data" / "crema-d-sample"))
             federation = (
                 f'[federation]\nserver = "127.0.0.1:{agg.port}"\nca = "{dep.dir / "pki" / "ca.pem"}"\n'
-                "[learning]\nepochs = 1\n[privacy]\ntarget_epsilon = 2.0\n"
+                "[learning]\nepochs = 1\nallow_untrained_ifer = true\n[privacy]\ntarget_epsilon = 2.0\n"
             )
             agent.config.write_text(agent.config.read_text() + federation)
             agent.state_dir.mkdir(mode=0o700)

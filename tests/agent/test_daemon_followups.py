@@ -119,7 +119,7 @@ def test_sigterm_during_a_join_personalization_drains_within_the_bound(tmp_path:
         agent.config.write_text(
             agent.config.read_text()
             + f'[federation]\nserver = "127.0.0.1:{agg.port}"\nca = "{dep.dir / "pki" / "ca.pem"}"\n'
-            + "[learning]\nepochs = 100\n"
+            + "[learning]\nepochs = 100\nallow_untrained_ifer = true\n"
         )
         agent.state_dir.mkdir(mode=0o700)
         asyncio.run(
