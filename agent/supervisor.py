@@ -8,6 +8,8 @@
   ``daemon.drain_timeout_s`` (stragglers are killed at the bound).
 * SIGHUP: reads the configuration file again; a valid one is applied by restarting the workers with it, an
   invalid one is refused and the running configuration kept.
+* With a finite file source, a restart of vision or the learner restarts capture too, so the file whose
+  records were in flight is read again from its start (see :mod:`agent.ledger`).
 * Holds the state-directory lock for its whole life; persists the pause flag in ``agent-state.json``.
 """
 
@@ -65,6 +67,8 @@ class WorkerHandle:
     next_start: float = 0.0
     failed: bool = False
     last_exit: int | None = None
+    #: Stopped on purpose (not a crash): restart at once, without counting it towards the crash loop.
+    planned_restart: bool = False
 
     def summary(self, now: float) -> dict[str, Any]:
         """Status of this worker as plain data."""
@@ -267,6 +271,14 @@ class Supervisor:
         handle.last_exit = code
         handle.state = "stopped"
         self._fail_jobs_of(handle.role)
+        if handle.role in ("vision", "learner") and service.file_source(self.config):
+            self._restart_capture()
+        if handle.planned_restart:
+            handle.planned_restart = False
+            handle.next_start = now
+            handle.restarts += 1
+            _log.info("worker restarted", extra={"worker": handle.role, "exit": code})
+            return
         while handle.crashes and now - handle.crashes[0] > daemon.crash_loop_window_s:
             handle.crashes.popleft()
         handle.crashes.append(now)
@@ -282,6 +294,20 @@ class Supervisor:
         _log.warning(
             "worker exited; restarting", extra={"worker": handle.role, "exit": code, "backoff_s": backoff}
         )
+
+    def _restart_capture(self) -> None:
+        """Records of the file being read were in flight in the worker that stopped: read the file again.
+
+        Capture drains (no end marker for the file it stops in, so that file is not marked done) and starts
+        again at once; the new reading of the file supersedes what the old one stored.
+        """
+        capture = self.workers["capture"]
+        if capture.proc is None or capture.proc.poll() is not None or capture.planned_restart:
+            return
+        capture.planned_restart = True
+        with contextlib.suppress(ProcessLookupError):
+            capture.proc.send_signal(signal.SIGTERM)
+        _log.info("restarting capture: a file being read is read again from its start")
 
     # ------------------------------------------------------------------------------ worker events
     def _drain_events(self) -> None:
@@ -469,6 +495,7 @@ class Supervisor:
             handle.last_exit = handle.proc.returncode
             handle.proc = None
             handle.state = "stopped"
+            handle.planned_restart = False
             self._fail_jobs_of(role)
 
     def _shutdown(self) -> None:

@@ -15,7 +15,16 @@ from agent.cache import SessionNotFoundError
 from agent.config import apply_path_overrides, parse_config
 from agent.control import ControlError
 from agent.records import FrameRecord
-from agent.service import CacheSink, decode_record, encode_record, open_cache
+from agent.service import (
+    CacheSink,
+    FileEnd,
+    FileOrigin,
+    decode_file_end,
+    decode_record,
+    encode_file_end,
+    encode_record,
+    open_cache,
+)
 from tests.agent.daemon_harness import Agent, wait_gone, write_config
 
 
@@ -36,14 +45,24 @@ def _config(state_dir: Path):  # type: ignore[no-untyped-def]
 
 def test_record_wire_form_round_trips_and_rejects_garbage() -> None:
     record = _record(1.5, 1)
-    tag, back = decode_record(encode_record("t1", record))  # type: ignore[misc]
-    assert tag == "t1" and back.timestamp == 1.5 and back.score == pytest.approx(0.9)
+    tag, back, origin = decode_record(encode_record("t1", record))  # type: ignore[misc]
+    assert tag == "t1" and back.timestamp == 1.5 and back.score == pytest.approx(0.9) and origin is None
     assert np.array_equal(back.feature, record.feature) and back.box == record.box
     parts = encode_record("t1", record)
     assert decode_record(parts[:2]) is None
     assert decode_record([b"{", parts[1], parts[2]]) is None
     assert decode_record([parts[0], parts[1][:-2], parts[2]]) is None
     assert decode_record([parts[0], parts[1], b"\x00" * 3]) is None
+    # Records of a finite file source name their file and reading; so does the end marker behind them.
+    source = FileOrigin("ab" * 32, 123)
+    assert decode_record(encode_record("t2", record, source))[2] == source  # type: ignore[index]
+    bad = json.loads(encode_record("t2", record, source)[0])
+    bad["reading"] = "123"
+    assert decode_record([json.dumps(bad).encode(), parts[1], parts[2]]) is None
+    end = FileEnd("ab" * 32, 123, complete=True, records=7)
+    assert decode_file_end(encode_file_end(end)) == end
+    assert decode_file_end(parts[:1]) is None and decode_file_end([b"[]"]) is None
+    assert decode_file_end([*encode_file_end(end), b"x"]) is None
 
 
 def test_cache_sink_maps_tags_to_sealed_sessions(tmp_path: Path) -> None:
