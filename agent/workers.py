@@ -19,7 +19,7 @@ learner, all within ``daemon.drain_timeout_s``): capture stops reading at once a
 still go out; vision receives every one of them (``frames_in`` reaches capture's ``frames_sent``) and runs
 the vision stage on each (``frames_discarded`` counts those it could not, e.g. models unavailable); the
 learner stores every record vision sent (``records_in`` reaches vision's ``records_sent``). The supervisor's
-last log line (``agent stopped``) reports what the bound cut off (``frames_unprocessed``,
+last log line (``agent stopped``) reports what the bound cut off (``vision_unprocessed``,
 ``records_unstored``; zero after a complete drain). A worker whose supervisor dies exits too (Linux
 parent-death signal, plus a parent-pid check everywhere else). What each stage does is pluggable:
 :mod:`agent.service` binds the real capture, vision, cache and learning components.
@@ -134,7 +134,7 @@ class Worker:
             return False
         return True
 
-    def _flush_outbox(self) -> None:
+    def flush_outbox(self) -> None:
         """Send posted events in order; what the link cannot take now stays queued for the next call."""
         while not self.outbox.empty():
             self._unsent.append(self.outbox.get_nowait())
@@ -191,7 +191,7 @@ class Worker:
                 _log.warning("supervisor is gone; stopping")
                 break
             idle = self.step()
-            self._flush_outbox()
+            self.flush_outbox()
             self.heartbeat()
             wait_ms = int(max(0.0, min(idle, self.config.daemon.heartbeat_interval_s)) * 1000)
             if self._link.poll(wait_ms, zmq.POLLIN):
@@ -200,7 +200,7 @@ class Worker:
         self.heartbeat(force=True)
         self.drain(time.monotonic() + self.config.daemon.drain_timeout_s * self.drain_share)
         self.state = "stopped"
-        self._flush_outbox()
+        self.flush_outbox()
         self.heartbeat(force=True)
         self.close()
         return 0

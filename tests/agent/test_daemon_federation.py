@@ -1,4 +1,5 @@
-"""Three agents (supervisor + workers each) join one real secure-aggregation round through `join`.
+"""Three agents (supervisor + workers each) join one real secure-aggregation round through `join`, two of
+them after a restart (kill -9 of the supervisor, SIGTERM) that must keep their cache and enrollment.
 
 Real aggregator process (``fedfer-aggregator serve``, mutual TLS over loopback), real enrollment, each agent's
 learner personalizing ``v`` with DP-SGD on its own encrypted cache and sending only the masked update.
@@ -15,11 +16,12 @@ import pytest
 
 from agent.config import apply_path_overrides, parse_config
 from agent.federation.enroll import enroll
+from agent.federation.state import DeviceState
 from agent.learning.export import load_exported
 from agent.models import VideoModel, to_named_arrays
 from agent.records import FrameRecord
 from agent.service import open_cache
-from tests.agent.daemon_harness import Agent, write_config
+from tests.agent.daemon_harness import Agent, wait_gone, write_config
 from tests.integration.federation_harness import Deployment
 
 pytestmark = pytest.mark.slow
@@ -49,7 +51,28 @@ def _fill_cache(config_text: str, state_dir: Path, *, lean: int) -> None:
         cache.close()
 
 
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _cache_contents(agent: Agent) -> dict[str, list[bytes]]:
+    config = apply_path_overrides(
+        parse_config(agent.config.read_text()), {"FEDFER_STATE_DIR": str(agent.state_dir)}
+    )
+    cache = open_cache(config)
+    try:
+        return {
+            s.session_id: [r.feature.tobytes() for r in cache.read_session(s.session_id)]
+            for s in cache.sessions()
+        }
+    finally:
+        cache.close()
+
+
 def test_three_agents_complete_a_round_and_a_new_central_v_is_published(tmp_path: Path, assets: Path) -> None:
+    """Before the round, one agent's supervisor is killed with kill -9 and another stopped with SIGTERM; both
+    start again with their cache (every record readable, unchanged) and enrollment (same files), and all three
+    then complete the round as the devices they enrolled as."""
     central = to_named_arrays(VideoModel(num_classes=6))
     dep = Deployment(tmp_path / "agg", min_clients=3, max_clients=3, deadline_s=120, model=central)
     agg = dep.serve("--rounds", "1", "--checkin-s", "1")
@@ -75,6 +98,17 @@ def test_three_agents_complete_a_round_and_a_new_central_v_is_published(tmp_path
             )
             _fill_cache(agent.config.read_text(), agent.state_dir, lean=i)
             agents.append(agent.start_paused())
+        before = [(_files(a.state_dir / "federation"), _cache_contents(a)) for a in agents]
+        killed, stopped = agents[:2]
+        pids = [w["pid"] for w in killed.status()["workers"].values()]
+        assert killed.proc is not None
+        killed.proc.kill()
+        killed.proc.wait(5)
+        assert stopped.stop() == 0
+        assert all(wait_gone(pid) for pid in pids)
+        for agent in (killed, stopped):
+            assert agent.start().status()["paused"] is True
+        assert [(_files(a.state_dir / "federation"), _cache_contents(a)) for a in agents] == before
         for agent in agents:
             assert agent.client.request("join")["state"] == "running"
         jobs = [
@@ -89,7 +123,8 @@ def test_three_agents_complete_a_round_and_a_new_central_v_is_published(tmp_path
         status = dep.status()
         versions = sorted(int(v) for v in status["model_versions"])
         assert len(versions) == 2 and str(versions[-1]) == results[0]["model_version"]
-        assert [len(r["participants"]) for r in status["rounds"]] == [3]
+        enrolled = [DeviceState.load(a.state_dir / "federation").device_id for a in agents]
+        assert [sorted(r["participants"]) for r in status["rounds"]] == [sorted(enrolled)]
         new = dep.model(versions[-1])
         assert set(new) == set(central) and any(not np.array_equal(new[k], central[k]) for k in central)
         # Each device reports what it uploaded for the round (client-side wire counter): at least one byte
