@@ -181,7 +181,8 @@ class CaptureSection:
             ``rtsp://``/``http(s)://`` stream URL.
         fps: frames per second sampled from the source, in (0, 60].
         realtime: pace file sources at ``fps`` in wall-clock time (a camera is always real time).
-        loop: start a file source again when it ends.
+        loop: start a file source again when it ends. Without it a file source is finite: nothing is
+            dropped and each file is cached exactly once (see :mod:`agent.ledger`); a looping file is live.
         max_width: frames wider than this are scaled down before they leave the capture process.
     """
 
@@ -342,7 +343,8 @@ class DaemonSection:
         restart_backoff_max_s: the delay's ceiling.
         crash_loop_limit: after this many crashes within ``crash_loop_window_s`` a worker is given up.
         crash_loop_window_s: the crash-loop window; a worker up this long counts as healthy again.
-        queue_hwm: bound (messages) of each queue between workers; beyond it frames are dropped and counted.
+        queue_hwm: bound (messages) of each queue between workers; beyond it a live source (camera, stream,
+            looping file) drops frames and records (counted) while a file source read once waits for room.
         control_max_bytes: largest accepted control request.
     """
 

@@ -202,14 +202,15 @@ class SourceSequence:
         inputs = self._inputs()
         offset = 0.0
         while not self._closed:
+            seen: set[str] = set()
             for item in inputs:
-                key = (
-                    ProcessedFiles.key(Path(item))
-                    if self.ledger is not None and isinstance(item, str)
-                    else None
-                )
-                if key is not None and self.ledger is not None and self.ledger.is_done(key):
-                    continue
+                key = None
+                if self.ledger is not None and isinstance(item, str):
+                    key = ProcessedFiles.key(Path(item))
+                    if key is not None and (key in seen or self.ledger.is_done(key)):
+                        continue  # stored already, or the same file a second time (through a link)
+                    if key is not None:
+                        seen.add(key)
                 segment = secrets.token_hex(6)
                 reading = time.monotonic_ns()
                 last = 0.0
@@ -572,7 +573,9 @@ class CacheSink:
         return True
 
     def _accept(self, origin: FileOrigin) -> bool:
-        """Count a record of ``origin``; drop it if a newer reading of its file has started."""
+        """Count a record of ``origin``; drop it if its file is stored already or a newer reading started."""
+        if self._ledger is not None and self._ledger.is_done(origin.file):
+            return False
         newest = self._readings.get(origin.file)
         if newest is not None and origin.reading < newest:
             return False
@@ -609,6 +612,8 @@ class CacheSink:
         newest = self._readings.get(end.file)
         if newest is not None and end.reading < newest:
             return False  # an older reading, superseded
+        if self._ledger is not None and self._ledger.is_done(end.file):
+            return False  # stored whole already (by another reading of the same file)
         for tag, (session_id, _, other) in list(self._open.items()):
             if other == origin:
                 self._seal(session_id)

@@ -89,6 +89,10 @@ def test_file_sources_mark_each_file_end_and_skip_what_the_learner_stored(
     assert CLIPS[0].encode() not in text and str(clips).encode() not in text  # the ledger names no file
     again = list(open_source(config))
     assert {i.file for i in again} == {ends[1].file}
+    # The same file twice in a folder (a link to it) is read once.
+    (clips / "again.flv").symlink_to(clips / CLIPS[1])
+    assert len([i for i in open_source(config) if isinstance(i, SegmentEnd)]) == 1
+    (clips / "again.flv").unlink()
     # A file changed in place is new material.
     os.utime(clips / CLIPS[0], ns=(time.time_ns(), time.time_ns() + 10**9))
     assert len({i.file for i in open_source(config)}) == 2
@@ -121,6 +125,10 @@ def test_cache_sink_stores_a_file_once_across_interrupted_readings(tmp_path: Pat
     assert sink.end_file(FileEnd(key, 200, complete=True, records=4))
     assert [(s.frames, s.sealed) for s in cache.sessions()] == [(4, True)]
     assert ProcessedFiles(ledger_path).is_done(key) and ProcessedFiles(ledger_path).sessions(key) == []
+    # Once stored, a file takes nothing more (the same file read again through a link, a late reading).
+    assert not sink.put("t5", _record(0.0), now=0.0, origin=FileOrigin(key, 250))
+    assert not sink.end_file(FileEnd(key, 250, complete=True, records=1))
+    assert [s.frames for s in cache.sessions()] == [4]
 
     # A reading vision did not see whole, or whose records did not all arrive, is not done.
     assert sink.put("t3", _record(0.0), now=0.0, origin=FileOrigin(other, 300))
