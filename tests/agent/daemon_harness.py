@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from agent.config import apply_path_overrides, load_config
 from agent.control import ControlClient, ControlError
 
 FAST_DAEMON = """
@@ -142,3 +143,18 @@ def wait_gone(pid: int, timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def cached_features(agent: Agent) -> dict[str, list[bytes]]:
+    """Every cached session's features (bytes), by session id, read through the agent's own cache and key."""
+    from agent.service import open_cache
+
+    config = apply_path_overrides(load_config(agent.config), {"FEDFER_STATE_DIR": str(agent.state_dir)})
+    cache = open_cache(config)
+    try:
+        return {
+            s.session_id: [r.feature.tobytes() for r in cache.read_session(s.session_id)]
+            for s in cache.sessions()
+        }
+    finally:
+        cache.close()

@@ -21,7 +21,7 @@ from agent.learning.export import load_exported
 from agent.models import VideoModel, to_named_arrays
 from agent.records import FrameRecord
 from agent.service import open_cache
-from tests.agent.daemon_harness import Agent, wait_gone, write_config
+from tests.agent.daemon_harness import Agent, cached_features, wait_gone, write_config
 from tests.integration.federation_harness import Deployment
 
 pytestmark = pytest.mark.slow
@@ -55,20 +55,6 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def _cache_contents(agent: Agent) -> dict[str, list[bytes]]:
-    config = apply_path_overrides(
-        parse_config(agent.config.read_text()), {"FEDFER_STATE_DIR": str(agent.state_dir)}
-    )
-    cache = open_cache(config)
-    try:
-        return {
-            s.session_id: [r.feature.tobytes() for r in cache.read_session(s.session_id)]
-            for s in cache.sessions()
-        }
-    finally:
-        cache.close()
-
-
 def test_three_agents_complete_a_round_and_a_new_central_v_is_published(tmp_path: Path, assets: Path) -> None:
     """Before the round, one agent's supervisor is killed with kill -9 and another stopped with SIGTERM; both
     start again with their cache (every record readable, unchanged) and enrollment (same files), and all three
@@ -98,7 +84,7 @@ def test_three_agents_complete_a_round_and_a_new_central_v_is_published(tmp_path
             )
             _fill_cache(agent.config.read_text(), agent.state_dir, lean=i)
             agents.append(agent.start_paused())
-        before = [(_files(a.state_dir / "federation"), _cache_contents(a)) for a in agents]
+        before = [(_files(a.state_dir / "federation"), cached_features(a)) for a in agents]
         killed, stopped = agents[:2]
         pids = [w["pid"] for w in killed.status()["workers"].values()]
         assert killed.proc is not None
@@ -108,7 +94,7 @@ def test_three_agents_complete_a_round_and_a_new_central_v_is_published(tmp_path
         assert all(wait_gone(pid) for pid in pids)
         for agent in (killed, stopped):
             assert agent.start().status()["paused"] is True
-        assert [(_files(a.state_dir / "federation"), _cache_contents(a)) for a in agents] == before
+        assert [(_files(a.state_dir / "federation"), cached_features(a)) for a in agents] == before
         for agent in agents:
             assert agent.client.request("join")["state"] == "running"
         jobs = [

@@ -2,7 +2,7 @@
 
 The unit tests drive the source and the learner's sink directly (real OpenCV, real encrypted cache); the
 last test runs the real daemon on real clips, kills it mid-file with ``kill -9`` (every process), kills the
-learner mid-run, and checks the cache against what the vision pipeline makes of the same frames.
+learner mid-run, and checks the cache against the face frames the detector finds in the same frames.
 """
 
 from __future__ import annotations
@@ -185,23 +185,30 @@ def test_sessions_of_two_segments_arriving_interleaved_are_not_cut(tmp_path: Pat
 
 
 def _reference(config, clips: Path) -> list[tuple[float, ...]]:  # type: ignore[no-untyped-def]
-    """What the vision pipeline makes of the same frames, cut into sessions: sorted timestamp tuples."""
-    from agent.pipeline import daemon_stage
+    """The face frames of the same frames, cut into sessions: sorted timestamp tuples.
 
-    stage = daemon_stage(config)
-    cutter = SessionCutter(gap_s=config.vision.session_gap_s)
+    The vision stage makes a record exactly for each frame the detector finds a face in (at the frame's
+    timestamp), so the detector alone (real MediaPipe, the daemon's settings) gives what must be cached.
+    """
+    from agent.faces import FaceDetector
+
+    vision = config.vision
+    detector = FaceDetector(
+        model_path=config.model_path(vision.detector_model),
+        sha256=vision.detector_sha256,
+        min_confidence=vision.min_score,
+        margin=vision.margin,
+    )
+    cutter = SessionCutter(gap_s=vision.session_gap_s)
     sessions: dict[str, list[float]] = {}
     try:
         source = SourceSequence(source=str(clips), fps=config.capture.fps, max_width=640, loop=False)
         for frame in source:
             assert isinstance(frame, Frame)
-            record = stage.process(frame.image, frame.timestamp)
-            if record is not None:
-                sessions.setdefault(cutter.tag(frame.segment, record.timestamp)[0], []).append(
-                    record.timestamp
-                )
+            if detector.detect(frame.image) is not None:
+                sessions.setdefault(cutter.tag(frame.segment, frame.timestamp)[0], []).append(frame.timestamp)
     finally:
-        stage.close()
+        detector.close()
     return sorted(tuple(round(t, 4) for t in ts) for ts in sessions.values())
 
 
@@ -260,10 +267,24 @@ def test_kill_9_mid_file_and_a_killed_learner_neither_lose_nor_duplicate_a_recor
         agent.proc.wait(5)  # type: ignore[union-attr]
         assert _done(agent.state_dir) < len(CLIPS) and _cached(config)
 
-        # 2. As fast as vision goes (capture waits for room: queue_hwm = 2); kill -9 the learner mid-run.
+        # 2. As fast as vision goes (capture waits for room: queue_hwm = 2). A vision that stops taking
+        # frames holds capture back (it waits; nothing is dropped). Then kill -9 the learner mid-run.
         config_path.write_text(DAEMON.format(clips=clips, realtime="false"))
         agent.start()
         agent.wait_for(lambda s: s["workers"]["learner"]["stats"].get("records_cached", 0) >= 2, 90)
+        vision = agent.worker_pid("vision")
+        os.kill(vision, signal.SIGSTOP)
+        try:
+            held = agent.wait_for(
+                lambda s: (
+                    s["workers"]["capture"]["state"] == "blocked"
+                    and s["workers"]["capture"]["stats"]["queue_full_waits"] > 0
+                )
+            )
+        finally:
+            os.kill(vision, signal.SIGCONT)
+        assert held["workers"]["capture"]["stats"]["frames_dropped"] == 0
+        assert held["workers"]["capture"]["heartbeat_age_s"] < 2  # waiting in bounded steps, heartbeating
         os.kill(agent.worker_pid("learner"), signal.SIGKILL)
         status = agent.wait_for(
             lambda s: (

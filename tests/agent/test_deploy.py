@@ -100,13 +100,23 @@ def test_launchd_plist_is_a_user_agent_with_keepalive_and_logs() -> None:
 
 @pytest.mark.parametrize(
     "script",
-    ["systemd/install.sh", "systemd/uninstall.sh", "launchd/install.sh", "launchd/uninstall.sh"],
+    [
+        "systemd/install.sh",
+        "systemd/uninstall.sh",
+        "launchd/install.sh",
+        "launchd/uninstall.sh",
+        "install-lib.sh",
+    ],
 )
 def test_install_scripts_are_strict_posix_shell(script: str) -> None:
     path = DEPLOY / script
     text = path.read_text()
-    assert text.startswith("#!/bin/sh\n") and "\nset -eu\n" in text
-    assert path.stat().st_mode & 0o111
+    if script == "install-lib.sh":  # sourced by both installers (after their `set -eu`), not run
+        assert '. "$SRC/deploy/install-lib.sh"' in (DEPLOY / "systemd" / "install.sh").read_text()
+        assert '. "$SRC/deploy/install-lib.sh"' in (DEPLOY / "launchd" / "install.sh").read_text()
+    else:
+        assert text.startswith("#!/bin/sh\n") and "\nset -eu\n" in text
+        assert path.stat().st_mode & 0o111
     assert subprocess.run(["sh", "-n", str(path)], capture_output=True, timeout=30).returncode == 0
     # Idempotence: creation steps are guarded or naturally repeatable.
     lines = [line.strip() for line in text.splitlines()]
@@ -233,6 +243,22 @@ def ifer_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_ifer(net, tmp_path_factory.mktemp("ifer") / "export")
 
 
+def _with_ifer(assets: Path, export: Path) -> tuple[str, ...]:
+    """An installer's arguments: models from ``assets``, the IFER ``export``, this checkout's venv."""
+    return ("--assets", str(assets), "--ifer", str(export), "--venv", str(VENV))
+
+
+def _systemd_env(tmp_path: Path, calls: Path) -> dict[str, str]:
+    """The systemd installer's environment: fake system tools first on PATH, every path below ``tmp_path``."""
+    return {
+        **os.environ,
+        "PATH": f"{_fake_tools(tmp_path / 'bin', calls)}:{os.environ['PATH']}",
+        "PREFIX": str(tmp_path / "opt"),
+        "CONF_DIR": str(tmp_path / "etc"),
+        "UNIT_DIR": str(tmp_path / "units"),
+    }
+
+
 def _run(script: str, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["sh", str(DEPLOY / script), *args], capture_output=True, text=True, env=env, timeout=300
@@ -255,27 +281,12 @@ def test_systemd_install_provisions_verified_models_and_an_ifer_export(
 
     calls = tmp_path / "calls.log"
     prefix, conf, units = tmp_path / "opt", tmp_path / "etc", tmp_path / "units"
-    env = {
-        **os.environ,
-        "PATH": f"{_fake_tools(tmp_path / 'bin', calls)}:{os.environ['PATH']}",
-        "PREFIX": str(prefix),
-        "CONF_DIR": str(conf),
-        "UNIT_DIR": str(units),
-    }
+    env = _systemd_env(tmp_path, calls)
     # Without an IFER decision the installer refuses (and installs nothing).
     out = _run("systemd/install.sh", "--assets", str(assets), "--venv", str(VENV), env=env)
     assert out.returncode == 2 and "--ifer EXPORT" in out.stderr and not prefix.exists()
 
-    out = _run(
-        "systemd/install.sh",
-        "--assets",
-        str(assets),
-        "--ifer",
-        str(ifer_export),
-        "--venv",
-        str(VENV),
-        env=env,
-    )
+    out = _run("systemd/install.sh", *_with_ifer(assets, ifer_export), env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     installed = prefix / "assets"
     for model in (DETECTOR, MOBILENET_TFLITE):
@@ -343,13 +354,7 @@ def test_install_refuses_a_model_file_that_fails_its_pinned_digest(tmp_path: Pat
     data[1000] ^= 0xFF  # one flipped byte
     bad.write_bytes(bytes(data))
     prefix = tmp_path / "opt"
-    env = {
-        **os.environ,
-        "PATH": f"{_fake_tools(tmp_path / 'bin', tmp_path / 'calls.log')}:{os.environ['PATH']}",
-        "PREFIX": str(prefix),
-        "CONF_DIR": str(tmp_path / "etc"),
-        "UNIT_DIR": str(tmp_path / "units"),
-    }
+    env = _systemd_env(tmp_path, tmp_path / "calls.log")
     out = _run("systemd/install.sh", "--assets", str(source), "--without-ifer", "--venv", str(VENV), env=env)
     assert out.returncode != 0
     assert "does not match the pinned digest" in out.stderr
@@ -375,16 +380,7 @@ def test_launchd_install_renders_a_user_agent_with_provisioned_models(
         "HOME": str(home),
     }
     env.pop("PREFIX", None)
-    out = _run(
-        "launchd/install.sh",
-        "--assets",
-        str(assets),
-        "--ifer",
-        str(ifer_export),
-        "--venv",
-        str(VENV),
-        env=env,
-    )
+    out = _run("launchd/install.sh", *_with_ifer(assets, ifer_export), env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     support = home / "Library" / "Application Support" / "fedfer"
     installed = support / "app" / "assets"

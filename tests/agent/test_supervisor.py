@@ -22,7 +22,14 @@ from agent.config import apply_path_overrides, parse_config
 from agent.control import ControlClient, ControlError
 from agent.records import FrameRecord
 from agent.service import open_cache
-from tests.agent.daemon_harness import FAST_DAEMON, Agent, pid_alive, wait_gone, write_config
+from tests.agent.daemon_harness import (
+    FAST_DAEMON,
+    Agent,
+    cached_features,
+    pid_alive,
+    wait_gone,
+    write_config,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -246,18 +253,6 @@ def _fill_cache(agent: Agent) -> dict[str, list[bytes]]:
     return stored
 
 
-def _read_cache(agent: Agent) -> dict[str, list[bytes]]:
-    config = apply_path_overrides(parse_config(""), {"FEDFER_STATE_DIR": str(agent.state_dir)})
-    cache = open_cache(config)
-    try:
-        return {
-            s.session_id: [r.feature.tobytes() for r in cache.read_session(s.session_id)]
-            for s in cache.sessions()
-        }
-    finally:
-        cache.close()
-
-
 def test_kill_9_of_supervisor_then_immediate_restart_waits_for_its_workers_and_keeps_state(
     tmp_path: Path, clips: Path
 ) -> None:
@@ -309,7 +304,7 @@ def test_kill_9_of_supervisor_then_immediate_restart_waits_for_its_workers_and_k
         assert status["paused"] is True and status["pid"] != agent.proc.pid
         assert not {w["pid"] for w in status["workers"].values()} & set(old.values())
         # The cache survived both kills: the same sessions, every record readable and unchanged.
-        assert again.client.request("sessions")["sessions"] and _read_cache(again) == stored
+        assert again.client.request("sessions")["sessions"] and cached_features(again) == stored
     finally:
         for a in (again, impatient, agent):
             if a is not None:
@@ -411,7 +406,7 @@ def test_live_source_under_load_counts_both_drops_and_sigterm_stores_what_was_qu
         assert final["vision_unprocessed"] == 0 and final["vision_discarded"] == 0, final
         assert final["records_in"] == final["records_sent"] and final["records_unstored"] == 0, final
         assert final["records_cached"] == final["records_in"], final
-        assert sum(len(v) for v in _read_cache(agent).values()) == final["records_cached"]
+        assert sum(len(v) for v in cached_features(agent).values()) == final["records_cached"]
     finally:
         agent.kill()
 
