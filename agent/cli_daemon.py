@@ -47,6 +47,26 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run = sub.add_parser("run", help="run the agent (supervisor and workers) in the foreground")
     _add_common(run)
     run.set_defaults(handler=_run)
+    prov = sub.add_parser(
+        "provision", help="install verified model files (and an IFER export) into a service's assets folder"
+    )
+    prov.add_argument(
+        "--to", type=Path, required=True, help="the assets folder (the service's FEDFER_ASSETS)"
+    )
+    prov.add_argument("--from", dest="source", type=Path, help="folder laid out like ../shared (models/...)")
+    group = prov.add_mutually_exclusive_group(required=True)
+    group.add_argument(
+        "--ifer", type=Path, help="IFER export (manifest or folder) from `fedfer-agent train-ifer`"
+    )
+    group.add_argument(
+        "--without-ifer",
+        action="store_true",
+        help="no trained IFER head: personalize and join will be refused",
+    )
+    group.add_argument(
+        "--check", action="store_true", help="only verify what an earlier run installed in --to"
+    )
+    prov.set_defaults(handler=_provision)
     for name, text in _CONTROL_COMMANDS.items():
         if name in sub.choices:
             # Another area already registered this name; keep the CLI usable (the control plane itself
@@ -90,6 +110,21 @@ def _run(args: argparse.Namespace) -> int:
     if args.state_dir is not None:
         environ[ENV_STATE_DIR] = str(args.state_dir)
     return Supervisor(config=config, config_path=config_path, environ=environ).run()
+
+
+def _provision(args: argparse.Namespace) -> int:
+    from agent.provision import check_assets, provision
+
+    if args.check:
+        result = check_assets(args.to)
+    elif args.source is None:
+        raise ConfigError("--from is required: the folder holding the model files (laid out like ../shared)")
+    else:
+        result = provision(
+            source=args.source, assets=args.to, ifer=args.ifer, require_tflite=args.without_ifer
+        )
+    print(json.dumps(result, sort_keys=True))
+    return 0
 
 
 def _control(args: argparse.Namespace) -> int:
@@ -167,6 +202,8 @@ def _human_status(status: dict[str, Any]) -> str:
             lines.append(f"           unavailable: {stats['unavailable']}")
     drops = status.get("drops", {})
     lines.append(f"  dropped: {drops.get('frames', 0)} frames, {drops.get('records', 0)} records")
+    for warning in status.get("warnings", []):
+        lines.append(f"  warning: {warning}")
     for job in status.get("jobs", [])[-3:]:
         lines.append(f"  job {job.get('id')} {job.get('kind')}: {job.get('state')}")
     return "\n".join(lines)

@@ -184,7 +184,8 @@ class CaptureSection:
             ``rtsp://``/``http(s)://`` stream URL.
         fps: frames per second sampled from the source, in (0, 60].
         realtime: pace file sources at ``fps`` in wall-clock time (a camera is always real time).
-        loop: start a file source again when it ends.
+        loop: start a file source again when it ends. Without it a file source is finite: nothing is
+            dropped and each file is cached exactly once (see :mod:`agent.ledger`); a looping file is live.
         max_width: frames wider than this are scaled down before they leave the capture process.
     """
 
@@ -276,6 +277,9 @@ class LearningSection:
         epochs: fine-tuning epochs.
         lr: Adam learning rate.
         min_sessions: personalization waits for at least this many cached sessions.
+        allow_untrained_ifer: run ``personalize``/``join`` even when the IFER head is untrained
+            (``vision.ifer_model`` and ``vision.ifer_head`` empty); its pseudo labels are then meaningless, so
+            this is for experiments only and off by default.
     """
 
     num_classes: int = _opt(_choice(4, 6), default=6)
@@ -284,6 +288,7 @@ class LearningSection:
     epochs: int = _opt(_integer(1, 100), default=2)
     lr: float = _opt(_number(0, 1, lo_open=True), default=1e-3)
     min_sessions: int = _opt(_integer(1, 100_000), default=1)
+    allow_untrained_ifer: bool = _opt(_boolean, default=False)
 
     def __post_init__(self) -> None:
         _validate("learning", self)
@@ -396,7 +401,8 @@ class DaemonSection:
         restart_backoff_max_s: the delay's ceiling.
         crash_loop_limit: after this many crashes within ``crash_loop_window_s`` a worker is given up.
         crash_loop_window_s: the crash-loop window; a worker up this long counts as healthy again.
-        queue_hwm: bound (messages) of each queue between workers; beyond it frames are dropped and counted.
+        queue_hwm: bound (messages) of each queue between workers; beyond it a live source (camera, stream,
+            looping file) drops frames and records (counted) while a file source read once waits for room.
         control_max_bytes: largest accepted control request.
     """
 

@@ -8,8 +8,9 @@ The demo builds everything it needs under ``--workdir`` and runs it as separate 
 2. an aggregator deployment (``fedfer-aggregator init``: SQLite, a self-made CA), an initial central ``v``
    (fixed-seed initialization) published as version 1, and ``fedfer-aggregator serve`` for N rounds;
 3. N agents, each the real daemon ``fedfer-agent run`` with its own config file and state directory, enrolled
-   over TLS with a one-time token and fed its share of the real CREMA-D clips: capture → MediaPipe faces →
-   MobileNetV2 ``f`` → IFER ``g`` → encrypted cache;
+   over TLS with a one-time token and fed a video source (``--source``): its share of the real CREMA-D
+   clips in ``../shared`` by default, of the video files given, or a camera that each agent watches in turn;
+   capture → MediaPipe faces → MobileNetV2 ``f`` → IFER ``g`` → encrypted cache;
 4. the rounds: every agent is told to ``join`` through its control plane; its learner personalizes ``v`` on
    pseudo labels from IFER and sends only the masked update; the aggregator publishes a new central ``v``;
 5. a summary: pseudo labels per agent, central versions and update norms, accuracy of ``v`` on each agent's
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import functools
 import hashlib
 import itertools
 import json
@@ -49,10 +51,12 @@ __all__ = [
     "Children",
     "DemoConfig",
     "DemoError",
+    "DemoSource",
     "ensure_ifer",
     "format_summary",
     "initial_v",
     "main",
+    "parse_source",
     "run_demo",
     "split_clips",
 ]
@@ -89,6 +93,9 @@ class DemoConfig:
         ifer: an IFER export (``.json`` manifest) to use instead of looking in the cache.
         ifer_per_class: FER2013 training images per class for the quick ``g`` (when none is cached).
         timeout_s: give up after this many seconds in total.
+        source: the video the agents watch (:func:`parse_source`): ``camera:N``, or video files and folders
+            separated by commas; empty: the CREMA-D clips in the assets folder.
+        camera_s: with a camera, seconds each agent watches it (one agent at a time).
     """
 
     workdir: Path
@@ -101,6 +108,8 @@ class DemoConfig:
     ifer: Path | None = None
     ifer_per_class: int = 150
     timeout_s: float = 900.0
+    source: str = ""
+    camera_s: float = 20.0
 
     def __post_init__(self) -> None:
         if type(self.agents) is not int or not 3 <= self.agents <= 16:
@@ -115,8 +124,13 @@ class DemoConfig:
             raise ValidationError("ifer_per_class must be an int in [10, 5000]")
         if type(self.timeout_s) not in (int, float) or not 30 <= self.timeout_s <= 7200:
             raise ValidationError("timeout_s must be a number in [30, 7200]")
-        if not (self.assets / CLIPS_DIR).is_dir():
-            raise ValidationError(f"assets folder has no {CLIPS_DIR} (set --assets or FEDFER_ASSETS)")
+        if not (self.assets / "models").is_dir():
+            raise ValidationError(
+                f"assets folder {self.assets} has no models/ (set --assets or FEDFER_ASSETS)"
+            )
+        if type(self.camera_s) not in (int, float) or not 3 <= self.camera_s <= 600:
+            raise ValidationError("camera_s must be a number in [3, 600]")
+        parse_source(self.source, self.assets)
         # Each agent's sockets live in <workdir>/agentNN/state/run/ (AF_UNIX paths are short).
         if len(os.fsencode(self.workdir.absolute() / "agent00" / "state" / "run" / "workers.ipc")) > 100:
             raise ValidationError(
@@ -237,12 +251,59 @@ def split_clips(clips: Sequence[Path], agents: int) -> list[list[Path]]:
     return [ordered[i::agents] for i in range(agents)]
 
 
-def _find_clips(assets: Path) -> list[Path]:
-    folder = assets / CLIPS_DIR
-    clips = sorted(p for p in folder.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file())
-    if not clips:
-        raise ValidationError(f"no video clips in {folder}")
-    return clips
+@dataclass(frozen=True, slots=True)
+class DemoSource:
+    """What the agents watch: a camera (each agent in turn) or video files (dealt to the agents)."""
+
+    camera: int | None = None
+    clips: tuple[Path, ...] = ()
+
+
+def _videos_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file())
+
+
+def parse_source(text: str, assets: Path) -> DemoSource:
+    """Resolve ``--source``: ``camera:N``, or ``PATH[,PATH...]`` (video files and folders of them).
+
+    Empty: the CREMA-D sample clips in ``assets`` (``data/crema-d-sample``), when they are there.
+
+    Raises:
+        ValidationError: a malformed camera index, a path that does not exist or is not a video, no video at
+            all, or no ``--source`` and no sample clips (the message names the option).
+    """
+    text = text.strip()
+    if not text:
+        folder = assets / CLIPS_DIR
+        clips = _videos_in(folder) if folder.is_dir() else []
+        if not clips:
+            raise ValidationError(
+                f"no video source: the CREMA-D sample clips are not in the assets folder ({folder}); "
+                "pass --source camera:N or --source PATH[,PATH...] (video files or folders)"
+            )
+        return DemoSource(clips=tuple(clips))
+    if text.startswith("camera:"):
+        index = text[len("camera:") :]
+        if not index.isdigit():
+            raise ValidationError("--source camera:N needs a camera index, e.g. camera:0")
+        return DemoSource(camera=int(index))
+    found: list[Path] = []
+    for item in (part.strip() for part in text.split(",")):
+        path = Path(item).expanduser().absolute()
+        if not item or not path.exists():
+            raise ValidationError(f"--source: {item or '(empty)'} does not exist")
+        if path.is_dir():
+            videos = _videos_in(path)
+            if not videos:
+                raise ValidationError(
+                    f"--source: folder {item} holds no video files ({', '.join(VIDEO_SUFFIXES)})"
+                )
+            found.extend(videos)
+        elif path.suffix.lower() in VIDEO_SUFFIXES:
+            found.append(path)
+        else:
+            raise ValidationError(f"--source: {item} is not a video file ({', '.join(VIDEO_SUFFIXES)})")
+    return DemoSource(clips=tuple(dict.fromkeys(found)))
 
 
 def _crowd_labels(assets: Path, names: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -250,7 +311,10 @@ def _crowd_labels(assets: Path, names: Sequence[str]) -> dict[str, dict[str, Any
     from agent.learning.data import crema_label, read_crema_summary
     from agent.models import CLASS_SETS
 
-    table = read_crema_summary(assets / CLIPS_DIR / "summaryTable.csv")
+    summary = assets / CLIPS_DIR / "summaryTable.csv"
+    if not names or not summary.is_file():
+        return {}
+    table = read_crema_summary(summary)
     classes = CLASS_SETS[NUM_CLASSES]
     out: dict[str, dict[str, Any]] = {}
     for name in names:
@@ -487,8 +551,16 @@ class _Agent:
         return result
 
 
-def _agent_config(config: DemoConfig, agent: _Agent, agg: _Aggregator, ifer: Path) -> str:
-    clips = agent.root / "camera"
+def _agent_config(
+    config: DemoConfig, agent: _Agent, agg: _Aggregator, ifer: Path, camera: int | None = None
+) -> str:
+    """The agent's TOML: a "camera" folder of linked clips (read once, as fast as vision goes) or a camera."""
+    if camera is None:
+        capture = (
+            f'source = "{agent.root / "camera"}"\nfps = {float(config.fps)}\nrealtime = false\nloop = false\n'
+        )
+    else:
+        capture = f'source = "camera:{camera}"\nfps = {float(config.fps)}\nloop = false\n'
     privacy = (
         f"dp = true\ntarget_epsilon = {float(config.target_epsilon)}\n"
         f"budget = {float(config.target_epsilon) * config.rounds}\n"
@@ -497,7 +569,7 @@ def _agent_config(config: DemoConfig, agent: _Agent, agg: _Aggregator, ifer: Pat
     )
     return (
         f'[agent]\nassets_dir = "{config.assets}"\nlog_file = "{agent.log}"\n\n'
-        f'[capture]\nsource = "{clips}"\nfps = {float(config.fps)}\nrealtime = false\nloop = false\n\n'
+        f"[capture]\n{capture}\n"
         f'[vision]\nifer_model = "{ifer}"\n\n'
         f"[learning]\nnum_classes = {NUM_CLASSES}\nepochs = 2\nlr = 0.001\n\n"
         f"[privacy]\n{privacy}\n"
@@ -509,14 +581,20 @@ def _agent_config(config: DemoConfig, agent: _Agent, agg: _Aggregator, ifer: Pat
 
 
 def _prepare_agent(
-    config: DemoConfig, index: int, clips: list[Path], agg: _Aggregator, ifer: Path, env: Mapping[str, str]
+    config: DemoConfig,
+    index: int,
+    clips: list[Path],
+    agg: _Aggregator,
+    ifer: Path,
+    env: Mapping[str, str],
+    camera: int | None = None,
 ) -> _Agent:
     root = config.workdir / f"agent{index + 1}"
-    camera = root / "camera"
-    camera.mkdir(parents=True, exist_ok=True)
+    folder = root / "camera"
+    folder.mkdir(parents=True, exist_ok=True)
     for clip in clips:
         # The device's "camera": links to the real clips (the assets are read, never copied).
-        link = camera / clip.name
+        link = folder / clip.name
         if not link.exists():
             link.symlink_to(clip.resolve())
     agent = _Agent(
@@ -527,8 +605,11 @@ def _prepare_agent(
         state=root / "state",
         log=config.workdir / "logs" / f"agent{index + 1}.log",
     )
-    agent.config.write_text(_agent_config(config, agent, agg, ifer), encoding="utf-8")
+    agent.config.write_text(_agent_config(config, agent, agg, ifer, camera), encoding="utf-8")
     agent.state.mkdir(mode=0o700, exist_ok=True)
+    if camera is not None:
+        # One camera, several agents: each starts paused and watches it in turn (pause releases it).
+        (agent.state / "agent-state.json").write_text('{"paused": true}', encoding="utf-8")
     token = _run_cli([str(_BIN / "fedfer-aggregator"), "token", str(agg.directory)], env=env).strip()
     out = _run_cli(
         [
@@ -569,8 +650,8 @@ def _stats(status: Mapping[str, Any], role: str) -> dict[str, Any]:
     return stats
 
 
-def _captured(agent: _Agent) -> bool:
-    """Capture finished, every frame processed, every record cached and every session sealed."""
+def _captured(agent: _Agent, *, live: bool = False) -> bool:
+    """Capture finished (``live``: paused), every frame processed and record cached, every session sealed."""
     from agent.control import ControlError
 
     try:
@@ -578,7 +659,8 @@ def _captured(agent: _Agent) -> bool:
         capture, vision, learner = (_stats(status, r) for r in ("capture", "vision", "learner"))
         if "unavailable" in vision or "unavailable" in learner:
             raise DemoError(f"{agent.name}: {vision.get('unavailable') or learner.get('unavailable')}")
-        if not capture.get("source_done") or vision.get("frames_in", 0) < capture.get("frames_sent", 0):
+        finished = status["workers"]["capture"]["state"] == "paused" if live else capture.get("source_done")
+        if not finished or vision.get("frames_in", 0) < capture.get("frames_sent", 0):
             return False
         if learner.get("records_in", 0) < vision.get("records_sent", 0):
             return False
@@ -786,8 +868,8 @@ def run_demo(config: DemoConfig, *, say: Callable[[str], None] = print) -> dict[
     def progress(text: str) -> None:
         say(f"[{time.monotonic() - started:6.1f}s] {text}")
 
-    clips = _find_clips(config.assets)
-    shares = split_clips(clips, config.agents)
+    source = parse_source(config.source, config.assets)
+    shares = split_clips(source.clips, config.agents) if source.camera is None else [[]] * config.agents
     ifer = ensure_ifer(config, progress)
     progress(f"IFER g: {ifer['source']} ({ifer['path']})")
     children = Children()
@@ -795,12 +877,12 @@ def run_demo(config: DemoConfig, *, say: Callable[[str], None] = print) -> dict[
     try:
         agg = _start_aggregator(config, children, env, progress)
         for i, share in enumerate(shares):
-            agent = _prepare_agent(config, i, share, agg, Path(ifer["path"]), env)
+            agent = _prepare_agent(config, i, share, agg, Path(ifer["path"]), env, source.camera)
             agents.append(agent)
-            progress(
-                f"{agent.name}: enrolled as device {agent.device_id[:12]}… over TLS; camera = "
-                + ", ".join(c.name for c in share)
+            watches = (
+                f"camera:{source.camera}" if source.camera is not None else ", ".join(c.name for c in share)
             )
+            progress(f"{agent.name}: enrolled as device {agent.device_id[:12]}… over TLS; camera = {watches}")
         for agent in agents:
             agent.proc = children.spawn(
                 agent.name,
@@ -819,11 +901,13 @@ def run_demo(config: DemoConfig, *, say: Callable[[str], None] = print) -> dict[
         _wait(
             "the agents' control sockets", lambda: all(_alive(a) for a in agents), until=until, agents=agents
         )
+        if source.camera is not None:
+            _watch_camera_in_turn(config, agents, until=until, say=progress)
         pending = {a.name for a in agents}
 
         def all_captured() -> bool:
             for agent in agents:
-                if agent.name in pending and _captured(agent):
+                if agent.name in pending and _captured(agent, live=source.camera is not None):
                     pending.discard(agent.name)
                     workers = agent.request("status")["workers"].values()
                     agent.worker_pids = [int(w["pid"]) for w in workers if w["pid"] is not None]
@@ -858,6 +942,29 @@ def run_demo(config: DemoConfig, *, say: Callable[[str], None] = print) -> dict[
     summary["ok"] = not summary["problems"]
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True), encoding="utf-8")
     return summary
+
+
+def _watch_camera_in_turn(
+    config: DemoConfig, agents: Sequence[_Agent], *, until: float, say: Callable[[str], None]
+) -> None:
+    """Each agent (started paused) watches the camera for ``camera_s`` seconds, one after the other."""
+    for agent in agents:
+        agent.request("resume")
+        say(f"{agent.name}: watching the camera for {config.camera_s:g}s (look at it; faces are cached)")
+        time.sleep(config.camera_s)
+        agent.request("pause")  # releases the camera for the next agent
+        _wait(
+            f"{agent.name}'s capture to pause", functools.partial(_paused, agent), until=until, agents=agents
+        )
+
+
+def _paused(agent: _Agent) -> bool:
+    from agent.control import ControlError
+
+    try:
+        return bool(agent.request("status")["workers"]["capture"]["state"] == "paused")
+    except ControlError:
+        return False
 
 
 def _alive(agent: _Agent) -> bool:
@@ -1060,6 +1167,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dp", action="store_true", help="personalize with DP-SGD and report epsilon")
     parser.add_argument("--epsilon", type=float, default=4.0, help="epsilon per round with --dp")
     parser.add_argument("--ifer", type=Path, default=None, help="IFER export manifest to use")
+    parser.add_argument(
+        "--source",
+        default="",
+        help="what the agents watch: camera:N (each agent in turn) or PATH[,PATH...] (video files or "
+        "folders); default: the CREMA-D clips in the assets folder",
+    )
+    parser.add_argument("--camera-seconds", type=float, default=20.0, help="with a camera: seconds per agent")
     parser.add_argument("--timeout-s", type=float, default=900.0)
     parser.add_argument("--json-summary", type=Path, default=None, help="also write the summary JSON here")
     args = parser.parse_args(argv)
@@ -1074,6 +1188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             target_epsilon=args.epsilon,
             ifer=args.ifer.absolute() if args.ifer else None,
             timeout_s=args.timeout_s,
+            source=args.source,
+            camera_s=args.camera_seconds,
         )
         with _interrupts_as_exceptions():
             summary = run_demo(config, say=lambda s: print(s, flush=True))

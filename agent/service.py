@@ -17,14 +17,14 @@ imitated: the daemon keeps running and reports the stage as unavailable.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
-import hashlib
 import importlib
 import json
 import logging
-import os
 import secrets
 import threading
+import time
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +34,7 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 
 from agent.config import AgentConfig
+from agent.ledger import ProcessedFiles
 from agent.lock import ensure_private_dir
 from agent.records import FEATURE_DIM, FrameRecord
 from security.errors import FedferError, ValidationError
@@ -46,14 +47,18 @@ __all__ = [
     "MODELS_DIR",
     "PROCESSED_FILE",
     "ROUND_BUDGET_FILE",
+    "UNTRAINED_IFER",
     "VIDEO_SUFFIXES",
     "CacheSink",
     "ComponentUnavailableError",
+    "FileEnd",
+    "FileOrigin",
     "Frame",
     "FrameSource",
     "JobCancelledError",
     "ProcessedFiles",
     "RecordSink",
+    "SegmentEnd",
     "SessionCutter",
     "SourceSequence",
     "VisionStage",
@@ -62,12 +67,17 @@ __all__ = [
     "cache_sessions",
     "cancel_jobs",
     "computations_running",
+    "decode_file_end",
     "decode_record",
+    "encode_file_end",
     "encode_record",
+    "file_source",
+    "ifer_untrained",
     "open_cache",
     "open_record_sink",
     "open_source",
     "open_vision",
+    "startup_warnings",
 ]
 
 _log = logging.getLogger(__name__)
@@ -103,25 +113,42 @@ class Frame:
     """One sampled frame.
 
     Attributes:
-        segment: opaque id of the stretch of source it came from (one file, or one camera opening).
+        segment: opaque id of the stretch of source it came from (one reading of a file, or one camera
+            opening).
         timestamp: seconds since the start of the segment.
         due_s: seconds since the capture started at which a real-time capture sends it.
         image: RGB ``uint8`` array ``(H, W, 3)``.
+        file: ledger key of the file being read when the source is a finite file source (``None``: live).
+        reading: monotonic stamp (ns) of this reading of ``file``; a later reading has a larger stamp.
+        index: position of the frame in its segment (0, 1, ...).
     """
 
     segment: str
     timestamp: float
     due_s: float
     image: np.ndarray
+    file: str | None = None
+    reading: int = 0
+    index: int = 0
 
     def __repr__(self) -> str:
         return f"Frame(timestamp={self.timestamp:.3f}, shape={self.image.shape})"
 
 
-class FrameSource(Protocol):
-    """An iterable of sampled frames that can be closed early (releasing the camera)."""
+@dataclass(frozen=True, slots=True)
+class SegmentEnd:
+    """The end of one reading of a file: it was read to its end and yielded ``frames`` frames."""
 
-    def __iter__(self) -> Iterator[Frame]:
+    segment: str
+    file: str
+    reading: int
+    frames: int
+
+
+class FrameSource(Protocol):
+    """An iterable of sampled frames (and, for files, end markers) that can be closed early."""
+
+    def __iter__(self) -> Iterator[Frame | SegmentEnd]:
         """Yield frames in order; stop at the end of the source."""
         ...
 
@@ -136,6 +163,10 @@ class SourceSequence:
     A folder is read file by file (sorted, video suffixes only) and each file is one segment; ``loop`` starts
     again at the end. A camera or stream is one segment. A file that turns out truncated keeps the frames
     decoded before the cut; any other source failure ends the iteration with the capture error.
+
+    With a ``ledger`` (a finite file source: not looping) files already stored are skipped, each frame names
+    its file and reading, and a :class:`SegmentEnd` follows the last frame of every file read to its end. The
+    ledger is only read here: the learner marks a file done once its records are stored.
     """
 
     def __init__(
@@ -147,7 +178,6 @@ class SourceSequence:
         self.fps = fps
         self.max_width = max_width
         self.loop = loop
-        # Files read to the end are remembered (when not looping) so a restart does not cache them twice.
         self.ledger = ledger if not loop else None
         self._current: Any = None
         self._closed = False
@@ -168,24 +198,33 @@ class SourceSequence:
             raise capture.SourceUnavailableError("capture.source does not exist")
         return [str(path)]
 
-    def __iter__(self) -> Iterator[Frame]:
+    def __iter__(self) -> Iterator[Frame | SegmentEnd]:
         """Yield the sampled frames of every input in turn (again and again with ``loop``)."""
         capture = _component("agent.capture", "video capture")
         inputs = self._inputs()
         offset = 0.0
         while not self._closed:
+            seen: set[str] = set()
             for item in inputs:
-                if self.ledger is not None and isinstance(item, str) and self.ledger.done(Path(item)):
-                    continue
+                key = None
+                if self.ledger is not None and isinstance(item, str):
+                    key = ProcessedFiles.key(Path(item))
+                    if key is not None and (key in seen or self.ledger.is_done(key)):
+                        continue  # stored already, or the same file a second time (through a link)
+                    if key is not None:
+                        seen.add(key)
                 segment = secrets.token_hex(6)
+                reading = time.monotonic_ns()
                 last = 0.0
+                count = 0
                 self._current = capture.VideoSource(
                     source=item, sample_fps=self.fps, max_width=self.max_width
                 )
                 try:
                     for frame in self._current.frames():
                         last = float(frame.timestamp)
-                        yield Frame(segment, last, offset + last, frame.image)
+                        yield Frame(segment, last, offset + last, frame.image, key, reading, count)
+                        count += 1
                 except capture.TruncatedSourceError:
                     _log.warning("a video file ended early; its decodable frames were kept")
                 finally:
@@ -193,8 +232,8 @@ class SourceSequence:
                     self._current = None
                 if self._closed:
                     return
-                if self.ledger is not None and isinstance(item, str):
-                    self.ledger.add(Path(item))
+                if key is not None:
+                    yield SegmentEnd(segment, key, reading, count)
                 offset += last + 1.0 / self.fps
             if not self.loop:
                 return
@@ -206,61 +245,22 @@ class SourceSequence:
             self._current.close()
 
 
-class ProcessedFiles:
-    """The video files a non-looping capture has read to the end, kept in the state directory.
+def file_source(config: AgentConfig) -> bool:
+    """Whether ``[capture]`` names a finite file source (files read once) rather than a live one.
 
-    A file is identified by a SHA-256 over its resolved path, size and modification time (so the ledger names
-    no file, and a file replaced in place is read again). The ledger is rewritten atomically (0600).
+    Finite sources must lose nothing: capture waits for room in the queue instead of dropping, and the ledger
+    makes each file stored exactly once. Cameras, streams and looping files are live: a full queue drops the
+    frame (counted), as a camera would have moved on anyway.
     """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._done: set[str] = set()
-        try:
-            loaded = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            loaded = []
-        except (OSError, ValueError):
-            _log.warning("the processed-files ledger is unreadable; starting a new one")
-            loaded = []
-        if isinstance(loaded, list):
-            self._done = {x for x in loaded if isinstance(x, str) and len(x) == 64}
-
-    @staticmethod
-    def _key(file: Path) -> str | None:
-        try:
-            info = file.stat()
-        except OSError:
-            return None
-        text = f"{file.resolve()}\0{info.st_size}\0{info.st_mtime_ns}"
-        return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
-
-    def done(self, file: Path) -> bool:
-        """Whether ``file`` (as it is now) was read to the end before."""
-        key = self._key(file)
-        return key is not None and key in self._done
-
-    def add(self, file: Path) -> None:
-        """Remember ``file`` as read to the end."""
-        key = self._key(file)
-        if key is None or key in self._done:
-            return
-        self._done.add(key)
-        tmp = self.path.with_name(f".{self.path.name}.{secrets.token_hex(4)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        try:
-            os.write(fd, json.dumps(sorted(self._done)).encode("utf-8"))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
+    cap = config.capture
+    return not cap.loop and not cap.source.startswith("camera:") and "://" not in cap.source
 
 
 def open_source(config: AgentConfig) -> FrameSource:
-    """The frame source ``[capture]`` describes (file sources skip files already read, unless looping)."""
+    """The frame source ``[capture]`` describes (finite file sources skip files already stored)."""
     cap = config.capture
     ledger = None
-    if not cap.loop and not cap.source.startswith("camera:") and "://" not in cap.source:
+    if file_source(config):
         ledger = ProcessedFiles(ensure_private_dir(config.state_dir) / PROCESSED_FILE)
     return SourceSequence(
         source=cap.source, fps=cap.fps, max_width=cap.max_width, loop=cap.loop, ledger=ledger
@@ -282,6 +282,43 @@ class VisionStage(Protocol):
         ...
 
 
+_UNTRAINED = (
+    "the IFER head g is untrained (vision.ifer_model and vision.ifer_head are empty), so its pseudo labels "
+    "are meaningless"
+)
+#: Why ``personalize``/``join`` refuse to run on an untrained IFER head, and what to do about it.
+UNTRAINED_IFER = (
+    f"{_UNTRAINED}: install an IFER export (fedfer-agent provision --ifer EXPORT, see "
+    "docs/deploy-systemd.md) and set vision.ifer_model, or set learning.allow_untrained_ifer = true for "
+    "experiments"
+)
+
+
+def ifer_untrained(config: AgentConfig) -> bool:
+    """Whether the vision stage's IFER head would keep its random initialization (no export, no head file)."""
+    return not config.vision.ifer_model and not config.vision.ifer_head
+
+
+def startup_warnings(config: AgentConfig) -> list[str]:
+    """What makes this configuration run but not do its job: an untrained IFER head, missing model files."""
+    warnings = []
+    if ifer_untrained(config):
+        refused = "" if config.learning.allow_untrained_ifer else "; personalize and join are refused"
+        warnings.append(_UNTRAINED + refused)
+    vision = config.vision
+    for key in ("detector_model", "ifer_model", "feature_weights", "ifer_head"):
+        value = getattr(vision, key)
+        if value and not config.model_path(value).exists():
+            warnings.append(f"vision.{key} not found at {config.model_path(value)} (check FEDFER_ASSETS)")
+    return warnings
+
+
+def _require_trained_ifer(config: AgentConfig) -> None:
+    """Refuse learning from pseudo labels of an untrained IFER head (unless the config opts in)."""
+    if ifer_untrained(config) and not config.learning.allow_untrained_ifer:
+        raise ValidationError(UNTRAINED_IFER)
+
+
 def open_vision(config: AgentConfig) -> VisionStage:
     """Bind the vision pipeline (``agent.pipeline``).
 
@@ -299,39 +336,82 @@ def open_vision(config: AgentConfig) -> VisionStage:
 
 
 class SessionCutter:
-    """Assigns records to sessions: a new session starts with a new segment or after a gap without faces."""
+    """Assigns records to sessions: a new session starts with a new segment or after a gap without faces.
+
+    Each segment keeps its own state (the last few), so records of two segments that arrive interleaved (a
+    restarted capture's first frames behind its predecessor's last ones) never cut each other's sessions.
+    """
+
+    _KEEP = 16
 
     def __init__(self, *, gap_s: float) -> None:
         self.gap_s = gap_s
-        self._segment: str | None = None
-        self._last = 0.0
-        self._tag = ""
+        self._segments: collections.OrderedDict[str, tuple[str, float]] = collections.OrderedDict()
 
     def tag(self, segment: str, timestamp: float) -> tuple[str, bool]:
         """Return ``(session tag, whether it is new)`` for a face seen at ``timestamp`` in ``segment``."""
-        new = segment != self._segment or timestamp - self._last > self.gap_s or timestamp < self._last
-        if new:
-            self._segment = segment
-            self._tag = secrets.token_hex(8)
-        self._last = timestamp
-        return self._tag, new
+        state = self._segments.pop(segment, None)
+        new = state is None or timestamp - state[1] > self.gap_s or timestamp < state[1]
+        tag = secrets.token_hex(8) if new or state is None else state[0]
+        self._segments[segment] = (tag, timestamp)
+        while len(self._segments) > self._KEEP:
+            self._segments.popitem(last=False)
+        return tag, new
 
 
-def encode_record(tag: str, record: FrameRecord) -> list[bytes]:
+@dataclass(frozen=True, slots=True)
+class FileOrigin:
+    """Which reading of which file (ledger key) a record came from."""
+
+    file: str
+    reading: int
+
+
+@dataclass(frozen=True, slots=True)
+class FileEnd:
+    """Vision's account of one reading of a file, sent behind its last record.
+
+    Attributes:
+        file: the file's ledger key.
+        reading: the reading's stamp.
+        complete: vision received frames ``0 .. n-1`` of the reading (``n`` as capture counted them) and ran
+            the vision stage on every one.
+        records: records vision sent for the reading.
+    """
+
+    file: str
+    reading: int
+    complete: bool
+    records: int
+
+
+def _origin_fields(origin: FileOrigin | None) -> dict[str, Any]:
+    return {} if origin is None else {"file": origin.file, "reading": origin.reading}
+
+
+def encode_record(tag: str, record: FrameRecord, origin: FileOrigin | None = None) -> list[bytes]:
     """Wire form of one record for the vision → learner queue (RAM only)."""
     header = {
         "session": tag,
         "ts": record.timestamp,
         "box": list(record.box),
         "score": record.score,
+        **_origin_fields(origin),
     }
-
     return [json.dumps(header).encode("utf-8"), record.feature.tobytes(), record.ifer_probs.tobytes()]
 
 
-def decode_record(parts: Sequence[bytes]) -> tuple[str, FrameRecord] | None:
-    """Inverse of :func:`encode_record`; ``None`` for anything malformed."""
+def _origin(header: dict[str, Any]) -> FileOrigin | None:
+    if "file" not in header:
+        return None
+    file, reading = header["file"], header["reading"]
+    if not isinstance(file, str) or len(file) != 64 or type(reading) is not int:
+        raise ValueError("bad file origin")
+    return FileOrigin(file, reading)
 
+
+def decode_record(parts: Sequence[bytes]) -> tuple[str, FrameRecord, FileOrigin | None] | None:
+    """Inverse of :func:`encode_record`: ``(tag, record, origin)``; ``None`` for anything malformed."""
     if len(parts) != 3 or len(parts[0]) > 4096 or len(parts[1]) != FEATURE_DIM * 2:
         return None
     if len(parts[2]) % 4 or not 0 < len(parts[2]) // 4 <= _MAX_CLASSES:
@@ -351,9 +431,41 @@ def decode_record(parts: Sequence[bytes]) -> tuple[str, FrameRecord] | None:
             score=float(header["score"]),
         )
         tag = str(header["session"])
+        origin = _origin(header)
     except (ValueError, TypeError, KeyError, IndexError):
         return None
-    return tag, record
+    return tag, record, origin
+
+
+def encode_file_end(end: FileEnd) -> list[bytes]:
+    """Wire form of a :class:`FileEnd` (one frame, so it cannot be mistaken for a record)."""
+    header = {
+        "end": True,
+        "complete": end.complete,
+        "records": end.records,
+        **_origin_fields(FileOrigin(end.file, end.reading)),
+    }
+    return [json.dumps(header).encode("utf-8")]
+
+
+def decode_file_end(parts: Sequence[bytes]) -> FileEnd | None:
+    """Inverse of :func:`encode_file_end`; ``None`` for anything else."""
+    if len(parts) != 1 or len(parts[0]) > 4096:
+        return None
+    try:
+        header = json.loads(parts[0])
+        origin = _origin(header)
+        complete, records = header["complete"], header["records"]
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
+    if (
+        header.get("end") is not True
+        or origin is None
+        or type(complete) is not bool
+        or type(records) is not int
+    ):
+        return None
+    return FileEnd(origin.file, origin.reading, complete, records)
 
 
 # --------------------------------------------------------------------------------------------- cache
@@ -362,8 +474,12 @@ def decode_record(parts: Sequence[bytes]) -> tuple[str, FrameRecord] | None:
 class RecordSink(Protocol):
     """Where the learner puts records: the encrypted cache, one cache session per session tag."""
 
-    def put(self, tag: str, record: FrameRecord, *, now: float) -> None:
-        """Store one record in the session ``tag`` (opened on first use)."""
+    def put(self, tag: str, record: FrameRecord, *, now: float, origin: FileOrigin | None = None) -> bool:
+        """Store one record in the session ``tag`` (opened on first use); whether it was stored."""
+        ...
+
+    def end_file(self, end: FileEnd) -> bool:
+        """A reading of a file ended; whether the file is now recorded as fully stored."""
         ...
 
     def idle(self, now: float) -> None:
@@ -406,31 +522,117 @@ class CacheSink:
     A new tag seals the sessions before it (vision cuts one stream into consecutive sessions); a session
     that receives nothing for ``idle_s`` is sealed too. Every record is its own transaction, so a killed
     learner loses at most the record in flight; its unsealed session stays readable.
+
+    A session forgotten (or purged) while it is still receiving records stays forgotten: the rest of its
+    stream (its tag) is discarded, not stored in a new session, since it is the same stretch of video the
+    user asked to delete.
+
+    With a ``ledger`` (finite file sources, see :mod:`agent.ledger`) records carry their file and reading:
+
+    * the first record of a newer reading of a file forgets the sessions earlier readings stored (they were
+      cut short: a crash, a restarted worker), and records of an older reading that arrive later are dropped;
+    * every session is entered in the ledger before its first record is stored;
+    * :meth:`end_file` seals the reading's sessions and marks the file done only if vision saw the whole
+      reading and every record vision sent for it arrived here.
     """
 
-    def __init__(self, cache: Any, *, idle_s: float) -> None:
+    _KEEP_FORGOTTEN = 256
+
+    def __init__(self, cache: Any, *, idle_s: float, ledger: ProcessedFiles | None = None) -> None:
         self._cache = cache
         self._idle_s = idle_s
-        self._open: dict[str, tuple[str, float]] = {}
+        self._ledger = ledger
+        self._open: dict[str, tuple[str, float, FileOrigin | None]] = {}
+        self._forgotten: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._readings: dict[str, int] = {}  # file -> newest reading seen
+        self._received: dict[FileOrigin, int] = {}
 
-    def put(self, tag: str, record: FrameRecord, *, now: float) -> None:
-        """Store ``record`` in the cache session of ``tag`` (begun on first use)."""
+    def put(self, tag: str, record: FrameRecord, *, now: float, origin: FileOrigin | None = None) -> bool:
+        """Store ``record`` in the cache session of ``tag`` (begun on first use); whether it was stored."""
+        if origin is not None and not self._accept(origin):
+            return False
+        if tag in self._forgotten:
+            return False
         entry = self._open.get(tag)
         if entry is None:
             self._seal_all()
-            entry = (self._cache.begin_session(), now)
-        session_id = entry[0]
+            session_id = self._cache.begin_session()
+            if origin is not None and self._ledger is not None:
+                self._ledger.begin_session(origin.file, origin.reading, session_id)
+        else:
+            session_id = entry[0]
         try:
             self._cache.append(session_id, record)
         except FedferError:
-            # The session was forgotten or purged meanwhile (by the control plane): start a new one.
-            session_id = self._cache.begin_session()
-            self._cache.append(session_id, record)
-        self._open[tag] = (session_id, now)
+            # The session was forgotten or purged meanwhile (by the control plane).
+            self._open.pop(tag, None)
+            self._forget_tag(tag)
+            _log.info("a session was forgotten while recording; the rest of its stream is discarded")
+            return False
+        self._open[tag] = (session_id, now, origin)
+        return True
+
+    def _accept(self, origin: FileOrigin) -> bool:
+        """Count a record of ``origin``; drop it if its file is stored already or a newer reading started."""
+        if self._ledger is not None and self._ledger.is_done(origin.file):
+            return False
+        newest = self._readings.get(origin.file)
+        if newest is not None and origin.reading < newest:
+            return False
+        if newest is None or origin.reading > newest:
+            self._readings[origin.file] = origin.reading
+            self._forget_older_readings(origin)
+        self._received[origin] = self._received.get(origin, 0) + 1
+        return True
+
+    def _forget_older_readings(self, origin: FileOrigin) -> None:
+        for tag, (_, _, other) in list(self._open.items()):
+            if other is not None and other.file == origin.file and other.reading < origin.reading:
+                del self._open[tag]
+                self._forget_tag(tag)
+        if self._ledger is None:
+            return
+        stale = {sid for reading, sid in self._ledger.sessions(origin.file) if reading < origin.reading}
+        for session_id in stale:
+            with contextlib.suppress(FedferError):  # already gone (forgotten by the user, retention)
+                self._cache.forget(session_id)
+        if stale:
+            self._ledger.drop_sessions(origin.file, stale)
+            _log.info("a file is read again: the sessions an interrupted reading stored were forgotten")
+
+    def _forget_tag(self, tag: str) -> None:
+        self._forgotten[tag] = None
+        while len(self._forgotten) > self._KEEP_FORGOTTEN:
+            self._forgotten.popitem(last=False)
+
+    def end_file(self, end: FileEnd) -> bool:
+        """Seal the sessions of this reading; mark its file done if it arrived whole (see the class doc)."""
+        origin = FileOrigin(end.file, end.reading)
+        received = self._received.pop(origin, 0)
+        newest = self._readings.get(end.file)
+        if newest is not None and end.reading < newest:
+            return False  # an older reading, superseded
+        if self._ledger is not None and self._ledger.is_done(end.file):
+            return False  # stored whole already (by another reading of the same file)
+        for tag, (session_id, _, other) in list(self._open.items()):
+            if other == origin:
+                self._seal(session_id)
+                del self._open[tag]
+        if not end.complete or received != end.records:
+            _log.warning(
+                "a file was not stored whole; it will be read again",
+                extra={"records_sent": end.records, "records_received": received, "complete": end.complete},
+            )
+            return False
+        if self._ledger is not None:
+            self._readings[end.file] = end.reading
+            self._forget_older_readings(origin)
+            self._ledger.mark_done(end.file)
+        return True
 
     def idle(self, now: float) -> None:
         """Seal sessions idle for longer than ``idle_s``."""
-        for tag, (session_id, last) in list(self._open.items()):
+        for tag, (session_id, last, _) in list(self._open.items()):
             if now - last > self._idle_s:
                 self._seal(session_id)
                 del self._open[tag]
@@ -441,7 +643,7 @@ class CacheSink:
             self._cache.end_session(session_id)
 
     def _seal_all(self) -> None:
-        for session_id, _ in self._open.values():
+        for session_id, _, _ in self._open.values():
             self._seal(session_id)
         self._open.clear()
 
@@ -452,12 +654,20 @@ class CacheSink:
 
 
 def open_record_sink(config: AgentConfig) -> RecordSink:
-    """The learner's sink: the encrypted cache (``agent.cache``).
+    """The learner's sink: the encrypted cache (``agent.cache``), with the ledger for finite file sources.
+
+    Sessions that were begun but never received a record (a learner killed in between) are forgotten first.
 
     Raises:
         ComponentUnavailableError: the cache is not installed.
     """
-    return CacheSink(open_cache(config), idle_s=config.vision.session_gap_s + 1.0)
+    cache = open_cache(config)
+    for info in cache.sessions():
+        if not info.sealed and info.frames == 0:
+            with contextlib.suppress(FedferError):
+                cache.forget(info.session_id)
+    ledger = ProcessedFiles(config.state_dir / PROCESSED_FILE) if file_source(config) else None
+    return CacheSink(cache, idle_s=config.vision.session_gap_s + 1.0, ledger=ledger)
 
 
 def cache_sessions(config: AgentConfig) -> list[dict[str, Any]]:
@@ -591,6 +801,7 @@ def _save_model(config: AgentConfig, name: str, arrays: dict[str, np.ndarray], m
 
 def _personalize(config: AgentConfig) -> dict[str, Any]:
     """Job ``personalize``: fine-tune ``v`` on the cached sessions; the result stays on the device."""
+    _require_trained_ifer(config)
     central, version = _central_or_initial(config)
 
     async def go() -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -644,6 +855,7 @@ def _join(config: AgentConfig) -> dict[str, Any]:
     (:func:`agent.learning.update.round_contribution`). A device whose round budget is spent is refused
     before it contacts the aggregator.
     """
+    _require_trained_ifer(config)
     if not config.federation.server:
         raise ValidationError("federation.server is not configured: this device does not federate")
     round_dp, round_budget = _round_privacy(config)

@@ -5,10 +5,17 @@
   more than ``daemon.crash_loop_limit`` crashes within ``daemon.crash_loop_window_s`` marks it failed.
 * Serves the control socket (:mod:`agent.control`); malformed requests get error replies.
 * SIGTERM/SIGINT: stops capture first, lets vision and learner drain what is queued, and exits within
-  ``daemon.drain_timeout_s`` (stragglers are killed at the bound).
-* SIGHUP: reads the configuration file again; a valid one is applied by restarting the workers with it, an
-  invalid one is refused and the running configuration kept.
-* Holds the state-directory lock for its whole life; persists the pause flag in ``agent-state.json``.
+  ``daemon.drain_timeout_s`` of the signal (stragglers are killed at the bound), also when the signal
+  arrives during a reload; the last log line (``agent stopped``) gives the workers' final counters.
+* SIGHUP: reads the configuration file again; a valid one is applied (the supervisor's log settings and the
+  control socket's size cap included) by restarting the workers with it, an invalid one is refused and the
+  running configuration kept.
+* With a finite file source, a restart of vision or the learner restarts capture too, so the file whose
+  records were in flight is read again from its start (see :mod:`agent.ledger`).
+* Holds the state-directory lock for its whole life, and so do the workers (they inherit it): a new
+  supervisor cannot start while workers of a killed one still run; it waits for them to exit (they get
+  SIGTERM when their supervisor dies) up to twice ``daemon.drain_timeout_s``. Persists the pause flag in
+  ``agent-state.json``.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from agent import service
 from agent.config import AgentConfig, ConfigError, apply_path_overrides, config_to_dict, load_config
 from agent.control import ControlError, Request, error_reply, parse_request, run_dir
 from agent.lock import StateDirLock
+from agent.logs import configure_logging
 from agent.workers import CONFIG_FILE, ROLES, endpoint
 from security.errors import FedferError
 
@@ -65,6 +73,8 @@ class WorkerHandle:
     next_start: float = 0.0
     failed: bool = False
     last_exit: int | None = None
+    #: Stopped on purpose (not a crash): restart at once, without counting it towards the crash loop.
+    planned_restart: bool = False
 
     def summary(self, now: float) -> dict[str, Any]:
         """Status of this worker as plain data."""
@@ -121,6 +131,7 @@ class Supervisor:
         self.workers = {role: WorkerHandle(role) for role in ROLES}
         self._lock = StateDirLock(self.state_dir)
         self._signals: set[int] = set()
+        self._stop_at: float | None = None
         self._started = time.monotonic()
         self._draining = False
         self._context: zmq.Context[Any] | None = None
@@ -136,7 +147,7 @@ class Supervisor:
             InsecurePathError: the state or run directory is not private.
         """
         run_dir(self.state_dir)
-        self._lock.acquire()
+        self._lock.acquire(wait_s=2 * self.config.daemon.drain_timeout_s)
         try:
             self._load_state()
             self._clean_run_dir()
@@ -147,15 +158,23 @@ class Supervisor:
                 "agent started",
                 extra={"generation": self.generation, "drain_timeout_s": self.config.daemon.drain_timeout_s},
             )
+            self._warn_about_config()
             self._loop()
             return 0
         finally:
             self._close_sockets()
             self._lock.release()
 
+    def _warn_about_config(self) -> None:
+        """Log, once per configuration, what keeps it from doing its job (see ``status`` ``warnings``)."""
+        for text in service.startup_warnings(self.config):
+            _log.warning(text)
+
     def _install_signals(self) -> None:
         def note(signum: int, _frame: FrameType | None) -> None:
             self._signals.add(signum)
+            if signum != signal.SIGHUP and self._stop_at is None:
+                self._stop_at = time.monotonic()
 
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, note)
@@ -168,12 +187,22 @@ class Supervisor:
         self._router.bind(endpoint(self.run_dir, "workers"))
         self._control = self._context.socket(zmq.REP)
         self._control.setsockopt(zmq.LINGER, 0)
-        # A hard transport limit well above the checked one: oversized messages still get an error reply,
-        # absurd ones only cost the sender its connection.
+        self._bind_control()
+
+    def _bind_control(self, *, rebind: bool = False) -> None:
+        """Listen on ``run/control.ipc`` (0600) with the configured size cap.
+
+        A hard transport limit well above the checked one: oversized messages still get an error reply,
+        absurd ones only cost the sender its connection. A listener copies socket options when it is bound,
+        so a new cap takes a new binding.
+        """
+        assert self._control is not None
+        address = endpoint(self.run_dir, "control")
+        if rebind:
+            self._control.unbind(address)
         self._control.setsockopt(zmq.MAXMSGSIZE, self.config.daemon.control_max_bytes * 4)
-        control_path = self.run_dir / "control.ipc"
-        self._control.bind(endpoint(self.run_dir, "control"))
-        os.chmod(control_path, 0o600)
+        self._control.bind(address)
+        os.chmod(self.run_dir / "control.ipc", 0o600)
 
     def _close_sockets(self) -> None:
         for sock in (self._control, self._router):
@@ -219,12 +248,12 @@ class Supervisor:
                 self._drain_events()
             if self._control in ready:
                 self._serve_control()
-            if self._signals & {signal.SIGTERM, signal.SIGINT}:
-                self._shutdown()
-                return
-            if signal.SIGHUP in self._signals:
+            if self._stop_at is None and signal.SIGHUP in self._signals:
                 self._signals.discard(signal.SIGHUP)
                 self._reload()
+            if self._stop_at is not None:  # checked after a reload too: no worker is started once stopping
+                self._shutdown()
+                return
             self._watch(time.monotonic())
 
     def _watch(self, now: float) -> None:
@@ -248,7 +277,10 @@ class Supervisor:
         argv = [sys.executable, "-m", "agent.workers", "--role", handle.role, "--run-dir", str(self.run_dir)]
         if handle.role == "capture" and self.paused:
             argv.append("--paused")
-        handle.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, close_fds=True)
+        # The worker inherits the state-directory lock: it stays held until this agent's last process exits.
+        handle.proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, close_fds=True, pass_fds=(self._lock.fileno(),)
+        )
         handle.started_at = handle.last_seen = now
         handle.greeted = False
         handle.identity = b""
@@ -261,6 +293,14 @@ class Supervisor:
         handle.last_exit = code
         handle.state = "stopped"
         self._fail_jobs_of(handle.role)
+        if handle.role in ("vision", "learner") and service.file_source(self.config):
+            self._restart_capture()
+        if handle.planned_restart:
+            handle.planned_restart = False
+            handle.next_start = now
+            handle.restarts += 1
+            _log.info("worker restarted", extra={"worker": handle.role, "exit": code})
+            return
         while handle.crashes and now - handle.crashes[0] > daemon.crash_loop_window_s:
             handle.crashes.popleft()
         handle.crashes.append(now)
@@ -276,6 +316,20 @@ class Supervisor:
         _log.warning(
             "worker exited; restarting", extra={"worker": handle.role, "exit": code, "backoff_s": backoff}
         )
+
+    def _restart_capture(self) -> None:
+        """Records of the file being read were in flight in the worker that stopped: read the file again.
+
+        Capture drains (no end marker for the file it stops in, so that file is not marked done) and starts
+        again at once; the new reading of the file supersedes what the old one stored.
+        """
+        capture = self.workers["capture"]
+        if capture.proc is None or capture.proc.poll() is not None or capture.planned_restart:
+            return
+        capture.planned_restart = True
+        with contextlib.suppress(ProcessLookupError):
+            capture.proc.send_signal(signal.SIGTERM)
+        _log.info("restarting capture: a file being read is read again from its start")
 
     # ------------------------------------------------------------------------------ worker events
     def _drain_events(self) -> None:
@@ -343,6 +397,7 @@ class Supervisor:
         frames = self._control.recv_multipart()
         try:
             request = parse_request(frames, max_bytes=self.config.daemon.control_max_bytes)
+            _log.debug("control request", extra={"cmd": request.cmd})
             result = self._handlers()[request.cmd](request)
             reply = json.dumps({"ok": True, "result": result}, default=str).encode("utf-8")
         except FedferError as exc:
@@ -384,6 +439,7 @@ class Supervisor:
             "workers": workers,
             "drops": drops,
             "jobs": list(self.jobs.values()),
+            "warnings": service.startup_warnings(self.config),
         }
 
     def _set_paused(self, paused: bool) -> dict[str, Any]:
@@ -432,10 +488,16 @@ class Supervisor:
         if self._digest(new) == self._digest(self.config):
             _log.info("config reload: nothing changed")
             return
+        old = self.config
         self.config = new
         self.generation += 1
         self._write_worker_config()
+        if (new.agent.log_level, new.agent.log_file) != (old.agent.log_level, old.agent.log_file):
+            configure_logging(role="supervisor", level=new.agent.log_level, log_file=new.agent.log_file)
+        if new.daemon.control_max_bytes != old.daemon.control_max_bytes:
+            self._bind_control(rebind=True)
         _log.info("config reloaded; restarting workers", extra={"generation": self.generation})
+        self._warn_about_config()
         self._stop_workers(time.monotonic() + self.config.daemon.drain_timeout_s)
         now = time.monotonic()
         for handle in self.workers.values():
@@ -443,31 +505,90 @@ class Supervisor:
             handle.crashes.clear()
             handle.next_start = now
 
+    def _stop_deadline(self) -> float | None:
+        """When all must be stopped: the drain bound after SIGTERM/SIGINT, less a margin for exiting."""
+        if self._stop_at is None:
+            return None
+        bound = self.config.daemon.drain_timeout_s
+        # Leave part of the bound for stragglers to die, closing sockets and the interpreter's exit.
+        return self._stop_at + bound - min(1.0, 0.2 * bound)
+
     def _stop_workers(self, deadline: float) -> None:
-        """SIGTERM the workers in pipeline order (capture first), each drains; SIGKILL at ``deadline``."""
+        """SIGTERM the workers in pipeline order (capture first), each drains; SIGKILL at ``deadline``.
+
+        A SIGTERM that arrives meanwhile (during a reload) moves the deadline forward to its own bound.
+        """
         for role in reversed(ROLES):
             handle = self.workers[role]
             if handle.proc is None:
                 continue
             with contextlib.suppress(ProcessLookupError):
                 handle.proc.send_signal(signal.SIGTERM)
-            while handle.proc.poll() is None and time.monotonic() < deadline:
+            while handle.proc.poll() is None:
+                stop = self._stop_deadline()
+                if time.monotonic() >= (deadline if stop is None else min(deadline, stop)):
+                    break
                 if self._router is not None and self._router.poll(20, zmq.POLLIN):
                     self._drain_events()
             if handle.proc.poll() is None:
                 _log.warning("worker did not drain in time; killing it", extra={"worker": role})
                 handle.proc.kill()
                 handle.proc.wait()
+            elif self._router is not None:
+                # Its last heartbeat (final counters) left just before it exited.
+                while self._router.poll(50, zmq.POLLIN):
+                    self._drain_events()
             handle.last_exit = handle.proc.returncode
             handle.proc = None
             handle.state = "stopped"
+            handle.planned_restart = False
             self._fail_jobs_of(role)
 
     def _shutdown(self) -> None:
         self._draining = True
-        # Leave part of the bound for stragglers to die, closing sockets and the interpreter's exit.
-        bound = self.config.daemon.drain_timeout_s
-        deadline = time.monotonic() + bound - min(1.0, 0.2 * bound)
+        if self._stop_at is None:
+            self._stop_at = time.monotonic()
         _log.info("draining workers", extra={"drain_timeout_s": self.config.daemon.drain_timeout_s})
+        deadline = self._stop_deadline()
+        assert deadline is not None
         self._stop_workers(deadline)
-        _log.info("agent stopped")
+        _log.info("agent stopped", extra=self._final_counters())
+
+    def _final_counters(self) -> dict[str, int | None]:
+        """The drain's account from the workers' last heartbeats (counters of the last process of each role).
+
+        Frame counters are named by stage (log fields named "frame..." are redacted):
+        ``vision_unprocessed`` counts frames capture queued that vision did not receive, ``records_unstored``
+        records vision sent that the learner did not receive. Both are 0 after a complete drain, and ``None``
+        when the receiving worker was restarted after the sender started (the counters then overlap).
+        """
+        capture, vision, learner = (self.workers[r].stats for r in ("capture", "vision", "learner"))
+
+        def count(stats: dict[str, Any], key: str) -> int:
+            value = stats.get(key, 0)
+            return int(value) if type(value) is int else 0
+
+        counts = {
+            "capture_sent": count(capture, "frames_sent"),
+            "capture_dropped": count(capture, "frames_dropped"),
+            "vision_received": count(vision, "frames_in"),
+            "vision_discarded": count(vision, "frames_discarded"),
+            "records_sent": count(vision, "records_sent"),
+            "records_dropped": count(vision, "records_dropped"),
+            "records_in": count(learner, "records_in"),
+            "records_cached": count(learner, "records_cached"),
+        }
+        # A difference means something only if the receiver ran for the whole life of the sender.
+        started = {role: handle.started_at for role, handle in self.workers.items()}
+        out: dict[str, int | None] = dict(counts)
+        out["vision_unprocessed"] = (
+            max(0, counts["capture_sent"] - counts["vision_received"])
+            if started["vision"] <= started["capture"]
+            else None
+        )
+        out["records_unstored"] = (
+            max(0, counts["records_sent"] - counts["records_in"])
+            if started["learner"] <= started["vision"]
+            else None
+        )
+        return out

@@ -3,21 +3,35 @@
 Each worker is its own process (``python -m agent.workers --role ROLE --run-dir DIR``) started by the
 supervisor. The wiring, all IPC sockets inside the private ``run/`` directory::
 
-    capture ──PUSH(frames.ipc, HWM, non-blocking: drops counted)──► vision
-    vision  ──PUSH(records.ipc, HWM, bounded wait: drops counted)──► learner (writes the encrypted cache)
+    capture ──PUSH(frames.ipc, HWM)──► vision ──PUSH(records.ipc, HWM)──► learner (writes the encrypted cache)
     every worker ◄──DEALER/ROUTER(workers.ipc)──► supervisor: hello, heartbeats, commands, job results
 
-Frames travel only in RAM. On SIGTERM a worker drains what is already queued (capture stops reading at
-once) and exits 0. A worker whose supervisor dies exits too (Linux parent-death signal, plus a parent-pid
-check everywhere else). What each stage does is pluggable: :mod:`agent.service` binds the real capture,
-vision, cache and learning components.
+Queues are bounded (``daemon.queue_hwm`` messages each). What happens when one is full depends on the source:
+
+* live (camera, stream, looping file): capture drops the frame, vision drops the record after a bounded
+  wait; both are counted (``frames_dropped``, ``records_dropped``; ``status`` sums them under ``drops``);
+* finite file source: nothing is dropped. Capture and vision wait (in bounded steps, heartbeating) until there
+  is room, and an end marker follows each file through the pipeline; the learner marks the file done in the
+  ledger (:mod:`agent.ledger`) only when every record vision sent for it is stored.
+
+Frames travel only in RAM. Drain contract on SIGTERM (the supervisor stops capture, then vision, then the
+learner, all within ``daemon.drain_timeout_s``): capture stops reading at once and the frames it had queued
+still go out; vision receives every one of them (``frames_in`` reaches capture's ``frames_sent``) and runs
+the vision stage on each (``frames_discarded`` counts those it could not, e.g. models unavailable); the
+learner stores every record vision sent (``records_in`` reaches vision's ``records_sent``). The supervisor's
+last log line (``agent stopped``) reports what the bound cut off (``vision_unprocessed``,
+``records_unstored``; zero after a complete drain). A worker whose supervisor dies exits too (Linux
+parent-death signal, plus a parent-pid check everywhere else). What each stage does is pluggable:
+:mod:`agent.service` binds the real capture, vision, cache and learning components.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import ctypes
+import dataclasses
 import json
 import logging
 import os
@@ -104,17 +118,28 @@ class Worker:
         self._next_beat = 0.0
         # Other threads (jobs) never touch a socket: ZeroMQ sockets are not thread-safe. They post here.
         self.outbox: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+        self._unsent: collections.deque[dict[str, Any]] = collections.deque()
 
     # -- supervisor link --------------------------------------------------------------------------
-    def send_event(self, event: dict[str, Any]) -> None:
-        """Send one event to the supervisor (main thread only; dropped, not blocking, if it is gone)."""
-        event = {"role": self.role, "pid": os.getpid(), **event}
-        with contextlib.suppress(zmq.Again):
-            self._link.send(json.dumps(event, default=str).encode("utf-8"), zmq.NOBLOCK)
+    def send_event(self, event: dict[str, Any]) -> bool:
+        """Send one event to the supervisor (main thread only, never blocking); whether the link took it.
 
-    def _flush_outbox(self) -> None:
+        Heartbeats that do not fit are simply skipped (the next one carries fresher counters); events posted
+        to :attr:`outbox` (job results) are kept and sent again until the link takes them.
+        """
+        event = {"role": self.role, "pid": os.getpid(), **event}
+        try:
+            self._link.send(json.dumps(event, default=str).encode("utf-8"), zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        return True
+
+    def flush_outbox(self) -> None:
+        """Send posted events in order; what the link cannot take now stays queued for the next call."""
         while not self.outbox.empty():
-            self.send_event(self.outbox.get_nowait())
+            self._unsent.append(self.outbox.get_nowait())
+        while self._unsent and self.send_event(self._unsent[0]):
+            self._unsent.popleft()
 
     def heartbeat(self, *, force: bool = False) -> None:
         """Send a heartbeat with this worker's state and counters when one is due."""
@@ -166,7 +191,7 @@ class Worker:
                 _log.warning("supervisor is gone; stopping")
                 break
             idle = self.step()
-            self._flush_outbox()
+            self.flush_outbox()
             self.heartbeat()
             wait_ms = int(max(0.0, min(idle, self.config.daemon.heartbeat_interval_s)) * 1000)
             if self._link.poll(wait_ms, zmq.POLLIN):
@@ -175,14 +200,24 @@ class Worker:
         self.heartbeat(force=True)
         self.drain(time.monotonic() + self.config.daemon.drain_timeout_s * self.drain_share)
         self.state = "stopped"
-        self._flush_outbox()
+        self.flush_outbox()
         self.heartbeat(force=True)
         self.close()
         return 0
 
 
+def _wait_ms(config: AgentConfig) -> int:
+    """The bounded wait for room in a full queue: half a heartbeat interval, at most 2 s."""
+    return int(min(2.0, config.daemon.heartbeat_interval_s / 2) * 1000)
+
+
 class CaptureWorker(Worker):
-    """Reads the video source at the configured rate and pushes frames without ever blocking on vision."""
+    """Reads the video source at the configured rate and pushes frames to vision.
+
+    A live source (camera, stream, looping file) never waits for vision: a full queue drops the frame
+    (counted). A finite file source loses nothing: the frame waits (a bounded wait per step, so heartbeats and
+    commands go on) until the queue has room, and a file read to its end is followed by an end marker.
+    """
 
     role = "capture"
 
@@ -192,24 +227,32 @@ class CaptureWorker(Worker):
         self._out.setsockopt(zmq.SNDHWM, self.config.daemon.queue_hwm)
         self._out.setsockopt(zmq.LINGER, 1000)
         self._out.connect(endpoint(self.run_dir, "frames"))
+        self._finite = service.file_source(self.config)
         self._source: service.FrameSource | None = None
-        self._frames: Iterator[service.Frame] | None = None
-        self._pending: service.Frame | None = None
+        self._items: Iterator[service.Frame | service.SegmentEnd] | None = None
+        self._pending: service.Frame | service.SegmentEnd | None = None
         self._started = self._paused_at = time.monotonic()
         self._retry_at = 0.0
         self._failures = 0
-        self.stats.update(frames_read=0, frames_sent=0, frames_dropped=0, source_done=False)
+        self.stats.update(
+            frames_read=0,
+            frames_sent=0,
+            frames_dropped=0,
+            files_ended=0,
+            queue_full_waits=0,
+            source_done=False,
+        )
 
-    def _open(self) -> Iterator[service.Frame]:
+    def _open(self) -> Iterator[service.Frame | service.SegmentEnd]:
         self._source = service.open_source(self.config)
-        self._frames = iter(self._source)
+        self._items = iter(self._source)
         self._started = time.monotonic()
-        return self._frames
+        return self._items
 
     def _release(self) -> None:
         if self._source is not None:
             self._source.close()
-        self._source = self._frames = self._pending = None
+        self._source = self._items = self._pending = None
 
     def on_command(self, command: dict[str, Any]) -> None:
         """Pause releases a camera or stream (a file keeps its place); resume carries on."""
@@ -225,7 +268,7 @@ class CaptureWorker(Worker):
             self._started += time.monotonic() - self._paused_at
 
     def step(self) -> float:
-        """Read one frame and send it if it is due; a full queue drops the frame (counted)."""
+        """Read one frame (or end marker) and send it when it is due (see the class doc for a full queue)."""
         if self.paused:
             self.state = "paused"
             return 1.0
@@ -237,25 +280,29 @@ class CaptureWorker(Worker):
             return self._retry_at - time.monotonic()
         if self._pending is None:
             try:
-                frames = self._frames if self._frames is not None else self._open()
-                frame = next(frames, None)
+                items = self._items if self._items is not None else self._open()
+                item = next(items, None)
             except CaptureError as exc:  # a misconfigured source (other errors) still ends the worker
                 return self._source_failed(exc)
-            if frame is None:
+            if item is None:
                 self.stats["source_done"] = True
                 self._release()
                 return 0.0
-            self.stats["frames_read"] += 1
+            if isinstance(item, service.Frame):
+                self.stats["frames_read"] += 1
             self._failures = 0
-            self._pending = frame
-        if self.config.capture.realtime:
-            wait = self._started + self._pending.due_s - time.monotonic()
+            self._pending = item
+        pending = self._pending
+        if self.config.capture.realtime and isinstance(pending, service.Frame):
+            wait = self._started + pending.due_s - time.monotonic()
             if wait > 0:
                 self.state = "running"
                 return wait
-        self._send(self._pending)
-        self._pending = None
-        self.state = "running"
+        if self._send(pending):
+            self._pending = None
+            self.state = "running"
+        else:
+            self.state = "blocked"
         return 0.0
 
     def _source_failed(self, exc: CaptureError) -> float:
@@ -274,24 +321,44 @@ class CaptureWorker(Worker):
         _log.warning("video source failed; retrying", extra={"reason": str(exc), "retry_in_s": backoff})
         return backoff
 
-    def _send(self, frame: service.Frame) -> None:
-        header = {
-            "segment": frame.segment,
-            "ts": frame.timestamp,
-            "shape": list(frame.image.shape),
-        }
+    def _send(self, item: service.Frame | service.SegmentEnd) -> bool:
+        """Queue ``item`` for vision; ``False`` when a finite source must try again (the queue is full)."""
+        if isinstance(item, service.SegmentEnd):
+            header: dict[str, Any] = {
+                "end": True,
+                "segment": item.segment,
+                "file": item.file,
+                "reading": item.reading,
+                "frames": item.frames,
+            }
+            parts: list[Any] = [json.dumps(header).encode("utf-8")]
+        else:
+            header = {"segment": item.segment, "ts": item.timestamp, "shape": list(item.image.shape)}
+            if item.file is not None:
+                header.update(file=item.file, reading=item.reading, index=item.index)
+            parts = [json.dumps(header).encode("utf-8"), np.ascontiguousarray(item.image).data]
+        if self._finite and not self._out.poll(_wait_ms(self.config), zmq.POLLOUT):
+            self.stats["queue_full_waits"] += 1
+            return False
         try:
-            self._out.send_multipart(
-                [json.dumps(header).encode("utf-8"), np.ascontiguousarray(frame.image).data],
-                zmq.NOBLOCK,
-                copy=False,
-            )
-            self.stats["frames_sent"] += 1
+            self._out.send_multipart(parts, zmq.NOBLOCK, copy=False)
         except zmq.Again:
+            if self._finite:
+                self.stats["queue_full_waits"] += 1
+                return False
             self.stats["frames_dropped"] += 1
+            return True
+        if isinstance(item, service.SegmentEnd):
+            self.stats["files_ended"] += 1
+        else:
+            self.stats["frames_sent"] += 1
+        return True
 
     def drain(self, deadline: float) -> None:
-        """Stop reading at once; frames already queued still go out within the socket linger."""
+        """Stop reading at once; frames already queued still go out within the socket linger.
+
+        A file cut short here has no end marker: it is not marked done and is read again next time.
+        """
         self._release()
 
     def close(self) -> None:
@@ -300,11 +367,28 @@ class CaptureWorker(Worker):
         super().close()
 
 
+@dataclasses.dataclass
+class _Reading:
+    """What vision saw of one reading of a file."""
+
+    file: str
+    reading: int
+    next_index: int = 0
+    complete: bool = True
+    records: int = 0
+
+
 class VisionWorker(Worker):
-    """Turns frames into face records (no frame ever leaves this process) and cuts them into sessions."""
+    """Turns frames into face records (no frame ever leaves this process) and cuts them into sessions.
+
+    Records of a live source get a bounded wait for room in the learner's queue and are dropped (counted)
+    after it. Records and end markers of a finite file source are never dropped: while they cannot go out,
+    vision stops taking frames, so the back-pressure reaches capture.
+    """
 
     role = "vision"
     drain_share = 0.45
+    _MAX_READINGS = 16
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -314,13 +398,16 @@ class VisionWorker(Worker):
         self._in.bind(endpoint(self.run_dir, "frames"))
         self._out = self.context.socket(zmq.PUSH)
         self._out.setsockopt(zmq.SNDHWM, self.config.daemon.queue_hwm)
-        self._out.setsockopt(zmq.SNDTIMEO, 2000)
         self._out.setsockopt(zmq.LINGER, 2000)
         self._out.connect(endpoint(self.run_dir, "records"))
-        self.stats.update(frames_in=0, faces=0, records_sent=0, records_dropped=0, sessions=0)
+        self.stats.update(
+            frames_in=0, frames_discarded=0, faces=0, records_sent=0, records_dropped=0, sessions=0
+        )
         self._stage: service.VisionStage | None = None
         self._loader: threading.Thread | None = None
         self._sessions = service.SessionCutter(gap_s=self.config.vision.session_gap_s)
+        self._readings: dict[str, _Reading] = {}
+        self._backlog: collections.deque[list[bytes]] = collections.deque()
 
     def _load_stage(self) -> None:
         # Runs in a thread: heartbeats, commands and SIGTERM stay responsive while models load.
@@ -346,20 +433,39 @@ class VisionWorker(Worker):
         self.state = "running" if self._stage is not None else "unavailable"
         until = time.monotonic() + self.config.daemon.heartbeat_interval_s / 2
         while time.monotonic() < until:
+            if not self._flush(_wait_ms(self.config)):
+                self.state = "blocked"
+                return 0.0
             if not self._in.poll(0, zmq.POLLIN):
                 return 0.05
             self._process(self._in.recv_multipart())
         return 0.0
 
+    def _flush(self, wait_ms: int) -> bool:
+        """Send what the backlog holds (file records, end markers); whether it is empty now."""
+        while self._backlog:
+            if not self._out.poll(wait_ms, zmq.POLLOUT):
+                return False
+            try:
+                self._out.send_multipart(self._backlog[0], zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return False
+            if len(self._backlog.popleft()) == 3:
+                self.stats["records_sent"] += 1
+        return True
+
     def _process(self, parts: Sequence[bytes]) -> None:
-        self.stats["frames_in"] += 1
         header = _parse_header(parts)
-        if header is None or len(parts) != 2:
+        if header is not None and header.get("end") is True and len(parts) == 1:
+            self._end_of_file(header)
             return
-        shape = tuple(int(x) for x in header["shape"])
-        if len(shape) != 3 or shape[2] != 3 or len(parts[1]) != shape[0] * shape[1] * 3:
-            return
-        if self._stage is None:
+        self.stats["frames_in"] += 1
+        reading = self._track(header)
+        shape = _frame_shape(header, parts)
+        if header is None or shape is None or self._stage is None:
+            self.stats["frames_discarded"] += 1
+            if reading is not None:
+                reading.complete = False  # the file is not stored whole: it will be read again
             return
         image = np.frombuffer(parts[1], dtype=np.uint8).reshape(shape)
         record = self._stage.process(image, float(header["ts"]))
@@ -369,15 +475,68 @@ class VisionWorker(Worker):
         tag, new = self._sessions.tag(str(header["segment"]), record.timestamp)
         if new:
             self.stats["sessions"] += 1
+        if reading is None:
+            self._send_live(service.encode_record(tag, record))
+            return
+        reading.records += 1
+        origin = service.FileOrigin(reading.file, reading.reading)
+        self._backlog.append(service.encode_record(tag, record, origin))
+
+    def _track(self, header: dict[str, Any] | None) -> _Reading | None:
+        """The reading a file frame belongs to, checking that its frames arrive complete and in order."""
+        if header is None or "file" not in header:
+            return None
+        segment = str(header["segment"])
+        reading = self._readings.get(segment)
+        if reading is None:
+            try:
+                reading = _Reading(str(header["file"]), int(header["reading"]))
+            except (TypeError, ValueError):
+                return None
+            self._readings[segment] = reading
+            while len(self._readings) > self._MAX_READINGS:
+                del self._readings[next(iter(self._readings))]
+        index = header.get("index")
+        if index != reading.next_index:
+            reading.complete = False  # frames were lost before they reached this process (or it restarted)
+        reading.next_index = int(index) + 1 if type(index) is int else reading.next_index + 1
+        return reading
+
+    def _end_of_file(self, header: dict[str, Any]) -> None:
+        reading = self._readings.pop(str(header.get("segment")), None)
         try:
-            self._out.send_multipart(service.encode_record(tag, record), copy=True)
-            self.stats["records_sent"] += 1
-        except zmq.Again:
-            self.stats["records_dropped"] += 1
+            end = service.FileEnd(
+                file=str(header["file"]),
+                reading=int(header["reading"]),
+                complete=reading is not None and reading.complete and reading.next_index == header["frames"],
+                records=reading.records if reading is not None else 0,
+            )
+        except (KeyError, TypeError, ValueError):
+            return
+        self._backlog.append(service.encode_file_end(end))
+
+    def _send_live(self, message: list[bytes]) -> None:
+        """A live record: wait a bounded time for room in the learner's queue, else drop it (counted)."""
+        if self._out.poll(_wait_ms(self.config), zmq.POLLOUT):
+            try:
+                self._out.send_multipart(message, zmq.NOBLOCK, copy=True)
+                self.stats["records_sent"] += 1
+                return
+            except zmq.Again:
+                pass
+        self.stats["records_dropped"] += 1
 
     def drain(self, deadline: float) -> None:
-        """Process every frame already queued (if the models are loaded), then let the records go out."""
-        while self._stage is not None and time.monotonic() < deadline and self._in.poll(0, zmq.POLLIN):
+        """Process every frame already queued (models loaded) and send every record, by ``deadline``.
+
+        Frames still in flight from a capture that just stopped are waited for briefly.
+        """
+        while time.monotonic() < deadline:
+            wait = int(max(0.0, min(0.05, deadline - time.monotonic())) * 1000)
+            if not self._flush(wait):
+                continue
+            if not self._in.poll(wait, zmq.POLLIN):
+                return
             self._process(self._in.recv_multipart())
 
     def close(self) -> None:
@@ -401,7 +560,16 @@ class LearnerWorker(Worker):
         self._in.setsockopt(zmq.RCVHWM, self.config.daemon.queue_hwm)
         self._in.setsockopt(zmq.LINGER, 0)
         self._in.bind(endpoint(self.run_dir, "records"))
-        self.stats.update(records_in=0, records_cached=0, records_dropped=0, jobs_done=0, jobs_failed=0)
+        self.stats.update(
+            records_in=0,
+            records_cached=0,
+            records_discarded=0,
+            records_dropped=0,
+            files_done=0,
+            files_incomplete=0,
+            jobs_done=0,
+            jobs_failed=0,
+        )
         self._sink: service.RecordSink | None = None
         try:
             self._sink = service.open_record_sink(self.config)
@@ -417,11 +585,11 @@ class LearnerWorker(Worker):
             return
         job_id, kind = str(command.get("job", "")), str(command.get("kind", ""))
         if self._job is not None and self._job.is_alive():
-            self.send_event({"type": "result", "job": job_id, "ok": False, "error": "another job is running"})
+            self.outbox.put({"type": "result", "job": job_id, "ok": False, "error": "another job is running"})
             return
         runner = service.JOBS.get(kind)
         if runner is None:
-            self.send_event({"type": "result", "job": job_id, "ok": False, "error": "unknown job"})
+            self.outbox.put({"type": "result", "job": job_id, "ok": False, "error": "unknown job"})
             return
         self._job = threading.Thread(target=self._run_job, args=(job_id, runner), daemon=True)
         self._job.start()
@@ -457,13 +625,23 @@ class LearnerWorker(Worker):
         return 0.0
 
     def _store(self, parts: Sequence[bytes]) -> None:
+        if len(parts) == 1:
+            end = service.decode_file_end(parts)
+            if end is not None and self._sink is not None and self._sink.end_file(end):
+                self.stats["files_done"] += 1
+            else:
+                self.stats["files_incomplete"] += 1
+            return
         self.stats["records_in"] += 1
         decoded = service.decode_record(parts)
         if decoded is None or self._sink is None:
             self.stats["records_dropped"] += 1
             return
-        self._sink.put(*decoded, now=time.monotonic())
-        self.stats["records_cached"] += 1
+        tag, record, origin = decoded
+        if self._sink.put(tag, record, now=time.monotonic(), origin=origin):
+            self.stats["records_cached"] += 1
+        else:
+            self.stats["records_discarded"] += 1
 
     def drain(self, deadline: float) -> None:
         """Store every record already queued, close the sessions and the cache, and cancel a running job.
@@ -474,7 +652,10 @@ class LearnerWorker(Worker):
         """
         if self._job is not None and self._job.is_alive():
             service.cancel_jobs()
-        while time.monotonic() < deadline and self._in.poll(0, zmq.POLLIN):
+        while time.monotonic() < deadline:
+            wait = int(max(0.0, min(0.05, deadline - time.monotonic())) * 1000)
+            if not self._in.poll(wait, zmq.POLLIN):
+                break
             self._store(self._in.recv_multipart())
         if self._sink is not None:
             self._sink.close()
@@ -519,9 +700,22 @@ def _parse_header(parts: Sequence[bytes]) -> dict[str, Any] | None:
         header = json.loads(parts[0])
     except ValueError:
         return None
-    if not isinstance(header, dict) or not {"segment", "ts", "shape"} <= header.keys():
+    if not isinstance(header, dict) or "segment" not in header:
         return None
     return header
+
+
+def _frame_shape(header: dict[str, Any] | None, parts: Sequence[bytes]) -> tuple[int, int, int] | None:
+    """The ``(H, W, 3)`` shape of a well-formed frame message, else ``None``."""
+    if header is None or len(parts) != 2 or "ts" not in header:
+        return None
+    try:
+        height, width, channels = (int(x) for x in header["shape"])
+    except (TypeError, ValueError):
+        return None
+    if channels != 3 or height < 1 or width < 1 or len(parts[1]) != height * width * 3:
+        return None
+    return height, width, channels
 
 
 _WORKERS: dict[str, type[Worker]] = {

@@ -1,14 +1,29 @@
 #!/bin/sh
 # Install the fedfer agent as a systemd service (run as root). Idempotent: running it again upgrades in place.
-#   PREFIX   install prefix holding venv/ (default /opt/fedfer); the project is pip-installed into it.
-#   SRC      project checkout to install from (default: two levels above this script).
+#
+#   install.sh --assets DIR (--ifer EXPORT | --without-ifer) [--venv DIR]
+#
+#   --assets DIR     folder holding the model files, laid out like ../shared (models/mediapipe/...); each file
+#                    is checked against its pinned SHA-256 and copied to $PREFIX/assets (FEDFER_ASSETS).
+#                    Optional on an upgrade: what an earlier run installed is verified instead.
+#   --ifer EXPORT    IFER export (f + g) made with `fedfer-agent train-ifer`; installed as
+#                    $PREFIX/assets/models/ifer, and a new agent.toml names it (vision.ifer_model).
+#   --without-ifer   no trained IFER head: the agent caches features but refuses personalize and join.
+#   --venv DIR       use this existing virtual environment (fedfer already installed) instead of creating
+#                    $PREFIX/venv and pip-installing the project into it.
+#
+# Paths (environment): PREFIX (default /opt/fedfer), CONF_DIR (/etc/fedfer), UNIT_DIR (/etc/systemd/system),
+# SRC (project checkout, default: two levels above this script).
 set -eu
 
 PREFIX="${PREFIX:-/opt/fedfer}"
 SRC="${SRC:-$(cd "$(dirname "$0")/../.." && pwd)}"
 UNIT_DIR="${UNIT_DIR:-/etc/systemd/system}"
-CONF_DIR=/etc/fedfer
+CONF_DIR="${CONF_DIR:-/etc/fedfer}"
 SERVICE=fedfer-agent.service
+# shellcheck source=../install-lib.sh
+. "$SRC/deploy/install-lib.sh"
+parse_args "$@"
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "install.sh: run as root" >&2
@@ -23,18 +38,18 @@ if getent group video >/dev/null 2>&1; then
     usermod --append --groups video fedfer
 fi
 
-if [ ! -x "$PREFIX/venv/bin/python" ]; then
-    python3 -m venv "$PREFIX/venv"
-fi
-"$PREFIX/venv/bin/pip" install --quiet --upgrade "$SRC[agent]"
+install_venv
+
+# Model files, verified (readable by the service, writable by root only).
+install -d -m 0755 "$PREFIX" "$PREFIX/assets"
+provision_models
 
 install -d -m 0755 "$CONF_DIR"
-if [ ! -e "$CONF_DIR/agent.toml" ]; then
-    # Every key with its secure default, documented; the operator sets [capture] and [federation].
-    install -m 0640 -g fedfer "$SRC/deploy/agent.example.toml" "$CONF_DIR/agent.toml"
-fi
+write_config "$CONF_DIR/agent.toml" 0640 fedfer
 
-sed "s#/opt/fedfer#$PREFIX#g" "$SRC/deploy/systemd/$SERVICE" > "$UNIT_DIR/$SERVICE.tmp"
+install -d -m 0755 "$UNIT_DIR"
+sed -e "s#/opt/fedfer/venv#$VENV#g" -e "s#/opt/fedfer#$PREFIX#g" -e "s#/etc/fedfer#$CONF_DIR#g" \
+    "$SRC/deploy/systemd/$SERVICE" > "$UNIT_DIR/$SERVICE.tmp"
 chmod 0644 "$UNIT_DIR/$SERVICE.tmp"
 mv "$UNIT_DIR/$SERVICE.tmp" "$UNIT_DIR/$SERVICE"
 systemd-analyze verify "$UNIT_DIR/$SERVICE"

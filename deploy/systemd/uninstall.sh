@@ -1,10 +1,12 @@
 #!/bin/sh
 # Remove the fedfer agent service (run as root). Idempotent. Keeps /var/lib/fedfer-agent (the encrypted cache
-# and device identity) unless PURGE=1, which deletes it and with it every key that could read the cache.
+# and device identity) and the configuration unless PURGE=1, which deletes them and with them every key that
+# could read the cache. Paths as for install.sh: PREFIX, CONF_DIR, UNIT_DIR.
 set -eu
 
 PREFIX="${PREFIX:-/opt/fedfer}"
 UNIT_DIR="${UNIT_DIR:-/etc/systemd/system}"
+CONF_DIR="${CONF_DIR:-/etc/fedfer}"
 SERVICE=fedfer-agent.service
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -17,9 +19,9 @@ if [ -e "$UNIT_DIR/$SERVICE" ]; then
     rm -f "$UNIT_DIR/$SERVICE"
     systemctl daemon-reload
 fi
-rm -rf "$PREFIX/venv"
+rm -rf "$PREFIX/venv" "$PREFIX/assets"
 if [ "${PURGE:-0}" = 1 ]; then
-    rm -rf /var/lib/fedfer-agent /etc/fedfer
+    rm -rf /var/lib/fedfer-agent "$CONF_DIR"
     if id fedfer >/dev/null 2>&1; then
         userdel fedfer
     fi

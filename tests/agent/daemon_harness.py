@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.config import apply_path_overrides, parse_config
+from agent.config import apply_path_overrides, load_config, parse_config
 from agent.control import ControlClient, ControlError
 from agent.records import FrameRecord
 from agent.service import open_cache
@@ -173,5 +173,18 @@ def fill_cache(config_text: str, state_dir: Path, *, sessions: int, frames: int 
                 )
                 cache.append(sid, record)
             cache.end_session(sid)
+    finally:
+        cache.close()
+
+
+def cached_features(agent: Agent) -> dict[str, list[bytes]]:
+    """Every cached session's features (bytes), by session id, read through the agent's own cache and key."""
+    config = apply_path_overrides(load_config(agent.config), {"FEDFER_STATE_DIR": str(agent.state_dir)})
+    cache = open_cache(config)
+    try:
+        return {
+            s.session_id: [r.feature.tobytes() for r in cache.read_session(s.session_id)]
+            for s in cache.sessions()
+        }
     finally:
         cache.close()

@@ -71,6 +71,7 @@ def test_defaults_are_secure() -> None:
     assert config.federation.server == ""  # nothing leaves the device unless configured
     assert config.cache.retention_days <= 30
     assert config.vision.detector_sha256  # the detector file is pinned
+    assert config.learning.allow_untrained_ifer is False  # no learning from an untrained IFER head
 
 
 @pytest.mark.parametrize(
@@ -91,6 +92,7 @@ def test_defaults_are_secure() -> None:
         ('[cache]\nkey_store = "plain"', 'cache.key_store must be one of "file", "keyring"'),
         ("[learning]\nnum_classes = 5", "learning.num_classes must be one of 4, 6"),
         ("[learning]\nnum_classes = true", "learning.num_classes must be one of 4, 6"),
+        ("[learning]\nallow_untrained_ifer = 1", "learning.allow_untrained_ifer must be true or false"),
         ("[privacy]\ndelta = 0.5", "privacy.delta must be a number in (0, 0.01]"),
         ("[privacy]\ntarget_epsilon = 10\nbudget = 5", "privacy.budget must be at least"),
         ('[federation]\nserver = "nohost"\nca = "/x"', "federation.server must look like host:port"),

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,32 @@ def test_state_lock_refuses_a_second_holder(tmp_path: Path) -> None:
     with StateDirLock(tmp_path / "s"), pytest.raises(AgentLockedError, match=f"pid {os.getpid()}"):
         StateDirLock(tmp_path / "s").acquire()
     StateDirLock(tmp_path / "s").acquire()  # released on exit
+
+
+def test_state_lock_is_shared_with_children_and_waits_only_for_a_dead_agents_workers(tmp_path: Path) -> None:
+    state = ensure_private_dir(tmp_path / "s")
+    lock = StateDirLock(state)
+    lock.acquire()
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(2)"], pass_fds=(lock.fileno(),))
+    try:
+        lock.release()  # this process lets go; the child (a worker) still holds the lock
+        # The recorded holder (this process) runs: a second agent is refused at once, whatever it may wait.
+        started = time.monotonic()
+        with pytest.raises(AgentLockedError, match="already running"):
+            StateDirLock(state).acquire(wait_s=5)
+        assert time.monotonic() - started < 1
+        # The recorded holder is gone (a supervisor killed with kill -9): its orphaned worker is waited for.
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        (state / "agent.lock").write_text(f"{dead.pid}\n")
+        with pytest.raises(AgentLockedError, match="still hold state directory"):
+            StateDirLock(state).acquire(wait_s=0.2)
+        assert child.poll() is None
+        StateDirLock(state).acquire(wait_s=30)
+        assert child.poll() is not None  # taken only once the last holder exited
+    finally:
+        child.kill()
+        child.wait()
 
 
 @pytest.fixture(scope="module")

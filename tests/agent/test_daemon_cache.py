@@ -3,19 +3,34 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
+import shutil
 import signal
+import sqlite3
 from pathlib import Path
 
 import numpy as np
 import pytest
+import zmq
 
-from agent.cache import SessionNotFoundError
+from agent.cache import FeatureCache, SessionNotFoundError
+from agent.cache_keys import FileKeyStore
 from agent.config import apply_path_overrides, parse_config
 from agent.control import ControlError
 from agent.records import FrameRecord
-from agent.service import CacheSink, decode_record, encode_record, open_cache
+from agent.service import (
+    CacheSink,
+    FileEnd,
+    FileOrigin,
+    decode_file_end,
+    decode_record,
+    encode_file_end,
+    encode_record,
+    open_cache,
+)
+from security.errors import IntegrityError
 from tests.agent.daemon_harness import Agent, wait_gone, write_config
 
 
@@ -30,20 +45,64 @@ def _record(t: float, seed: int) -> FrameRecord:
     )
 
 
+def _snapshot(cache_dir: Path, dest: Path) -> Path:
+    """A consistent copy of the cache database (SQLite backup) and of its key file as it is now."""
+    dest.mkdir(mode=0o700)
+    source = f"file:{cache_dir / 'features.sqlite'}?mode=ro"
+    with (
+        contextlib.closing(sqlite3.connect(source, uri=True)) as src,
+        contextlib.closing(sqlite3.connect(dest / "features.sqlite")) as out,
+    ):
+        src.backup(out)
+    shutil.copy(cache_dir / "cache.kek", dest / "old.kek")
+    return dest
+
+
+def _assert_unopenable(snapshot: Path, kek: Path) -> None:
+    """No data key in the copy unwraps with the key file ``kek`` (its own key does); the copy cannot open."""
+    with contextlib.closing(sqlite3.connect(snapshot / "features.sqlite")) as conn:
+        cache_id = bytes(conn.execute("SELECT value FROM meta WHERE name = 'cache_id'").fetchone()[0])
+        wrapped = [(str(p), bytes(w)) for p, w in conn.execute("SELECT public_id, wrapped_dek FROM sessions")]
+        assert conn.execute("SELECT COUNT(*) FROM records").fetchone()[0] > 0  # the ciphertext is all there
+    assert wrapped
+    current = FileKeyStore(kek).load()
+    (old,) = FileKeyStore(snapshot / "old.kek").load()
+    for session_id, blob in wrapped:
+        old.unwrap_data_key(
+            blob, cache_id=cache_id, session_id=session_id.encode()
+        )  # the check is not vacuous
+        for key in current:
+            with pytest.raises(IntegrityError):
+                key.unwrap_data_key(blob, cache_id=cache_id, session_id=session_id.encode())
+    shutil.copy(kek, snapshot / "cache.kek")
+    with pytest.raises(IntegrityError, match="does not open this cache"):
+        FeatureCache(snapshot)
+
+
 def _config(state_dir: Path):  # type: ignore[no-untyped-def]
     return apply_path_overrides(parse_config(""), {"FEDFER_STATE_DIR": str(state_dir)})
 
 
 def test_record_wire_form_round_trips_and_rejects_garbage() -> None:
     record = _record(1.5, 1)
-    tag, back = decode_record(encode_record("t1", record))  # type: ignore[misc]
-    assert tag == "t1" and back.timestamp == 1.5 and back.score == pytest.approx(0.9)
+    tag, back, origin = decode_record(encode_record("t1", record))  # type: ignore[misc]
+    assert tag == "t1" and back.timestamp == 1.5 and back.score == pytest.approx(0.9) and origin is None
     assert np.array_equal(back.feature, record.feature) and back.box == record.box
     parts = encode_record("t1", record)
     assert decode_record(parts[:2]) is None
     assert decode_record([b"{", parts[1], parts[2]]) is None
     assert decode_record([parts[0], parts[1][:-2], parts[2]]) is None
     assert decode_record([parts[0], parts[1], b"\x00" * 3]) is None
+    # Records of a finite file source name their file and reading; so does the end marker behind them.
+    source = FileOrigin("ab" * 32, 123)
+    assert decode_record(encode_record("t2", record, source))[2] == source  # type: ignore[index]
+    bad = json.loads(encode_record("t2", record, source)[0])
+    bad["reading"] = "123"
+    assert decode_record([json.dumps(bad).encode(), parts[1], parts[2]]) is None
+    end = FileEnd("ab" * 32, 123, complete=True, records=7)
+    assert decode_file_end(encode_file_end(end)) == end
+    assert decode_file_end(parts[:1]) is None and decode_file_end([b"[]"]) is None
+    assert decode_file_end([*encode_file_end(end), b"x"]) is None
 
 
 def test_cache_sink_maps_tags_to_sealed_sessions(tmp_path: Path) -> None:
@@ -110,9 +169,11 @@ def test_cache_survives_kill_9_and_forget_purge_really_remove(tmp_path: Path, as
             finally:
                 cache.close()
 
-            kek = agent.state_dir / "cache" / "cache.kek"
+            cache_dir = agent.state_dir / "cache"
+            kek = cache_dir / "cache.kek"
             before = kek.read_bytes()
             victim = sorted(records)[0]
+            before_forget = _snapshot(cache_dir, tmp_path / "before-forget")
             assert again.client.request("forget", id=victim) == {"forgotten": victim}
             assert kek.read_bytes() != before  # the key that wrapped the victim's data key is gone
             assert victim not in {s["id"] for s in again.client.request("sessions")["sessions"]}
@@ -124,14 +185,49 @@ def test_cache_survives_kill_9_and_forget_purge_really_remove(tmp_path: Path, as
                 cache.close()
             with pytest.raises(ControlError, match="no session"):
                 again.client.request("forget", id=victim)
+            # A copy of the database taken before the forget still holds the victim's wrapped key and records,
+            # but nothing in it opens with the key material that remains.
+            _assert_unopenable(before_forget, kek)
 
+            # The learner has the cache open and is recording a session (records pushed into its queue, as
+            # vision does) when the cache is purged.
+            push = zmq.Context.instance().socket(zmq.PUSH)
+            push.setsockopt(zmq.LINGER, 1000)
+            push.connect(f"ipc://{agent.state_dir / 'run' / 'records.ipc'}")
+            streamed = [_record(i * 0.2, 7) for i in range(3)]
+            for record in streamed:
+                push.send_multipart(encode_record("stream", record))
+            again.wait_for(lambda s: s["workers"]["learner"]["stats"].get("records_cached", 0) >= 3)
+            listed = again.client.request("sessions")["sessions"]
+            assert len(listed) == 3 and [s["sealed"] for s in listed].count(False) == 1
+            before_purge = _snapshot(cache_dir, tmp_path / "before-purge")
             keks = [before, kek.read_bytes()]
-            assert again.client.request("purge", confirm=True) == {"purged": 2}
+            assert again.client.request("purge", confirm=True) == {"purged": 3}
             keks.append(kek.read_bytes())
             assert again.client.request("sessions")["sessions"] == []
-            db = (agent.state_dir / "cache" / "features.sqlite").read_bytes()
-            for batch in records.values():
-                assert batch[0].feature.tobytes()[:64] not in db
+            _assert_unopenable(before_purge, kek)
+            # The purged stream stays purged (the rest of it is discarded, not stored in a new session); the
+            # next stream is stored under the new key and reads back.
+            fresh = [_record(i * 0.2, 8) for i in range(2)]
+            for record in streamed:
+                push.send_multipart(encode_record("stream", record))
+            for record in fresh:
+                push.send_multipart(encode_record("fresh", record))
+            push.close()
+            stats = again.wait_for(
+                lambda s: (
+                    s["workers"]["learner"]["stats"].get("records_cached", 0) >= 5
+                    and s["workers"]["learner"]["stats"].get("records_discarded", 0) >= 3
+                )
+            )["workers"]["learner"]["stats"]
+            assert (stats["records_cached"], stats["records_discarded"]) == (5, 3)
+            (only,) = again.client.request("sessions")["sessions"]
+            cache = open_cache(config)
+            try:
+                back = cache.recover_session(only["id"]).records
+                assert [r.feature.tobytes() for _, r in back] == [r.feature.tobytes() for r in fresh]
+            finally:
+                cache.close()
             # The logs (every process, JSON lines) hold no key and no feature.
             log = agent.log_text()
             lines = [line for line in log.splitlines() if line.strip()]

@@ -1,4 +1,5 @@
-"""Three agents (supervisor + workers each) join one real secure-aggregation round through `join`.
+"""Three agents (supervisor + workers each) join one real secure-aggregation round through `join`, two of
+them after a restart (kill -9 of the supervisor, SIGTERM) that must keep their cache and enrollment.
 
 Real aggregator process (``fedfer-aggregator serve``, mutual TLS over loopback), real enrollment, each agent's
 learner personalizing ``v`` with DP-SGD on its own encrypted cache and sending only the masked update.
@@ -15,11 +16,12 @@ import pytest
 
 from agent.config import apply_path_overrides, parse_config
 from agent.federation.enroll import enroll
+from agent.federation.state import DeviceState
 from agent.learning.export import load_exported
 from agent.models import VideoModel, to_named_arrays
 from agent.records import FrameRecord
 from agent.service import open_cache
-from tests.agent.daemon_harness import Agent, write_config
+from tests.agent.daemon_harness import Agent, cached_features, wait_gone, write_config
 from tests.integration.federation_harness import Deployment
 
 pytestmark = pytest.mark.slow
@@ -49,7 +51,14 @@ def _fill_cache(config_text: str, state_dir: Path, *, lean: int) -> None:
         cache.close()
 
 
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def test_three_agents_complete_a_round_and_a_new_central_v_is_published(tmp_path: Path, assets: Path) -> None:
+    """Before the round, one agent's supervisor is killed with kill -9 and another stopped with SIGTERM; both
+    start again with their cache (every record readable, unchanged) and enrollment (same files), and all three
+    then complete the round as the devices they enrolled as."""
     central = to_named_arrays(VideoModel(num_classes=6))
     dep = Deployment(tmp_path / "agg", min_clients=3, max_clients=3, deadline_s=120, model=central)
     agg = dep.serve("--rounds", "1", "--checkin-s", "1")
@@ -61,7 +70,7 @@ def test_three_agents_complete_a_round_and_a_new_central_v_is_published(tmp_path
             agent = Agent(root, write_config(root / "agent.toml", clips=assets / "data" / "crema-d-sample"))
             federation = (
                 f'[federation]\nserver = "127.0.0.1:{agg.port}"\nca = "{dep.dir / "pki" / "ca.pem"}"\n'
-                "[learning]\nepochs = 1\n[privacy]\ntarget_epsilon = 2.0\n"
+                "[learning]\nepochs = 1\nallow_untrained_ifer = true\n[privacy]\ntarget_epsilon = 2.0\n"
             )
             agent.config.write_text(agent.config.read_text() + federation)
             agent.state_dir.mkdir(mode=0o700)
@@ -75,6 +84,17 @@ def test_three_agents_complete_a_round_and_a_new_central_v_is_published(tmp_path
             )
             _fill_cache(agent.config.read_text(), agent.state_dir, lean=i)
             agents.append(agent.start_paused())
+        before = [(_files(a.state_dir / "federation"), cached_features(a)) for a in agents]
+        killed, stopped = agents[:2]
+        pids = [w["pid"] for w in killed.status()["workers"].values()]
+        assert killed.proc is not None
+        killed.proc.kill()
+        killed.proc.wait(5)
+        assert stopped.stop() == 0
+        assert all(wait_gone(pid) for pid in pids)
+        for agent in (killed, stopped):
+            assert agent.start().status()["paused"] is True
+        assert [(_files(a.state_dir / "federation"), cached_features(a)) for a in agents] == before
         for agent in agents:
             assert agent.client.request("join")["state"] == "running"
         jobs = [
@@ -89,7 +109,8 @@ def test_three_agents_complete_a_round_and_a_new_central_v_is_published(tmp_path
         status = dep.status()
         versions = sorted(int(v) for v in status["model_versions"])
         assert len(versions) == 2 and str(versions[-1]) == results[0]["model_version"]
-        assert [len(r["participants"]) for r in status["rounds"]] == [3]
+        enrolled = [DeviceState.load(a.state_dir / "federation").device_id for a in agents]
+        assert [sorted(r["participants"]) for r in status["rounds"]] == [sorted(enrolled)]
         new = dep.model(versions[-1])
         assert set(new) == set(central) and any(not np.array_equal(new[k], central[k]) for k in central)
         # Each device reports what it uploaded for the round (client-side wire counter): at least one byte

@@ -24,6 +24,7 @@ JOB_SETTINGS = """
 [learning]
 min_sessions = 4
 epochs = 1
+allow_untrained_ifer = true  # synthetic cached sessions: the job plumbing is under test
 [privacy]
 dp = true
 target_epsilon = 1.0
@@ -106,10 +107,36 @@ def test_personalize_job_trains_v_with_dp_and_the_budget_then_refuses(tmp_path: 
         agent.kill()
 
 
-def test_join_needs_federation_config_and_enrollment(tmp_path: Path, assets: Path) -> None:
+def test_jobs_refuse_an_untrained_ifer_head_then_join_needs_federation_config_and_enrollment(
+    tmp_path: Path, assets: Path
+) -> None:
     config = write_config(tmp_path / "agent.toml", clips=assets / "data" / "crema-d-sample")
     agent = Agent(tmp_path, config).start_paused()
     try:
+        # No IFER export or head configured: g is untrained. The agent says so once at start and in status,
+        # and both jobs fail with the reason and the way out in the job result.
+        status = agent.status()
+        assert [w for w in status["warnings"] if "IFER head g is untrained" in w and "refused" in w]
+        lines = [json.loads(x) for x in agent.log_text().splitlines() if x.startswith("{")]
+        warned = [x for x in lines if x["role"] == "supervisor" and "IFER head g is untrained" in x["msg"]]
+        assert len(warned) == 1 and warned[0]["level"] == "warning"
+        for command in ("personalize", "join"):
+            out = _cli_wait(agent, command)
+            assert out.returncode == 1, out.stderr
+            assert out.stdout.startswith(f"{command} failed: the IFER head g is untrained"), out.stdout
+            assert "allow_untrained_ifer" in out.stdout and "fedfer-agent provision" in out.stdout
+        jobs = agent.status()["jobs"]
+        assert [(j["kind"], j["state"]) for j in jobs] == [("personalize", "failed"), ("join", "failed")]
+        assert all("untrained" in j["error"] for j in jobs)
+        assert not (agent.state_dir / "models").exists()  # nothing was trained or saved
+
+        # Opting in (experiments) lets the jobs run; join then needs [federation] and an enrollment.
+        config.write_text(config.read_text() + "[learning]\nallow_untrained_ifer = true\n")
+        agent.signal(signal.SIGHUP)
+        status = agent.wait_for(
+            lambda s: s["config_generation"] == 2 and s["workers"]["learner"]["heartbeat_age_s"] is not None
+        )
+        assert [w for w in status["warnings"] if "untrained" in w and "refused" not in w]
         out = _cli_wait(agent, "join")
         assert out.returncode == 1, out.stderr
         assert out.stdout.startswith("join failed:") and "does not federate" in out.stdout
@@ -119,12 +146,12 @@ def test_join_needs_federation_config_and_enrollment(tmp_path: Path, assets: Pat
         config.write_text(config.read_text() + federation)
         agent.signal(signal.SIGHUP)
         agent.wait_for(
-            lambda s: s["config_generation"] == 2 and s["workers"]["learner"]["heartbeat_age_s"] is not None
+            lambda s: s["config_generation"] == 3 and s["workers"]["learner"]["heartbeat_age_s"] is not None
         )
         out = _cli_wait(agent, "join")
         assert out.returncode == 1, out.stderr
         assert "not enrolled" in out.stdout and "fedfer-agent enroll --state" in out.stdout
         jobs = agent.status()["jobs"]
-        assert [(j["kind"], j["state"]) for j in jobs] == [("join", "failed"), ("join", "failed")]
+        assert [(j["kind"], j["state"]) for j in jobs][2:] == [("join", "failed"), ("join", "failed")]
     finally:
         agent.kill()

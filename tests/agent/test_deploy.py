@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import plistlib
 import re
 import shutil
@@ -99,13 +100,23 @@ def test_launchd_plist_is_a_user_agent_with_keepalive_and_logs() -> None:
 
 @pytest.mark.parametrize(
     "script",
-    ["systemd/install.sh", "systemd/uninstall.sh", "launchd/install.sh", "launchd/uninstall.sh"],
+    [
+        "systemd/install.sh",
+        "systemd/uninstall.sh",
+        "launchd/install.sh",
+        "launchd/uninstall.sh",
+        "install-lib.sh",
+    ],
 )
 def test_install_scripts_are_strict_posix_shell(script: str) -> None:
     path = DEPLOY / script
     text = path.read_text()
-    assert text.startswith("#!/bin/sh\n") and "\nset -eu\n" in text
-    assert path.stat().st_mode & 0o111
+    if script == "install-lib.sh":  # sourced by both installers (after their `set -eu`), not run
+        assert '. "$SRC/deploy/install-lib.sh"' in (DEPLOY / "systemd" / "install.sh").read_text()
+        assert '. "$SRC/deploy/install-lib.sh"' in (DEPLOY / "launchd" / "install.sh").read_text()
+    else:
+        assert text.startswith("#!/bin/sh\n") and "\nset -eu\n" in text
+        assert path.stat().st_mode & 0o111
     assert subprocess.run(["sh", "-n", str(path)], capture_output=True, timeout=30).returncode == 0
     # Idempotence: creation steps are guarded or naturally repeatable.
     lines = [line.strip() for line in text.splitlines()]
@@ -184,3 +195,216 @@ def test_each_deployment_path_is_documented(name: str) -> None:
     text = (REPO / "docs" / name).read_text()
     assert text.startswith("# Deploying ")
     assert "```" in text and len(text.split()) > 100
+
+
+# ------------------------------------------------------------------ install scripts, in a temporary prefix
+
+VENV = Path(sys.executable).parents[1]
+
+
+def _fake_tools(folder: Path, calls: Path, *, uid: int | None = None) -> Path:
+    """Stand-ins for the system tools the installers call (they log their arguments); nothing real changes.
+
+    ``plutil -lint`` is a real check of the rendered plist (plistlib); ``id -u`` answers ``uid`` when given.
+    """
+    folder.mkdir()
+    for tool in ("systemctl", "useradd", "usermod", "userdel", "chgrp", "launchctl"):
+        script = folder / tool
+        script.write_text(f'#!/bin/sh\necho "{tool} $*" >> "{calls}"\n')
+        script.chmod(0o755)
+    plutil = folder / "plutil"
+    plutil.write_text(
+        f'#!/bin/sh\necho "plutil $*" >> "{calls}"\n'
+        f'exec "{sys.executable}" -c "import plistlib, sys; plistlib.load(open(sys.argv[1], \'rb\'))" "$2"\n'
+    )
+    plutil.chmod(0o755)
+    if uid is not None:
+        fake_id = folder / "id"
+        fake_id.write_text(
+            f'#!/bin/sh\nif [ "$1" = "-u" ]; then echo {uid}; else exec /usr/bin/id "$@"; fi\n'
+        )
+        fake_id.chmod(0o755)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def ifer_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real IFER export written by ``save_ifer`` (weights untrained: installation is under test here)."""
+    from agent.learning.ifer import FaceNet, save_ifer
+    from agent.mobilenet import MobileNetV2, Normalization
+
+    net = FaceNet(
+        backbone=MobileNetV2(),
+        normalization=Normalization("tf", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+        num_classes=6,
+        input_size=112,
+        split=19,
+    )
+    return save_ifer(net, tmp_path_factory.mktemp("ifer") / "export")
+
+
+def _with_ifer(assets: Path, export: Path) -> tuple[str, ...]:
+    """An installer's arguments: models from ``assets``, the IFER ``export``, this checkout's venv."""
+    return ("--assets", str(assets), "--ifer", str(export), "--venv", str(VENV))
+
+
+def _systemd_env(tmp_path: Path, calls: Path) -> dict[str, str]:
+    """The systemd installer's environment: fake system tools first on PATH, every path below ``tmp_path``."""
+    return {
+        **os.environ,
+        "PATH": f"{_fake_tools(tmp_path / 'bin', calls)}:{os.environ['PATH']}",
+        "PREFIX": str(tmp_path / "opt"),
+        "CONF_DIR": str(tmp_path / "etc"),
+        "UNIT_DIR": str(tmp_path / "units"),
+    }
+
+
+def _run(script: str, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["sh", str(DEPLOY / script), *args], capture_output=True, text=True, env=env, timeout=300
+    )
+
+
+def _digest(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.slow
+def test_systemd_install_provisions_verified_models_and_an_ifer_export(
+    tmp_path: Path, assets: Path, ifer_export: Path
+) -> None:
+    from agent.config import apply_path_overrides, load_config
+    from agent.provision import DETECTOR, IFER_DIR, MOBILENET_TFLITE
+    from agent.service import ifer_untrained, startup_warnings
+
+    calls = tmp_path / "calls.log"
+    prefix, conf, units = tmp_path / "opt", tmp_path / "etc", tmp_path / "units"
+    env = _systemd_env(tmp_path, calls)
+    # Without an IFER decision the installer refuses (and installs nothing).
+    out = _run("systemd/install.sh", "--assets", str(assets), "--venv", str(VENV), env=env)
+    assert out.returncode == 2 and "--ifer EXPORT" in out.stderr and not prefix.exists()
+
+    out = _run("systemd/install.sh", *_with_ifer(assets, ifer_export), env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    installed = prefix / "assets"
+    for model in (DETECTOR, MOBILENET_TFLITE):
+        assert _digest(installed / model.relative) == model.sha256 == _digest(assets / model.relative)
+    assert sorted(p.name for p in (installed / IFER_DIR).iterdir()) == ["ifer.json", "ifer.npz"]
+    assert not list(installed.rglob("*.part"))
+
+    # The unit runs this venv with this config and assets; systemctl was asked to enable and start it.
+    unit = (units / "fedfer-agent.service").read_text()
+    assert f"ExecStart={VENV}/bin/fedfer-agent run --config {conf}/agent.toml" in unit
+    assert f"Environment=FEDFER_ASSETS={installed}" in unit and "/opt/fedfer" not in unit
+    log = calls.read_text().splitlines()
+    assert log[-3:] == [
+        "systemctl daemon-reload",
+        "systemctl enable fedfer-agent.service",
+        "systemctl restart fedfer-agent.service",
+    ]
+    assert f"chgrp fedfer {conf}/agent.toml.tmp" in log
+    assert (conf / "agent.toml").stat().st_mode & 0o777 == 0o640
+
+    # The installed configuration names the export, and the service's vision stage loads for real: a real
+    # frame becomes a record whose IFER probabilities come from the installed export.
+    config = apply_path_overrides(
+        load_config(conf / "agent.toml"),
+        {"FEDFER_ASSETS": str(installed), "FEDFER_STATE_DIR": str(tmp_path / "state")},
+    )
+    assert config.vision.ifer_model == IFER_DIR and not ifer_untrained(config)
+    assert startup_warnings(config) == []
+    from agent.capture import VideoSource
+    from agent.pipeline import daemon_stage
+
+    stage = daemon_stage(config)
+    try:
+        with VideoSource(
+            source=next((assets / "data" / "crema-d-sample").glob("*.flv")), max_frames=3
+        ) as src:
+            records = [stage.process(f.image, f.timestamp) for f in src.frames()]
+    finally:
+        stage.close()
+    assert any(r is not None and r.ifer_probs.shape == (6,) for r in records)
+
+    # Running it again upgrades in place: what is installed is verified, the operator's config is kept.
+    (conf / "agent.toml").write_text((conf / "agent.toml").read_text() + "\n# edited by the operator\n")
+    out = _run("systemd/install.sh", "--venv", str(VENV), env=env)
+    assert out.returncode == 0, out.stderr
+    assert (conf / "agent.toml").read_text().endswith("# edited by the operator\n")
+
+    # Uninstall removes the unit and the model files, keeps the configuration (no PURGE).
+    out = _run("systemd/uninstall.sh", env=env)
+    assert out.returncode == 0, out.stderr
+    assert not (units / "fedfer-agent.service").exists() and not installed.exists()
+    assert (
+        conf / "agent.toml"
+    ).exists() and "systemctl disable --now fedfer-agent.service" in calls.read_text()
+
+
+@pytest.mark.slow
+def test_install_refuses_a_model_file_that_fails_its_pinned_digest(tmp_path: Path, assets: Path) -> None:
+    from agent.provision import DETECTOR
+
+    source = tmp_path / "assets"
+    bad = source / DETECTOR.relative
+    bad.parent.mkdir(parents=True)
+    data = bytearray((assets / DETECTOR.relative).read_bytes())
+    data[1000] ^= 0xFF  # one flipped byte
+    bad.write_bytes(bytes(data))
+    prefix = tmp_path / "opt"
+    env = _systemd_env(tmp_path, tmp_path / "calls.log")
+    out = _run("systemd/install.sh", "--assets", str(source), "--without-ifer", "--venv", str(VENV), env=env)
+    assert out.returncode != 0
+    assert "does not match the pinned digest" in out.stderr
+    assert not (prefix / "assets" / DETECTOR.relative).exists()  # nothing under the final name
+    assert not list(prefix.rglob("*.part"))
+    assert not (tmp_path / "units" / "fedfer-agent.service").exists()  # the service was not installed
+    assert "systemctl" not in (tmp_path / "calls.log").read_text()
+
+
+@pytest.mark.slow
+def test_launchd_install_renders_a_user_agent_with_provisioned_models(
+    tmp_path: Path, assets: Path, ifer_export: Path
+) -> None:
+    from agent.config import load_config
+    from agent.provision import DETECTOR, IFER_DIR
+
+    calls = tmp_path / "calls.log"
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {
+        **os.environ,
+        "PATH": f"{_fake_tools(tmp_path / 'bin', calls, uid=501)}:{os.environ['PATH']}",
+        "HOME": str(home),
+    }
+    env.pop("PREFIX", None)
+    out = _run("launchd/install.sh", *_with_ifer(assets, ifer_export), env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    support = home / "Library" / "Application Support" / "fedfer"
+    installed = support / "app" / "assets"
+    assert _digest(installed / DETECTOR.relative) == DETECTOR.sha256
+    assert (installed / IFER_DIR / "ifer.json").is_file()
+    plist_path = home / "Library" / "LaunchAgents" / "org.fedfer.agent.plist"
+    with plist_path.open("rb") as fh:
+        plist = plistlib.load(fh)
+    assert plist["ProgramArguments"] == [
+        f"{VENV}/bin/fedfer-agent",
+        "run",
+        "--config",
+        f"{support}/agent.toml",
+    ]
+    assert plist["EnvironmentVariables"] == {
+        "FEDFER_STATE_DIR": f"{support}/state",
+        "FEDFER_ASSETS": str(installed),
+    }
+    assert load_config(support / "agent.toml").vision.ifer_model == IFER_DIR
+    assert (support / "state").stat().st_mode & 0o777 == 0o700
+    assert (support / "agent.toml").stat().st_mode & 0o777 == 0o600
+    log = calls.read_text().splitlines()
+    assert log[-2:] == [
+        "launchctl bootout gui/501/org.fedfer.agent",
+        f"launchctl bootstrap gui/501 {plist_path}",
+    ]
+    assert any(line.startswith("plutil -lint ") for line in log)

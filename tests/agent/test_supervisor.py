@@ -6,17 +6,30 @@ MobileNetV2) and encrypted cache, in order; the last of them stops it. The rest 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from agent.config import apply_path_overrides, parse_config
 from agent.control import ControlClient, ControlError
-from tests.agent.daemon_harness import Agent, pid_alive, wait_gone, write_config
+from agent.records import FrameRecord
+from agent.service import open_cache
+from tests.agent.daemon_harness import (
+    FAST_DAEMON,
+    Agent,
+    cached_features,
+    pid_alive,
+    wait_gone,
+    write_config,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -206,24 +219,194 @@ def test_crash_loop_backs_off_then_gives_up(tmp_path: Path, clips: Path) -> None
         agent.kill()
 
 
-def test_kill_9_of_supervisor_then_restart_keeps_state(tmp_path: Path, clips: Path) -> None:
-    agent = Agent(tmp_path, write_config(tmp_path / "agent.toml", clips=clips)).start_paused()
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(
+        ["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True, check=False
+    )
+    return [int(p) for p in out.stdout.split()]
+
+
+def _fill_cache(agent: Agent) -> dict[str, list[bytes]]:
+    """Two sealed sessions in the agent's cache; their features, by session id."""
+    config = apply_path_overrides(parse_config(""), {"FEDFER_STATE_DIR": str(agent.state_dir)})
+    agent.state_dir.mkdir(mode=0o700, exist_ok=True)
+    cache = open_cache(config)
+    stored = {}
+    try:
+        for n in range(2):
+            sid = cache.begin_session()
+            records = [
+                FrameRecord(
+                    timestamp=i * 0.2,
+                    feature=(np.frombuffer(os.urandom(2560), dtype=np.uint16) / 6553.5).astype(np.float16),
+                    ifer_probs=np.full(6, 1 / 6, np.float32),
+                    box=(0.0, 0.0, 9.0, 9.0),
+                    score=0.9,
+                )
+                for i in range(3 + n)
+            ]
+            cache.append_batch(sid, records)
+            cache.end_session(sid)
+            stored[sid] = [r.feature.tobytes() for r in records]
+    finally:
+        cache.close()
+    return stored
+
+
+def test_kill_9_of_supervisor_then_immediate_restart_waits_for_its_workers_and_keeps_state(
+    tmp_path: Path, clips: Path
+) -> None:
+    agent = Agent(tmp_path, write_config(tmp_path / "agent.toml", clips=clips))
+    stored = _fill_cache(agent)
+    agent.start_paused()
+    again = impatient = None
     try:
         # Paused capture sends nothing, so vision waits without loading its models.
         status = agent.wait_for(lambda s: s["workers"]["vision"]["state"] == "waiting")
         assert status["paused"] is True
-        pids = [w["pid"] for w in status["workers"].values()]
+        old = {role: w["pid"] for role, w in status["workers"].items()}
+        os.kill(old["learner"], signal.SIGSTOP)  # a worker that cannot exit yet (it still holds the lock)
         assert agent.proc is not None
         agent.proc.kill()
         agent.proc.wait(5)
-        # Orphaned workers notice and exit; nothing is left holding the camera or the sockets.
-        assert all(wait_gone(pid) for pid in pids)
-        again = Agent(tmp_path, agent.config).start()
+        # The other orphaned workers notice and exit; nothing is left holding the camera.
+        assert wait_gone(old["capture"]) and wait_gone(old["vision"]) and pid_alive(old["learner"])
+
+        # A supervisor started now finds the lock held by the dead agent's worker: it waits instead of
+        # starting a second set of workers (with a tiny drain bound it gives up, clearly).
+        short = write_config(
+            tmp_path / "short.toml",
+            clips=clips,
+            daemon=FAST_DAEMON.replace("drain_timeout_s = 5.0", "drain_timeout_s = 0.5"),
+        )
+        impatient = Agent(tmp_path, short)
+        impatient.log = tmp_path / "impatient.log"
+        impatient.start(wait=False)
+        assert impatient.proc is not None and impatient.proc.wait(30) == 2
+        assert "worker processes of a fedfer agent that stopped" in impatient.log_text()
+        assert "still hold state directory" in impatient.log_text()
+
+        again = Agent(tmp_path, agent.config)
+        again.log = tmp_path / "again.log"
+        again.start(wait=False)
+        assert again.proc is not None
+        time.sleep(1.5)
+        assert again.proc.poll() is None and _children(again.proc.pid) == []
+        assert "agent started" not in again.log_text()
+        os.kill(old["learner"], signal.SIGCONT)  # it drains (its SIGTERM was pending) and exits
+        assert wait_gone(old["learner"])
+        status = again.wait_for(
+            lambda s: (
+                all(w["heartbeat_age_s"] is not None for w in s["workers"].values())
+                and s["workers"]["capture"]["state"] == "paused"
+            )
+        )
+        assert status["paused"] is True and status["pid"] != agent.proc.pid
+        assert not {w["pid"] for w in status["workers"].values()} & set(old.values())
+        # The cache survived both kills: the same sessions, every record readable and unchanged.
+        assert again.client.request("sessions")["sessions"] and cached_features(again) == stored
+    finally:
+        for a in (again, impatient, agent):
+            if a is not None:
+                a.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(old["learner"], signal.SIGCONT)
+
+
+def test_sigterm_during_a_reload_keeps_one_bound_and_starts_no_worker(tmp_path: Path, clips: Path) -> None:
+    agent = Agent(tmp_path, write_config(tmp_path / "agent.toml", clips=clips)).start_paused()
+    try:
+        learner = agent.worker_pid("learner")
+        os.kill(learner, signal.SIGSTOP)  # the reload's stop waits for it up to the drain bound (5 s)
+        agent.config.write_text(agent.config.read_text().replace("fps = 10", "fps = 11"))
+        agent.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while "config reloaded; restarting workers" not in agent.log_text():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.5)
+        started = time.monotonic()
+        agent.signal(signal.SIGTERM)
+        assert agent.stop(timeout=15) == 0
+        assert time.monotonic() - started < 5.0 + 1.0  # one drain bound from the SIGTERM, not two
+        assert wait_gone(learner, 2)
+        lines = [json.loads(x) for x in agent.log_text().splitlines() if x.startswith("{")]
+        reload_at = next(i for i, x in enumerate(lines) if x["msg"] == "config reloaded; restarting workers")
+        assert not [x for x in lines[reload_at:] if x["msg"] == "worker started"]
+        assert any(x["msg"] == "agent stopped" for x in lines[reload_at:])
+    finally:
+        agent.kill()
+
+
+def test_reload_applies_the_supervisors_log_level_and_control_size_cap(tmp_path: Path, clips: Path) -> None:
+    config = write_config(tmp_path / "agent.toml", clips=clips, extra='[agent]\nlog_level = "warning"\n')
+    agent = Agent(tmp_path, config).start_paused()
+    try:
+        # 300 kB is beyond the transport cap of the default limit (4 x 64 KiB): the connection is dropped.
+        big = json.dumps({"v": 1, "cmd": "status", "args": {}, "pad": "x" * 300_000}).encode()
+        with pytest.raises(ControlError, match="did not answer"):
+            ControlClient(agent.state_dir, timeout_s=2.0).request_raw(big)
+        agent.status()
+        assert '"msg": "control request"' not in agent.log_text()
+        config.write_text(
+            config.read_text().replace('log_level = "warning"', 'log_level = "debug"')
+            + "control_max_bytes = 1048576\n"
+        )
+        agent.signal(signal.SIGHUP)
+        agent.wait_for(lambda s: s["config_generation"] == 2)
+        # Now it is read, checked, and answered with a clear error; and the supervisor logs at debug level.
+        with pytest.raises(ControlError, match="unknown request field"):
+            ControlClient(agent.state_dir, timeout_s=5.0).request_raw(big)
+        agent.status()
+        lines = [json.loads(x) for x in agent.log_text().splitlines() if x.startswith("{")]
+        assert any(x["msg"] == "control request" and x["role"] == "supervisor" for x in lines)
+    finally:
+        agent.kill()
+
+
+def test_live_source_under_load_counts_both_drops_and_sigterm_stores_what_was_queued(
+    tmp_path: Path, clips: Path
+) -> None:
+    daemon = FAST_DAEMON.replace("queue_hwm = 8", "queue_hwm = 2").replace(
+        "heartbeat_timeout_s = 5.0", "heartbeat_timeout_s = 60.0"
+    )
+    config = write_config(tmp_path / "agent.toml", clips=clips, daemon=daemon)
+    config.write_text(
+        config.read_text().replace("realtime = true", "realtime = false")
+    )  # as fast as it reads
+    agent = Agent(tmp_path, config).start()
+    try:
+        agent.wait_for(lambda s: s["workers"]["learner"]["stats"].get("records_cached", 0) >= 3, timeout=120)
+        # Capture outruns vision: a live source drops frames (counted) and never waits.
+        agent.wait_for(lambda s: s["drops"]["frames"] > 0)
+        # A learner that stops reading: vision waits a bounded time per record, then drops it (counted).
+        learner = agent.worker_pid("learner")
+        os.kill(learner, signal.SIGSTOP)
         try:
-            status = again.wait_for(lambda s: s["workers"]["capture"]["state"] == "paused")
-            assert status["paused"] is True and status["pid"] != agent.proc.pid
+            status = agent.wait_for(lambda s: s["drops"]["records"] > 0, timeout=60)
         finally:
-            again.kill()
+            os.kill(learner, signal.SIGCONT)
+        vision = status["workers"]["vision"]
+        assert (
+            vision["stats"]["records_dropped"] == status["drops"]["records"] and vision["heartbeat_age_s"] < 2
+        )
+        cached = agent.status()["workers"]["learner"]["stats"]["records_cached"]
+        agent.wait_for(lambda s: s["workers"]["learner"]["stats"]["records_cached"] > cached)
+
+        # SIGTERM with full queues: every frame capture had queued reaches vision and every record vision
+        # sent reaches the encrypted cache, within the bound.
+        assert agent.status()["workers"]["learner"]["restarts"] == 0
+        started = time.monotonic()
+        agent.signal(signal.SIGTERM)
+        assert agent.stop(timeout=15) == 0
+        assert time.monotonic() - started < 5.0 + 1.5
+        lines = [json.loads(x) for x in agent.log_text().splitlines() if x.startswith("{")]
+        final = next(x for x in lines if x["msg"] == "agent stopped")
+        assert final["capture_sent"] > 0 and final["vision_received"] == final["capture_sent"], final
+        assert final["vision_unprocessed"] == 0 and final["vision_discarded"] == 0, final
+        assert final["records_in"] == final["records_sent"] and final["records_unstored"] == 0, final
+        assert final["records_cached"] == final["records_in"], final
+        assert sum(len(v) for v in cached_features(agent).values()) == final["records_cached"]
     finally:
         agent.kill()
 

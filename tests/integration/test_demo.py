@@ -212,3 +212,67 @@ def test_configuration_is_checked_and_clips_are_dealt_to_agents(tmp_path: Path, 
     finally:
         shutil.rmtree(used, ignore_errors=True)
     assert proc.returncode == 1 and "already holds a demo" in out
+
+
+def test_source_option_takes_a_camera_or_video_paths_and_names_itself_in_errors(
+    tmp_path: Path, assets: Path
+) -> None:
+    from agent.config import parse_config
+    from agent.demo import _Agent, _agent_config, _Aggregator, parse_source
+
+    sample = sorted((assets / "data" / "crema-d-sample").glob("*.flv"))
+    # Default: the real clips in the assets folder.
+    assert parse_source("", assets).clips == tuple(sample) and parse_source("", assets).camera is None
+    # PATH[,PATH...]: video files and folders of them (other files in a folder are ignored), in order, once.
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    for clip in sample[:2]:
+        (folder / clip.name).symlink_to(clip)
+    (folder / "notes.txt").write_text("not a video")
+    got = parse_source(f"{sample[5]}, {folder},{sample[0]}", assets)
+    assert got.camera is None and got.clips == (
+        sample[5],
+        folder / sample[0].name,
+        folder / sample[1].name,
+        sample[0],
+    )
+    assert [len(s) for s in split_clips(list(got.clips), 3)] == [2, 1, 1]
+    assert (
+        parse_source("camera:2", assets) == parse_source(" camera:2 ", assets)
+        and parse_source("camera:2", assets).camera == 2
+    )
+    for bad, message in (
+        ("camera:x", "camera index"),
+        (str(tmp_path / "gone.mp4"), "does not exist"),
+        (str(folder / "notes.txt"), "not a video file"),
+        (str(tmp_path), "holds no video files"),
+        (f"{sample[0]},", "does not exist"),
+    ):
+        with pytest.raises(ValidationError, match=message):
+            parse_source(bad, assets)
+    # Without the sample clips and without --source, the error says what to pass.
+    bare = tmp_path / "assets"
+    (bare / "models").mkdir(parents=True)
+    with pytest.raises(ValidationError, match=r"--source camera:N or --source PATH"):
+        DemoConfig(workdir=tmp_path / "w", assets=bare)
+    config = DemoConfig(workdir=tmp_path / "w", assets=bare, source=str(folder))
+    assert parse_source(config.source, config.assets).clips == (
+        folder / sample[0].name,
+        folder / sample[1].name,
+    )
+
+    # The agents' configurations: linked clips read once as fast as vision goes, or the camera (live).
+    agent = _Agent(
+        name="agent1",
+        root=tmp_path / "a1",
+        clips=[],
+        config=tmp_path / "a1.toml",
+        state=tmp_path / "s",
+        log=tmp_path / "l",
+    )
+    agg = _Aggregator(directory=tmp_path / "agg", proc=None, port=1234, enroll_port=1235, log=tmp_path / "g")  # type: ignore[arg-type]
+    files = parse_config(_agent_config(config, agent, agg, tmp_path / "ifer.json"))
+    assert files.capture.source == str(agent.root / "camera") and not files.capture.loop
+    assert not files.capture.realtime and files.federation.server == "127.0.0.1:1234"
+    camera = parse_config(_agent_config(config, agent, agg, tmp_path / "ifer.json", camera=2))
+    assert camera.capture.source == "camera:2" and camera.capture.realtime and not camera.capture.loop
