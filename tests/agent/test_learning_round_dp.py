@@ -36,7 +36,8 @@ def test_round_dp_noises_the_aggregate_weights_one_and_spends_the_round_budget(
     agg = dep.serve("--rounds", "1", "--checkin-s", "1", "--clip", "20")
     one_round = gaussian_epsilon(SIGMA, 1, 1e-5)
     privacy = (
-        "[learning]\nepochs = 1\n[privacy]\ndp = false\nround_dp = true\nround_target_epsilon = 0\n"
+        "[learning]\nepochs = 1\nallow_untrained_ifer = true\n"
+        "[privacy]\ndp = false\nround_dp = true\nround_target_epsilon = 0\n"
         f"round_noise_multiplier = {SIGMA}\nround_clip_norm = {CLIP}\nround_clients = {CLIENTS}\n"
         f"round_budget = {1.2 * one_round}\n"
     )
