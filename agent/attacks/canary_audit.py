@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 from torch import nn
 
+from agent.attacks._stats import binomial_pmf
 from security.errors import ValidationError
 
 __all__ = [
@@ -41,11 +42,7 @@ __all__ = [
 def _binomial_pmf(r: int, epsilon: float) -> np.ndarray:
     """``P[B = k]`` for ``k = 0..r``, ``B ~ Binomial(r, e^eps / (1 + e^eps))``, computed in log space."""
     log_q = -math.log1p(math.exp(-epsilon))  # log(e^eps / (1 + e^eps)), stable for large eps
-    log_1mq = -epsilon + log_q  # log(1 / (1 + e^eps))
-    k = np.arange(r + 1, dtype=np.float64)
-    log_choose = math.lgamma(r + 1) - np.array([math.lgamma(x + 1) + math.lgamma(r - x + 1) for x in k])
-    pmf: np.ndarray = np.exp(log_choose + k * log_q + (r - k) * log_1mq)
-    return pmf
+    return binomial_pmf(r, log_p=log_q, log_1mp=-epsilon + log_q)  # log(1 / (1 + e^eps)) = -eps + log q
 
 
 def one_run_p_value(*, m: int, r: int, v: int, epsilon: float, delta: float) -> float:
