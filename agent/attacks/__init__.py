@@ -9,6 +9,7 @@ from agent.attacks.canary_audit import (
     CanaryAuditResult,
     dirac_canaries,
     empirical_epsilon,
+    max_certifiable_epsilon,
     one_run_audit,
     one_run_p_value,
 )
@@ -61,6 +62,7 @@ __all__ = [
     "lira_offline_scores",
     "logit_confidence",
     "loss_scores",
+    "max_certifiable_epsilon",
     "mean_probabilities",
     "membership_audit",
     "one_run_audit",
