@@ -249,8 +249,10 @@ def profile_auc_bound(profile: Sequence[tuple[float, float]], *, grid: int = 200
     return float(np.sum((ys[1:] + ys[:-1]) * np.diff(xs)) / 2.0)
 
 
-PROFILE_DELTAS: tuple[float, ...] = tuple(float(d) for d in np.logspace(-12, math.log10(0.5), 60))
-"""The deltas at which :func:`privacy_profile` evaluates the accountant (1e-12 to 0.5, log-spaced)."""
+PROFILE_DELTAS: tuple[float, ...] = tuple(
+    sorted({*(float(d) for d in np.logspace(-12, math.log10(0.5), 60)), 1e-5})
+)
+"""Where :func:`privacy_profile` evaluates the accountant: 1e-12 to 0.5 log-spaced, and 1e-5."""
 
 
 def privacy_profile(
