@@ -15,7 +15,16 @@ confidence, that the run is *not* ``epsilon``-DP: the largest such epsilon is th
 Canaries (:func:`dirac_canaries`) are clips whose every frame is a large spike on one feature coordinate,
 each canary on its own coordinate, with a random label: the first layer of ``v`` can memorize each one
 independently.
-The score of a canary is how much training raised its logit-scaled confidence in its label.
+The score of a canary is how much training raised its logit-scaled confidence in its label, minus the median
+of that rise over the canaries of the same label: training moves every canary of a class together (the
+class's bias, its share of the data), which says nothing about membership. The score uses only the models and
+the canaries, never the inclusion coins, as the theorem requires.
+
+What one run can certify is limited by ``r`` and, through the ``2 m delta`` term, by delta: with every guess
+right the bound is ``empirical_epsilon(m=m, r=r, v=r, delta=delta)`` (:func:`max_certifiable_epsilon`):
+4.17 for 1,000 canaries and 200 guesses at delta = 1e-5, and never above about 8.2 at that delta however
+many canaries (it passes 8.0 only from about 20,000 canaries, all guessed right). So a one-run audit cannot
+refute an epsilon = 8 claim at delta = 1e-5; it refutes claims far below the run's real leakage.
 """
 
 from __future__ import annotations
@@ -27,12 +36,14 @@ from dataclasses import dataclass
 import numpy as np
 from torch import nn
 
+from agent.attacks._stats import binomial_pmf
 from security.errors import ValidationError
 
 __all__ = [
     "CanaryAuditResult",
     "dirac_canaries",
     "empirical_epsilon",
+    "max_certifiable_epsilon",
     "one_run_audit",
     "one_run_p_value",
 ]
@@ -41,11 +52,7 @@ __all__ = [
 def _binomial_pmf(r: int, epsilon: float) -> np.ndarray:
     """``P[B = k]`` for ``k = 0..r``, ``B ~ Binomial(r, e^eps / (1 + e^eps))``, computed in log space."""
     log_q = -math.log1p(math.exp(-epsilon))  # log(e^eps / (1 + e^eps)), stable for large eps
-    log_1mq = -epsilon + log_q  # log(1 / (1 + e^eps))
-    k = np.arange(r + 1, dtype=np.float64)
-    log_choose = math.lgamma(r + 1) - np.array([math.lgamma(x + 1) + math.lgamma(r - x + 1) for x in k])
-    pmf: np.ndarray = np.exp(log_choose + k * log_q + (r - k) * log_1mq)
-    return pmf
+    return binomial_pmf(r, log_p=log_q, log_1mp=-epsilon + log_q)  # log(1 / (1 + e^eps)) = -eps + log q
 
 
 def one_run_p_value(*, m: int, r: int, v: int, epsilon: float, delta: float) -> float:
@@ -99,6 +106,11 @@ def empirical_epsilon(*, m: int, r: int, v: int, delta: float, confidence: float
         mid = (lo + hi) / 2.0
         lo, hi = (mid, hi) if rejected(mid) else (lo, mid)
     return lo
+
+
+def max_certifiable_epsilon(*, m: int, r: int, delta: float, confidence: float = 0.95) -> float:
+    """The largest lower bound an audit with ``m`` canaries and ``r`` guesses can give: every guess right."""
+    return empirical_epsilon(m=m, r=r, v=r, delta=delta, confidence=confidence)
 
 
 def dirac_canaries(
@@ -199,6 +211,9 @@ def one_run_audit(
     scores = logit_confidence(model, canary_clips, canary_labels) - logit_confidence(
         initial, canary_clips, canary_labels
     )
+    for label in np.unique(canary_labels):
+        same = canary_labels == label
+        scores[same] -= np.median(scores[same])
     ranked = np.argsort(scores, kind="stable")
     k = guesses_each_side
     correct = int((~included[ranked[:k]]).sum() + included[ranked[-k:]].sum())

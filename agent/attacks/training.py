@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from agent.models import VideoModel, from_named_arrays, to_named_arrays
 from security.errors import ValidationError
 
-__all__ = ["DPSpec", "TrainedModel", "check_clips", "train_video_model"]
+__all__ = ["DPSpec", "TrainedModel", "check_clips", "poisson_rate", "train_video_model"]
 
 
 class DPSpec:
@@ -93,6 +93,16 @@ class TrainedModel:
 
 def _is_real(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(float(value))
+
+
+def poisson_rate(n: int, batch_size: int) -> float:
+    """Opacus' Poisson sampling rate for ``n`` examples at expected batch ``batch_size``: ``1 / ceil(n / b)``.
+
+    (Opacus' ``DPDataLoader`` takes one over the length of the plain loader it replaces.)
+    """
+    if type(n) is not int or type(batch_size) is not int or n < 1 or batch_size < 1:
+        raise ValidationError("n and batch_size must be positive ints")
+    return 1.0 / math.ceil(n / min(batch_size, n))
 
 
 def check_clips(clips: np.ndarray, labels: np.ndarray, *, num_classes: int) -> None:
@@ -287,11 +297,11 @@ def _learner_run(
                 max_grad_norm=dp.max_grad_norm,
             )
         model, result = finetune_v(init, clips, labels, num_classes=num_classes, config=config, dp=dp_config)
-    steps = epochs * math.ceil(len(clips) / batch_size)
+    steps = epochs * math.ceil(len(clips) / min(batch_size, len(clips)))
     return TrainedModel(
         model=model,
         epsilon=result.epsilon,
         noise_multiplier=result.noise_multiplier,
-        sample_rate=None if dp is None else min(1.0, batch_size / len(clips)),
+        sample_rate=None if dp is None else poisson_rate(len(clips), batch_size),
         steps=steps,
     )

@@ -1,11 +1,17 @@
-"""Secure gRPC channels to the aggregator, trusting only the pinned deployment CA.
+"""Secure gRPC channels to the aggregator: the CA at enrollment, the aggregator's own certificate after it.
 
-The enrollment channel is server-authenticated TLS (the device has no certificate yet); every other call goes
-over mutual TLS with the device certificate. The system trust store is never used: ``root_certificates`` is
-always the CA saved at enrollment.
+The enrollment channel is server-authenticated TLS (the device has no certificate yet) trusting only the
+deployment CA given out of band. Every other call goes over mutual TLS with the device certificate and
+trusts only the aggregator certificate pinned at enrollment (:meth:`DeviceState.server_pem`), so another
+certificate from the same CA is refused too. The system trust store is never used.
+
+Both factories take optional client ``interceptors`` (``grpc.aio`` client interceptors, applied in order):
+the seam through which tests record every call the device makes on the production channel.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import grpc
 
@@ -28,17 +34,28 @@ def channel_options() -> list[tuple[str, int]]:
     ]
 
 
-def enrollment_channel(target: str, *, ca_pem: bytes) -> grpc.aio.Channel:
+Interceptors = Sequence[grpc.aio.ClientInterceptor]
+
+
+def enrollment_channel(target: str, *, ca_pem: bytes, interceptors: Interceptors = ()) -> grpc.aio.Channel:
     """Open a server-authenticated TLS channel to the enrollment port, pinned to ``ca_pem``."""
     creds = grpc.ssl_channel_credentials(root_certificates=ca_pem)
-    return grpc.aio.secure_channel(target, creds, options=channel_options())
+    return grpc.aio.secure_channel(
+        target, creds, options=channel_options(), interceptors=list(interceptors) or None
+    )
 
 
-def federation_channel(state: DeviceState) -> grpc.aio.Channel:
-    """Open a mutual-TLS channel to the federation port with the device's certificate and key."""
+def federation_channel(state: DeviceState, *, interceptors: Interceptors = ()) -> grpc.aio.Channel:
+    """Open a mutual-TLS channel to the federation port with the device's certificate and key.
+
+    The only trust anchor is the aggregator certificate pinned at enrollment (gRPC accepts a leaf
+    certificate as its root: the presented certificate must be that one, for the target's name).
+    """
     creds = grpc.ssl_channel_credentials(
-        root_certificates=state.ca_pem(),
+        root_certificates=state.server_pem(),
         private_key=state.tls_key().unsafe_export_pem(),
         certificate_chain=state.certificate_pem(),
     )
-    return grpc.aio.secure_channel(state.target, creds, options=channel_options())
+    return grpc.aio.secure_channel(
+        state.target, creds, options=channel_options(), interceptors=list(interceptors) or None
+    )

@@ -26,7 +26,7 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
-from agent.federation.channel import federation_channel
+from agent.federation.channel import Interceptors, federation_channel
 from agent.federation.retry import RetryPolicy, call_with_retry
 from agent.federation.state import DeviceState
 from protos.fedfer.v1 import common_pb2, federation_pb2, federation_pb2_grpc, models_pb2, models_pb2_grpc
@@ -153,6 +153,7 @@ class FederationClient:
         counter: optional wire-byte counter (benchmarks).
         hooks: optional callbacks by stage name, awaited right after the device's message for that stage was
             accepted (tests use them to kill a device at a precise point).
+        interceptors: client interceptors for the federation channel (tests record every call with them).
     """
 
     def __init__(
@@ -165,6 +166,7 @@ class FederationClient:
         chunk_bytes: int = 1 << 20,
         counter: WireCounter | None = None,
         hooks: Mapping[str, Callable[[], Awaitable[None]]] | None = None,
+        interceptors: Interceptors = (),
     ) -> None:
         if not isinstance(state, DeviceState):
             raise ValidationError("state must be a DeviceState")
@@ -179,6 +181,7 @@ class FederationClient:
         self._chunk = chunk_bytes
         self.counter = counter or WireCounter()
         self._hooks = dict(hooks or {})
+        self._interceptors = tuple(interceptors)
         self.stage_deadlines: dict[common_pb2.Stage, int] = {}
         """Deadline (unix ms) the aggregator announced for each stage this client saw, by proto stage."""
         self._channel: grpc.aio.Channel | None = None
@@ -186,7 +189,7 @@ class FederationClient:
         self._models: models_pb2_grpc.ModelsStub | None = None
 
     async def __aenter__(self) -> FederationClient:
-        self._channel = federation_channel(self._state)
+        self._channel = federation_channel(self._state, interceptors=self._interceptors)
         self._fed = federation_pb2_grpc.FederationStub(self._channel)
         self._models = models_pb2_grpc.ModelsStub(self._channel)
         return self

@@ -1,15 +1,23 @@
-"""Enroll a device: new keys, a CSR, a one-time token exchanged for a certificate, state saved 0600."""
+"""Enroll a device: new keys, a CSR, a one-time token exchanged for a certificate, state saved 0600.
+
+Enrollment ends by pinning the aggregator's TLS certificate: the device opens one mutual-TLS handshake to the
+federation port (verified against the CA and the aggregator's name) and keeps the certificate it was shown
+as the only trust anchor of every later call (:func:`agent.federation.channel.federation_channel`).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import hmac
 import os
 import secrets
+import ssl
 import uuid
 from pathlib import Path
 
-from agent.federation.channel import enrollment_channel
+from agent.federation.channel import Interceptors, enrollment_channel
 from agent.federation.retry import RetryPolicy, call_with_retry
 from agent.federation.state import (
     DeviceState,
@@ -54,6 +62,7 @@ async def enroll(
     device_id: str | None = None,
     policy: RetryPolicy | None = None,
     timeout_s: float = 10.0,
+    interceptors: Interceptors = (),
 ) -> DeviceState:
     """Enroll this device with the aggregator and save its state.
 
@@ -65,6 +74,7 @@ async def enroll(
         device_id: the id to request (default: a fresh random one).
         policy: retry policy for transient failures (the request id makes retries harmless).
         timeout_s: per-attempt deadline.
+        interceptors: client interceptors for the enrollment channel (tests record calls with them).
 
     Returns:
         The saved device state.
@@ -74,6 +84,8 @@ async def enroll(
         IntegrityError: the aggregator answered with a certificate or CA that does not verify against the
             pinned CA.
         grpc.aio.AioRpcError: the aggregator refused (e.g. PERMISSION_DENIED for a used token).
+        OSError: the federation port could not be reached to pin its certificate (the certificate issued so
+            far is kept; the directory is not marked enrolled).
     """
     host, enroll_port = parse_target(server)
     state_dir = Path(state_dir)
@@ -85,7 +97,7 @@ async def enroll(
     tls_key, identity_key = _load_or_create_keys(state_dir)
     csr = pki.create_device_csr(device_id=device_id, tls_key=tls_key, identity_key=identity_key)
     request = enrollment_pb2.EnrollRequest(request_id=str(uuid.uuid4()), token=token, csr_pem=csr)
-    async with enrollment_channel(server, ca_pem=ca_pem) as channel:
+    async with enrollment_channel(server, ca_pem=ca_pem, interceptors=interceptors) as channel:
         stub = enrollment_pb2_grpc.EnrollmentStub(channel)
         reply: enrollment_pb2.EnrollResponse = await call_with_retry(
             lambda: stub.Enroll(request, timeout=timeout_s), policy=policy or RetryPolicy(), what="enroll"
@@ -99,6 +111,10 @@ async def enroll(
         raise IntegrityError("issued certificate does not match the request")
     write_public_file(state_dir / "ca.pem", ca_pem)
     write_public_file(state_dir / "device.pem", reply.certificate_pem)
+    pinned = await _server_certificate(
+        host, int(reply.federation_port), ca_pem=ca_pem, directory=state_dir, timeout_s=timeout_s
+    )
+    write_public_file(state_dir / "server.pem", pinned)
     state = DeviceState(
         directory=state_dir,
         device_id=device_id,
@@ -108,3 +124,30 @@ async def enroll(
     )
     state.save_meta()
     return state
+
+
+async def _server_certificate(
+    host: str, port: int, *, ca_pem: bytes, directory: Path, timeout_s: float
+) -> bytes:
+    """The certificate the federation port presents, verified against ``ca_pem`` and ``host`` (PEM).
+
+    One TLS 1.3 handshake with the device's new certificate (the port requires one), offering HTTP/2 as gRPC
+    does; the connection is closed right after.
+    """
+    context = ssl.create_default_context(cadata=ca_pem.decode("ascii"))
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.set_alpn_protocols(["h2"])
+    context.load_cert_chain(certfile=directory / "device.pem", keyfile=directory / "tls_key.pem")
+    _, writer = await asyncio.wait_for(
+        asyncio.open_connection(host, port, ssl=context, server_hostname=host), timeout=timeout_s
+    )
+    try:
+        der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    finally:
+        writer.close()
+        # The server may reset a connection that never spoke HTTP/2.
+        with contextlib.suppress(OSError, ssl.SSLError):
+            await writer.wait_closed()
+    if not der:
+        raise IntegrityError("the aggregator presented no certificate")
+    return ssl.DER_cert_to_PEM_cert(der).encode("ascii")

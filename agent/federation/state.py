@@ -3,7 +3,9 @@
 Layout (directory 0700, private keys 0600, written atomically):
 
 ``federation.json``   device id, aggregator host, federation and enrollment ports (no secrets)
-``ca.pem``            the aggregator's CA certificate, the only trust anchor the device uses
+``ca.pem``            the aggregator's CA certificate (trusted at enrollment; verifies peers' certificates)
+``server.pem``        the aggregator's TLS certificate, pinned at enrollment: the federation channel's only
+                      trust anchor
 ``device.pem``        the device certificate issued at enrollment
 ``tls_key.pem``       the device's P-256 TLS private key (0600)
 ``identity_key.pem``  the device's Ed25519 identity key, which signs its round keys (0600)
@@ -85,6 +87,10 @@ class DeviceState:
         """The pinned CA certificate."""
         return self._read("ca.pem")
 
+    def server_pem(self) -> bytes:
+        """The aggregator's TLS certificate pinned at enrollment."""
+        return self._read("server.pem")
+
     def certificate_pem(self) -> bytes:
         """The device certificate."""
         return self._read("device.pem")
@@ -122,7 +128,7 @@ class DeviceState:
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise StateError("device is not enrolled (no readable federation state)") from exc
-        for name in ("ca.pem", "device.pem", "tls_key.pem", "identity_key.pem"):
+        for name in ("ca.pem", "server.pem", "device.pem", "tls_key.pem", "identity_key.pem"):
             if not (directory / name).is_file():
                 raise StateError(f"federation state file {name} is missing")
         return state

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +41,18 @@ def write_config(path: Path, *, clips: Path, extra: str = "", daemon: str = FAST
 
 
 class Agent:
-    """One supervisor process and helpers to talk to it."""
+    """One supervisor process and helpers to talk to it.
 
-    def __init__(self, tmp: Path, config: Path, *, name: str = "state") -> None:
+    ``env`` is applied on top of the inherited environment (from which ``FEDFER_*`` is stripped), e.g. to
+    point ``HOME`` or ``FEDFER_CACHE_DIR`` into the test's temporary folder.
+    """
+
+    def __init__(
+        self, tmp: Path, config: Path, *, name: str = "state", env: Mapping[str, str] | None = None
+    ) -> None:
         self.state_dir = tmp / name
         self.config = config
+        self.env = dict(env or {})
         self.log = tmp / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.client = ControlClient(self.state_dir, timeout_s=5.0)
@@ -61,6 +68,7 @@ class Agent:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FEDFER_")}
         default_assets = str(Path(__file__).resolve().parents[3] / "shared")
         env["FEDFER_ASSETS"] = os.environ.get("FEDFER_ASSETS", default_assets)
+        env.update(self.env)
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
                 [
