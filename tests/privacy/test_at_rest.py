@@ -51,6 +51,7 @@ loop = false
 [learning]
 min_sessions = 1
 epochs = 1
+allow_untrained_ifer = true  # the audit is about what is written, not about the head's accuracy
 confidence_threshold = 0.0
 [privacy]
 dp = true
