@@ -3,25 +3,38 @@
 Nothing but ciphertext and non-secret bookkeeping (session id, creation time, counts, sizes) reaches disk:
 
 * A key-encryption key (KEK) lives in a :class:`~agent.cache_keys.KeyStore` (a 0600 file, or the OS keyring).
-* Each session gets its own data key (DEK), stored only wrapped under the KEK, bound to (cache id, session).
+* Each session gets its own data key (DEK), stored only wrapped under the KEK, bound to (cache id, session)
+  and to the session's state: an open session's key is bound to its id, a sealed session's key to its id
+  and "sealed". The ``sealed`` flag of the index is therefore authenticated: flipping it makes the key fail
+  under the binding the index claims (the reader then learns the true state from the other binding and
+  reports the session as damaged).
 * Each frame is one record, sealed by the session's DEK with associated data binding (cache id, session,
   position, kind, format version): swapping, reordering, moving records between sessions or caches, or
-  replacing one with an older ciphertext of another position is detected as an integrity error for exactly
-  that record; every other record stays readable.
-* :meth:`FeatureCache.end_session` appends an encrypted *seal* carrying the frame count, so a sealed session
-  whose tail was cut off is detected too.
+  replaying a valid ciphertext at another position is detected as an integrity error for exactly that
+  record; every other record stays readable.
+* :meth:`FeatureCache.end_session` appends an encrypted *seal* carrying the frame count and re-wraps the
+  session's key as sealed, in one transaction: a sealed session whose tail (or seal) was cut off is detected
+  whatever the index's ``frames`` and ``sealed`` columns say.
 * :meth:`FeatureCache.forget` is crypto-shredding: the session's wrapped DEK and rows are deleted with
   SQLite's ``secure_delete`` (freed content is zeroed), the WAL is checkpointed and truncated, and by
   default the KEK is rotated so that even an old copy of the database cannot be opened with the key that
   remains. :meth:`FeatureCache.purge` forgets everything and replaces the KEK.
 * Retention drops sessions older than ``max_age_s`` and, oldest first, sessions beyond ``max_bytes``.
 
+Rollback. The database names the fingerprint of the KEK it was committed under, and the key store keeps only
+that KEK. Every :meth:`~FeatureCache.end_session`, :meth:`~FeatureCache.forget` (with the default
+``rotate_kek_on_forget``), retention drop, :meth:`~FeatureCache.purge` and
+:meth:`~FeatureCache.rotate_kek` replaces the KEK and re-wraps every data key, so a copy of the index
+(database and WAL, whole or any row of it) taken before the latest of these events no longer opens with the
+stored key: the cache refuses to open (:class:`~security.errors.IntegrityError`), or, for a single row put
+back, that session fails verification. Not detected: a rollback to a copy taken *after* the latest such
+event, which can only lose appends to sessions that are still open and sessions begun since (the same as a
+truncated tail of a never-sealed session, which looks like a writer that stopped early); a rollback of the
+key store together with the database (an attacker holding the old KEK can read what it protected); and,
+with ``rotate_kek_on_forget=False``, a rollback across a :meth:`~FeatureCache.forget`.
+
 Crash safety: each append (or batch) is one SQLite transaction in WAL mode, so a process killed mid-write
 loses at most the transaction in flight and the cache opens afterwards.
-
-Known limits: a whole-database rollback to an older copy (all files replaced together) cannot be detected
-without a monotonic counter outside the disk; a truncated tail of a session that was never sealed looks like
-a session whose writer stopped early.
 """
 
 from __future__ import annotations
@@ -43,7 +56,7 @@ from typing import Final, Literal
 
 import numpy as np
 
-from agent.cache_keys import FileKeyStore, KeyStore, KeyStoreError
+from agent.cache_keys import KEY_FILE, FileKeyStore, KeyStore, KeyStoreError
 from agent.records import FEATURE_DIM, FrameRecord
 from security.envelope import DataKey, KeyEncryptionKey, RecordKind
 from security.errors import FedferError, IntegrityError, ValidationError
@@ -65,8 +78,10 @@ __all__ = [
 _log = logging.getLogger(__name__)
 
 DB_NAME: Final = "features.sqlite"
-KEY_FILE_NAME: Final = "cache.kek"
-_SCHEMA_VERSION: Final = b"1"
+KEY_FILE_NAME: Final = KEY_FILE
+_SCHEMA_VERSION: Final = b"2"  # 2: sealed sessions' keys are bound to "sealed"
+_LEGACY_SCHEMA: Final = b"1"
+_SEALED_BINDING: Final = b"/sealed"
 _PAGE_SIZE: Final = 8192  # three ~2.7 KB records per page instead of one per 4 KB page
 _SESSION_ID = re.compile(r"[0-9a-f]{32}")
 
@@ -204,6 +219,46 @@ def _check_session_id(session_id: str) -> bytes:
     return session_id.encode("ascii")
 
 
+def _altered_entry(session_id: str) -> IntegrityError:
+    return IntegrityError(f"the index entry of session {session_id} does not match its data key")
+
+
+def _key_binding(session_id: str, sealed: bool) -> bytes:
+    """What a session's wrapped data key is bound to: its id, plus ``/sealed`` once the session is ended."""
+    name = session_id.encode("ascii")  # hex only, so the suffix cannot make another session's id
+    return name + _SEALED_BINDING if sealed else name
+
+
+def _unwrap(
+    kek: KeyEncryptionKey, wrapped: bytes, *, cache_id: bytes, session_id: str, sealed: bool
+) -> tuple[DataKey, bool]:
+    """Unwrap a session's data key; returns it and the session's authenticated seal state.
+
+    The binding the index claims (``sealed``) is tried first; if it fails, the other one is tried, so that a
+    flipped ``sealed`` column is reported as a damaged session rather than an unreadable one.
+
+    Raises:
+        IntegrityError: the wrapped key opens under neither binding.
+    """
+    for state in (sealed, not sealed):
+        try:
+            binding = _key_binding(session_id, state)
+            return kek.unwrap_data_key(wrapped, cache_id=cache_id, session_id=binding), state
+        except IntegrityError:
+            continue
+    raise IntegrityError(f"the data key of session {session_id} failed verification")
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class _SessionKey:
+    """An unwrapped data key, valid for as long as the stored wrapped key and the KEK are these."""
+
+    wrapped: bytes
+    kek_fingerprint: str
+    dek: DataKey
+    sealed: bool
+
+
 class FeatureCache:
     """Encrypted, crash-safe store of per-frame features grouped by session.
 
@@ -238,8 +293,8 @@ class FeatureCache:
             key_store: where the KEK lives; default: a 0600 file ``directory/cache.kek``.
             max_age_s: drop sessions created longer ago than this (None: no age limit).
             max_bytes: keep the stored bytes under this, dropping the oldest sessions first (None: no limit).
-            rotate_kek_on_forget: replace the KEK on every :meth:`forget`, so an old copy of the database
-                cannot be opened with the key that remains.
+            rotate_kek_on_forget: replace the KEK on every :meth:`forget` (and retention drop), so an old
+                copy of the database cannot be opened with the key that remains. Sealing always rotates.
             synchronous: SQLite's durability level; FULL also survives power loss, NORMAL survives a killed
                 process (WAL) and is faster.
             busy_timeout_s: how long to wait for another process's write lock.
@@ -270,7 +325,7 @@ class FeatureCache:
         self._rotate_on_forget = rotate_kek_on_forget
         self._clock = clock
         self._lock = threading.RLock()
-        self._deks: dict[str, DataKey] = {}
+        self._deks: dict[str, _SessionKey] = {}
         self._db_path = self._dir / DB_NAME
         self._touch_private(self._db_path)
         self._conn: sqlite3.Connection | None = sqlite3.connect(
@@ -334,12 +389,14 @@ class FeatureCache:
         dek = DataKey.generate()
         with self._lock, self._write() as conn:
             kek = self._current_kek(conn)
-            wrapped = kek.wrap_data_key(dek, cache_id=self._cache_id, session_id=session_id.encode("ascii"))
+            wrapped = kek.wrap_data_key(
+                dek, cache_id=self._cache_id, session_id=_key_binding(session_id, False)
+            )
             conn.execute(
                 "INSERT INTO sessions (public_id, created, wrapped_dek, bytes) VALUES (?, ?, ?, ?)",
                 (session_id, when, wrapped, len(wrapped)),
             )
-            self._deks[session_id] = dek
+            self._deks[session_id] = _SessionKey(wrapped, kek.fingerprint, dek, False)
         _log.debug("cache session %s started", session_id)
         return session_id
 
@@ -363,7 +420,9 @@ class FeatureCache:
             sid, frames, sealed, wrapped = self._session_row(conn, session_id)
             if sealed:
                 raise SessionSealedError(f"session {session_id} is sealed")
-            dek = self._dek(conn, session_id, wrapped)
+            dek, truly_sealed = self._dek(conn, session_id, wrapped, sealed)
+            if truly_sealed:
+                raise _altered_entry(session_id)
             rows = []
             total = 0
             for i, plaintext in enumerate(plaintexts):
@@ -388,27 +447,39 @@ class FeatureCache:
     def end_session(self, session_id: str) -> None:
         """Seal the session: append an encrypted record of its frame count; later appends are refused.
 
+        In the same transaction the session's data key is re-wrapped as sealed and the KEK is rotated (every
+        data key re-wrapped under a new one), so a copy of the index from before the seal no longer opens.
         Idempotent for a session that is already sealed.
+
+        Raises:
+            SessionNotFoundError: unknown session.
+            IntegrityError: the session's data key or index entry failed verification.
         """
         sid_bytes = _check_session_id(session_id)
-        with self._lock, self._write() as conn:
-            sid, frames, sealed, wrapped = self._session_row(conn, session_id)
-            if sealed:
-                return
-            blob = self._dek(conn, session_id, wrapped).encrypt_record(
-                _SEAL.pack(frames),
-                cache_id=self._cache_id,
-                session_id=sid_bytes,
-                position=frames,
-                kind=RecordKind.SEAL,
-            )
-            conn.execute(
-                "INSERT INTO records (sid, seq, kind, blob) VALUES (?, ?, ?, ?)",
-                (sid, frames, RecordKind.SEAL, blob),
-            )
-            conn.execute(
-                "UPDATE sessions SET sealed = 1, bytes = bytes + ? WHERE sid = ?", (len(blob), sid)
-            )
+        with self._lock:
+            with self._write() as conn:
+                sid, frames, sealed, wrapped = self._session_row(conn, session_id)
+                if sealed:
+                    return
+                dek, truly_sealed = self._dek(conn, session_id, wrapped, sealed)
+                if truly_sealed:
+                    raise _altered_entry(session_id)
+                blob = dek.encrypt_record(
+                    _SEAL.pack(frames),
+                    cache_id=self._cache_id,
+                    session_id=sid_bytes,
+                    position=frames,
+                    kind=RecordKind.SEAL,
+                )
+                conn.execute(
+                    "INSERT INTO records (sid, seq, kind, blob) VALUES (?, ?, ?, ?)",
+                    (sid, frames, RecordKind.SEAL, blob),
+                )
+                conn.execute(
+                    "UPDATE sessions SET sealed = 1, bytes = bytes + ? WHERE sid = ?", (len(blob), sid)
+                )
+                new = self._rewrap_all(conn, sealing=sid)
+            self._rotated(new)
 
     def sessions(self) -> list[SessionInfo]:
         """Metadata of every session, oldest first (no content, no keys)."""
@@ -454,13 +525,13 @@ class FeatureCache:
         if type(position) is not int or position < 0:
             raise ValidationError("position must be a non-negative int")
         with self._lock, self._read() as conn:
-            sid, frames, _sealed, wrapped = self._session_row(conn, session_id)
+            sid, frames, sealed, wrapped = self._session_row(conn, session_id)
             if position >= frames:
                 raise ValidationError(f"session {session_id} has {frames} frames")
             row = conn.execute(
                 "SELECT kind, blob FROM records WHERE sid = ? AND seq = ?", (sid, position)
             ).fetchone()
-            dek = self._dek(conn, session_id, wrapped)
+            dek, _ = self._dek(conn, session_id, wrapped, sealed)
         if row is None:
             raise RecordIntegrityError(session_id, position)
         return self._open_frame(dek, sid_bytes, session_id, position, int(row[0]), row[1])
@@ -499,7 +570,7 @@ class FeatureCache:
             rows = conn.execute(
                 "SELECT seq, kind, blob FROM records WHERE sid = ? ORDER BY seq", (sid,)
             ).fetchall()
-            dek = self._dek(conn, session_id, wrapped)
+            dek, truly_sealed = self._dek(conn, session_id, wrapped, sealed)
         good: list[tuple[int, FrameRecord]] = []
         failed: set[int] = set()
         seal_count: int | None = None
@@ -533,9 +604,11 @@ class FeatureCache:
         if seal_count is not None:
             failed.update(p for p, _ in good if p >= seal_count)
             good = [(p, r) for p, r in good if p < seal_count]
-        if sealed and seal_count is None:
-            failed.add(frames)  # the index says sealed but the seal is missing
-        complete = bool(sealed) and seal_count is not None and not failed
+        if sealed != truly_sealed or (truly_sealed and seal_count is None):
+            # The index's seal flag was altered, or the data key says sealed but the seal is gone (a cut
+            # tail): report the seal's position, after every frame the index or the rows know of.
+            failed.add(seal_count if seal_count is not None else max([frames, *(p + 1 for p in seen)]))
+        complete = truly_sealed and seal_count is not None and not failed
         return SessionContents(session_id, tuple(good), tuple(sorted(failed)), complete)
 
     # -- forgetting -----------------------------------------------------------------------------------
@@ -581,27 +654,44 @@ class FeatureCache:
 
     def _rotate(self) -> None:
         with self._lock:
-            new = KeyEncryptionKey.generate()
             with self._write() as conn:
-                old = self._current_kek(conn)
-                self._store.save([old, new])
-                rows = conn.execute("SELECT sid, public_id, wrapped_dek FROM sessions").fetchall()
-                for sid, public_id, wrapped in rows:
-                    name = str(public_id).encode("ascii")
-                    try:
-                        dek = old.unwrap_data_key(wrapped, cache_id=self._cache_id, session_id=name)
-                    except IntegrityError:
-                        # Already unreadable (its wrapped key was tampered with): it cannot be re-wrapped,
-                        # and must not block forgetting the others. It stays listed so it can be forgotten.
-                        _log.warning("cache session %s has a corrupt data key; left as is", public_id)
-                        continue
-                    conn.execute(
-                        "UPDATE sessions SET wrapped_dek = ? WHERE sid = ?",
-                        (new.wrap_data_key(dek, cache_id=self._cache_id, session_id=name), sid),
-                    )
-                conn.execute("UPDATE meta SET value = ? WHERE name = 'kek'", (new.fingerprint.encode(),))
-            self._store.save([new])
-            self._kek = new
+                new = self._rewrap_all(conn)
+            self._rotated(new)
+
+    def _rewrap_all(self, conn: sqlite3.Connection, *, sealing: int | None = None) -> KeyEncryptionKey:
+        """Inside a write transaction: re-wrap every data key under a fresh KEK and name it in ``meta``.
+
+        Each key keeps its authenticated seal state (whatever the index says), except the session
+        ``sealing`` (its row id), which is being sealed in this transaction. The store holds both KEKs
+        until :meth:`_rotated` runs after the commit, so a crash in between leaves the committed one.
+        """
+        new = KeyEncryptionKey.generate()
+        old = self._current_kek(conn)
+        self._store.save([old, new])
+        rows = conn.execute("SELECT sid, public_id, wrapped_dek, sealed FROM sessions").fetchall()
+        for sid, public_id, wrapped, sealed in rows:
+            name = str(public_id)
+            try:
+                dek, truly_sealed = _unwrap(
+                    old, bytes(wrapped), cache_id=self._cache_id, session_id=name, sealed=bool(sealed)
+                )
+            except IntegrityError:
+                # Already unreadable (its wrapped key was tampered with): it cannot be re-wrapped, and
+                # must not block forgetting the others. It stays listed so it can be forgotten.
+                _log.warning("cache session %s has a corrupt data key; left as is", public_id)
+                continue
+            binding = _key_binding(name, True if sid == sealing else truly_sealed)
+            conn.execute(
+                "UPDATE sessions SET wrapped_dek = ? WHERE sid = ?",
+                (new.wrap_data_key(dek, cache_id=self._cache_id, session_id=binding), sid),
+            )
+        conn.execute("UPDATE meta SET value = ? WHERE name = 'kek'", (new.fingerprint.encode(),))
+        return new
+
+    def _rotated(self, new: KeyEncryptionKey) -> None:
+        """After the commit of :meth:`_rewrap_all`: keep only the new KEK."""
+        self._store.save([new])
+        self._kek = new
 
     def enforce_retention(self, *, now: float | None = None, keep: str | None = None) -> list[str]:
         """Drop sessions older than ``max_age_s``, then the oldest until under ``max_bytes``.
@@ -707,12 +797,42 @@ class FeatureCache:
                     [("schema", _SCHEMA_VERSION), ("cache_id", cache_id), ("kek", kek.fingerprint.encode())],
                 )
                 return cache_id, kek
-            if meta.get("schema") != _SCHEMA_VERSION:
+            if meta.get("schema") not in (_SCHEMA_VERSION, _LEGACY_SCHEMA):
                 raise CacheError("unsupported cache format version")
+            if not keys:  # name the store: with key_store "auto" the key may be in the other one
+                raise KeyStoreError(
+                    f"the cache's key-encryption key is missing from {self._store!r}; "
+                    "without it its contents are unrecoverable"
+                )
             kek = self._matching_kek(keys, bytes(meta["kek"]).decode("ascii"))
+            cache_id = bytes(meta["cache_id"])
+            if meta["schema"] == _LEGACY_SCHEMA:
+                self._migrate_legacy(conn, kek, cache_id)
             if len(keys) > 1:  # a rotation was interrupted: keep only the key the database uses
                 self._store.save([kek])
-            return bytes(meta["cache_id"]), kek
+            return cache_id, kek
+
+    @staticmethod
+    def _migrate_legacy(conn: sqlite3.Connection, kek: KeyEncryptionKey, cache_id: bytes) -> None:
+        """Format 1 → 2: re-wrap the data keys of sealed sessions as sealed (format 1 bound only the id).
+
+        Format 1 trusted the index's ``sealed`` column; the migration trusts it once, as that format did,
+        and from then on it is authenticated.
+        """
+        rows = conn.execute("SELECT sid, public_id, wrapped_dek FROM sessions WHERE sealed = 1").fetchall()
+        for sid, public_id, wrapped in rows:
+            name = str(public_id)
+            try:
+                dek = kek.unwrap_data_key(
+                    bytes(wrapped), cache_id=cache_id, session_id=_key_binding(name, False)
+                )
+            except IntegrityError:
+                _log.warning("cache session %s has a corrupt data key; left as is", public_id)
+                continue
+            rewrapped = kek.wrap_data_key(dek, cache_id=cache_id, session_id=_key_binding(name, True))
+            conn.execute("UPDATE sessions SET wrapped_dek = ? WHERE sid = ?", (rewrapped, sid))
+        conn.execute("UPDATE meta SET value = ? WHERE name = 'schema'", (_SCHEMA_VERSION,))
+        _log.info("cache index migrated to format %s", _SCHEMA_VERSION.decode())
 
     @staticmethod
     def _matching_kek(keys: Sequence[KeyEncryptionKey], fingerprint: str) -> KeyEncryptionKey:
@@ -739,17 +859,23 @@ class FeatureCache:
             raise SessionNotFoundError(f"no session {session_id}")
         return int(row[0]), int(row[1]), bool(row[2]), bytes(row[3])
 
-    def _dek(self, conn: sqlite3.Connection, session_id: str, wrapped: bytes) -> DataKey:
-        dek = self._deks.get(session_id)
-        if dek is None:
-            try:
-                dek = self._current_kek(conn).unwrap_data_key(
-                    wrapped, cache_id=self._cache_id, session_id=session_id.encode("ascii")
-                )
-            except IntegrityError:
-                raise IntegrityError(f"the data key of session {session_id} failed verification") from None
-            self._deks[session_id] = dek
-        return dek
+    def _dek(
+        self, conn: sqlite3.Connection, session_id: str, wrapped: bytes, sealed: bool
+    ) -> tuple[DataKey, bool]:
+        """The session's data key and its authenticated seal state, verified against the stored wrapped key.
+
+        A key unwrapped before is reused only while the stored wrapped key and the KEK are unchanged, so an
+        index edited by another process (or an attacker) is verified again.
+        """
+        kek = self._current_kek(conn)
+        entry = self._deks.get(session_id)
+        if entry is not None and entry.wrapped == wrapped and entry.kek_fingerprint == kek.fingerprint:
+            return entry.dek, entry.sealed
+        dek, truly_sealed = _unwrap(
+            kek, wrapped, cache_id=self._cache_id, session_id=session_id, sealed=sealed
+        )
+        self._deks[session_id] = _SessionKey(wrapped, kek.fingerprint, dek, truly_sealed)
+        return dek, truly_sealed
 
     def _open_frame(
         self, dek: DataKey, sid_bytes: bytes, session_id: str, position: int, kind: int, blob: bytes

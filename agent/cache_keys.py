@@ -1,5 +1,9 @@
 """Where the feature cache's key-encryption key (KEK) lives: a 0600 file, or the OS keyring when present.
 
+:func:`key_store_for` picks the store for a cache directory: ``"file"``, ``"keyring"``, or ``"auto"`` (the
+OS keyring when the optional ``keyring`` package has a working backend and the cache has no key file yet,
+otherwise the key file), so a cache keeps the store it was created with.
+
 A store holds one to two KEKs: normally one; two only for the short window of a rotation (old and new), so
 that a crash at any point leaves the store holding the key the database was last committed under. The cache
 picks the key whose fingerprint the database names.
@@ -25,15 +29,18 @@ from security.envelope import KEY_BYTES, KeyEncryptionKey
 from security.errors import FedferError, ValidationError
 
 __all__ = [
+    "KEY_FILE",
     "FileKeyStore",
     "InsecureKeyFileError",
     "KeyStore",
     "KeyStoreError",
     "KeyringKeyStore",
     "default_key_store",
+    "key_store_for",
 ]
 
 _MAGIC: Final = b"FEDFERKEK1"
+KEY_FILE: Final = "cache.kek"  # the key file's name inside the cache directory
 _MAX_KEYS: Final = 2
 _READ_ATTEMPTS: Final = 5
 
@@ -212,6 +219,7 @@ class KeyringKeyStore:
     """KEKs in the OS keyring (Secret Service, macOS Keychain, Windows Credential Locker) via ``keyring``.
 
     ``keyring`` is an optional dependency; constructing this store without it raises :class:`KeyStoreError`.
+    A keyring error, or a keyring that does not give back what was saved, is a :class:`KeyStoreError`.
     """
 
     def __init__(self, *, service: str = "fedfer-feature-cache", account: str) -> None:
@@ -232,7 +240,7 @@ class KeyringKeyStore:
 
     def load(self) -> list[KeyEncryptionKey]:
         """Read the keys from the keyring entry (empty list when absent)."""
-        value = self._keyring.get_password(self._service, self._account)
+        value = self._get()
         if value is None:
             return []
         try:
@@ -245,26 +253,68 @@ class KeyringKeyStore:
         return keys
 
     def save(self, keys: list[KeyEncryptionKey]) -> None:
-        """Replace the keyring entry with ``keys``."""
+        """Replace the keyring entry with ``keys``, then read it back: a keyring that drops it is an error."""
         _check_count(keys)
         encoded = [base64.b64encode(k.dangerously_export_plaintext()).decode("ascii") for k in keys]
-        self._keyring.set_password(self._service, self._account, json.dumps(encoded))
+        value = json.dumps(encoded)
+        try:
+            self._keyring.set_password(self._service, self._account, value)
+        except self._keyring.errors.KeyringError:
+            raise KeyStoreError("the OS keyring refused to store the feature cache's key") from None
+        if self._get() != value:
+            raise KeyStoreError("the OS keyring did not keep the feature cache's key")
 
     def destroy(self) -> None:
         """Delete the keyring entry if it exists."""
-        absent: type[BaseException] = self._keyring.errors.PasswordDeleteError
-        with contextlib.suppress(absent):
+        errors = self._keyring.errors
+        try:
             self._keyring.delete_password(self._service, self._account)
+        except errors.PasswordDeleteError:
+            return  # no entry: nothing to destroy
+        except errors.KeyringError:
+            raise KeyStoreError("the OS keyring refused to delete the feature cache's key") from None
+
+    def _get(self) -> str | None:
+        try:
+            value = self._keyring.get_password(self._service, self._account)
+        except self._keyring.errors.KeyringError:
+            raise KeyStoreError("the OS keyring cannot be read") from None
+        return value if value is None else str(value)
 
 
-def default_key_store(directory: Path | str) -> KeyStore:
-    """The OS keyring when ``keyring`` is installed with a usable backend, else ``directory/cache.kek``."""
-    directory = Path(directory)
+def _keyring_usable() -> bool:
     try:
         keyring = _import_keyring()
     except KeyStoreError:
-        return FileKeyStore(directory / "cache.kek")
-    backend = keyring.get_keyring()
-    if "fail" in type(backend).__module__:  # keyring's null backend: no OS keyring on this machine
-        return FileKeyStore(directory / "cache.kek")
-    return KeyringKeyStore(account=str(directory.resolve()))
+        return False
+    backend_module = type(keyring.get_keyring()).__module__
+    # keyring's "fail" backend means no OS keyring here; its "null" backend would silently drop the key.
+    return backend_module.rpartition(".")[2] not in ("fail", "null")
+
+
+def key_store_for(directory: Path | str, mode: str = "auto") -> KeyStore:
+    """The KEK store of the cache in ``directory``.
+
+    Args:
+        directory: the cache directory (names the keyring entry; holds the key file).
+        mode: ``"file"`` (``directory/cache.kek``), ``"keyring"`` (the OS keyring, which must be available),
+            or ``"auto"``: the key file when it exists or no usable keyring is present, else the keyring.
+
+    Raises:
+        KeyStoreError: ``"keyring"`` without the ``keyring`` package.
+        ValidationError: an unknown mode.
+    """
+    directory = Path(directory)
+    key_file = FileKeyStore(directory / KEY_FILE)
+    if mode == "file":
+        return key_file
+    if mode == "keyring" or (mode == "auto" and not key_file.path.exists() and _keyring_usable()):
+        return KeyringKeyStore(account=str(directory.absolute()))
+    if mode == "auto":
+        return key_file
+    raise ValidationError('key store mode must be "file", "keyring" or "auto"')
+
+
+def default_key_store(directory: Path | str) -> KeyStore:
+    """``key_store_for(directory, "auto")``: the OS keyring when usable for a new cache, else the key file."""
+    return key_store_for(directory, "auto")

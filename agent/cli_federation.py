@@ -1,5 +1,9 @@
 """``fedfer-agent`` commands of the federation area: ``enroll``, ``fetch-model``, ``join-round``.
 
+``enroll --token-file PATH`` reads the one-time token from a file only its owner can read, or with
+``--token-file -`` from the first line of stdin (``fedfer-aggregator token DIR | fedfer-agent enroll ...``);
+a token is never accepted on the command line, which any local user can read in ``/proc/*/cmdline``.
+
 ``join-round --update FILE.npz`` reads the update (the delta from the round's base model, flattened in
 manifest order) from an ``.npz`` holding either one 1-D array ``update`` or named arrays matching the
 model's manifest, plus an optional integer ``weight`` (default 1, or ``--weight``). It prints one JSON line
@@ -11,6 +15,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -20,6 +26,8 @@ import numpy as np
 import numpy.typing as npt
 
 from security.errors import FedferError, ValidationError
+
+_MAX_TOKEN_TEXT = 1024
 
 
 class AggregatorRefusedError(FedferError):
@@ -44,10 +52,18 @@ def _rpc_errors_as_fedfer(
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add this area's sub-commands to ``sub``."""
-    p = sub.add_parser("enroll", help="enroll this device with an aggregator (one-time token)")
+    # No abbreviations: `--token SECRET` must be refused, not taken as a prefix of --token-file.
+    p = sub.add_parser(
+        "enroll", help="enroll this device with an aggregator (one-time token)", allow_abbrev=False
+    )
     p.add_argument("--server", required=True, help="HOST:PORT of the aggregator's enrollment endpoint")
     p.add_argument("--ca", required=True, type=Path, help="the deployment CA certificate (PEM)")
-    p.add_argument("--token", required=True, help="one-time enrollment token")
+    p.add_argument(
+        "--token-file",
+        required=True,
+        help="file holding the one-time enrollment token (mode 0600), or - to read it from stdin (it is "
+        "never taken from the command line, which other users can read)",
+    )
     p.add_argument("--state", required=True, type=Path, help="federation state directory")
     p.add_argument("--device-id", default=None, help="requested device id (default: random)")
     p.set_defaults(handler=_rpc_errors_as_fedfer(_enroll))
@@ -65,19 +81,31 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--timeout-s", type=float, default=600.0)
     p.add_argument("--rounds", type=int, default=1, help="stop after this many published rounds")
     p.add_argument("--attempts", type=int, default=None, help="most rounds to try (default: rounds + 2)")
-    p.add_argument(
-        "--stall-after",
-        choices=["advertise_keys", "share_keys", "masked_input", "unmask"],
-        default=None,
-        help="testing aid: hang (a device that vanished) right after this stage's message was accepted",
-    )
-    p.add_argument("--stall-round", type=int, default=1, help="which of this device's rounds to stall in")
     p.set_defaults(handler=_rpc_errors_as_fedfer(_join_round))
+
+
+def _read_token(source: str) -> str:
+    """The enrollment token from a file only its owner can read, or from the first line of stdin (``-``)."""
+    if source == "-":
+        text = sys.stdin.readline(_MAX_TOKEN_TEXT)
+    else:
+        try:
+            with open(source, encoding="utf-8") as fh:
+                if os.fstat(fh.fileno()).st_mode & 0o077:
+                    raise ValidationError("the token file is readable by other users; chmod 600 it")
+                text = fh.read(_MAX_TOKEN_TEXT)
+        except (OSError, UnicodeDecodeError):
+            raise ValidationError("cannot read the token file") from None
+    token = text.strip()
+    if not token:
+        raise ValidationError("no enrollment token in the token file")
+    return token
 
 
 def _enroll(args: argparse.Namespace) -> int:
     from agent.federation.enroll import enroll
 
+    token = _read_token(args.token_file)
     try:
         ca_pem = args.ca.read_bytes()
     except OSError as exc:
@@ -86,7 +114,7 @@ def _enroll(args: argparse.Namespace) -> int:
         enroll(
             server=args.server,
             ca_pem=ca_pem,
-            token=args.token,
+            token=token,
             state_dir=args.state,
             device_id=args.device_id,
         )
@@ -144,28 +172,16 @@ def _join_round(args: argparse.Namespace) -> int:
             raise ValidationError("update length does not match the round's model")
         return flat, weight
 
-    taken = {"rounds": 0}
-
-    async def stall() -> None:
-        if taken["rounds"] == args.stall_round:
-            print(json.dumps({"stalled": args.stall_after}), flush=True)
-            await asyncio.Event().wait()  # hang forever: the test kills this process with SIGKILL
-
-    async def counting_update_fn(base_version: str, dim: int) -> tuple[npt.NDArray[np.float64], int]:
-        taken["rounds"] += 1
-        return await update_fn(base_version, dim)
-
-    hooks = {args.stall_after: stall} if args.stall_after else {}
     policy = RetryPolicy(attempts=40, initial_s=0.2, max_s=2.0)
 
     async def go() -> int:
         published = 0
         attempts = args.attempts if args.attempts is not None else args.rounds + 2
-        async with FederationClient(state=DeviceState.load(args.state), hooks=hooks, policy=policy) as client:
+        async with FederationClient(state=DeviceState.load(args.state), policy=policy) as client:
             for _ in range(attempts):
                 if published >= args.rounds:
                     break
-                outcome = await client.join_round(counting_update_fn, timeout_s=args.timeout_s)
+                outcome = await client.join_round(update_fn, timeout_s=args.timeout_s)
                 print(json.dumps(asdict(outcome) | {"wire_bytes": client.counter.total}), flush=True)
                 published += outcome.status == "published"
         return 0 if published >= args.rounds else 4

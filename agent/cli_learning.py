@@ -155,6 +155,7 @@ def _train_vfer(args: argparse.Namespace) -> int:
     _threads(args.threads)
     net, data = _crema(args)
     parts = split_of(data, args.root)
+    actors = {k: sorted({c.clip.actor for c in v}) for k, v in parts.items()}
     empty = [k for k, v in parts.items() if not v]
     if empty:
         raise DatasetError(
@@ -193,56 +194,114 @@ def _train_vfer(args: argparse.Namespace) -> int:
         soft=soft,
     )
     rep = classification_report(ty, predict_clips(model, tx).argmax(1), net.classes)
-    manifest = save_vfer(model, args.out, extra={"history": res.history, "test": rep.as_dict()})
+    extra = {
+        "history": res.history,
+        "test": rep.as_dict(),
+        "split_actors": actors,
+        "targets": "partial" if soft is not None else "hard",
+        "modality": args.modality,
+    }
+    manifest = save_vfer(model, args.out, extra=extra)
+    for part in ("train", "dev", "test"):
+        print(f"{part}: {len(parts[part])} clips of {len(actors[part])} actors", file=sys.stderr)
     print(format_report(rep, title="VFER on the CREMA-D test split (subject-disjoint)"))
     print(f"model: {manifest}")
     return 0
 
 
+def _scored_actors(args: argparse.Namespace, data: list[Any]) -> tuple[list[int], str]:
+    """The actors to score and how they were chosen: ``--subject``, else the corpus' test-split actors.
+
+    Raises:
+        DatasetError: none of them has a clip under ``--root``.
+    """
+    from agent.learning.crema import corpus_split
+    from agent.learning.errors import DatasetError
+
+    present = {c.clip.actor for c in data}
+    if args.subject:
+        actors, source = sorted(set(args.subject)), "--subject"
+    else:
+        split = corpus_split(args.root)
+        actors, source = list(split.test), f"the test split ({len(split.test)} actors)"
+        if not present & set(actors):
+            where = sorted({split.of(a) for a in present})
+            raise DatasetError(
+                f"no clip of the {len(actors)} test-split actors under {args.root} (its actors are in the "
+                f"{'/'.join(where)} split); choose actors with --subject"
+            )
+    if not present & set(actors):
+        raise DatasetError(f"no clip of the chosen actors under {args.root}")
+    return actors, source
+
+
+def _dp_config(args: argparse.Namespace) -> Any:
+    """DP-SGD settings from ``--dp-epsilon`` or ``--dp-noise-multiplier`` (``None``: DP off)."""
+    from agent.learning.dp import DPConfig
+
+    if args.dp_epsilon is None and args.dp_noise_multiplier is None:
+        return None
+    return DPConfig(
+        target_epsilon=args.dp_epsilon,
+        noise_multiplier=args.dp_noise_multiplier,
+        delta=args.dp_delta,
+        max_grad_norm=args.dp_max_grad_norm,
+    )
+
+
+def _print_personalization(result: dict[str, Any]) -> None:
+    """The paper's tables (per class P/R/F1, macro and micro; before and after) and per-subject deltas."""
+    from agent.learning.metrics import ClassReport, format_report, format_subject_deltas
+
+    n = len(result["actors"])
+    print(f"scored actors ({result['actors_from']}): {', '.join(str(a) for a in result['actors'])}")
+    for when in ("before", "after"):
+        title = f"{when} personalization: pooled test halves of {n} subject(s)"
+        print(format_report(ClassReport.from_dict(result[when]), title=title))
+        print()
+    print(format_subject_deltas(result["subjects"]))
+    for rec in result.get("fedavg", []):
+        r = rec["report"]
+        print(
+            f"central v after {rec['round']} FedAvg round(s): micro F1 {100 * r['micro_f1']:.1f} "
+            f"(macro {100 * r['macro_f1']:.1f})"
+        )
+
+
 def _personalize(args: argparse.Namespace) -> int:
     from agent.learning.crema import personalize_subjects
-    from agent.learning.dp import DPConfig
-    from agent.learning.metrics import format_subject_deltas, plot_subject_deltas
+    from agent.learning.metrics import plot_subject_deltas
     from agent.learning.personalize import PersonalizeConfig
     from agent.learning.vfer import load_vfer
 
     _threads(args.threads)
+    dp = _dp_config(args)  # bad DP settings fail before any clip is read
     _net, data = _crema(args)
     v = load_vfer(args.vfer)
+    actors, source = _scored_actors(args, data)
     config = PersonalizeConfig(
         per_class=args.per_class, p_threshold=args.p_threshold, lr=args.lr, epochs=args.epochs
     )
-    dp = DPConfig(target_epsilon=args.dp_epsilon, delta=args.dp_delta) if args.dp_epsilon else None
     result = personalize_subjects(
         data,
         v,
-        actors=args.subject or None,
+        actors=actors,
         config=config,
         dp=dp,
         budget_dir=args.budget_dir,
         epsilon_limit=args.epsilon_limit,
     )
+    result["actors_from"] = source
     if args.rounds:
         from agent.learning.crema import fedavg_rounds
 
-        result["fedavg"] = fedavg_rounds(
-            data, v, rounds=args.rounds, actors=args.subject or None, config=config
-        )
+        result["fedavg"] = fedavg_rounds(data, v, rounds=args.rounds, actors=actors, config=config)
     if args.plot is not None:
         plot_subject_deltas(result["subjects"], args.plot)
     if args.json:
         print(json.dumps(result, sort_keys=True))
     else:
-        print(format_subject_deltas(result["subjects"]))
-        for when in ("before", "after"):
-            r = result[when]
-            print(f"{when}: micro F1 {100 * r['micro_f1']:.1f} (macro {100 * r['macro_f1']:.1f})")
-        for rec in result.get("fedavg", []):
-            r = rec["report"]
-            print(
-                f"central v after {rec['round']} FedAvg round(s): micro F1 {100 * r['micro_f1']:.1f} "
-                f"(macro {100 * r['macro_f1']:.1f})"
-            )
+        _print_personalization(result)
     return 0
 
 
@@ -305,11 +364,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             )
         else:
             p.add_argument("--vfer", type=Path, required=True)
-            p.add_argument("--subject", type=int, action="append", help="actor id (repeatable; default all)")
+            p.add_argument(
+                "--subject",
+                type=int,
+                action="append",
+                help="actor id to score (repeatable; default: the test-split actors, 31 on the full corpus)",
+            )
             p.add_argument("--per-class", type=int, default=50)
             p.add_argument("--p-threshold", type=float, default=0.5)
-            p.add_argument("--dp-epsilon", type=float, default=None)
+            noise = p.add_mutually_exclusive_group()
+            noise.add_argument("--dp-epsilon", type=float, default=None, help="DP-SGD by target epsilon")
+            noise.add_argument(
+                "--dp-noise-multiplier", type=float, default=None, help="DP-SGD by noise multiplier"
+            )
             p.add_argument("--dp-delta", type=float, default=1e-5)
+            p.add_argument("--dp-max-grad-norm", type=float, default=1.0, help="per-sample clipping norm")
             p.add_argument("--budget-dir", type=Path, default=None, help="per-device budget files")
             p.add_argument("--epsilon-limit", type=float, default=10.0)
             p.add_argument("--plot", type=Path, default=None)

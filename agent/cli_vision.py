@@ -2,7 +2,8 @@
 
 * ``extract --video PATH --state DIR``: run the vision pipeline on a video (or camera ``camera:N``, or a
   stream URL) and store its sessions in the encrypted cache under ``DIR/cache`` (what the daemon uses).
-  Prints a JSON summary (counts and session ids, never features).
+  Prints a JSON summary (counts and session ids, never features). A missing ``--detector`` file is downloaded
+  (``--detector-url``, default MediaPipe's) into the agent's cache folder and verified against the pin.
 * ``fetch-weights --dest DIR [--url URL --sha256 HEX]``: download torchvision's MobileNetV2 ImageNet weights
   (or any pinned file) with digest verification.
 
@@ -43,8 +44,9 @@ def _extract(args: argparse.Namespace) -> int:
 
     from agent.cache import FeatureCache
     from agent.capture import VideoSource
-    from agent.faces import FaceDetector
+    from agent.faces import FaceDetector, detector_model_file
     from agent.pipeline import VisionPipeline, load_frame_model
+    from agent.weights import MEDIAPIPE_FACE_DETECTOR
 
     torch.set_num_threads(max(1, args.threads))
     assets = _assets(args)
@@ -63,10 +65,15 @@ def _extract(args: argparse.Namespace) -> int:
             head=args.head,
             num_classes=args.classes,
             batch_size=args.batch_size,
+            emulate_tflite_quantization=args.emulate_quantization,
         )
         detector = stack.enter_context(
             FaceDetector(
-                model_path=args.detector or assets / DEFAULT_DETECTOR,
+                # A missing detector file is downloaded (pinned SHA-256) into the agent's model folder.
+                model_path=detector_model_file(
+                    args.detector or assets / DEFAULT_DETECTOR,
+                    url=args.detector_url or MEDIAPIPE_FACE_DETECTOR.url,
+                ),
                 margin=args.margin,
                 min_confidence=args.min_score,
             )
@@ -119,7 +126,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--ifer", type=Path, default=None, help="IFER export (manifest) of agent.learning")
     p.add_argument("--head", type=Path, default=None, help="IferHead state dict (with --weights)")
     p.add_argument("--classes", type=int, default=6, choices=(4, 6, 7))
+    p.add_argument(
+        "--emulate-quantization",
+        action="store_true",
+        help="replay the TFLite graph's uint8 activation rounding in f (.tflite weights; closer, slower)",
+    )
     p.add_argument("--detector", type=Path, default=None, help="MediaPipe face detector .tflite (pinned)")
+    p.add_argument(
+        "--detector-url",
+        default=None,
+        help="where a missing detector file is downloaded from (default MediaPipe's; pinned SHA-256)",
+    )
     p.add_argument("--margin", type=float, default=0.2)
     p.add_argument("--min-score", type=float, default=0.5)
     p.add_argument("--sample-fps", type=float, default=None)

@@ -126,13 +126,16 @@ def _text(*, allow_empty: bool = False, max_len: int = 4096) -> Callable[[Any], 
 
 
 def _sha256(value: Any) -> str | None:
-    phrase = "must be a 64-character lowercase hex SHA-256 or empty"
-    if type(value) is not str:
+    phrase = "must be a 64-character lowercase hex SHA-256 (the file is always verified; empty is refused)"
+    if type(value) is not str or len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
         return phrase
-    if value == "":
-        return None
-    if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
-        return phrase
+    return None
+
+
+def _download_url(value: Any) -> str | None:
+    # The downloader enforces the rest (plain http only to a loopback host).
+    if type(value) is not str or not value.startswith(("https://", "http://", "file://")):
+        return "must be an https:// (file://, or http:// to a loopback host) URL"
     return None
 
 
@@ -204,11 +207,16 @@ class VisionSection:
     Attributes:
         detector_model: MediaPipe face detector ``.tflite`` (relative paths resolve against
             ``agent.assets_dir``).
-        detector_sha256: pinned SHA-256 of the detector file (empty: do not check).
+        detector_sha256: pinned SHA-256 of the detector file (required: the file is always verified).
+        detector_url: where a missing detector file is downloaded from (into the agent's model folder,
+            verified against ``detector_sha256``); default MediaPipe's own URL for the pinned file.
         ifer_model: an IFER export (``.json`` manifest of f + g); empty: ``feature_weights`` + ``ifer_head``.
         feature_weights: MobileNetV2 weights for f (``.tflite`` or ``.pth``); empty: the TFLite model in the
             assets folder (used only when ``ifer_model`` is empty).
         ifer_head: state dict of g for ``feature_weights`` (empty: an untrained head, for timing only).
+        emulate_tflite_quantization: with ``.tflite`` feature weights, replay the TFLite graph's uint8
+            activation rounding (top-1 agreement with the TFLite interpreter 93% instead of 76%, about 10%
+            slower; see docs/vision.md). Off: the plain float network.
         min_score: minimum detector confidence, in (0, 1].
         margin: fraction of the face box added on each side before cropping, in [0, 1].
         session_gap_s: a session ends after this many seconds without a face.
@@ -220,9 +228,15 @@ class VisionSection:
     detector_sha256: str = _opt(
         _sha256, default="bbff11cebd1eb27a1e004cae0b0e63ec8c551cbf34a4451148b4908b8db3eca8"
     )
+    detector_url: str = _opt(
+        _download_url,
+        default="https://storage.googleapis.com/mediapipe-assets/face_detection_short_range.tflite"
+        "?generation=1677044301978921",
+    )
     ifer_model: str = _opt(_text(allow_empty=True), default="", path=True)
     feature_weights: str = _opt(_text(allow_empty=True), default="", path=True)
     ifer_head: str = _opt(_text(allow_empty=True), default="", path=True)
+    emulate_tflite_quantization: bool = _opt(_boolean, default=False)
     min_score: float = _opt(_number(0, 1, lo_open=True), default=0.5)
     margin: float = _opt(_number(0, 1), default=0.2)
     session_gap_s: float = _opt(_number(0, 3600, lo_open=True), default=2.0)
@@ -238,12 +252,14 @@ class CacheSection:
     Attributes:
         retention_days: sessions older than this are deleted (and their keys destroyed).
         max_bytes: the cache's size limit; the oldest sessions go first.
-        key_store: ``file`` (a 0600 key-encryption-key file in the state directory) or ``keyring``.
+        key_store: ``file`` (a 0600 key-encryption-key file in the state directory), ``keyring`` (the OS
+            keyring), or ``auto``: the OS keyring for a new cache when the optional ``keyring`` package has a
+            working backend, else the file (a cache that already has a key file keeps it).
     """
 
     retention_days: int = _opt(_integer(1, 3650), default=30)
     max_bytes: int = _opt(_integer(1 << 20, 1 << 40), default=2 << 30)
-    key_store: str = _opt(_choice("file", "keyring"), default="file")
+    key_store: str = _opt(_choice("file", "keyring", "auto"), default="auto")
 
     def __post_init__(self) -> None:
         _validate("cache", self)
@@ -275,28 +291,70 @@ class LearningSection:
 
 @dataclass(frozen=True, kw_only=True)
 class PrivacySection:
-    """``[privacy]``: differential privacy of the local training (on by default).
+    """``[privacy]``: differential privacy of the local training (on by default) and of round updates.
 
     Attributes:
         dp: train with DP-SGD (Opacus).
-        target_epsilon: epsilon spent by one personalization run.
-        delta: the DP delta, in (0, 1e-2].
+        target_epsilon: epsilon spent by one personalization run (0: give ``noise_multiplier`` instead).
+        noise_multiplier: DP-SGD noise multiplier instead of a target epsilon (0: use ``target_epsilon``);
+            exactly one of the two is set when ``dp`` is on.
+        delta: the DP delta, in (0, 1e-2] (local training and rounds alike).
         budget: total epsilon this device may spend; training is refused once it is spent.
         max_grad_norm: per-sample gradient clipping bound.
+        round_dp: user-level DP for federated rounds: clip Δv in L2, add this device's share of the
+            Gaussian noise, send it with weight 1 (see :mod:`agent.learning.update`).
+        round_clip_norm: L2 bound on a device's whole Δv.
+        round_target_epsilon: epsilon of one round (0: give ``round_noise_multiplier`` instead).
+        round_noise_multiplier: noise multiplier of the aggregate (0: use ``round_target_epsilon``).
+        round_clients: expected number of devices per round; each adds ``1/round_clients`` of the noise
+            variance. Set it to the round's minimum (1 = every device adds all of it, the safe choice).
+        round_budget: total user-level epsilon this device may spend on rounds; joining is refused beyond it.
     """
 
     dp: bool = _opt(_boolean, default=True)
-    target_epsilon: float = _opt(_number(0, 100, lo_open=True), default=4.0)
+    target_epsilon: float = _opt(_number(0, 100), default=4.0)
+    noise_multiplier: float = _opt(_number(0, 1000), default=0.0)
     delta: float = _opt(_number(0, 1e-2, lo_open=True), default=1e-5)
     budget: float = _opt(_number(0, 1000, lo_open=True), default=16.0)
     max_grad_norm: float = _opt(_number(0, 1000, lo_open=True), default=1.0)
+    round_dp: bool = _opt(_boolean, default=False)
+    round_clip_norm: float = _opt(_number(0, 1000, lo_open=True), default=1.0)
+    round_target_epsilon: float = _opt(_number(0, 100), default=1.0)
+    round_noise_multiplier: float = _opt(_number(0, 1000), default=0.0)
+    round_clients: int = _opt(_integer(1, 1_000_000), default=1)
+    round_budget: float = _opt(_number(0, 1000, lo_open=True), default=8.0)
 
     def __post_init__(self) -> None:
         _validate("privacy", self)
+        _one_of("target_epsilon", self.target_epsilon, "noise_multiplier", self.noise_multiplier, self.dp)
         if self.budget < self.target_epsilon:
             raise ConfigError("privacy.budget must be at least privacy.target_epsilon")
+        _one_of(
+            "round_target_epsilon",
+            self.round_target_epsilon,
+            "round_noise_multiplier",
+            self.round_noise_multiplier,
+            self.round_dp,
+        )
+        if self.round_budget < self.round_target_epsilon:
+            raise ConfigError("privacy.round_budget must be at least privacy.round_target_epsilon")
+        if self.round_dp and self.round_noise_multiplier > 0:
+            from security.dp import gaussian_epsilon
+
+            if gaussian_epsilon(self.round_noise_multiplier, 1, float(self.delta)) > self.round_budget:
+                raise ConfigError(
+                    "privacy.round_budget cannot pay for one round at privacy.round_noise_multiplier"
+                )
         if not self.dp:
             _log.warning("differential privacy is OFF: local training gives no formal privacy guarantee")
+
+
+def _one_of(a: str, a_value: float, b: str, b_value: float, needed: bool) -> None:
+    """Two ``[privacy]`` settings that exclude each other (0 = unset): never both, one when ``needed``."""
+    if a_value > 0 and b_value > 0:
+        raise ConfigError(f"privacy.{a} and privacy.{b} are mutually exclusive (set {a} = 0 to use {b})")
+    if needed and a_value <= 0 and b_value <= 0:
+        raise ConfigError(f"privacy.{a} or privacy.{b} must be positive")
 
 
 @dataclass(frozen=True, kw_only=True)

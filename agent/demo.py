@@ -208,8 +208,12 @@ def _child_env(assets: Path) -> dict[str, str]:
     return env
 
 
-def _run_cli(argv: Sequence[str], *, env: Mapping[str, str], timeout: float = 120.0) -> str:
-    proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, env=dict(env))
+def _run_cli(
+    argv: Sequence[str], *, env: Mapping[str, str], timeout: float = 120.0, stdin: str | None = None
+) -> str:
+    proc = subprocess.run(
+        list(argv), input=stdin, capture_output=True, text=True, timeout=timeout, env=dict(env)
+    )
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-3:]
         raise DemoError(f"{Path(argv[0]).name} {argv[1]} failed ({proc.returncode}): {' | '.join(tail)}")
@@ -534,12 +538,13 @@ def _prepare_agent(
             f"127.0.0.1:{agg.enroll_port}",
             "--ca",
             str(agg.directory / "pki" / "ca.pem"),
-            "--token",
-            token,
+            "--token-file",
+            "-",  # on stdin: never on a command line, where other users can read it
             "--state",
             str(agent.state / "federation"),
         ],
         env=env,
+        stdin=token + "\n",
     )
     agent.device_id = str(json.loads(out.strip().splitlines()[-1])["device_id"])
     return agent

@@ -1,7 +1,9 @@
 """Face detection with MediaPipe Tasks' ``FaceDetector`` (BlazeFace) and square face crops for ``f``.
 
-The detector model is read from a path into memory, its SHA-256 checked against the pinned digest, and the
-verified bytes (not the path, which could change in between) are handed to MediaPipe. Per frame the largest
+The detector model is read from a path into memory, its SHA-256 checked against the pinned digest (always:
+an empty digest is refused), and the verified bytes (not the path, which could change in between) are handed
+to MediaPipe. A device without the model file fetches it with :func:`detector_model_file` (MediaPipe's URL,
+pinned SHA-256, into the agent's model folder). Per frame the largest
 face is kept; its box is widened by a margin, made square around its centre, cut out (zero-padded where it
 leaves the frame) and resized to 224x224 RGB ``uint8``. The normalization that belongs to the feature
 extractor's weights is applied later, by :class:`agent.mobilenet.FeatureExtractor`.
@@ -20,12 +22,51 @@ from typing import Any
 import numpy as np
 
 from agent.mobilenet import INPUT_SIZE, WeightsError
-from agent.weights import MEDIAPIPE_FACE_DETECTOR
+from agent.weights import MEDIAPIPE_FACE_DETECTOR, PinnedFile, ensure_file, pinned_sha256
 from security.errors import FedferError, ValidationError
 
-__all__ = ["DetectionError", "Face", "FaceDetector", "square_crop"]
+__all__ = ["DetectionError", "Face", "FaceDetector", "detector_model_file", "square_crop"]
 
 _log = logging.getLogger(__name__)
+
+
+def _pinned_digest(sha256: str) -> str:
+    try:
+        return pinned_sha256(sha256)
+    except ValidationError:
+        raise ValidationError(
+            "the face detector model needs its pinned SHA-256 (64 hex digits); an empty digest is refused"
+        ) from None
+
+
+def detector_model_file(
+    path: str | Path,
+    *,
+    sha256: str = MEDIAPIPE_FACE_DETECTOR.sha256,
+    url: str = MEDIAPIPE_FACE_DETECTOR.url,
+    download_dir: str | Path | None = None,
+    timeout: float = 60.0,
+) -> Path:
+    """The detector model to load: ``path`` when that file exists, else a verified download.
+
+    A device in the field may ship without the model. Then it is fetched from ``url`` (MediaPipe's own by
+    default) into ``download_dir`` (default: the agent's model folder ``<cache>/models``) by
+    :func:`agent.weights.ensure_file`, which checks ``sha256`` before renaming the file into place and
+    reuses a verified earlier download. A file that exists is returned as is: :class:`FaceDetector` checks
+    the digest of the bytes it loads.
+
+    Raises:
+        ValidationError: ``sha256`` is not a full hex digest (an empty one is refused), or ``url``'s scheme is
+            refused (https, file, or http to a loopback host only).
+        WeightsError: the download failed or has another digest (nothing is kept).
+    """
+    digest = _pinned_digest(sha256)
+    local = Path(path)
+    if local.is_file():
+        return local
+    pinned = PinnedFile(url=url, sha256=digest, filename=local.name or MEDIAPIPE_FACE_DETECTOR.filename)
+    _log.info("face detector model %s is missing; downloading the pinned file", local.name)
+    return ensure_file(pinned, download_dir=download_dir, timeout=timeout)
 
 
 class DetectionError(FedferError):
@@ -87,13 +128,14 @@ class FaceDetector:
     """MediaPipe Tasks ``FaceDetector`` (IMAGE mode: frames are independent, results deterministic).
 
     Args:
-        model_path: BlazeFace ``.tflite`` file.
-        sha256: pinned hex digest of the model (default: the short-range detector's).
+        model_path: BlazeFace ``.tflite`` file (see :func:`detector_model_file` to fetch a missing one).
+        sha256: pinned hex digest of the model (default: the short-range detector's); never empty.
         min_confidence: detections below this score are ignored.
         margin: fraction of the box added on each side of the crop.
         crop_size: side of the square crop.
 
     Raises:
+        ValidationError: ``sha256`` is not a full hex digest (an empty digest is refused); a bad option.
         WeightsError: model file missing, unreadable or not the pinned file; MediaPipe refuses it.
 
     MediaPipe accepts any ``.tflite`` at creation and fails only when its graph runs (and a failed graph
@@ -116,13 +158,13 @@ class FaceDetector:
             raise ValidationError("margin must lie in [0, 1]")
         if type(crop_size) is not int or not 32 <= crop_size <= 1024:
             raise ValidationError("crop_size must be an int in [32, 1024]")
+        expected = _pinned_digest(sha256)
         path = Path(model_path)
         try:
             blob = path.read_bytes()
         except OSError as exc:
             raise WeightsError(f"face detector model not readable: {path.name}") from exc
-        expected = sha256.lower()
-        if len(expected) != 64 or not hmac.compare_digest(hashlib.sha256(blob).hexdigest(), expected):
+        if not hmac.compare_digest(hashlib.sha256(blob).hexdigest(), expected):
             raise WeightsError(f"SHA-256 of {path.name} does not match the pinned digest; file refused")
         from mediapipe.tasks.python import BaseOptions, vision
 

@@ -418,7 +418,8 @@ def load_feature_extractor(
         weights: path of the weight file.
         cache_dir: where converted TFLite weights are cached (default:
             :func:`agent.tflite_convert.default_cache_dir`).
-        sha256: if given, the file's SHA-256 must equal it (hex), else :class:`WeightsError`.
+        sha256: if given, the file's SHA-256 must equal it (the full 64-digit hex digest; a prefix is refused
+            with ValidationError), else :class:`WeightsError`.
         emulate_tflite_quantization: for ``.tflite`` weights, replay the TFLite graph's uint8 activation
             rounding (closest to the interpreter's outputs; about 10% slower). Off by default: the pipeline's
             features come from the plain float network.

@@ -154,6 +154,7 @@ def load_frame_model(
     channels_last: bool = True,
     batch_size: int = 4,
     fuse_batchnorm: bool = True,
+    emulate_tflite_quantization: bool = False,
 ) -> FrameModel:
     """Build the frame model from files.
 
@@ -164,8 +165,11 @@ def load_frame_model(
       of :class:`IferHead` with ``num_classes`` classes. Without ``head`` the head keeps its fresh
       initialization: its probabilities are meaningless (only for timing and feature extraction).
 
+    ``emulate_tflite_quantization`` (``.tflite`` feature weights only) replays the TFLite graph's uint8
+    activation rounding in ``f``: closer to the TFLite interpreter, about 10% slower (docs/vision.md).
+
     Raises:
-        ValidationError: neither or both set-ups given.
+        ValidationError: neither or both set-ups given; quantization emulation asked for other weights.
         WeightsError: a weight file is missing or does not fit.
     """
     from agent.mobilenet import WeightsError, load_feature_extractor
@@ -175,6 +179,8 @@ def load_frame_model(
     if ifer is not None:
         from agent.learning.ifer import load_ifer
 
+        if emulate_tflite_quantization:
+            raise ValidationError("emulate_tflite_quantization applies to .tflite feature weights only")
         return ExportedIferModel(load_ifer(Path(ifer)), channels_last=channels_last)
     assert feature_weights is not None  # narrowed above; not validation
     extractor = load_feature_extractor(
@@ -183,6 +189,7 @@ def load_frame_model(
         channels_last=channels_last,
         batch_size=batch_size,
         fuse_batchnorm=fuse_batchnorm,
+        emulate_tflite_quantization=emulate_tflite_quantization,
     )
     g = IferHead(num_classes=num_classes)
     if head is not None:
@@ -474,13 +481,18 @@ class VisionPipeline:
 def daemon_stage(config: Any) -> VisionPipeline:
     """The daemon's vision stage (:func:`agent.service.open_vision`): :meth:`VisionPipeline.process`.
 
-    Reads ``config.vision`` (detector model, pinned digest, score, margin) and, when the config defines them,
+    Reads ``config.vision`` (detector model, pinned digest, score, margin, quantization emulation) and, when
+    the config defines them,
     ``vision.ifer_model`` (an IFER export) or ``vision.feature_weights`` (+ ``vision.ifer_head``); the
-    default feature weights are the TFLite MobileNetV2 under ``agent.assets_dir``.
+    default feature weights are the TFLite MobileNetV2 under ``agent.assets_dir``. A missing detector file
+    is downloaded from ``vision.detector_url`` into the agent's model folder and verified against
+    ``vision.detector_sha256`` (:func:`agent.faces.detector_model_file`); an empty digest is refused.
 
     Raises:
-        agent.service.ComponentUnavailableError: a model file is missing or refused.
+        agent.service.ComponentUnavailableError: a model file is missing, cannot be downloaded or is refused,
+            or the detector digest is not pinned.
     """
+    from agent.faces import detector_model_file
     from agent.mobilenet import WeightsError
     from agent.service import ComponentUnavailableError
 
@@ -491,9 +503,12 @@ def daemon_stage(config: Any) -> VisionPipeline:
     )
     head = getattr(vision, "ifer_head", "") or None
     try:
+        detector_path = detector_model_file(
+            config.model_path(vision.detector_model), sha256=vision.detector_sha256, url=vision.detector_url
+        )
         detector = FaceDetector(
-            model_path=config.model_path(vision.detector_model),
-            sha256=vision.detector_sha256 or _file_digest(config.model_path(vision.detector_model)),
+            model_path=detector_path,
+            sha256=vision.detector_sha256,
             min_confidence=vision.min_score,
             margin=vision.margin,
         )
@@ -502,13 +517,8 @@ def daemon_stage(config: Any) -> VisionPipeline:
             feature_weights=config.model_path(weights) if weights else None,
             head=config.model_path(head) if head else None,
             batch_size=1,
+            emulate_tflite_quantization=vision.emulate_tflite_quantization,
         )
     except (WeightsError, ValidationError) as exc:
         raise ComponentUnavailableError(f"vision models unavailable: {exc}") from exc
     return VisionPipeline(detector=detector, model=model, batch_size=1, keep_records=False)
-
-
-def _file_digest(path: Path) -> str:
-    from agent.weights import sha256_file
-
-    return sha256_file(path)

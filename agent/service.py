@@ -45,6 +45,7 @@ __all__ = [
     "JOBS",
     "MODELS_DIR",
     "PROCESSED_FILE",
+    "ROUND_BUDGET_FILE",
     "VIDEO_SUFFIXES",
     "CacheSink",
     "ComponentUnavailableError",
@@ -77,6 +78,7 @@ CACHE_DIR = "cache"
 MODELS_DIR = "models"
 FEDERATION_DIR = "federation"
 BUDGET_FILE = "privacy-budget.json"
+ROUND_BUDGET_FILE = "round-privacy-budget.json"
 PROCESSED_FILE = "capture-processed.json"
 VIDEO_SUFFIXES = frozenset({".avi", ".flv", ".m4v", ".mkv", ".mov", ".mp4", ".webm"})
 _MAX_CLASSES = 16
@@ -376,7 +378,9 @@ class RecordSink(Protocol):
 def open_cache(config: AgentConfig) -> Any:
     """Open the encrypted feature cache in ``<state_dir>/cache`` with the configured retention and key store.
 
-    Several processes may open it at once (the learner writes, the supervisor lists and forgets).
+    Several processes may open it at once (the learner writes, the supervisor lists and forgets). The key
+    store follows ``cache.key_store`` (:func:`agent.cache_keys.key_store_for`): with ``auto`` a new cache
+    keeps its KEK in the OS keyring when one is usable, else in a 0600 file; an existing key file is kept.
 
     Raises:
         ComponentUnavailableError: the cache is not installed or its key store is unusable.
@@ -385,11 +389,7 @@ def open_cache(config: AgentConfig) -> Any:
     keys = _component("agent.cache_keys", "the cache key store")
     directory = config.state_dir / CACHE_DIR
     try:
-        key_store = (
-            keys.KeyringKeyStore(account=str(directory.absolute()))
-            if config.cache.key_store == "keyring"
-            else None
-        )
+        key_store = keys.key_store_for(directory, config.cache.key_store)
     except FedferError as exc:
         raise ComponentUnavailableError(f"the cache key store is unusable ({exc})") from None
     return cache.FeatureCache(
@@ -536,7 +536,8 @@ def _personalize_from(
     dp = budget = None
     if privacy.dp:
         dp = dp_module.DPConfig(
-            target_epsilon=privacy.target_epsilon,
+            target_epsilon=privacy.target_epsilon or None,
+            noise_multiplier=privacy.noise_multiplier or None,
             delta=float(privacy.delta),
             max_grad_norm=privacy.max_grad_norm,
         )
@@ -601,15 +602,51 @@ def _personalize(config: AgentConfig) -> dict[str, Any]:
     return {"base_version": version, **summary}
 
 
+def _round_privacy(config: AgentConfig) -> tuple[Any, Any]:
+    """``(RoundDPConfig, RoundBudget)`` for ``privacy.round_dp`` (``(None, None)`` when it is off).
+
+    Raises:
+        PrivacyBudgetExceededError: the device's round budget cannot pay for another round.
+    """
+    privacy = config.privacy
+    if not privacy.round_dp:
+        return None, None
+    update = _component("agent.learning.update", "user-level DP for rounds")
+    delta = float(privacy.delta)
+    if privacy.round_noise_multiplier > 0:
+        dp = update.RoundDPConfig(
+            clip_norm=float(privacy.round_clip_norm),
+            noise_multiplier=float(privacy.round_noise_multiplier),
+            num_clients=privacy.round_clients,
+            delta=delta,
+        )
+    else:
+        dp = update.RoundDPConfig.for_epsilon(
+            epsilon=float(privacy.round_target_epsilon),
+            clip_norm=float(privacy.round_clip_norm),
+            num_clients=privacy.round_clients,
+            delta=delta,
+        )
+    budget = update.RoundBudget(
+        path=config.state_dir / ROUND_BUDGET_FILE, epsilon_limit=float(privacy.round_budget), delta=delta
+    )
+    budget.check(dp.noise_multiplier)
+    return dp, budget
+
+
 def _join(config: AgentConfig) -> dict[str, Any]:
     """Job ``join``: take part in one secure-aggregation round with a freshly personalized ``v``.
 
     The device must be enrolled (``fedfer-agent enroll --state <state_dir>/federation``). Within the round the
     central ``v`` of the round's base version is fetched, personalized on the cached sessions, and only the
-    masked difference (weighted by the number of clips used) leaves the device.
+    masked difference leaves the device: weighted by the number of clips used, or, with
+    ``privacy.round_dp``, clipped in L2, with this device's share of the Gaussian noise and weight 1
+    (:func:`agent.learning.update.round_contribution`). A device whose round budget is spent is refused
+    before it contacts the aggregator.
     """
     if not config.federation.server:
         raise ValidationError("federation.server is not configured: this device does not federate")
+    round_dp, round_budget = _round_privacy(config)
     client_module = _component("agent.federation.client", "the federation client")
     state_module = _component("agent.federation.state", "the federation client")
     try:
@@ -636,13 +673,19 @@ def _join(config: AgentConfig) -> dict[str, Any]:
         personal, summary = await _in_daemon_thread(_personalize_from, config, base)
         if set(personal) != set(base) or summary["selected"] < 1:
             raise ValidationError("no cached clip passed the confidence threshold; nothing to contribute")
-        update = np.concatenate(
-            [(personal[name].astype(np.float64) - base[name].astype(np.float64)).ravel() for name in base]
-        )
-        if update.shape != (dim,):
+        if sum(a.size for a in base.values()) != dim:
             raise ValidationError("the personalized model does not match the round's model")
-        report.update(summary)
-        return update, int(summary["selected"])
+        update_module = _component("agent.learning.update", "round updates")
+        update, weight, privacy_report = update_module.round_contribution(
+            base,
+            personal,
+            order=list(base),
+            examples=int(summary["selected"]),
+            dp=round_dp,
+            budget=round_budget,
+        )
+        report.update(summary, **privacy_report)
+        return update, int(weight)
 
     async def go() -> Any:
         async with client_module.FederationClient(state=state) as opened:

@@ -14,13 +14,19 @@ The converted weights must be run with ``MobileNetV2(tf_padding=True)`` (TensorF
 asymmetrically) and fed ``(pixel - 128) / 128`` (:data:`agent.mobilenet.TF_NORMALIZATION`);
 :func:`agent.mobilenet.load_feature_extractor` does both. Tensors are read with the ``ai_edge_litert``
 interpreter (a development dependency); the result is cached as a plain state dict keyed by the source file's
-SHA-256, so devices and later runs need neither the interpreter nor a second conversion.
+SHA-256, so devices and later runs need neither the interpreter nor a second conversion. The cache entry is
+trusted only with its sidecar (``<entry>.sha256``, the entry's own SHA-256, written atomically after it): a
+missing sidecar or a mismatch (a corrupted, truncated or replaced entry, a crash between the two writes)
+means the weights are converted again. This detects damage and a swapped entry, not an attacker who can
+rewrite both files (the folder is the user's private 0700 cache).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +45,8 @@ __all__ = [
     "load_converted",
     "load_converted_state_dict",
 ]
+
+_log = logging.getLogger(__name__)
 
 #: PyTorch BatchNorm2d's default eps; the identity BN uses running_var = 1 - BN_EPS.
 BN_EPS = 1e-5
@@ -213,10 +221,11 @@ def load_converted_state_dict(
 
 
 def load_converted(path: str | Path, *, cache_dir: str | Path | None = None) -> ConvertedWeights:
-    """The converted weights for ``path``, from the cache when present, else converted and cached.
+    """The converted weights for ``path``: the verified cache entry, else converted (and cached).
 
-    The cache file is ``<cache_dir>/mobilenet_v2_tflite-<sha256 of the source>-v2.pt``, written atomically, so
-    a changed source file can never be served a stale conversion.
+    The cache file is ``<cache_dir>/mobilenet_v2_tflite-<sha256 of the source>-v2.pt`` beside its sidecar
+    ``...pt.sha256`` (the entry's SHA-256), both written atomically, so a changed source file can never be
+    served a stale conversion and a damaged entry is rebuilt, never loaded.
 
     Args:
         path: the ``.tflite`` file.
@@ -233,19 +242,35 @@ def load_converted(path: str | Path, *, cache_dir: str | Path | None = None) -> 
     digest = sha256_file(source)
     directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cached = directory / f"mobilenet_v2_tflite-{digest}-{_CACHE_FORMAT}.pt"
+    sidecar = cached.with_name(cached.name + ".sha256")
     if cached.is_file():
         try:
-            return _from_cache(torch.load(cached, map_location="cpu", weights_only=True))
-        except Exception:  # noqa: S110 - a corrupt cache entry is simply rebuilt below
-            pass
+            return _load_verified(cached, sidecar)
+        except Exception:  # unverified or unreadable entry: every failure means "convert again"
+            _log.warning("converted-weight cache entry %s failed verification; converting again", cached.name)
     converted = convert_tflite(source)
     directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".convert-", suffix=".pt")
+    _write_atomically(cached, lambda tmp: torch.save(_to_cache(converted), tmp))
+    entry_digest = sha256_file(cached)
+    _write_atomically(sidecar, lambda tmp: Path(tmp).write_text(entry_digest + "\n", encoding="ascii"))
+    return converted
+
+
+def _load_verified(cached: Path, sidecar: Path) -> ConvertedWeights:
+    """Load a cache entry whose SHA-256 matches its sidecar's (raises otherwise)."""
+    from agent.weights import verify_sha256
+
+    verify_sha256(cached, sidecar.read_text(encoding="ascii").strip())
+    return _from_cache(torch.load(cached, map_location="cpu", weights_only=True))
+
+
+def _write_atomically(dest: Path, write: Callable[[str], object]) -> None:
+    """Write ``dest`` through a temporary file in its folder, renamed into place only once complete."""
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".convert-", suffix=".tmp")
     os.close(fd)
     try:
-        torch.save(_to_cache(converted), tmp)
-        os.replace(tmp, cached)
+        write(tmp)
+        os.replace(tmp, dest)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return converted

@@ -2,14 +2,16 @@
 
 A device never trusts a model file because of where it came from: every file, downloaded or given by path,
 is hashed and compared with the pinned digest before anything parses it; a mismatch is refused with
-:class:`agent.mobilenet.WeightsError` and a partial download never lands under the final name.
+:class:`agent.mobilenet.WeightsError` and a partial download never lands under the final name. Pins are
+full SHA-256 digests (64 hex digits): a shorter prefix is refused.
 
 Pinned files:
 
-* :data:`TORCHVISION_MOBILENET_V2`: torchvision's official ImageNet weights ``mobilenet_v2-b0353104.pth``.
-  torchvision pins these by the SHA-256 prefix embedded in the file name (``torch.hub``'s ``check_hash``
-  convention), which is what is pinned here; pin the full digest with :class:`PinnedFile` once it has been
-  recorded on a connected machine.
+* :data:`TORCHVISION_MOBILENET_V2`: torchvision's official ImageNet weights ``mobilenet_v2-b0353104.pth``
+  (14,212,972 bytes). torchvision itself checks only the 8-hex SHA-256 prefix in the file name
+  (``torch.hub``'s ``check_hash``, 32 bits); the full digest pinned here is the one published for exactly this
+  URL in OpenVINO's Open Model Zoo (``models/public/mobilenet-v2-pytorch/model.yml``), and agrees with that
+  prefix, which is checked as well (:attr:`PinnedFile.hub_prefix`).
 * :data:`MEDIAPIPE_FACE_DETECTOR`: MediaPipe's BlazeFace short-range detector, full SHA-256 (the digest
   MediaPipe's own build pins for this URL, identical to the file in ``../shared/models/mediapipe``).
 """
@@ -36,12 +38,26 @@ __all__ = [
     "TORCHVISION_MOBILENET_V2",
     "PinnedFile",
     "ensure_file",
+    "pinned_sha256",
     "sha256_file",
     "verify_sha256",
 ]
 
-_HEX = re.compile(r"^[0-9a-f]{8,64}$")
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+_HUB_NAME = re.compile(r".+-([0-9a-f]{8,64})\.[A-Za-z0-9]+")  # torch.hub: <name>-<sha256 prefix>.<ext>
 _CHUNK = 1 << 20
+
+
+def pinned_sha256(value: str) -> str:
+    """``value`` as a full, lowercase hex SHA-256 digest.
+
+    Raises:
+        ValidationError: anything but 64 hex digits (a prefix or an empty digest is refused).
+    """
+    digest = value.lower() if type(value) is str else ""
+    if not _DIGEST.fullmatch(digest):
+        raise ValidationError("sha256 must be the full digest, 64 hex digits (no prefix, not empty)")
+    return digest
 
 
 def _check_url(url: str) -> None:
@@ -65,30 +81,51 @@ class PinnedFile:
 
     Attributes:
         url: ``https://`` (or ``file://``; ``http://`` only to a loopback host) location.
-        sha256: lowercase hex digest; 64 digits, or a prefix of at least 8 (torch.hub convention).
+        sha256: the full lowercase hex SHA-256 (64 digits).
         filename: name under which it is stored in the download directory.
         max_bytes: downloads larger than this are refused.
+        hub_prefix: ``filename`` follows torch.hub's ``<name>-<sha256 prefix>.<ext>`` convention; the prefix
+            must agree with ``sha256`` and is checked against every file as a second check.
     """
 
     url: str
     sha256: str
     filename: str
     max_bytes: int = 64 * 1024 * 1024
+    hub_prefix: bool = False
 
     def __post_init__(self) -> None:
-        if not _HEX.match(self.sha256) or len(self.sha256) % 2:
-            raise ValidationError("sha256 must be lowercase hex, 8 to 64 digits")
+        if pinned_sha256(self.sha256) != self.sha256:
+            raise ValidationError("sha256 must be lowercase hex")
         if not self.filename or Path(self.filename).name != self.filename:
             raise ValidationError("filename must be a plain file name")
         if self.max_bytes < 1:
             raise ValidationError("max_bytes must be positive")
+        if self.hub_prefix and not self.sha256.startswith(self._hub_digest_prefix()):
+            raise ValidationError("the file name's torch.hub hash prefix disagrees with the pinned sha256")
         _check_url(self.url)
+
+    def _hub_digest_prefix(self) -> str:
+        match = _HUB_NAME.fullmatch(self.filename)
+        if match is None:
+            raise ValidationError("hub_prefix needs a file name of the form <name>-<hex>.<ext>")
+        return match.group(1)
+
+    def matches(self, digest: str) -> bool:
+        """Whether a file's hex SHA-256 ``digest`` is the pinned one (with ``hub_prefix``: and its prefix)."""
+        full = hmac.compare_digest(digest, self.sha256)
+        if not self.hub_prefix:
+            return full
+        prefix = self._hub_digest_prefix()
+        return hmac.compare_digest(digest[: len(prefix)], prefix) and full
 
 
 TORCHVISION_MOBILENET_V2 = PinnedFile(
     url="https://download.pytorch.org/models/mobilenet_v2-b0353104.pth",
-    sha256="b0353104",
+    sha256="b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
     filename="mobilenet_v2-b0353104.pth",
+    max_bytes=16 * 1024 * 1024,  # the published file has 14,212,972 bytes
+    hub_prefix=True,
 )
 
 MEDIAPIPE_FACE_DETECTOR = PinnedFile(
@@ -116,19 +153,26 @@ def sha256_file(path: str | Path) -> str:
 
 
 def verify_sha256(path: str | Path, expected: str) -> Path:
-    """Return ``path`` if its SHA-256 matches ``expected`` (full hex digest or prefix of >= 8 digits).
+    """Return ``path`` if its SHA-256 is ``expected`` (the full 64-digit hex digest).
 
     Raises:
-        ValidationError: ``expected`` is not a hex digest or prefix.
+        ValidationError: ``expected`` is not a full hex digest (a prefix is refused).
         WeightsError: the file is unreadable or its digest differs.
     """
-    expected = expected.lower()
-    if not _HEX.match(expected):
-        raise ValidationError("expected sha256 must be hex, 8 to 64 digits")
-    actual = sha256_file(path)
-    if not hmac.compare_digest(actual[: len(expected)], expected):
-        raise WeightsError(f"SHA-256 of {Path(path).name} does not match the pinned digest; file refused")
+    expected = pinned_sha256(expected)
+    if not hmac.compare_digest(sha256_file(path), expected):
+        raise _mismatch(Path(path).name)
     return Path(path)
+
+
+def _verify_pinned(path: Path, pinned: PinnedFile) -> Path:
+    if not pinned.matches(sha256_file(path)):
+        raise _mismatch(path.name)
+    return path
+
+
+def _mismatch(name: str) -> WeightsError:
+    return WeightsError(f"SHA-256 of {name} does not match the pinned digest; file refused")
 
 
 def _download(pinned: PinnedFile, dest: Path, *, timeout: float) -> None:
@@ -154,7 +198,7 @@ def _download(pinned: PinnedFile, dest: Path, *, timeout: float) -> None:
                 raise WeightsError(f"cannot download {pinned.filename}") from exc
             out.flush()
             os.fsync(out.fileno())
-        if not hmac.compare_digest(digest.hexdigest()[: len(pinned.sha256)], pinned.sha256):
+        if not pinned.matches(digest.hexdigest()):
             raise WeightsError(
                 f"SHA-256 of downloaded {pinned.filename} does not match the pinned digest; file refused"
             )
@@ -193,7 +237,7 @@ def ensure_file(
         path = Path(local_path)
         if not path.is_file():
             raise WeightsError(f"model file not found: {path}")
-        return verify_sha256(path, pinned.sha256)
+        return _verify_pinned(path, pinned)
     if download_dir is None:
         from agent.tflite_convert import default_cache_dir
 
@@ -201,7 +245,7 @@ def ensure_file(
     dest = Path(download_dir) / pinned.filename
     if dest.is_file():
         try:
-            return verify_sha256(dest, pinned.sha256)
+            return _verify_pinned(dest, pinned)
         except WeightsError:
             dest.unlink()  # a stale or corrupted copy is replaced by a fresh download
     _download(pinned, dest, timeout=timeout)

@@ -40,6 +40,7 @@ from aggregator.config import (
     read_server_tls,
 )
 from aggregator.enrollment import EnrollmentService
+from aggregator.leader import LeaderLease
 from aggregator.registry import ModelRegistry
 from aggregator.rounds import RoundCoordinator, RoundSettings
 from aggregator.secret_files import write_public_file
@@ -113,8 +114,10 @@ async def _serve(args: argparse.Namespace) -> int:
         limits = EdgeLimits.for_dimension(
             dim=max(dim, int(args.max_dim)), max_message_bytes=config.max_message_bytes
         )
-        coordinator = RoundCoordinator(storage=storage, registry=registry, settings=settings)
-        coordinator.recover()  # before serving: devices asking about an interrupted round must see it
+        lease = LeaderLease(storage, cohort=settings.cohort, ttl_s=float(args.lease_ttl_s))
+        # The coordinator takes over an interrupted round only once it holds the lease; until then (a
+        # standby) the federation service reports NOT_SERVING and refuses calls with UNAVAILABLE.
+        coordinator = RoundCoordinator(storage=storage, registry=registry, settings=settings, lease=lease)
         running = await build_server(
             tls=tls,
             storage=storage,
@@ -124,8 +127,10 @@ async def _serve(args: argparse.Namespace) -> int:
             limits=limits,
             listen=config.listen,
             enroll_listen=_enroll_listen(config.listen, args.enroll_listen),
+            health_listen=args.health_listen,
+            advertise_port=args.advertise_port,
         )
-        ports = {"port": running.port, "enroll_port": running.enroll_port}
+        ports = {"port": running.port, "enroll_port": running.enroll_port, "health_port": running.health_port}
         if args.ports_file:
             write_public_file(args.ports_file, json.dumps(ports).encode())
         print(json.dumps({"ready": True, **ports}), flush=True)
@@ -239,6 +244,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the gRPC service and the rounds")
     p.add_argument("--config", required=True, help="DIR/aggregator.toml (or the deployment DIR)")
     p.add_argument("--enroll-listen", default=None, help="HOST:PORT of enrollment (default: listen port + 1)")
+    p.add_argument(
+        "--health-listen",
+        default=None,
+        help="HOST:PORT of a plaintext port serving only grpc.health.v1 (for kubelet gRPC probes)",
+    )
+    p.add_argument(
+        "--advertise-port",
+        type=int,
+        default=None,
+        help="federation port to tell enrolling devices (default: the bound port; set behind a balancer)",
+    )
+    p.add_argument(
+        "--lease-ttl-s",
+        type=float,
+        default=15.0,
+        help="coordinator lease lifetime: a standby takes over at most this long after the leader died",
+    )
     p.add_argument("--ports-file", type=Path, default=None, help="write the bound ports here as JSON")
     p.add_argument("--rounds", type=int, default=0, help="stop after this many published rounds (0 = never)")
     p.add_argument("--checkin-s", type=float, default=5.0, help="check-in window once min clients joined")

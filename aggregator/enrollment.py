@@ -5,7 +5,9 @@
   so a second use is refused and two racing uses have exactly one winner.
 * :meth:`EnrollmentService.enroll` checks the CSR (signature, ECDSA P-256 key, device id format, identity-key
   proof), issues the device certificate from the deployment CA and registers id, certificate fingerprint,
-  serial and Ed25519 identity public key.
+  serial and Ed25519 identity public key. The device picks its id; one that is already registered is refused
+  with the same answer as an unusable token, and spends the token: a token holder cannot probe which device
+  ids exist (one guess per token at most), while a malformed request leaves the token usable.
 * :meth:`EnrollmentService.authenticate` turns a TLS peer certificate into the registered device, refusing
   certificates not issued by the CA, expired, unknown, revoked, or not the one registered for that id.
 
@@ -33,7 +35,6 @@ from security.pki import (
 
 __all__ = [
     "AuthenticationError",
-    "DeviceExistsError",
     "EnrollmentError",
     "EnrollmentResult",
     "EnrollmentService",
@@ -45,6 +46,7 @@ __all__ = [
 DEFAULT_TOKEN_TTL = dt.timedelta(hours=24)
 DEFAULT_CERTIFICATE_VALIDITY = dt.timedelta(days=365)
 _MAX_TOKEN_TTL = dt.timedelta(days=90)
+_REFUSED = "enrollment token is invalid, expired or already used"
 
 
 def _utc_now() -> dt.datetime:
@@ -56,11 +58,8 @@ class EnrollmentError(FedferError):
 
 
 class TokenRejectedError(EnrollmentError):
-    """The enrollment token is malformed, unknown, expired or already used (deliberately not told apart)."""
-
-
-class DeviceExistsError(EnrollmentError):
-    """A device with this id (or this certificate) is already registered."""
+    """Enrollment refused: the token is malformed, unknown, expired or already used, or the device id is
+    taken (deliberately not told apart)."""
 
 
 class AuthenticationError(FedferError):
@@ -163,24 +162,25 @@ class EnrollmentService:
     def enroll(self, *, token: str, csr_pem: bytes) -> EnrollmentResult:
         """Consume ``token``, check ``csr_pem``, issue a certificate and register the device.
 
-        The token is consumed only if the device is registered: a refused request loses nothing.
+        A malformed request leaves the token usable. A device id that is already registered spends it and is
+        refused like a bad token, so one token can test at most one id.
 
         Raises:
-            TokenRejectedError: Token malformed, unknown, expired or used.
+            TokenRejectedError: Token malformed, unknown, expired or used, or the device id is taken.
             ValidationError: Malformed CSR, wrong key type or bad device id.
             IntegrityError: CSR signature or identity proof invalid.
-            DeviceExistsError: The device id is already registered.
         """
         now = self._clock()
         try:
             token_hash = enrollment_token_hash(token)
         except ValidationError:
-            raise TokenRejectedError("enrollment token is invalid, expired or already used") from None
+            raise TokenRejectedError(_REFUSED) from None
         request = parse_device_csr(csr_pem)
         if not self._token_usable(token_hash, now):
-            raise TokenRejectedError("enrollment token is invalid, expired or already used")
+            raise TokenRejectedError(_REFUSED)
         if self._storage.get_device(request.device_id) is not None:
-            raise DeviceExistsError("device id is already registered")
+            self._storage.spend_token(token_hash, now=now)
+            raise TokenRejectedError(_REFUSED)
         cert = self._ca.issue_device_certificate(request, now=now, validity=self._validity)
         device = DeviceRecord(
             device_id=cert.device_id,
@@ -192,10 +192,9 @@ class EnrollmentService:
         try:
             self._storage.enroll_device(token_hash=token_hash, device=device, now=now)
         except ConflictError:
-            # Lost a race: tell the caller which precondition no longer holds.
-            if not self._token_usable(token_hash, now):
-                raise TokenRejectedError("enrollment token is invalid, expired or already used") from None
-            raise DeviceExistsError("device id is already registered") from None
+            # Lost a race: the token was used meanwhile, or the id was registered meanwhile (spend it then).
+            self._storage.spend_token(token_hash, now=now)
+            raise TokenRejectedError(_REFUSED) from None
         return EnrollmentResult(
             device=device, certificate_pem=cert.certificate_pem, ca_certificate_pem=self._ca.certificate_pem
         )

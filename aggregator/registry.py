@@ -93,6 +93,22 @@ class ModelRegistry:
             NotFoundError: ``parent`` does not exist.
             ConflictError: ``version`` exists with different content.
         """
+        record = self.prepare(version, arrays, parent=parent)
+        if not self._storage.put_model(record):
+            existing = self.get(version)
+            if existing.parent != parent:
+                raise ConflictError("model version already exists with a different parent")
+            return existing
+        return self._verified(record)
+
+    def prepare(
+        self, version: int, arrays: Mapping[str, npt.NDArray[Any]], *, parent: int | None
+    ) -> ModelRecord:
+        """Check and encode ``arrays`` as the record of ``version`` without storing it.
+
+        For callers that store the version together with other changes in one transaction
+        (:meth:`~aggregator.storage.base.Storage.publish_round`). Raises as :meth:`publish` does.
+        """
         if type(version) is not int or version <= 0:
             raise ValidationError("model version must be a positive int")
         if parent is not None:
@@ -101,7 +117,7 @@ class ModelRegistry:
             if self._storage.get_model(parent) is None:
                 raise NotFoundError("parent model version does not exist")
         encoded = encode_model(arrays, max_bytes=self._max_bytes)
-        record = ModelRecord(
+        return ModelRecord(
             version=version,
             parent=parent,
             manifest=encoded.manifest,
@@ -109,12 +125,6 @@ class ModelRegistry:
             blob=encoded.blob,
             created_at=self._clock(),
         )
-        if not self._storage.put_model(record):
-            existing = self.get(version)
-            if existing.parent != parent:
-                raise ConflictError("model version already exists with a different parent")
-            return existing
-        return self._verified(record)
 
     def get(self, version: int) -> ModelVersion:
         """Return a verified model version.

@@ -20,13 +20,21 @@ codec together with an integer weight (example count). The aggregator publishes
 Fewer survivors than the threshold at any stage aborts the round (the protocol reveals nothing) and nothing is
 published.
 
-**Restarts.** At every stage transition the round's status and its resumable state (public parameters, the
-device/index map, device certificates, identity public keys and the protocol server's snapshot) are written to
-storage, and every accepted device message is stored as it arrives. An aggregator that restarts mid-round
-restores the protocol server, replays the stored messages of the current stage and resumes the round with a
-fresh stage deadline (devices just retry until it is back; their acknowledged messages are not needed again).
-A round interrupted during check-in, or whose state cannot be restored, is aborted instead. Finished rounds
-and registered devices are never lost.
+**Leadership.** Only the replica holding the cohort's lease (:class:`aggregator.leader.LeaderLease`)
+coordinates: :meth:`RoundCoordinator.run` first waits as a standby until it gets the lease, and the service
+refuses federation calls while :attr:`RoundCoordinator.is_leader` is false. A standby never reads or changes
+the active round. A leader that loses the lease stops at once
+(:class:`~aggregator.leader.LeadershipLostError`) without aborting its round, which the next leader resumes.
+
+**Restarts and takeovers.** At every stage transition the round's status and its resumable state (public
+parameters, the device/index map, device certificates, identity public keys and the protocol server's
+snapshot) are written to storage, and every accepted device message is stored as it arrives. A coordinator
+that becomes leader (after a restart, or taking over from a replica that died) restores the protocol server,
+replays the stored messages of the current stage and resumes the round with a fresh stage deadline (devices
+just retry until it is back; their acknowledged messages are not needed again). A round interrupted during
+check-in, or whose state cannot be restored, is aborted instead. The published model and the round's
+``PUBLISHED`` status are written in one transaction, so a round is never published twice. Finished rounds and
+registered devices are never lost.
 """
 
 from __future__ import annotations
@@ -42,15 +50,16 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from aggregator.leader import LeaderLease, LeadershipLostError
 from aggregator.registry import ModelRegistry
-from aggregator.storage import RoundRecord, RoundStatus, Storage
+from aggregator.storage import ConflictError, RoundRecord, RoundStatus, Storage
 from security.errors import FedferError, ProtocolError, RoundAbortedError, ValidationError
 from security.secagg.graph import NeighbourGraph
 from security.secagg.messages import AdvertiseKeys, MaskedInput, Message, ShareKeys, UnmaskResponse
@@ -59,6 +68,7 @@ from security.secagg.server import SecAggServer
 
 __all__ = [
     "DuplicateSubmissionError",
+    "NotLeaderError",
     "NotParticipantError",
     "RoundCoordinator",
     "RoundSettings",
@@ -130,6 +140,18 @@ class NotParticipantError(ProtocolError):
 
 class DuplicateSubmissionError(ProtocolError):
     """The device already had a different message accepted for this stage."""
+
+
+class _HandedOver(FedferError):
+    """The coordinator stopped and leaves the round in progress to the next leader."""
+
+
+class NotLeaderError(FedferError):
+    """This replica is a standby (or lost the lease): another replica coordinates the rounds."""
+
+
+LeadershipListener = Callable[[bool], Awaitable[None]]
+"""Awaited with True when the coordinator starts leading (after recovery) and False when it stops."""
 
 
 def _positive(name: str, value: object) -> float:
@@ -267,6 +289,7 @@ class _Round:
     identity_keys: dict[int, bytes] = field(default_factory=dict)
     accepted: dict[RoundStage, dict[str, bytes]] = field(default_factory=dict)
     results: dict[RoundStage, Mapping[int, Message]] = field(default_factory=dict)
+    unusable: set[tuple[RoundStage, str]] = field(default_factory=set)  # stored messages not replayed
     params: SecAggParams | None = None
     server: SecAggServer | None = None
     graph: NeighbourGraph | None = None
@@ -287,13 +310,15 @@ class RoundCoordinator:
     """Runs secure-aggregation rounds in sequence and answers the service's questions about them.
 
     All state lives on the event loop's thread: the service calls :meth:`join`, :meth:`submit`,
-    :meth:`view` and :meth:`stage_result` from coroutines on the same loop that runs :meth:`run`.
+    :meth:`view` and :meth:`stage_result` from coroutines on the same loop that runs :meth:`run`, and asks
+    :attr:`is_leader` first (a standby's answers would be about no round at all).
 
     Args:
         storage: durable round and device records.
         registry: the model registry (central ``v`` versions).
         settings: round parameters.
         clock: seconds since the epoch (a seam for tests; production uses :func:`time.time`).
+        lease: the cohort's coordinator lease (default: a new one with a fresh replica id and this clock).
     """
 
     def __init__(
@@ -303,6 +328,7 @@ class RoundCoordinator:
         registry: ModelRegistry,
         settings: RoundSettings,
         clock: Callable[[], float] = time.time,
+        lease: LeaderLease | None = None,
     ) -> None:
         if not isinstance(settings, RoundSettings):
             raise ValidationError("settings must be RoundSettings")
@@ -310,6 +336,11 @@ class RoundCoordinator:
         self._registry = registry
         self._settings = settings
         self._clock = clock
+        self.lease = lease if lease is not None else LeaderLease(storage, cohort=settings.cohort, clock=clock)
+        if self.lease.name != f"coordinator/{settings.cohort}":
+            raise ValidationError("the lease must be the one of the settings' cohort")
+        self._leading = False
+        self._listeners: list[LeadershipListener] = []
         self._round: _Round | None = None
         self._resumable: _Round | None = None
         self._recovered = False
@@ -317,6 +348,7 @@ class RoundCoordinator:
         self._changed = asyncio.Event()
         self._wake = asyncio.Event()
         self._stopped = False
+        self._hand_over = False
         self.finished_rounds = 0
         self.aborted_rounds = 0
 
@@ -327,64 +359,155 @@ class RoundCoordinator:
 
     # -- life cycle ---------------------------------------------------------------------------------------
 
-    def stop(self) -> None:
-        """Ask :meth:`run` to return; a round in progress is aborted."""
+    @property
+    def is_leader(self) -> bool:
+        """True while this replica coordinates: it holds the lease and has recovered the interrupted round."""
+        return self._leading and self.lease.held
+
+    def on_leadership(self, listener: LeadershipListener) -> None:
+        """Call ``listener(True)`` when this replica starts leading and ``listener(False)`` when it stops."""
+        self._listeners.append(listener)
+
+    async def _announce(self, leading: bool) -> None:
+        self._leading = leading
+        for listener in self._listeners:
+            await listener(leading)
+
+    def stop(self, *, hand_over: bool = False) -> None:
+        """Ask :meth:`run` (or :meth:`serve`) to return.
+
+        Args:
+            hand_over: leave a round in progress to the next leader (a standby, or this deployment's next
+                process) instead of aborting it: the next leader resumes it, or aborts it if it was still in
+                check-in. Follow with :meth:`release` so a standby need not wait for the lease to expire.
+        """
+        self._hand_over = hand_over
         self._stopped = True
         self._wake.set()
 
+    def _check_stopped(self) -> None:
+        if self._stopped:
+            raise _HandedOver("stopping") if self._hand_over else RoundAbortedError("stopping")
+
+    def release(self) -> None:
+        """Stop leading and give the lease up, so a standby takes over at once (call after :meth:`stop`)."""
+        self._leading = False
+        self.lease.release()
+
     def recover(self) -> list[int]:
-        """Deal with the round a previous process left active: resume it if its protocol state was persisted,
-        else abort it (nothing is published for an aborted round). Call before serving requests, so devices
-        asking about the interrupted round see it; :meth:`run` calls it if nobody did.
+        """Take the lease and deal with the round a previous leader left active: resume it if its protocol
+        state was persisted, else abort it (nothing is published for an aborted round). :meth:`run` calls it
+        once it holds the lease; a test may call it directly.
+
+        Before resuming, the round's version is bumped, so a previous leader that has not noticed it lost
+        the lease can no longer change the round.
 
         Returns:
             The ids of the rounds aborted.
+
+        Raises:
+            NotLeaderError: another replica holds the lease.
         """
+        if not self.lease.try_acquire():
+            raise NotLeaderError("another replica holds the coordinator lease")
         self._recovered = True
         aborted = []
-        while (record := self._storage.active_round(self._settings.cohort)) is not None:
-            if self._resumable is None and record.state:
-                try:
-                    self._resumable = self._round = self._restore(record)
-                    _log.warning(
-                        "round %d was interrupted by a restart: resuming in stage %s",
-                        record.round_id,
-                        self._resumable.stage.value,
-                    )
-                    break
-                except (FedferError, ValueError, KeyError, TypeError) as exc:
-                    _log.warning("round %d cannot be resumed (%s)", record.round_id, type(exc).__name__)
-            self._storage.update_round(
-                record.round_id, expected_version=record.version, now=self._now(), status=RoundStatus.ABORTED
-            )
+        for _ in range(20):  # each retry means a stale leader wrote meanwhile; it stops within its TTL
+            record = self._storage.active_round(self._settings.cohort)
+            if record is None:
+                break
+            try:
+                if self._resumable is None and record.state:
+                    try:
+                        rnd = self._restore(record)
+                    except (FedferError, ValueError, KeyError, TypeError) as exc:
+                        _log.warning("round %d cannot be resumed (%s)", record.round_id, type(exc).__name__)
+                    else:
+                        rnd.version = self._storage.update_round(
+                            record.round_id, expected_version=record.version, now=self._now()
+                        ).version
+                        self._resumable = self._round = rnd
+                        _log.warning(
+                            "round %d was interrupted (restart or takeover): resuming in stage %s",
+                            record.round_id,
+                            rnd.stage.value,
+                        )
+                        break
+                self._storage.update_round(
+                    record.round_id,
+                    expected_version=record.version,
+                    now=self._now(),
+                    status=RoundStatus.ABORTED,
+                )
+            except ConflictError:
+                continue
             aborted.append(record.round_id)
-            _log.warning("round %d was interrupted by a restart: aborted, nothing published", record.round_id)
+            _log.warning("round %d was interrupted: aborted, nothing published", record.round_id)
+        self._leading = True
         return aborted
 
     async def run(self) -> None:
-        """Run rounds until :meth:`stop` is called or ``settings.rounds`` rounds finished.
+        """Wait for the lease, then run rounds until :meth:`stop` is called or ``settings.rounds`` finished.
 
-        A round interrupted by a restart is resumed first when its state was persisted, else aborted.
+        A round interrupted by a restart or a dead leader is resumed first when its state was persisted,
+        else aborted.
+
+        Raises:
+            LeadershipLostError: the lease was lost (the round in progress is left for the next leader).
         """
-        if not self._recovered:
-            self.recover()
-        if self._resumable is not None:
-            rnd, self._resumable = self._resumable, None
-            await self._drive(rnd, self._registry.get(rnd.base_version).arrays, resume=True)
-        while not self._stopped and (
-            self._settings.rounds == 0 or self.finished_rounds < self._settings.rounds
-        ):
-            base = self._storage.latest_model_version()
-            if base is None:
-                await self._sleep(0.5)
-                continue
-            await self._run_round(base)
+        if not await self._await_lease():
+            return
+        try:
+            if not self._recovered:
+                self.recover()
+            await self._announce(True)
+            while not self._stopped and (
+                self._settings.rounds == 0 or self.finished_rounds < self._settings.rounds
+            ):
+                if self._resumable is not None:
+                    rnd, self._resumable = self._resumable, None
+                    await self._drive(rnd, self._registry.get(rnd.base_version).arrays, resume=True)
+                    continue
+                base = self._storage.latest_model_version()
+                if base is None:
+                    await self._sleep(0.5)
+                    continue
+                await self._run_round(base)
+        except (LeadershipLostError, NotLeaderError):
+            _log.error("lost the coordinator lease: stepping down, the round is left to the next leader")
+            await self._announce(False)
+            raise LeadershipLostError("lost the coordinator lease") from None
+
+    async def serve(self) -> None:
+        """:meth:`run`, then keep the lease until :meth:`stop`, answering about the finished rounds."""
+        await self.run()
+        try:
+            while not self._stopped:
+                await self._sleep(self.lease.renew_s)
+        except LeadershipLostError:
+            await self._announce(False)
+            raise
+
+    async def _await_lease(self) -> bool:
+        """Wait as a standby until this replica holds the lease; False if stopped first."""
+        while not self._stopped:
+            if (self._recovered and self.lease.held) or self.lease.try_acquire():
+                return True
+            await self._sleep(self.lease.retry_s, renew=False)
+        return False
 
     async def _run_round(self, base: int) -> None:
         model = self._registry.get(base)
         dim = model.num_parameters
         params = {"base_version": base, "dim": dim}
-        record = self._storage.create_round(params=params, now=self._now(), cohort=self._settings.cohort)
+        try:
+            record = self._storage.create_round(params=params, now=self._now(), cohort=self._settings.cohort)
+        except ConflictError:
+            # A round we do not know is active: a previous leader raced us. If we still lead, treat it as an
+            # interrupted round (resume or abort it); recover() raises NotLeaderError if we do not.
+            _log.warning("another coordinator's round is active; recovering it")
+            self.recover()
+            return
         rnd = _Round(round_id=record.round_id, version=record.version, base_version=base, dim=dim)
         rnd.accepted = {s: {} for s in _PROTOCOL_STAGES}
         _log.info("round %d open for check-in on model version %d (dim %d)", rnd.round_id, base, dim)
@@ -412,6 +535,12 @@ class RoundCoordinator:
                 result.total_weight,
                 result.error_bound,
             )
+        except (LeadershipLostError, ConflictError) as exc:
+            # Another replica leads now (or changed the round under us): leave the round to it, untouched.
+            _log.warning("round %d: no longer the coordinator (%s)", rnd.round_id, type(exc).__name__)
+            raise LeadershipLostError("lost the coordinator lease") from None
+        except _HandedOver:
+            _log.warning("round %d left in stage %s for the next leader", rnd.round_id, rnd.stage.value)
         except RoundAbortedError as exc:
             self._abort(rnd, "aggregator stopping" if self._stopped else "too few surviving devices", exc)
         except FedferError as exc:
@@ -426,8 +555,7 @@ class RoundCoordinator:
     async def _check_in(self, rnd: _Round) -> None:
         s = self._settings
         while True:
-            if self._stopped:
-                raise RoundAbortedError("stopping")
+            self._check_stopped()
             joined = len(rnd.indices)
             if joined >= s.max_clients:
                 break
@@ -461,9 +589,9 @@ class RoundCoordinator:
             raise RoundAbortedError("no protocol server")
         self._replay_stored(rnd, stage)
         while not server.all_received() and self._clock() < rnd.deadline:
-            if self._stopped:
-                raise RoundAbortedError("stopping")
+            self._check_stopped()
             await self._sleep(rnd.deadline - self._clock())
+            self._replay_stored(rnd, stage)
         dropped = len(server.pending())
         if dropped:
             _log.info("round %d %s: %d devices dropped out", rnd.round_id, stage.value, dropped)
@@ -536,6 +664,11 @@ class RoundCoordinator:
             graph=server.graph,
         )
         rnd.accepted = {s: {} for s in _PROTOCOL_STAGES}
+        # A device eligible now completed every earlier stage. Digests are compared only within the current
+        # stage (an earlier stage's message is refused as out of stage), so these need none.
+        survivors = [d for d, i in indices.items() if i in server.eligible()]
+        for earlier in _PROTOCOL_STAGES[: _PROTOCOL_STAGES.index(stage)]:
+            rnd.accepted[earlier] = dict.fromkeys(survivors, b"")
         previous = (
             _PROTOCOL_STAGES[_PROTOCOL_STAGES.index(stage) - 1]
             if stage is not RoundStage.ADVERTISE_KEYS
@@ -549,24 +682,32 @@ class RoundCoordinator:
     def _replay_stored(self, rnd: _Round, stage: RoundStage) -> None:
         """Feed the protocol server the messages of ``stage`` that storage holds but it has not seen.
 
-        Empty in the normal flow; after a restart these are the messages accepted (and acknowledged) before
-        the crash, so devices need not send them again.
+        Empty in the normal flow. After a restart or takeover these are the messages accepted (and
+        acknowledged) before it, so devices need not send them again; while collecting, they are messages a
+        previous leader accepted after this one took over and before it noticed it had lost the lease.
+        Only the senders are read unless some are missing, so calling this once per second is cheap.
         """
         server = rnd.server
         if server is None:
             return
-        by_device = {d: i for d, i in rnd.indices.items()}
+        status = RoundStatus(stage.value)
+        missing = [
+            d
+            for d in self._storage.round_message_senders(rnd.round_id, stage=status)
+            if d in rnd.indices and d not in rnd.accepted[stage] and (stage, d) not in rnd.unusable
+        ]
+        if not missing:
+            return
         for device_id, payload in sorted(
-            self._storage.round_messages(rnd.round_id, stage=RoundStatus(stage.value)).items()
+            self._storage.round_messages(rnd.round_id, stage=status, device_ids=missing).items()
         ):
-            if device_id in rnd.accepted[stage] or device_id not in by_device:
-                continue
-            message = _MESSAGE_TYPE[stage].from_bytes(payload)
-            if message.sender != by_device[device_id] or message.sender not in server.eligible():
-                continue
             try:
+                message = _MESSAGE_TYPE[stage].from_bytes(payload)
+                if message.sender != rnd.indices[device_id] or message.sender not in server.eligible():
+                    raise NotParticipantError("stored message of a device that is not eligible")
                 server.receive(message)
             except (ProtocolError, ValidationError) as exc:
+                rnd.unusable.add((stage, device_id))
                 _log.warning(
                     "round %d: stored %s message not replayed (%s)",
                     rnd.round_id,
@@ -593,15 +734,17 @@ class RoundCoordinator:
             arrays[name] = (current.astype(np.float64) + delta).astype(np.float32)
             offset += current.size
         latest = self._storage.latest_model_version() or 0
-        version = self._registry.publish(latest + 1, arrays, parent=rnd.base_version).version
-        self._storage.update_round(
+        model = self._registry.prepare(latest + 1, arrays, parent=rnd.base_version)
+        # The model and the round's PUBLISHED status commit together: a crash leaves either both or neither,
+        # so a resumed round can never publish a second version.
+        self._storage.publish_round(
             rnd.round_id,
             expected_version=rnd.version,
             now=self._now(),
-            status=RoundStatus.PUBLISHED,
+            model=model,
             participants=participants,
-            model_version=version,
         )
+        version = model.version
         self._outcomes[rnd.round_id] = _Outcome(
             RoundStage.FINISHED, str(version), "", frozenset(participants)
         )
@@ -720,9 +863,17 @@ class RoundCoordinator:
         digest = hashlib.sha256(payload).digest()
         previous = rnd.accepted[stage].get(device_id)
         if previous is not None:
-            if previous == digest:
-                return
-            raise DuplicateSubmissionError("different message already accepted")
+            if previous != digest:
+                raise DuplicateSubmissionError("different message already accepted")
+            # A retry: make sure the message is stored (the first attempt may have failed right there).
+            self._storage.put_round_message(
+                round_id,
+                stage=RoundStatus(stage.value),
+                device_id=device_id,
+                payload=payload,
+                now=self._now(),
+            )
+            return
         message = _MESSAGE_TYPE[stage].from_bytes(payload)
         if message.sender != index:
             raise NotParticipantError("message names another sender")
@@ -761,6 +912,15 @@ class RoundCoordinator:
             raise NotParticipantError("no result for this device")
         return message.to_bytes(), {}
 
+    def check_round(self, round_id: int) -> None:
+        """Make sure ``round_id`` is the current round.
+
+        Raises:
+            StaleRoundError: it is not (finished, unknown, or an earlier round).
+            RoundAbortedError: it names a round that aborted.
+        """
+        self._current(round_id)
+
     # -- helpers ------------------------------------------------------------------------------------------
 
     def _current(self, round_id: int) -> _Round:
@@ -784,10 +944,19 @@ class RoundCoordinator:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    async def _sleep(self, seconds: float) -> None:
+    async def _sleep(self, seconds: float, *, renew: bool = True) -> None:
+        """Wait up to ``seconds`` (at most one) or until woken; then, while leading, renew the lease if due.
+
+        Every waiting loop of a leader goes through here, which is what keeps the lease renewed.
+
+        Raises:
+            LeadershipLostError: the lease was lost.
+        """
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout=max(0.01, min(seconds, 1.0)))
         self._wake.clear()
+        if renew:
+            self.lease.keep()
 
     def _now(self) -> dt.datetime:
         return dt.datetime.fromtimestamp(self._clock(), dt.UTC)

@@ -10,6 +10,18 @@ The server listens on two ports with different TLS credentials:
 
 gRPC's TLS stack negotiates TLS 1.3 with current clients but would accept TLS 1.2; the servicer edge
 (:func:`aggregator.service.authenticate`) refuses any call whose connection is not TLS 1.3.
+
+The standard ``grpc.health.v1`` service reports, per service name:
+
+* ``""`` (the process), ``fedfer.v1.Enrollment`` and ``fedfer.v1.Models``: ``SERVING`` while the server runs,
+  on every replica (they are stateless over the shared storage);
+* ``fedfer.v1.Federation`` (:data:`FEDERATION_SERVICE`): ``SERVING`` only on the replica that holds the
+  coordinator lease and has recovered the interrupted round, ``NOT_SERVING`` on standbys (their federation
+  calls answer ``UNAVAILABLE``);
+* everything ``NOT_SERVING`` once the server stops or drains.
+
+Optionally the health service alone is also served on a plaintext port (``health_listen``): the kubelet's gRPC
+probe speaks plaintext and cannot present a client certificate. That port answers nothing but health checks.
 """
 
 from __future__ import annotations
@@ -30,10 +42,22 @@ from aggregator.storage import Storage
 from protos.fedfer.v1 import enrollment_pb2_grpc, federation_pb2_grpc, models_pb2_grpc
 from security.errors import ValidationError
 
-__all__ = ["RunningServer", "ServerTls", "build_server", "serve_forever"]
+__all__ = [
+    "FEDERATION_SERVICE",
+    "SERVICE_NAMES",
+    "RunningServer",
+    "ServerTls",
+    "build_server",
+    "serve_forever",
+]
 
 _log = logging.getLogger(__name__)
 SERVICE_NAMES = ("fedfer.v1.Enrollment", "fedfer.v1.Federation", "fedfer.v1.Models")
+FEDERATION_SERVICE = "fedfer.v1.Federation"
+"""The health-service name that is ``SERVING`` only on the leading replica (readiness probes ask for it)."""
+_DRAIN_S = 1.0  # after SIGTERM: NOT_SERVING this long before the ports close
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 @dataclass(frozen=True, repr=False)
@@ -62,19 +86,32 @@ class RunningServer:
         server: the ``grpc.aio`` server.
         port: the mutual-TLS federation port.
         enroll_port: the server-TLS-only enrollment port.
-        health: the health servicer (set to NOT_SERVING while draining).
+        health: the health servicer (everything NOT_SERVING while draining).
+        health_server: the plaintext health-only server, if one was asked for.
+        health_port: its port (0 when there is none).
     """
 
     server: grpc.aio.Server
     port: int
     enroll_port: int
     health: health.aio.HealthServicer
+    health_server: grpc.aio.Server | None = None
+    health_port: int = 0
 
-    async def stop(self, grace: float | None = 1.0) -> None:
-        """Mark the services NOT_SERVING, then stop accepting and finish in-flight calls within ``grace``."""
-        for name in ("", *SERVICE_NAMES):
-            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    async def set_leader(self, leading: bool) -> None:
+        """Report the federation service SERVING (this replica leads) or NOT_SERVING (standby)."""
+        await self.health.set(FEDERATION_SERVICE, _SERVING if leading else _NOT_SERVING)
+
+    async def stop(self, grace: float | None = 1.0, *, drain_s: float = 0.0) -> None:
+        """Drain and stop: mark every service NOT_SERVING for good, keep answering for ``drain_s`` seconds
+        (so health-checking balancers move new traffic away first), then stop accepting and give in-flight
+        calls ``grace`` seconds. The health-only port stops last."""
+        await self.health.enter_graceful_shutdown()
+        if drain_s > 0:
+            await asyncio.sleep(drain_s)
         await self.server.stop(grace)
+        if self.health_server is not None:
+            await self.health_server.stop(grace)
 
 
 async def build_server(
@@ -87,6 +124,8 @@ async def build_server(
     limits: EdgeLimits,
     listen: str,
     enroll_listen: str,
+    health_listen: str | None = None,
+    advertise_port: int | None = None,
 ) -> RunningServer:
     """Create, bind and start the server.
 
@@ -99,9 +138,14 @@ async def build_server(
         limits: message size limits.
         listen: ``host:port`` of the mutual-TLS port (port 0 picks a free port).
         enroll_listen: ``host:port`` of the enrollment port.
+        health_listen: ``host:port`` of a plaintext port serving only ``grpc.health.v1`` (None: no such
+            port; health is still served on the TLS ports).
+        advertise_port: the federation port enrolling devices are told to use (default: the bound one; set
+            it when devices reach the aggregator through a balancer on another port).
 
     Returns:
-        The running server with its bound ports.
+        The running server with its bound ports. The federation service reports NOT_SERVING until the
+        coordinator leads (see :meth:`RunningServer.set_leader`, registered with the coordinator here).
 
     Raises:
         ValidationError: a port could not be bound.
@@ -127,42 +171,82 @@ async def build_server(
         raise ValidationError("cannot bind the listen address") from exc
     if port == 0 or enroll_port == 0:
         raise ValidationError("cannot bind the listen address")
+    if advertise_port is not None and (type(advertise_port) is not int or not 0 < advertise_port < 65536):
+        raise ValidationError("advertise_port must be a port number")
     federation_pb2_grpc.add_FederationServicer_to_server(
         FederationRpc(storage=storage, enrollment=enrollment, coordinator=coordinator, limits=limits), server
     )
     models_pb2_grpc.add_ModelsServicer_to_server(ModelsRpc(enrollment=enrollment, registry=registry), server)
     enrollment_pb2_grpc.add_EnrollmentServicer_to_server(
-        EnrollmentRpc(storage=storage, enrollment=enrollment, federation_port=port), server
+        EnrollmentRpc(storage=storage, enrollment=enrollment, federation_port=advertise_port or port), server
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    await server.start()
+    health_server, health_port = None, 0
+    if health_listen is not None:
+        health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], maximum_concurrent_rpcs=64)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        try:
+            health_port = health_server.add_insecure_port(health_listen)
+        except RuntimeError as exc:
+            raise ValidationError("cannot bind the health listen address") from exc
+        if health_port == 0:
+            raise ValidationError("cannot bind the health listen address")
     for name in ("", *SERVICE_NAMES):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    _log.info("aggregator listening: mutual TLS on port %d, enrollment on port %d", port, enroll_port)
-    return RunningServer(server=server, port=port, enroll_port=enroll_port, health=health_servicer)
+        await health_servicer.set(name, _SERVING)
+    running = RunningServer(
+        server=server,
+        port=port,
+        enroll_port=enroll_port,
+        health=health_servicer,
+        health_server=health_server,
+        health_port=health_port,
+    )
+    await running.set_leader(coordinator.is_leader)
+    coordinator.on_leadership(running.set_leader)
+    await server.start()
+    if health_server is not None:
+        await health_server.start()
+    _log.info(
+        "aggregator listening: mutual TLS on port %d, enrollment on port %d, health on port %s",
+        port,
+        enroll_port,
+        health_port or "(TLS ports only)",
+    )
+    return running
 
 
 async def serve_forever(running: RunningServer, coordinator: RoundCoordinator) -> None:
     """Run the coordinator beside the server until SIGTERM/SIGINT, then drain and stop both.
 
-    When the coordinator has run all its rounds the server keeps answering (devices still learn how the
-    last round ended) until it is told to stop.
+    The coordinator waits as a standby until it holds the lease, then leads. When it has run all its rounds
+    it keeps the lease and the server keeps answering (devices still learn how the last round ended) until
+    it is told to stop. Stopping leaves a round in progress to the next leader (it is not aborted) and
+    releases the lease, so a standby takes over at once.
+
+    Raises:
+        LeadershipLostError: the lease was lost while leading. The server is stopped first; the process
+            should exit and be restarted (it comes back as a standby).
     """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    task = asyncio.create_task(coordinator.run(), name="rounds")
+    task = asyncio.create_task(coordinator.serve(), name="rounds")
     stopper = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    if task in done:
-        task.result()  # surfaces a coordinator crash
-        _log.info("all rounds done; serving status until stopped")
-        await stopper
-    _log.info("stopping aggregator")
-    coordinator.stop()
-    await running.stop(grace=2.0)
-    if not task.done():
-        await asyncio.wait({task}, timeout=2.0)
-        task.cancel()
+    try:
+        if task in done:
+            task.result()  # surfaces a coordinator crash or a lost lease
+    finally:
+        _log.info("stopping aggregator")
+        stopper.cancel()
+        coordinator.stop(hand_over=True)
+        # NOT_SERVING at once; the ports close after the drain. Meanwhile the coordinator leaves its round
+        # and the lease goes (a no-op unless this replica still holds it), so a standby takes over now.
+        stopping = asyncio.create_task(running.stop(grace=2.0, drain_s=_DRAIN_S))
+        if not task.done():
+            await asyncio.wait({task}, timeout=2.0)
+            task.cancel()
+        coordinator.release()
+        await stopping

@@ -21,13 +21,13 @@ import grpc
 
 from aggregator.enrollment import (
     AuthenticationError,
-    DeviceExistsError,
     EnrollmentService,
     TokenRejectedError,
 )
 from aggregator.registry import ModelRegistry, ModelVersion
 from aggregator.rounds import (
     DuplicateSubmissionError,
+    NotLeaderError,
     NotParticipantError,
     RoundCoordinator,
     RoundStage,
@@ -154,10 +154,10 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, RpcRejection):
         return exc.code, exc.message
     table: tuple[tuple[type[BaseException], grpc.StatusCode, str], ...] = (
+        (NotLeaderError, grpc.StatusCode.UNAVAILABLE, "not the active aggregator, retry"),
         (OversizeError, grpc.StatusCode.RESOURCE_EXHAUSTED, "message too large"),
         (AuthenticationError, grpc.StatusCode.PERMISSION_DENIED, "device is not authorized"),
         (TokenRejectedError, grpc.StatusCode.PERMISSION_DENIED, "enrollment refused"),
-        (DeviceExistsError, grpc.StatusCode.ALREADY_EXISTS, "device already enrolled"),
         (RoundAbortedError, grpc.StatusCode.ABORTED, "round aborted"),
         (StaleRoundError, grpc.StatusCode.FAILED_PRECONDITION, "not the current round"),
         (StageError, grpc.StatusCode.FAILED_PRECONDITION, "wrong stage for this message"),
@@ -259,6 +259,9 @@ def _round_status(view: RoundView) -> federation_pb2.RoundStatus:
 class FederationRpc(federation_pb2_grpc.FederationServicer):  # type: ignore[misc]
     """Serves the round stages to authenticated devices and forwards accepted messages to the coordinator.
 
+    Only the leading replica answers; a standby refuses every call with ``UNAVAILABLE`` (devices retry, and a
+    balancer that follows the health service sends them to the leader).
+
     Args:
         storage: the deployment's storage (idempotency records).
         enrollment: authenticates peers (device registry, revocation).
@@ -279,13 +282,20 @@ class FederationRpc(federation_pb2_grpc.FederationServicer):  # type: ignore[mis
         self._coordinator = coordinator
         self._limits = limits
 
+    def _caller(self, context: Context) -> tuple[str, bytes]:
+        """Authenticate the caller, then make sure this replica leads (else ``NotLeaderError``)."""
+        caller = authenticate(context, self._enrollment)
+        if not self._coordinator.is_leader:
+            raise NotLeaderError("standby")
+        return caller
+
     async def GetRound(
         self, request: federation_pb2.GetRoundRequest, context: Context
     ) -> federation_pb2.RoundStatus:
         """Return the round as the calling device sees it, long-polling up to ``wait_ms`` for a change."""
 
         async def work() -> federation_pb2.RoundStatus:
-            device_id, _ = authenticate(context, self._enrollment)
+            device_id, _ = self._caller(context)
             if request.known_round_id > _MAX_ROUND_ID or request.wait_ms > _MAX_WAIT_MS:
                 raise ValidationError("bad poll parameters")
             known_stage = _FROM_PROTO.get(request.known_stage)
@@ -293,9 +303,7 @@ class FederationRpc(federation_pb2_grpc.FederationServicer):  # type: ignore[mis
                 await self._coordinator.wait_for_change(
                     round_id=request.known_round_id, stage=known_stage, timeout_s=request.wait_ms / 1000
                 )
-                device_id, _ = authenticate(
-                    context, self._enrollment
-                )  # revocation may have happened meanwhile
+                device_id, _ = self._caller(context)  # revocation or a lost lease may have happened meanwhile
             return _round_status(self._coordinator.view(device_id, known_round_id=request.known_round_id))
 
         return await _guard(context, work)
@@ -306,7 +314,7 @@ class FederationRpc(federation_pb2_grpc.FederationServicer):  # type: ignore[mis
         """Admit the calling device to the open round (check-in); idempotent."""
 
         async def work() -> federation_pb2.RoundStatus:
-            device_id, certificate = authenticate(context, self._enrollment)
+            device_id, certificate = self._caller(context)
             _check_request_id(request.request_id)
             _check_round_id(request.round_id)
             view = self._coordinator.join(
@@ -320,7 +328,7 @@ class FederationRpc(federation_pb2_grpc.FederationServicer):  # type: ignore[mis
         self, stage: RoundStage, request: federation_pb2.StageMessage, context: Context
     ) -> common_pb2.StageAck:
         async def work() -> common_pb2.StageAck:
-            device_id, _ = authenticate(context, self._enrollment)
+            device_id, _ = self._caller(context)
             _check_request_id(request.request_id)
             _check_round_id(request.round_id)
             if len(request.payload) > self._limits.max_payload_bytes:
@@ -334,6 +342,11 @@ class FederationRpc(federation_pb2_grpc.FederationServicer):  # type: ignore[mis
     def _idempotent(
         self, device_id: str, stage: RoundStage, request_id: str, round_id: int, payload: bytes
     ) -> common_pb2.StageAck:
+        if not self._coordinator.is_leader:  # the lease may have gone while a long upload streamed in
+            raise NotLeaderError("standby")
+        # A message of an earlier round is refused even when its request id has a stored answer: replaying
+        # it while a later round runs must not look accepted.
+        self._coordinator.check_round(round_id)
         scope = f"{device_id}/{stage.value}"
         digest = _digest(stage.value.encode(), round_id.to_bytes(8, "big"), payload)
         stored = self._storage.get_response(scope=scope, request_id=request_id)
@@ -374,7 +387,7 @@ class FederationRpc(federation_pb2_grpc.FederationServicer):  # type: ignore[mis
         """Accept the device's masked input as an ordered stream of chunks."""
 
         async def work() -> common_pb2.StageAck:
-            device_id, _ = authenticate(context, self._enrollment)
+            device_id, _ = self._caller(context)
             first: federation_pb2.MaskedInputChunk | None = None
             parts: list[bytes] = []
             received = 0
@@ -416,7 +429,7 @@ class FederationRpc(federation_pb2_grpc.FederationServicer):  # type: ignore[mis
         """Return what the aggregator sent this device when the requested stage closed."""
 
         async def work() -> federation_pb2.StageResult:
-            device_id, _ = authenticate(context, self._enrollment)
+            device_id, _ = self._caller(context)
             _check_round_id(request.round_id)
             stage = _FROM_PROTO.get(request.stage)
             if stage not in _RESULT_STAGES:

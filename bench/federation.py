@@ -12,9 +12,15 @@ Reported:
   ``deadline_wait_s`` is the part spent waiting for the masked-input deadline after the last survivor's upload
   (zero without dropouts), and ``round_s_excl_wait`` the rest.
 * ``bytes_up_per_client``: median over survivors of the bytes each device put on the wire during the round,
-  all stages and status polls included (serialized requests + gRPC/HTTP2 framing + TLS record overhead + a
-  per-call header estimate, see :class:`agent.federation.client.WireCounter`); ``wire_overhead`` divides it by
-  the raw float32 size of the update (4 bytes x dim).
+  all stages and status polls included, **measured**: every device's connection goes through its own
+  loopback TCP proxy (:class:`bench.tcp_proxy.TcpProxy`) that counts client-to-server bytes above TCP, i.e.
+  TLS records with the TLS handshake included (``tls_handshake_included``), HTTP/2 frames and gRPC messages;
+  TCP/IP headers are not counted. ``bytes_up_per_client_max`` is the largest device's. ``wire_overhead`` and
+  ``wire_overhead_max`` divide them by the raw float32 size of the update (4 bytes x dim);
+  ``wire_overhead_excl_handshake`` first subtracts each connection's set-up bytes (TLS handshake with the
+  device certificate, HTTP/2 preface and settings: ``connection_setup_bytes_up``, measured on a channel that
+  only connects). ``wire_overhead_estimated`` is the client's own estimate
+  (:class:`agent.federation.client.WireCounter`: serialized requests + framing + a per-call header guess).
 * ``server_cpu_s``: user + system CPU time of the aggregator process during the round (from ``/proc``).
 * ``max_abs_error``: published model minus previous model vs. the plaintext FedAvg oracle of the survivors.
 """
@@ -24,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import dataclasses
 import datetime as dt
 import json
 import multiprocessing
@@ -45,7 +52,9 @@ _BIN = Path(sys.executable).parent
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add this benchmark's options to its sub-command parser."""
     parser.add_argument("--clients", type=int, default=100, help="number of devices")
-    parser.add_argument("--dim", type=int, default=208_582, help="update length (default: the size of v)")
+    parser.add_argument(
+        "--dim", type=int, default=208_582, help="update length (default: the paper's v; ours has 205,894)"
+    )
     parser.add_argument(
         "--dropout", type=float, default=0.1, help="fraction of devices that vanish mid-round"
     )
@@ -67,11 +76,31 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+async def connection_setup_bytes(state: Any) -> int:
+    """Bytes a device sends to open one mutual-TLS channel (TLS handshake, HTTP/2 preface and settings),
+    measured through a counting proxy on a channel that connects and does nothing else."""
+    from agent.federation.channel import federation_channel
+    from bench.tcp_proxy import TcpProxy
+
+    proxy = TcpProxy((state.host, state.port))
+    await proxy.start()
+    try:
+        channel = federation_channel(dataclasses.replace(state, port=proxy.port))
+        await asyncio.wait_for(channel.channel_ready(), timeout=30)
+        await asyncio.sleep(0.2)  # let the settings acknowledgement through
+        await channel.close()
+        return proxy.bytes_up
+    finally:
+        await proxy.close()
+
+
 def _worker(spec: dict[str, Any]) -> list[dict[str, Any]]:
-    """Run some devices as asyncio tasks in this process; return one record per device."""
+    """Run some devices as asyncio tasks in this process, each through its own counting proxy; return one
+    record per device."""
     from agent.federation.client import FederationClient
     from agent.federation.retry import RetryPolicy
     from agent.federation.state import DeviceState
+    from bench.tcp_proxy import TcpProxy
     from protos.fedfer.v1 import common_pb2
 
     async def device(state_dir: str, index: int, drop: bool) -> dict[str, Any]:
@@ -92,24 +121,31 @@ def _worker(spec: dict[str, Any]) -> list[dict[str, Any]]:
 
         hooks = {"share_keys": hang} if drop else {"masked_input": uploaded}
         state = DeviceState.load(Path(state_dir))
+        proxy = TcpProxy((state.host, state.port))  # this device's wire: counts what it uploads
+        await proxy.start()
         client = FederationClient(
-            state=state,
+            state=dataclasses.replace(state, port=proxy.port),
             hooks=hooks,
             policy=RetryPolicy(attempts=20, max_s=2.0),
             poll_ms=10_000,
             rpc_timeout_s=300,
         )
-        async with client:
-            outcome = await client.join_round(update_fn, timeout_s=spec["timeout_s"], rounds_to_try=1)
-            record.update(
-                status=outcome.status,
-                version=outcome.model_version,
-                done_at=time.time(),
-                bytes_up=client.counter.total,
-                payload_up=client.counter.payload,
-                calls=client.counter.calls,
-                masked_deadline=client.stage_deadlines.get(common_pb2.STAGE_MASKED_INPUT, 0) / 1000,
-            )
+        try:
+            async with client:
+                outcome = await client.join_round(update_fn, timeout_s=spec["timeout_s"], rounds_to_try=1)
+                record.update(
+                    status=outcome.status,
+                    version=outcome.model_version,
+                    done_at=time.time(),
+                    wire_up=proxy.bytes_up,
+                    connections=proxy.connections,
+                    estimated_up=client.counter.total,
+                    payload_up=client.counter.payload,
+                    calls=client.counter.calls,
+                    masked_deadline=client.stage_deadlines.get(common_pb2.STAGE_MASKED_INPUT, 0) / 1000,
+                )
+        finally:
+            await proxy.close()
         return record
 
     async def main() -> list[dict[str, Any]]:
@@ -128,6 +164,7 @@ def _worker(spec: dict[str, Any]) -> list[dict[str, Any]]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run one round and return the measurements."""
     from agent.federation.enroll import enroll
+    from agent.federation.state import DeviceState
     from aggregator.config import RoundConfig, StageDeadlines, init_deployment
     from aggregator.enrollment import issue_token
     from aggregator.registry import ModelRegistry
@@ -193,6 +230,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 return list(await asyncio.gather(*(one(i) for i in range(n))))
 
             states = asyncio.run(enroll_all())
+            setup_up = asyncio.run(connection_setup_bytes(DeviceState.load(Path(states[0]))))
             cpu_before = _cpu_seconds(server.pid)
             procs = max(1, int(args.procs))
             specs = [
@@ -246,7 +284,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     wait = 0.0
     if dropped:  # the masked-input stage then closes at its deadline, announced to every device
         wait = max(0.0, max(r["masked_deadline"] for r in survivors) - last_upload)
-    bytes_up = statistics.median(r["bytes_up"] for r in survivors)
+    raw = 4 * dim
+    wire = [r["wire_up"] for r in survivors]
+    no_setup = [r["wire_up"] - r["connections"] * setup_up for r in survivors]
+    estimated = statistics.median(r["estimated_up"] for r in survivors)
     return result | {
         "neighbors": "complete" if args.complete else (args.neighbors or "default"),
         "procs": int(args.procs),
@@ -254,11 +295,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "deadline_wait_s": round(wait, 3),
         "round_s_excl_wait": round(round_s - wait, 3),
         "max_abs_error": error,
-        "bytes_up_per_client": int(bytes_up),
+        "bytes_up_per_client": int(statistics.median(wire)),
+        "bytes_up_per_client_max": int(max(wire)),
         "payload_up_per_client": int(statistics.median(r["payload_up"] for r in survivors)),
         "calls_per_client": int(statistics.median(r["calls"] for r in survivors)),
-        "raw_update_bytes": 4 * dim,
-        "wire_overhead": round(bytes_up / (4 * dim), 4),
+        "connections_per_client": int(statistics.median(r["connections"] for r in survivors)),
+        "connection_setup_bytes_up": setup_up,
+        "tls_handshake_included": True,
+        "raw_update_bytes": raw,
+        "wire_overhead": round(statistics.median(wire) / raw, 4),
+        "wire_overhead_max": round(max(wire) / raw, 4),
+        "wire_overhead_excl_handshake": round(statistics.median(no_setup) / raw, 4),
+        "wire_overhead_estimated": round(estimated / raw, 4),
         "server_cpu_s": round(cpu_after - cpu_before, 3),
         "published_version": published.version,
     }

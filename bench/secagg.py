@@ -33,7 +33,9 @@ _DROP_STAGES = ("advertise", "share", "masked", "consistency", "unmask", "mixed"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add this benchmark's options to its sub-command parser."""
     parser.add_argument("--clients", type=int, default=100, help="number of clients n")
-    parser.add_argument("--dim", type=int, default=208_582, help="update length (default: the size of v)")
+    parser.add_argument(
+        "--dim", type=int, default=208_582, help="update length (default: the paper's v; ours has 205,894)"
+    )
     parser.add_argument("--dropout", type=float, default=0.1, help="fraction of clients that drop out")
     parser.add_argument("--neighbors", type=int, default=None, help="graph degree (default: SecAgg+ default)")
     parser.add_argument("--complete", action="store_true", help="use the complete graph (classic SecAgg)")

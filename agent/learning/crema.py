@@ -16,16 +16,23 @@ from typing import Any
 import numpy as np
 
 from agent.learning.clips import ClipFaces, clip_features
-from agent.learning.data import CremaClip, crema_vote_labels, read_crema_demographics, scan_crema_clips
+from agent.learning.data import (
+    CremaClip,
+    SubjectSplit,
+    crema_vote_labels,
+    read_crema_demographics,
+    scan_crema_clips,
+    subject_split,
+)
 from agent.learning.dp import DPConfig, PrivacyBudget
 from agent.learning.errors import DatasetError
-from agent.learning.features import cached_arrays, content_key, state_digest
-from agent.learning.ifer import FaceNet
+from agent.learning.features import cached_arrays, content_key
+from agent.learning.ifer import FaceNet, restrict_probs
 from agent.learning.metrics import classification_report, subject_deltas
 from agent.learning.personalize import PersonalizeConfig, pad_clips, personalize, predict_clips
 from agent.models import CLASS_SETS, VideoModel, to_named_arrays
 
-__all__ = ["ClipData", "corpus_features", "fedavg_rounds", "personalize_subjects", "split_of"]
+__all__ = ["ClipData", "corpus_features", "corpus_split", "fedavg_rounds", "personalize_subjects", "split_of"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,10 +43,6 @@ class ClipData:
     label: int | None
     features: np.ndarray
     probs: np.ndarray
-
-
-def _net_key(net: FaceNet) -> str:
-    return state_digest({k: v.detach().cpu().numpy() for k, v in net.state_dict().items()})
 
 
 def corpus_features(
@@ -54,16 +57,19 @@ def corpus_features(
 ) -> list[ClipData]:
     """Features and IFER probabilities for every clip under ``root`` with at least one detected face.
 
-    Per-clip results are cached by (model weights, video bytes, fps). ``net`` must share the class set.
+    Per-clip results are cached by (model weights, video bytes, fps). IFER and v share the class set: an
+    IFER with more classes (7, with surprise) is restricted to the ``num_classes`` set
+    (:func:`~agent.learning.ifer.restrict_probs`).
 
     Raises:
-        DatasetError: tables/clips missing or IFER's classes differ from ``num_classes``.
+        DatasetError: tables/clips missing or IFER lacks some of the ``num_classes`` classes.
     """
-    if net.num_classes != num_classes:
-        raise DatasetError("IFER and v must share the class set")
+    classes = CLASS_SETS[num_classes]
+    if not set(classes) <= set(net.classes):
+        raise DatasetError("IFER and v must share the class set (IFER lacks some of v's classes)")
     clips = scan_crema_clips(root)
     labels = crema_vote_labels(clips.values(), modality=modality, num_classes=num_classes)
-    nk = _net_key(net)
+    nk = net.weights_digest()
     out: list[ClipData] = []
     with ClipFaces(detector_path=detector, fps=fps) as faces:
         for i, (name, clip) in enumerate(sorted(clips.items())):
@@ -78,7 +84,8 @@ def corpus_features(
 
             got = cached_arrays(key, compute, sub="clips")
             if len(got["f"]):
-                out.append(ClipData(clip, labels.get(name), got["f"].astype(np.float32), got["p"]))
+                probs = restrict_probs(got["p"], net.classes, classes)  # identity when IFER has v's classes
+                out.append(ClipData(clip, labels.get(name), got["f"].astype(np.float32), probs))
             if progress is not None:
                 progress(i + 1, len(clips))
     if not out:
@@ -106,8 +113,9 @@ def personalize_subjects(
     """Per subject: adapt v on the unlabelled half of their clips, score both v's on the labelled other half.
 
     Returns:
-        ``{"subjects": subject_deltas(...), "before": report, "after": report, "runs": [...]}`` where
-        the reports pool every subject's test half (the paper's Table 2 format).
+        ``{"actors": [...], "subjects": subject_deltas(...), "before": report, "after": report,
+        "runs": [...]}`` where ``actors`` are the subjects scored and the reports pool every subject's test
+        half (the paper's Table 2 format).
     """
     num_classes = v.num_classes
     classes = CLASS_SETS[num_classes]
@@ -165,6 +173,7 @@ def personalize_subjects(
     if not runs:
         raise DatasetError("no subject has both an adaptation half and a labelled test half")
     return {
+        "actors": [r["subject"] for r in runs],
         "subjects": subject_deltas(before, after),
         "before": classification_report(y_all, p_before, classes).as_dict(),
         "after": classification_report(y_all, p_after, classes).as_dict(),
@@ -172,11 +181,17 @@ def personalize_subjects(
     }
 
 
-def split_of(data: Sequence[ClipData], root: Path) -> dict[str, list[ClipData]]:
-    """Group labelled clips by the subject-disjoint, gender-balanced split (from VideoDemographics.csv)."""
-    from agent.learning.data import subject_split
+def corpus_split(root: Path) -> SubjectSplit:
+    """The subject-disjoint, gender-balanced actor split of the corpus at ``root`` (VideoDemographics.csv).
 
-    split = subject_split(read_crema_demographics(Path(root) / "VideoDemographics.csv"))
+    On the full corpus its test part holds the paper's 31 actors: the subjects Tables 2 and 6 score.
+    """
+    return subject_split(read_crema_demographics(Path(root) / "VideoDemographics.csv"))
+
+
+def split_of(data: Sequence[ClipData], root: Path) -> dict[str, list[ClipData]]:
+    """Group labelled clips by the subject-disjoint, gender-balanced split (:func:`corpus_split`)."""
+    split = corpus_split(root)
     out: dict[str, list[ClipData]] = {"train": [], "dev": [], "test": []}
     for c in data:
         if c.label is not None:

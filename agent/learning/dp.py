@@ -14,19 +14,19 @@ not cryptographically unpredictable; the user-level noise added to federated upd
 
 from __future__ import annotations
 
+import functools
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from agent.learning.errors import PrivacyBudgetExceededError
+from agent.learning.export import atomic_write
 from security.errors import ValidationError
 
-__all__ = ["DPConfig", "PrivacyBudget", "rdp_epsilon"]
+__all__ = ["DPConfig", "PrivacyBudget", "noise_for_target", "rdp_epsilon"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -60,15 +60,44 @@ class DPConfig:
             raise ValidationError("max_grad_norm must be positive")
 
 
-def rdp_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
-    """Cumulative epsilon of an Opacus RDP accountant history at ``delta`` (0.0 for no history)."""
-    if not history:
-        return 0.0
+@functools.lru_cache(maxsize=256)
+def _history_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) -> float:
     from opacus.accountants import RDPAccountant
 
     acc = RDPAccountant()
-    acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    acc.history = list(history)
     return float(acc.get_epsilon(delta=delta))
+
+
+def rdp_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
+    """Cumulative epsilon of an Opacus RDP accountant history at ``delta`` (0.0 for no history).
+
+    Memoized: the RDP of fractional orders is slow to evaluate (about half a second per history on this
+    CPU) and a run asks for the same history several times (budget check, report, record).
+    """
+    if not history:
+        return 0.0
+    return _history_epsilon(tuple((float(s), float(q), int(n)) for s, q, n in history), float(delta))
+
+
+@functools.lru_cache(maxsize=64)
+def noise_for_target(target_epsilon: float, delta: float, sample_rate: float, epochs: int) -> float:
+    """The noise multiplier Opacus' ``make_private_with_epsilon`` would choose (same search), memoized.
+
+    The search evaluates the accountant a dozen times; devices and benchmarks that personalize again with the
+    same settings and data size get the answer at once.
+    """
+    from opacus.accountants.utils import get_noise_multiplier
+
+    return float(
+        get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            epochs=epochs,
+            accountant="rdp",
+        )
+    )
 
 
 class PrivacyBudget:
@@ -98,10 +127,11 @@ class PrivacyBudget:
             data = json.loads(self.path.read_text(encoding="utf-8"))
             self.history = [(float(s), float(q), int(n)) for s, q, n in data["history"]]
             self.runs = list(data.get("runs", []))
-            if float(data["delta"]) != self.delta:
-                raise ValidationError("privacy budget file was kept at a different delta")
+            kept_at = float(data["delta"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ValidationError("privacy budget file is unreadable") from exc
+        if kept_at != self.delta:
+            raise ValidationError("privacy budget file was kept at a different delta")
 
     def spent(self) -> float:
         """Cumulative epsilon spent so far (RDP composition over every recorded step)."""
@@ -137,14 +167,7 @@ class PrivacyBudget:
             "runs": self.runs,
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(data, fh)
-            os.replace(tmp, self.path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_write(self.path, json.dumps(data).encode("utf-8"))
         return total
 
     def __repr__(self) -> str:

@@ -19,12 +19,13 @@ import numpy as np
 
 from agent.learning.errors import ModelFileError
 
-__all__ = ["load_exported", "save_exported"]
+__all__ = ["atomic_write", "load_exported", "save_exported"]
 
 _FORMAT = "fedfer-named-arrays/1"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -62,9 +63,9 @@ def save_exported(
         sha256=hashlib.sha256(blob).hexdigest(),
         parameters=int(sum(np.asarray(v).size for v in arrays.values())),
     )
-    _atomic_write(folder / f"{name}.npz", blob)
+    atomic_write(folder / f"{name}.npz", blob)
     manifest_path = folder / f"{name}.json"
-    _atomic_write(manifest_path, json.dumps(meta, indent=2, sort_keys=True).encode())
+    atomic_write(manifest_path, json.dumps(meta, indent=2, sort_keys=True).encode())
     return manifest_path
 
 

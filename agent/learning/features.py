@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from agent.learning.errors import DatasetError
+from agent.learning.export import atomic_write
 from agent.paths import cache_dir
 
 __all__ = ["cache_dir", "cached_arrays", "content_key", "files_digest", "state_digest"]
@@ -78,12 +77,5 @@ def cached_arrays(
     buf = io.BytesIO()
     savez: Any = np.savez  # numpy's stub cannot type **arrays
     savez(buf, **arrays)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(buf.getvalue())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, buf.getvalue())
     return arrays

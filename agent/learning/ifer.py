@@ -43,6 +43,7 @@ __all__ = [
     "load_backbone",
     "load_ifer",
     "prefix_activations",
+    "restrict_probs",
     "save_ifer",
     "train_ifer",
 ]
@@ -190,6 +191,24 @@ class FaceNet(nn.Module):
             return np.zeros((0, FEATURE_DIM), np.float32), np.zeros((0, self.num_classes), np.float32)
         return np.concatenate(feats).astype(np.float32), np.concatenate(probs).astype(np.float32)
 
+    def exported_arrays(self) -> dict[str, np.ndarray]:
+        """What ``g(f(x))`` is made of, as named arrays: f's blocks (``f.*``) and g (``g.*``).
+
+        MobileNetV2's ImageNet classifier is no part of f(x) and is left out, so two loads of one export give
+        the same arrays (the classifier is re-initialized at random on every load).
+        """
+        arrays = {
+            f"f.{k}": v.detach().cpu().numpy()
+            for k, v in self.backbone.state_dict().items()
+            if not k.startswith("classifier.")
+        }
+        arrays.update({f"g.{k}": v.detach().cpu().numpy() for k, v in self.head.state_dict().items()})
+        return arrays
+
+    def weights_digest(self) -> str:
+        """SHA-256 over :meth:`exported_arrays`: a cache key for anything computed with this model."""
+        return state_digest(self.exported_arrays())
+
     def identity(self) -> str:
         """Content key of the frozen prefix: its weights, input size, split and normalization."""
         prefix_state = {
@@ -205,6 +224,23 @@ class FaceNet(nn.Module):
             repr(self.normalization),
             str(self.tf_padding),
         )
+
+
+def restrict_probs(probs: np.ndarray, source: Sequence[str], target: Sequence[str]) -> np.ndarray:
+    """Probabilities over ``source`` classes restricted to the ``target`` classes and renormalized.
+
+    E.g. a 7-class IFER used where the 6-class set is needed (surprise dropped): the same treatment for our
+    model and the peer. Works on any leading shape ``(..., len(source))``.
+
+    Raises:
+        DatasetError: a target class is not among the source classes.
+    """
+    missing = [c for c in target if c not in source]
+    if missing:
+        raise DatasetError(f"classes {missing} are not among the model's classes")
+    cols = [list(source).index(c) for c in target]
+    p = np.asarray(probs)[..., cols]
+    return np.asarray(p / p.sum(axis=-1, keepdims=True), dtype=np.float32)
 
 
 def _load_images(items: Sequence[LabelledImage]) -> np.ndarray:
@@ -408,13 +444,7 @@ def evaluate_ifer(net: FaceNet, acts: np.ndarray, labels: np.ndarray) -> tuple[C
 
 def save_ifer(net: FaceNet, folder: Path, *, name: str = "ifer", extra: dict[str, Any] | None = None) -> Path:
     """Export f (all blocks) and g as named arrays plus a manifest; returns the manifest path."""
-    # f's ImageNet classifier is not part of f(x): leave it out of the export.
-    arrays = {
-        f"f.{k}": v.detach().cpu().numpy()
-        for k, v in net.backbone.state_dict().items()
-        if not k.startswith("classifier.")
-    }
-    arrays.update({f"g.{k}": v.detach().cpu().numpy() for k, v in net.head.state_dict().items()})
+    arrays = net.exported_arrays()
     manifest: dict[str, Any] = {
         "kind": "ifer",
         "classes": list(net.classes),

@@ -58,6 +58,31 @@ class ClassReport:
             "confusion": [list(r) for r in self.confusion],
         }
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ClassReport:
+        """Inverse of :meth:`as_dict` (e.g. a report read back from JSON).
+
+        Raises:
+            ValidationError: ``data`` is not such a report.
+        """
+        try:
+            classes = tuple(str(c) for c in data["classes"])
+            rows = [data["per_class"][c] for c in classes]
+            return cls(
+                classes=classes,
+                precision=tuple(float(r["precision"]) for r in rows),
+                recall=tuple(float(r["recall"]) for r in rows),
+                f1=tuple(float(r["f1"]) for r in rows),
+                support=tuple(int(r["support"]) for r in rows),
+                macro_precision=float(data["macro_precision"]),
+                macro_recall=float(data["macro_recall"]),
+                macro_f1=float(data["macro_f1"]),
+                micro_f1=float(data["micro_f1"]),
+                confusion=tuple(tuple(int(x) for x in row) for row in data["confusion"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValidationError("not a classification report") from exc
+
 
 def classification_report(
     y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarray, classes: Sequence[str]

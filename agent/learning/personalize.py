@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from agent.learning.dp import DPConfig, PrivacyBudget
+from agent.learning.dp import DPConfig, PrivacyBudget, noise_for_target, rdp_epsilon
 from agent.learning.errors import DatasetError
 from agent.models import FEATURE_DIM, VideoModel, from_named_arrays, to_named_arrays
 
@@ -188,24 +188,17 @@ def _train_dp(
         warnings.simplefilter("ignore", UserWarning)
         engine = PrivacyEngine(accountant="rdp", secure_mode=False)
         if dp.target_epsilon is not None:
-            module, optimizer, dl = engine.make_private_with_epsilon(
-                module=model,
-                optimizer=opt,
-                data_loader=loader,
-                target_epsilon=float(dp.target_epsilon),
-                target_delta=dp.delta,
-                epochs=config.epochs,
-                max_grad_norm=float(dp.max_grad_norm),
-            )
+            # make_private_with_epsilon's own calibration (sample rate 1 / batches), memoized.
+            sigma = noise_for_target(float(dp.target_epsilon), dp.delta, 1.0 / len(loader), config.epochs)
         else:
-            module, optimizer, dl = engine.make_private(
-                module=model,
-                optimizer=opt,
-                data_loader=loader,
-                noise_multiplier=float(dp.noise_multiplier or 0.0),
-                max_grad_norm=float(dp.max_grad_norm),
-            )
-    sigma = float(optimizer.noise_multiplier)
+            sigma = float(dp.noise_multiplier or 0.0)
+        module, optimizer, dl = engine.make_private(
+            module=model,
+            optimizer=opt,
+            data_loader=loader,
+            noise_multiplier=sigma,
+            max_grad_norm=float(dp.max_grad_norm),
+        )
     steps_per_epoch = len(dl)
     planned = [(sigma, 1.0 / steps_per_epoch, config.epochs * steps_per_epoch)]
     if budget is not None:
@@ -229,8 +222,8 @@ def _train_dp(
             seen += len(xb)
         losses.append(total / max(seen, 1))
     result.noise_multiplier = sigma
-    result.epsilon = float(engine.get_epsilon(dp.delta))
     history = [(float(s), float(q), int(n)) for s, q, n in engine.accountant.history]
+    result.epsilon = rdp_epsilon(history, dp.delta)
     if budget is not None:
         result.epsilon_total = budget.record(history, note="personalize")
     else:

@@ -9,7 +9,9 @@ race on are single statements guarded by database constraints, so exactly one ca
 * advancing a round (:meth:`Storage.update_round` is compare-and-set on :attr:`RoundRecord.version`),
 * recording the response to a request id (:meth:`Storage.record_response`),
 * storing one device's message for one stage (:meth:`Storage.put_round_message`),
-* publishing a model version (:meth:`Storage.put_model`).
+* publishing a model version (:meth:`Storage.put_model`), alone or together with the round that produced it
+  (:meth:`Storage.publish_round`, one transaction),
+* taking or renewing a named lease (:meth:`Storage.acquire_lease`): the leader election of the replicas.
 
 Times are timezone-aware UTC :class:`~datetime.datetime` values, stored with microsecond precision. The
 storage layer never reads the clock: callers pass ``now``.
@@ -20,7 +22,7 @@ from __future__ import annotations
 import abc
 import datetime as dt
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +33,7 @@ __all__ = [
     "ConflictError",
     "DeviceRecord",
     "JsonValue",
+    "LeaseRecord",
     "ModelRecord",
     "NotFoundError",
     "ResponseRecord",
@@ -202,6 +205,23 @@ class ModelRecord:
     created_at: dt.datetime
 
 
+@dataclass(frozen=True)
+class LeaseRecord:
+    """A named lease: which replica holds it and until when.
+
+    Attributes:
+        name: What the lease guards (for example ``coordinator/default``).
+        owner: Id of the replica holding it.
+        acquired_at: When this owner took it (renewals keep this time).
+        expires_at: The owner holds it until this instant unless it renews; after it anyone may take it.
+    """
+
+    name: str
+    owner: str
+    acquired_at: dt.datetime
+    expires_at: dt.datetime
+
+
 class Storage(abc.ABC):
     """Durable state of an aggregator deployment.
 
@@ -240,6 +260,15 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def get_token(self, token_hash: bytes) -> TokenRecord | None:
         """Return the token with this hash, or None."""
+
+    @abc.abstractmethod
+    def spend_token(self, token_hash: bytes, *, now: dt.datetime) -> bool:
+        """Mark an unused, unexpired token used without registering a device (a refused enrollment that must
+        not be tried again with the same token).
+
+        Returns:
+            True if the token was spent now, False if it was unknown, expired or already used.
+        """
 
     @abc.abstractmethod
     def delete_expired_tokens(self, *, now: dt.datetime) -> int:
@@ -331,6 +360,27 @@ class Storage(abc.ABC):
         """
 
     @abc.abstractmethod
+    def publish_round(
+        self,
+        round_id: int,
+        *,
+        expected_version: int,
+        now: dt.datetime,
+        model: ModelRecord,
+        participants: Sequence[str],
+    ) -> RoundRecord:
+        """In one transaction: store ``model`` as a new version and mark the round ``PUBLISHED`` with it.
+
+        Both happen or neither does, so a crash can never leave a published model whose round still looks
+        unfinished (which a resumed round would publish a second time).
+
+        Raises:
+            NotFoundError: No such round.
+            ConflictError: The round's version is not ``expected_version`` (someone else changed it), the
+                round is finished, or ``model.version`` already exists. Nothing is written.
+        """
+
+    @abc.abstractmethod
     def put_round_message(
         self, round_id: int, *, stage: RoundStatus, device_id: str, payload: bytes, now: dt.datetime
     ) -> bool:
@@ -345,8 +395,20 @@ class Storage(abc.ABC):
         """
 
     @abc.abstractmethod
-    def round_messages(self, round_id: int, *, stage: RoundStatus) -> dict[str, bytes]:
-        """Return ``{device_id: payload}`` of every message stored for one stage of a round."""
+    def round_messages(
+        self, round_id: int, *, stage: RoundStatus, device_ids: Collection[str] | None = None
+    ) -> dict[str, bytes]:
+        """Return ``{device_id: payload}`` of the messages stored for one stage of a round.
+
+        Args:
+            round_id: the round.
+            stage: the collecting stage.
+            device_ids: only these devices' messages (None: every device's).
+        """
+
+    @abc.abstractmethod
+    def round_message_senders(self, round_id: int, *, stage: RoundStatus) -> frozenset[str]:
+        """Return the ids of the devices that have a message stored for one stage of a round (no payloads)."""
 
     # -- idempotency --------------------------------------------------------------------------------------
 
@@ -369,6 +431,34 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def delete_responses_before(self, *, before: dt.datetime) -> int:
         """Forget idempotency records created before ``before``; return how many."""
+
+    # -- leases -------------------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def acquire_lease(self, name: str, *, owner: str, now: dt.datetime, ttl: dt.timedelta) -> LeaseRecord:
+        """Take the lease ``name`` for ``owner`` until ``now + ttl``, or renew it if ``owner`` holds it.
+
+        One statement decides: the lease changes hands only when nobody holds it or its holder's
+        ``expires_at`` is not after ``now``, so of racing callers exactly one gets a free or expired lease.
+
+        Returns:
+            The lease as stored afterwards; ``owner`` holds it exactly when ``record.owner == owner``.
+
+        Raises:
+            StorageError: ``ttl`` is not positive or a name/owner is not a short non-empty string.
+        """
+
+    @abc.abstractmethod
+    def release_lease(self, name: str, *, owner: str) -> bool:
+        """Give the lease up if ``owner`` holds it, so another replica can take it at once.
+
+        Returns:
+            True if ``owner`` held it and it was released.
+        """
+
+    @abc.abstractmethod
+    def get_lease(self, name: str) -> LeaseRecord | None:
+        """Return the lease ``name`` (expired or not), or None if nobody has taken it."""
 
     # -- model registry -----------------------------------------------------------------------------------
 

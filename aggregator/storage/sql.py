@@ -14,13 +14,14 @@ import contextlib
 import datetime as dt
 import json
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from aggregator.storage.base import (
     ConflictError,
     DeviceRecord,
     JsonValue,
+    LeaseRecord,
     ModelRecord,
     NotFoundError,
     ResponseRecord,
@@ -36,6 +37,7 @@ __all__ = ["SCHEMA_VERSION", "Cursor", "SqlStorage"]
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _TERMINAL = ("published", "aborted")
 _MAX_TEXT = 256
+_IN_BATCH = 500  # values per IN (...) list, well below every SQLite build's bound-parameter limit
 
 
 class Cursor(Protocol):
@@ -115,6 +117,14 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             digest TEXT NOT NULL,
             blob {blob} NOT NULL,
             created_at BIGINT NOT NULL
+        )""",
+    ),
+    (
+        """CREATE TABLE leases (
+            name TEXT PRIMARY KEY,
+            owner TEXT NOT NULL,
+            acquired_at BIGINT NOT NULL,
+            expires_at BIGINT NOT NULL
         )""",
     ),
 )
@@ -208,6 +218,86 @@ def _token(row: Sequence[Any]) -> TokenRecord:
         label=row[3],
         used_at=_opt_time(row[4]),
         device_id=row[5],
+    )
+
+
+def _model_row(model: object) -> tuple[Any, ...]:
+    """The ``models`` row of a :class:`ModelRecord`, validated."""
+    if not isinstance(model, ModelRecord):
+        raise StorageError("model must be a ModelRecord")
+    version = _int(model.version, "model version")
+    parent = None if model.parent is None else _int(model.parent, "parent version")
+    if type(model.manifest) is not str or type(model.digest) is not str:
+        raise StorageError("manifest and digest must be strings")
+    return (
+        version,
+        parent,
+        model.manifest,
+        model.digest,
+        _blob(model.blob, "blob"),
+        _to_db_time(model.created_at),
+    )
+
+
+def _round_change(
+    *,
+    now: dt.datetime,
+    status: RoundStatus | None = None,
+    state: bytes | None = None,
+    participants: Sequence[str] | None = None,
+    model_version: int | None = None,
+) -> tuple[list[str], list[Any]]:
+    """The ``SET`` clauses and values of one round update (every update bumps the version)."""
+    sets = ["version = version + 1", "updated_at = ?"]
+    values: list[Any] = [_to_db_time(now)]
+    if status is not None:
+        if not isinstance(status, RoundStatus):
+            raise StorageError("status must be a RoundStatus")
+        sets.append("status = ?")
+        values.append(status.value)
+        if status.terminal:
+            sets.append("finished_at = ?")
+            values.append(_to_db_time(now))
+    if state is not None:
+        sets.append("state = ?")
+        values.append(_blob(state, "state"))
+    if participants is not None:
+        if isinstance(participants, str):
+            raise StorageError("participants must be a sequence of device ids")
+        ids = sorted({_text(p, "participant") for p in participants})
+        sets.append("participants = ?")
+        values.append(json.dumps(ids))
+    if model_version is not None:
+        sets.append("model_version = ?")
+        values.append(_int(model_version, "model version"))
+    return sets, values
+
+
+def _update_round_in(
+    cur: Cursor, round_id: int, expected_version: int, change: tuple[list[str], list[Any]]
+) -> RoundRecord:
+    """Apply a compare-and-set round update inside the caller's transaction (raising rolls it back)."""
+    _int(round_id, "round id")
+    _int(expected_version, "expected version")
+    sets, values = change
+    cur.execute(
+        f"UPDATE rounds SET {', '.join(sets)} "
+        "WHERE round_id = ? AND version = ? AND status NOT IN ('published', 'aborted')",
+        [*values, round_id, expected_version],
+    )
+    updated = cur.rowcount == 1
+    cur.execute(f"SELECT {_ROUND_COLUMNS} FROM rounds WHERE round_id = ?", (round_id,))
+    row = cur.fetchone()
+    if row is None:
+        raise NotFoundError("no such round")
+    if not updated:
+        raise ConflictError("round changed concurrently or is finished")
+    return _round(row)
+
+
+def _lease(row: Sequence[Any]) -> LeaseRecord:
+    return LeaseRecord(
+        name=row[0], owner=row[1], acquired_at=_from_db_time(row[2]), expires_at=_from_db_time(row[3])
     )
 
 
@@ -314,6 +404,16 @@ class SqlStorage(Storage):
             )
             row = cur.fetchone()
         return None if row is None else _token(row)
+
+    def spend_token(self, token_hash: bytes, *, now: dt.datetime) -> bool:
+        """Mark an unused, unexpired token used without registering a device."""
+        ts = _to_db_time(now)
+        with self._tx() as cur:
+            cur.execute(
+                "UPDATE tokens SET used_at = ? WHERE token_hash = ? AND used_at IS NULL AND expires_at > ?",
+                (ts, _blob(token_hash, "token hash"), ts),
+            )
+            return int(cur.rowcount) == 1
 
     def delete_expired_tokens(self, *, now: dt.datetime) -> int:
         """Delete unused tokens that expired before ``now``; return how many were deleted."""
@@ -464,45 +564,38 @@ class SqlStorage(Storage):
         model_version: int | None = None,
     ) -> RoundRecord:
         """Compare-and-set: change the round only if its version is still ``expected_version``."""
-        _int(round_id, "round id")
-        _int(expected_version, "expected version")
-        sets = ["version = version + 1", "updated_at = ?"]
-        values: list[Any] = [_to_db_time(now)]
-        if status is not None:
-            if not isinstance(status, RoundStatus):
-                raise StorageError("status must be a RoundStatus")
-            sets.append("status = ?")
-            values.append(status.value)
-            if status.terminal:
-                sets.append("finished_at = ?")
-                values.append(_to_db_time(now))
-        if state is not None:
-            sets.append("state = ?")
-            values.append(_blob(state, "state"))
-        if participants is not None:
-            if isinstance(participants, str):
-                raise StorageError("participants must be a sequence of device ids")
-            ids = sorted({_text(p, "participant") for p in participants})
-            sets.append("participants = ?")
-            values.append(json.dumps(ids))
-        if model_version is not None:
-            sets.append("model_version = ?")
-            values.append(_int(model_version, "model version"))
-        values.extend([round_id, expected_version])
+        change = _round_change(
+            now=now, status=status, state=state, participants=participants, model_version=model_version
+        )
         with self._tx() as cur:
-            cur.execute(
-                f"UPDATE rounds SET {', '.join(sets)} "
-                "WHERE round_id = ? AND version = ? AND status NOT IN ('published', 'aborted')",
-                values,
-            )
-            updated = cur.rowcount == 1
-            cur.execute(f"SELECT {_ROUND_COLUMNS} FROM rounds WHERE round_id = ?", (round_id,))
-            row = cur.fetchone()
-        if row is None:
-            raise NotFoundError("no such round")
-        if not updated:
-            raise ConflictError("round changed concurrently or is finished")
-        return _round(row)
+            return _update_round_in(cur, round_id, expected_version, change)
+
+    def publish_round(
+        self,
+        round_id: int,
+        *,
+        expected_version: int,
+        now: dt.datetime,
+        model: ModelRecord,
+        participants: Sequence[str],
+    ) -> RoundRecord:
+        """In one transaction: store ``model`` as a new version and mark the round ``PUBLISHED`` with it."""
+        row = _model_row(model)
+        change = _round_change(
+            now=now, status=RoundStatus.PUBLISHED, participants=participants, model_version=model.version
+        )
+        try:
+            with self._tx() as cur:
+                cur.execute(
+                    "INSERT INTO models (version, parent, manifest, digest, blob, created_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    row,
+                )
+                return _update_round_in(cur, round_id, expected_version, change)
+        except Exception as exc:
+            if self._is_integrity_error(exc):
+                raise ConflictError("model version already exists") from None
+            raise
 
     def put_round_message(
         self, round_id: int, *, stage: RoundStatus, device_id: str, payload: bytes, now: dt.datetime
@@ -534,17 +627,46 @@ class SqlStorage(Storage):
             raise ConflictError("a different message is already stored for this device and stage")
         return False
 
-    def round_messages(self, round_id: int, *, stage: RoundStatus) -> dict[str, bytes]:
-        """Return ``{device_id: payload}`` of every message stored for one stage of a round."""
+    def round_messages(
+        self, round_id: int, *, stage: RoundStatus, device_ids: Collection[str] | None = None
+    ) -> dict[str, bytes]:
+        """Return ``{device_id: payload}`` of the messages stored for one stage of a round."""
+        if not isinstance(stage, RoundStatus):
+            raise StorageError("stage must be a RoundStatus")
+        key = (_int(round_id, "round id"), stage.value)
+        if device_ids is None:
+            with self._tx(write=False) as cur:
+                cur.execute(
+                    "SELECT device_id, payload FROM round_messages WHERE round_id = ? AND stage = ? "
+                    "ORDER BY device_id",
+                    key,
+                )
+                return {r[0]: bytes(r[1]) for r in cur.fetchall()}
+        if isinstance(device_ids, str):
+            raise StorageError("device_ids must be a collection of device ids")
+        wanted = sorted({_text(d, "device id") for d in device_ids})
+        found: dict[str, bytes] = {}
+        with self._tx(write=False) as cur:
+            for start in range(0, len(wanted), _IN_BATCH):
+                batch = wanted[start : start + _IN_BATCH]
+                cur.execute(
+                    "SELECT device_id, payload FROM round_messages WHERE round_id = ? AND stage = ? "
+                    f"AND device_id IN ({', '.join('?' * len(batch))}) ORDER BY device_id",
+                    (*key, *batch),
+                )
+                found.update((r[0], bytes(r[1])) for r in cur.fetchall())
+        return found
+
+    def round_message_senders(self, round_id: int, *, stage: RoundStatus) -> frozenset[str]:
+        """Return the ids of the devices that have a message stored for one stage of a round."""
         if not isinstance(stage, RoundStatus):
             raise StorageError("stage must be a RoundStatus")
         with self._tx(write=False) as cur:
             cur.execute(
-                "SELECT device_id, payload FROM round_messages WHERE round_id = ? AND stage = ? "
-                "ORDER BY device_id",
+                "SELECT device_id FROM round_messages WHERE round_id = ? AND stage = ?",
                 (_int(round_id, "round id"), stage.value),
             )
-            return {r[0]: bytes(r[1]) for r in cur.fetchall()}
+            return frozenset(r[0] for r in cur.fetchall())
 
     # -- idempotency --------------------------------------------------------------------------------------
 
@@ -603,32 +725,61 @@ class SqlStorage(Storage):
             cur.execute("DELETE FROM responses WHERE created_at < ?", (_to_db_time(before),))
             return int(cur.rowcount)
 
+    # -- leases -------------------------------------------------------------------------------------------
+
+    def acquire_lease(self, name: str, *, owner: str, now: dt.datetime, ttl: dt.timedelta) -> LeaseRecord:
+        """Take the lease ``name`` for ``owner`` until ``now + ttl``, or renew it if ``owner`` holds it."""
+        if not isinstance(ttl, dt.timedelta) or ttl <= dt.timedelta(0):
+            raise StorageError("lease ttl must be a positive timedelta")
+        key = _text(name, "lease name")
+        start = _to_db_time(now)
+        with self._tx() as cur:
+            # The upsert's WHERE is evaluated against the row as it is when the statement runs, so the
+            # holder changes only if it is the caller or its lease has expired: no read-then-write race.
+            cur.execute(
+                "INSERT INTO leases (name, owner, acquired_at, expires_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, "
+                "acquired_at = CASE WHEN leases.owner = excluded.owner THEN leases.acquired_at "
+                "ELSE excluded.acquired_at END, expires_at = excluded.expires_at "
+                "WHERE leases.owner = excluded.owner OR leases.expires_at <= excluded.acquired_at",
+                (key, _text(owner, "lease owner"), start, _to_db_time(now + ttl)),
+            )
+            cur.execute("SELECT name, owner, acquired_at, expires_at FROM leases WHERE name = ?", (key,))
+            return _lease(cur.fetchone())
+
+    def release_lease(self, name: str, *, owner: str) -> bool:
+        """Give the lease up if ``owner`` holds it."""
+        with self._tx() as cur:
+            cur.execute(
+                "DELETE FROM leases WHERE name = ? AND owner = ?",
+                (_text(name, "lease name"), _text(owner, "lease owner")),
+            )
+            return int(cur.rowcount) == 1
+
+    def get_lease(self, name: str) -> LeaseRecord | None:
+        """Return the lease ``name``, or None if nobody has taken it."""
+        with self._tx(write=False) as cur:
+            cur.execute(
+                "SELECT name, owner, acquired_at, expires_at FROM leases WHERE name = ?",
+                (_text(name, "lease name"),),
+            )
+            row = cur.fetchone()
+        return None if row is None else _lease(row)
+
     # -- models -------------------------------------------------------------------------------------------
 
     def put_model(self, model: ModelRecord) -> bool:
         """Store a model version, first write wins."""
-        if not isinstance(model, ModelRecord):
-            raise StorageError("model must be a ModelRecord")
-        version = _int(model.version, "model version")
-        parent = None if model.parent is None else _int(model.parent, "parent version")
-        if type(model.manifest) is not str or type(model.digest) is not str:
-            raise StorageError("manifest and digest must be strings")
+        row = _model_row(model)
         with self._tx() as cur:
             cur.execute(
                 "INSERT INTO models (version, parent, manifest, digest, blob, created_at) "
                 "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (version) DO NOTHING",
-                (
-                    version,
-                    parent,
-                    model.manifest,
-                    model.digest,
-                    _blob(model.blob, "blob"),
-                    _to_db_time(model.created_at),
-                ),
+                row,
             )
             if cur.rowcount == 1:
                 return True
-            cur.execute("SELECT digest FROM models WHERE version = ?", (version,))
+            cur.execute("SELECT digest FROM models WHERE version = ?", (row[0],))
             existing = cur.fetchone()[0]
         if existing != model.digest:
             raise ConflictError("model version already exists with different content")

@@ -12,7 +12,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from agent.config import apply_path_overrides, parse_config
 from agent.control import ControlClient, ControlError
+from agent.records import FrameRecord
+from agent.service import open_cache
 
 FAST_DAEMON = """
 [daemon]
@@ -142,3 +147,31 @@ def wait_gone(pid: int, timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def fill_cache(config_text: str, state_dir: Path, *, sessions: int, frames: int = 5) -> None:
+    """Cached sessions whose IFER probabilities lean to class ``n % 3`` (random features: for plumbing).
+
+    Written through the real encrypted cache of the agent configured by ``config_text`` at ``state_dir``.
+    """
+    config = apply_path_overrides(parse_config(config_text), {"FEDFER_STATE_DIR": str(state_dir)})
+    cache = open_cache(config)
+    try:
+        for n in range(sessions):
+            label = n % 3
+            probs = np.full(6, 0.04, np.float32)
+            probs[label] = 0.8
+            sid = cache.begin_session()
+            for i in range(frames):
+                noise = np.frombuffer(os.urandom(2560), dtype=np.uint16).astype(np.float32) / 65535.0
+                record = FrameRecord(
+                    timestamp=i * 0.1,
+                    feature=(noise + label).astype(np.float16),
+                    ifer_probs=probs,
+                    box=(0, 0, 9, 9),
+                    score=0.9,
+                )
+                cache.append(sid, record)
+            cache.end_session(sid)
+    finally:
+        cache.close()

@@ -1,4 +1,7 @@
-"""The encrypted feature cache: round trip, integrity (tamper, truncate, swap, move, rollback), keys."""
+"""The encrypted feature cache: round trip, integrity (tamper, cut, swap, move, replay, seal state), keys.
+
+Whole-index rollbacks are in test_cache_rollback.py.
+"""
 
 from __future__ import annotations
 
@@ -239,7 +242,7 @@ def test_record_moved_between_sessions_or_caches_is_detected(tmp_path: Path) -> 
         assert b.recover_session(t1).failed == (2,)
 
 
-def test_rollback_to_an_older_valid_ciphertext_is_detected(cache: FeatureCache) -> None:
+def test_replay_of_a_valid_ciphertext_at_another_position_is_detected(cache: FeatureCache) -> None:
     sid = cache.begin_session()
     cache.append_batch(sid, make_records(8))
     db = raw_db(cache)
@@ -294,6 +297,110 @@ def test_missing_records_and_cut_seal_are_detected(cache: FeatureCache) -> None:
     cache.append_batch(s2, make_records(3))
     db.execute("UPDATE records SET kind = 2 WHERE sid = ? AND seq = 2", (sid_of(db, s2),))
     assert cache.recover_session(s2).failed == (2,)
+
+
+def test_truncating_a_sealed_session_and_unsealing_its_index_entry_is_detected(cache: FeatureCache) -> None:
+    # The reproduced attack: seal a 6-frame session, delete records 3+ and the seal, then make the index
+    # say "open, 3 frames". The data key was re-wrapped as sealed, so the index cannot take that back.
+    records = make_records(6)
+    sid = cache.begin_session()
+    cache.append_batch(sid, records)
+    cache.end_session(sid)
+    db = raw_db(cache)
+    db.execute("DELETE FROM records WHERE sid = ? AND seq >= 3", (sid_of(db, sid),))
+    db.execute("UPDATE sessions SET sealed = 0, frames = 3 WHERE sid = ?", (sid_of(db, sid),))
+    fresh = FeatureCache(cache.directory)
+    for reader in (cache, fresh):  # with the data key cached in memory, and without
+        with pytest.raises(RecordIntegrityError) as info:
+            reader.read_session(sid)
+        assert info.value.position == 3
+        contents = reader.recover_session(sid)
+        assert contents.failed == (3,) and not contents.complete
+        assert [p for p, _ in contents.records] == [0, 1, 2]  # what is left stays readable
+        assert all(same(r, records[p]) for p, r in contents.records)
+        # Nothing can be appended to (or re-sealed into) the cut session.
+        with pytest.raises(IntegrityError, match="does not match its data key"):
+            reader.append(sid, records[3])
+        with pytest.raises(IntegrityError, match="does not match its data key"):
+            reader.end_session(sid)
+        assert len(reader.recover_session(sid).records) == 3
+    fresh.close()
+    # The same cut with the index still saying "sealed": the missing seal is reported.
+    db.execute("UPDATE sessions SET sealed = 1 WHERE sid = ?", (sid_of(db, sid),))
+    assert cache.recover_session(sid).failed == (3,)
+
+
+def test_flipping_the_seal_flag_either_way_is_detected(cache: FeatureCache) -> None:
+    open_sid, sealed_sid = cache.begin_session(), cache.begin_session()
+    cache.append_batch(open_sid, make_records(4))
+    cache.append_batch(sealed_sid, make_records(4))
+    cache.end_session(sealed_sid)
+    db = raw_db(cache)
+    # An open session marked sealed (nothing cut): it is reported, at the position a seal would have.
+    db.execute("UPDATE sessions SET sealed = 1 WHERE public_id = ?", (open_sid,))
+    contents = cache.recover_session(open_sid)
+    assert contents.failed == (4,) and len(contents.records) == 4 and not contents.complete
+    # A sealed session marked open with everything still there: reported at its (intact) seal.
+    db.execute("UPDATE sessions SET sealed = 0 WHERE public_id = ?", (sealed_sid,))
+    contents = cache.recover_session(sealed_sid)
+    assert contents.failed == (4,) and len(contents.records) == 4 and not contents.complete
+    with pytest.raises(RecordIntegrityError):
+        cache.read_session(sealed_sid)
+    # Putting the flags back makes both sessions whole again: nothing was lost.
+    db.execute("UPDATE sessions SET sealed = 0 WHERE public_id = ?", (open_sid,))
+    db.execute("UPDATE sessions SET sealed = 1 WHERE public_id = ?", (sealed_sid,))
+    assert cache.recover_session(open_sid).failed == ()
+    assert cache.recover_session(sealed_sid).complete
+
+
+def test_pre_seal_wrapped_key_put_back_is_refused(cache: FeatureCache) -> None:
+    # The attacker keeps the 61 bytes of the open session's wrapped key, lets it be sealed, then cuts the
+    # tail and puts the old key back: sealing rotated the KEK, so the old wrapped key opens under nothing.
+    sid = cache.begin_session()
+    cache.append_batch(sid, make_records(6))
+    db = raw_db(cache)
+    (open_key,) = db.execute("SELECT wrapped_dek FROM sessions WHERE public_id = ?", (sid,)).fetchone()
+    cache.end_session(sid)
+    db.execute("DELETE FROM records WHERE sid = ? AND seq >= 3", (sid_of(db, sid),))
+    db.execute(
+        "UPDATE sessions SET sealed = 0, frames = 3, wrapped_dek = ? WHERE public_id = ?", (open_key, sid)
+    )
+    with FeatureCache(cache.directory) as fresh:
+        with pytest.raises(IntegrityError, match="data key of session"):
+            fresh.read_session(sid)
+        with pytest.raises(IntegrityError, match="data key of session"):
+            fresh.recover_session(sid)
+
+
+def test_format_1_index_is_migrated_with_its_sealed_sessions(tmp_path: Path) -> None:
+    directory = tmp_path / "c"
+    records = make_records(5)
+    with FeatureCache(directory) as c:
+        sealed, still_open = c.begin_session(), c.begin_session()
+        c.append_batch(sealed, records)
+        c.append_batch(still_open, records[:2])
+        c.end_session(sealed)
+    # Rewrite the index as format 1 wrote it: every data key bound to the session id alone.
+    (kek,) = FileKeyStore(directory / KEY_FILE_NAME).load()
+    db = sqlite3.connect(directory / DB_NAME, isolation_level=None)
+    (cache_id,) = db.execute("SELECT value FROM meta WHERE name = 'cache_id'").fetchone()
+    (wrapped,) = db.execute("SELECT wrapped_dek FROM sessions WHERE public_id = ?", (sealed,)).fetchone()
+    dek = kek.unwrap_data_key(wrapped, cache_id=cache_id, session_id=(sealed + "/sealed").encode())
+    legacy = kek.wrap_data_key(dek, cache_id=cache_id, session_id=sealed.encode())
+    db.execute("UPDATE sessions SET wrapped_dek = ? WHERE public_id = ?", (legacy, sealed))
+    db.execute("UPDATE meta SET value = ? WHERE name = 'schema'", (b"1",))
+    db.close()
+    with FeatureCache(directory) as c:
+        assert c.recover_session(sealed).complete
+        assert all(same(a, b) for a, b in zip(c.read_session(sealed), records, strict=True))
+        assert len(c.read_session(still_open)) == 2
+    db = sqlite3.connect(directory / DB_NAME)
+    assert db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone() == (b"2",)
+    db.execute("UPDATE meta SET value = ? WHERE name = 'schema'", (b"9",))
+    db.commit()
+    db.close()
+    with pytest.raises(CacheError, match="unsupported cache format"):
+        FeatureCache(directory)
 
 
 # -- keys ------------------------------------------------------------------------------------------------

@@ -36,8 +36,8 @@ WRITER = textwrap.dedent(
     """
 )
 
-# The child churns sessions: begin, append, and (with "forget") forget every other one, which rotates the
-# KEK; it prints each session it keeps.
+# The child churns sessions: begin, append, and (with "forget") forget every other one, or (with "seal")
+# seal every one, both of which rotate the KEK; it prints each session it keeps.
 CHURN = textwrap.dedent(
     """
     import sys
@@ -52,6 +52,8 @@ CHURN = textwrap.dedent(
         if i % 2 and sys.argv[2] == "forget":
             cache.forget(sid)
         else:
+            if sys.argv[2] == "seal":
+                cache.end_session(sid)
             print(sid, flush=True)
         i += 1
     """
@@ -104,15 +106,19 @@ def test_sigkill_mid_append_loses_at_most_the_batch_in_flight(tmp_path: Path, ba
         assert len(cache.read_session(sid)) == stored + 2
 
 
-def test_sigkill_during_forget_and_rotation_leaves_an_openable_cache(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["forget", "seal"])
+def test_sigkill_during_forget_or_seal_leaves_an_openable_cache(tmp_path: Path, mode: str) -> None:
     directory = tmp_path / "cache"
-    kept = run_and_kill(CHURN, [str(directory), "forget"], after_lines=6)
+    kept = run_and_kill(CHURN, [str(directory), mode], after_lines=6)
     with FeatureCache(directory) as cache:
         infos = cache.sessions()
         assert set(kept) <= {info.session_id for info in infos}
         for info in infos:
             # Every surviving session opens under whichever KEK the database committed to.
-            assert cache.recover_session(info.session_id).failed == ()
+            contents = cache.recover_session(info.session_id)
+            assert contents.failed == ()
+            if mode == "seal" and info.session_id in kept:  # reported after its seal committed
+                assert contents.complete and len(contents.records) == 4
         fresh = cache.begin_session()
         cache.append_batch(fresh, make_records(1))
         cache.forget(fresh)

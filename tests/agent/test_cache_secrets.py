@@ -39,7 +39,8 @@ def test_no_secret_in_logs_reprs_or_errors(tmp_path: Path, caplog: pytest.LogCap
     cache = FeatureCache(directory)
     sid = cache.begin_session()
     cache.append_batch(sid, records)
-    cache.end_session(sid)
+    pre_seal_kek = FileKeyStore(directory / KEY_FILE_NAME).load()[0]
+    cache.end_session(sid)  # rotates the KEK: the pre-seal one must not be logged either
     contents = cache.recover_session(sid)
     kek = FileKeyStore(directory / KEY_FILE_NAME).load()[0]
     conn = sqlite3.connect(cache.database_path)
@@ -47,8 +48,9 @@ def test_no_secret_in_logs_reprs_or_errors(tmp_path: Path, caplog: pytest.LogCap
     (wrapped,) = conn.execute("SELECT wrapped_dek FROM sessions").fetchone()
     conn.execute("UPDATE records SET blob = substr(blob, 1, 40) WHERE seq = 1")
     conn.commit()
-    dek = kek.unwrap_data_key(bytes(wrapped), cache_id=bytes(cache_id), session_id=sid.encode())
-    secrets = [kek.dangerously_export_plaintext(), dek._material]
+    # A sealed session's data key is bound to its id and "sealed".
+    dek = kek.unwrap_data_key(bytes(wrapped), cache_id=bytes(cache_id), session_id=(sid + "/sealed").encode())
+    secrets = [kek.dangerously_export_plaintext(), dek._material, pre_seal_kek.dangerously_export_plaintext()]
 
     shown = (cache, kek, dek, contents, *records, *cache.sessions(), cache.session_info(sid))
     texts += [repr(x) for x in shown]

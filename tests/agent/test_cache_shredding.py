@@ -58,10 +58,11 @@ def cannot_decrypt(
     keks: list[KeyEncryptionKey],
     wrapped_keys: list[tuple[str, bytes]],
 ) -> bool:
-    """True when no KEK and no wrapped key at hand opens any of the ciphertexts, under any binding."""
+    """True when no KEK and no wrapped key at hand opens any of the ciphertexts, under any binding
+    (the wrapped key's owner or the session, each open or sealed)."""
     for kek in keks:
         for owner, wrapped in wrapped_keys:
-            for claimed in {owner, session_id}:
+            for claimed in {owner, session_id, owner + "/sealed", session_id + "/sealed"}:
                 try:
                     dek = kek.unwrap_data_key(wrapped, cache_id=cache_id, session_id=claimed.encode())
                 except IntegrityError:

@@ -11,6 +11,7 @@ import pytest
 from agent.learning.errors import ModelFileError
 from agent.learning.export import load_exported, save_exported
 from agent.learning.metrics import (
+    ClassReport,
     classification_report,
     format_report,
     format_subject_deltas,
@@ -36,6 +37,10 @@ def test_report_matches_hand_computed_scores() -> None:
     text = format_report(rep, title="toy")
     assert "macro" in text and "micro" in text and "66.7" in text
     assert rep.as_dict()["per_class"]["a"]["f1"] == pytest.approx(0.8)
+    # A report read back from JSON is the same report (the CLI prints tables from its JSON result).
+    assert ClassReport.from_dict(json.loads(json.dumps(rep.as_dict()))) == rep
+    with pytest.raises(ValidationError, match="not a classification report"):
+        ClassReport.from_dict({"classes": ["a"]})
     with pytest.raises(ValidationError):
         classification_report([0, 3], [0, 1], ("a", "b"))
     with pytest.raises(ValidationError):

@@ -144,3 +144,37 @@ def test_config_validation() -> None:
         DPConfig(target_epsilon=8.0, noise_multiplier=1.0)
     with pytest.raises(ValidationError):
         DPConfig(target_epsilon=-1.0)
+
+
+def test_target_epsilon_calibration_is_opacus_own_and_memoized() -> None:
+    import warnings
+
+    import torch
+    from opacus import PrivacyEngine
+    from opacus.accountants import RDPAccountant
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from agent.learning.dp import noise_for_target, rdp_epsilon
+
+    loader = DataLoader(TensorDataset(torch.zeros(40, 3), torch.zeros(40, dtype=torch.long)), batch_size=8)
+    model = torch.nn.Linear(3, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, optimizer, _ = PrivacyEngine(accountant="rdp").make_private_with_epsilon(
+            module=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=loader,
+            target_epsilon=3.0,
+            target_delta=1e-5,
+            epochs=2,
+            max_grad_norm=1.0,
+        )
+    sigma = noise_for_target(3.0, 1e-5, 1.0 / len(loader), 2)
+    assert sigma == pytest.approx(optimizer.noise_multiplier)  # the same choice as make_private_with_epsilon
+    ref = RDPAccountant()
+    ref.history = [(sigma, 1.0 / len(loader), 2 * len(loader))]
+    assert 3.0 - 0.011 <= ref.get_epsilon(delta=1e-5) <= 3.0
+    assert rdp_epsilon(ref.history, 1e-5) == pytest.approx(ref.get_epsilon(delta=1e-5))
+    hits = noise_for_target.cache_info().hits
+    assert noise_for_target(3.0, 1e-5, 1.0 / len(loader), 2) == sigma
+    assert noise_for_target.cache_info().hits == hits + 1  # memoized: no second search

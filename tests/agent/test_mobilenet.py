@@ -217,3 +217,39 @@ def test_corrupt_cache_entry_is_rebuilt(tmp_path: Path, assets: Path) -> None:
     assert torch.equal(again.state_dict["classifier.1.weight"], first.state_dict["classifier.1.weight"])
     assert again.activation_quantization == first.activation_quantization
     assert entry.stat().st_size > 1_000_000
+
+
+def test_converted_cache_entry_is_trusted_only_with_its_digest(
+    tmp_path: Path, assets: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agent.weights import sha256_file
+
+    cache = tmp_path / "cache"
+    genuine = load_converted(assets / vs.TFLITE, cache_dir=cache)
+    (entry,) = cache.glob("*.pt")
+    sidecar = entry.with_name(entry.name + ".sha256")
+    assert sidecar.read_text().strip() == sha256_file(entry)
+    assert sorted(p.name for p in cache.iterdir()) == sorted([entry.name, sidecar.name])  # no temporaries
+    # A well-formed entry with other weights put in its place (a valid torch file, by name only): the
+    # sidecar does not match, so it is converted again instead of being loaded.
+    forged = {k: v.clone() for k, v in genuine.state_dict.items()}
+    forged["classifier.1.weight"] = torch.zeros_like(forged["classifier.1.weight"])
+    blob = torch.load(entry, weights_only=True)
+    blob["state_dict"] = forged
+    torch.save(blob, entry)
+    again = load_converted(assets / vs.TFLITE, cache_dir=cache)
+    assert torch.equal(again.state_dict["classifier.1.weight"], genuine.state_dict["classifier.1.weight"])
+    assert sidecar.read_text().strip() == sha256_file(entry)
+    # A missing sidecar (e.g. a crash between the two writes) also means "convert again".
+    sidecar.unlink()
+    load_converted(assets / vs.TFLITE, cache_dir=cache)
+    assert sidecar.read_text().strip() == sha256_file(entry)
+    # A verified entry is used without converting (the interpreter is not needed on the device).
+    import agent.tflite_convert as tc
+
+    def no_conversion(path: object) -> None:
+        raise AssertionError("converted although a verified entry exists")
+
+    monkeypatch.setattr(tc, "convert_tflite", no_conversion)
+    cached = load_converted(assets / vs.TFLITE, cache_dir=cache)
+    assert torch.equal(cached.state_dict["classifier.1.weight"], genuine.state_dict["classifier.1.weight"])

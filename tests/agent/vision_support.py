@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import http.server
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -69,3 +71,26 @@ def one_torch_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+class _QuietServer(http.server.ThreadingHTTPServer):
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass  # a client that stops reading early (the size-limit test) is expected here
+
+
+@contextlib.contextmanager
+def http_folder(root: Path) -> Iterator[str]:
+    """Serve ``root`` over HTTP on 127.0.0.1 (real sockets, a stand-in for the web); yields the base URL."""
+    server = _QuietServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -12,7 +12,6 @@ import pytest
 
 from aggregator.enrollment import (
     AuthenticationError,
-    DeviceExistsError,
     EnrollmentResult,
     EnrollmentService,
     TokenRejectedError,
@@ -122,18 +121,33 @@ def test_expired_unknown_and_malformed_tokens_are_refused(
         service.create_token(ttl=-DAY)
 
 
-def test_refused_requests_leave_the_token_usable(service: EnrollmentService, store: Storage) -> None:
-    service.enroll(token=service.create_token().token, csr_pem=csr("dev-1")[0])
+def test_malformed_requests_leave_the_token_usable(service: EnrollmentService, store: Storage) -> None:
     token = service.create_token().token
     with pytest.raises(ValidationError):
         service.enroll(token=token, csr_pem=b"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n")
     good, _ = csr("dev-2")
     with pytest.raises(IntegrityError):
         service.enroll(token=token, csr_pem=flip_last_signature_byte(good))
-    with pytest.raises(DeviceExistsError):
-        service.enroll(token=token, csr_pem=csr("dev-1")[0])
     result = service.enroll(token=token, csr_pem=good)
     assert result.device.device_id == "dev-2"
+
+
+def test_a_taken_device_id_is_refused_like_a_bad_token_and_spends_the_token(
+    service: EnrollmentService, store: Storage
+) -> None:
+    service.enroll(token=service.create_token().token, csr_pem=csr("dev-1")[0])
+    token = service.create_token().token
+    with pytest.raises(TokenRejectedError) as taken:
+        service.enroll(token=token, csr_pem=csr("dev-1")[0])
+    with pytest.raises(TokenRejectedError) as bad:
+        service.enroll(token=pki.new_enrollment_token(), csr_pem=csr("dev-3")[0])
+    assert str(taken.value) == str(bad.value)  # the caller cannot tell "id taken" from "token unusable"
+    # The token is spent: its holder cannot go on testing ids, not even a free one.
+    spent = store.get_token(pki.enrollment_token_hash(token))
+    assert spent is not None and spent.used_at is not None and spent.device_id is None
+    with pytest.raises(TokenRejectedError):
+        service.enroll(token=token, csr_pem=csr("dev-4")[0])
+    assert [d.device_id for d in store.list_devices()] == ["dev-1"]
 
 
 def test_racing_enrollments_with_one_token_have_one_winner(
@@ -183,7 +197,7 @@ def test_revocation(service: EnrollmentService, store: Storage, clock: Clock) ->
     with pytest.raises(ValidationError):
         service.revoke("Not An Id")
     # A revoked id stays taken: it cannot be re-enrolled under a new certificate.
-    with pytest.raises(DeviceExistsError):
+    with pytest.raises(TokenRejectedError):
         service.enroll(token=service.create_token().token, csr_pem=csr("dev-a")[0])
 
 

@@ -7,11 +7,12 @@ exactly; the published model is checked against the plaintext oracle.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,11 @@ import numpy as np
 import pytest
 
 from aggregator.enrollment import EnrollmentService, issue_token
+from aggregator.leader import LeadershipLostError
 from aggregator.registry import ModelRegistry
 from aggregator.rounds import (
     DuplicateSubmissionError,
+    NotLeaderError,
     NotParticipantError,
     RoundCoordinator,
     RoundSettings,
@@ -30,6 +33,7 @@ from aggregator.rounds import (
     StaleRoundError,
 )
 from aggregator.storage import RoundStatus, Storage, open_storage
+from aggregator.storage.sqlite import SqliteStorage
 from security import pki
 from security.errors import ProtocolError, RoundAbortedError
 from security.secagg.client import SecAggClient
@@ -266,6 +270,11 @@ def test_check_in_waits_for_min_clients_and_restart_aborts_the_open_round(storag
         active = storage.active_round()
         assert active is not None and active.round_id == round_id
         restarted = coordinator_for(storage, clock)
+        # The dead process still holds the lease until it expires: the new one waits and touches nothing.
+        with pytest.raises(NotLeaderError):
+            restarted.recover()
+        assert storage.active_round() == active
+        clock.t += coord.lease.ttl_s
         assert restarted.recover() == [round_id]
         assert storage.active_round() is None
         view = restarted.view(devices[0].device_id, known_round_id=round_id)
@@ -327,6 +336,7 @@ def test_restart_resumes_a_persisted_round_and_aborts_a_corrupt_one(storage: Sto
             await task
 
         resumed = coordinator_for(storage, clock, min_clients=3, max_clients=3)
+        clock.t += coord.lease.ttl_s  # the dead process's lease runs out
         assert resumed.recover() == []
         views = [resumed.view(d.device_id) for d in devices]
         assert all(v.round_id == round_id and v.stage is RoundStage.ADVERTISE_KEYS for v in views)
@@ -357,6 +367,7 @@ def test_restart_resumes_a_persisted_round_and_aborts_a_corrupt_one(storage: Sto
         assert record is not None and record.state
         storage.update_round(record.round_id, expected_version=record.version, now=NOW, state=b"{corrupt")
         again = coordinator_for(storage, clock)
+        clock.t += resumed.lease.ttl_s
         assert again.recover() == [round_id]
         final = storage.get_round(round_id)
         assert final is not None and final.status is RoundStatus.ABORTED
@@ -365,37 +376,59 @@ def test_restart_resumes_a_persisted_round_and_aborts_a_corrupt_one(storage: Sto
     run(body)
 
 
+_BUILT_FROM = {  # the stage result a device needs to build its message for a stage
+    RoundStage.SHARE_KEYS: RoundStage.ADVERTISE_KEYS,
+    RoundStage.MASKED_INPUT: RoundStage.SHARE_KEYS,
+    RoundStage.UNMASK: RoundStage.MASKED_INPUT,
+}
+PROTOCOL_STAGES = (RoundStage.ADVERTISE_KEYS, *_BUILT_FROM)
+
+
+def _message(
+    coord: RoundCoordinator, dev: Dev, client: SecAggClient, round_id: int, stage: RoundStage, update: Any
+) -> bytes:
+    """What ``dev`` sends in ``stage``, built from what the coordinator gave it when the previous closed."""
+    if stage is RoundStage.ADVERTISE_KEYS:
+        return client.advertise_keys().to_bytes()
+    payload, _ = coord.stage_result(device_id=dev.device_id, round_id=round_id, stage=_BUILT_FROM[stage])
+    msg: Any
+    if stage is RoundStage.SHARE_KEYS:
+        msg = client.share_keys(KeysBroadcast.from_bytes(payload))
+    elif stage is RoundStage.MASKED_INPUT:
+        msg = client.masked_input(SharesBroadcast.from_bytes(payload), update=update[0], weight=update[1])
+    else:
+        msg = client.unmask(UnmaskRequest.from_bytes(payload))
+    return msg.to_bytes()
+
+
+async def _finish_round(
+    coord: RoundCoordinator,
+    devices: list[Dev],
+    clients: dict[str, SecAggClient],
+    round_id: int,
+    *,
+    updates: dict[str, tuple[Any, int]] | None = None,
+    stages: tuple[RoundStage, ...] = PROTOCOL_STAGES,
+) -> dict[RoundStage, dict[str, bytes]]:
+    """Drive the devices through ``stages``: once the coordinator is in a stage, every device that has not
+    completed it sends its message. Returns what each device sent, by stage."""
+    sent: dict[RoundStage, dict[str, bytes]] = {}
+    for stage in stages:
+        await until(lambda s=stage: coord.view(devices[0].device_id).stage is s, stage.value)  # type: ignore[misc]
+        for d in devices:
+            if stage in coord.view(d.device_id).completed:
+                continue
+            update = (updates or {}).get(d.device_id, (np.full(DIM, 0.1), 1))
+            payload = _message(coord, d, clients[d.device_id], round_id, stage, update)
+            coord.submit(device_id=d.device_id, round_id=round_id, stage=stage, payload=payload)
+            sent.setdefault(stage, {})[d.device_id] = payload
+    return sent
+
+
 async def _complete_round(coord: RoundCoordinator, devices: list[Dev], round_id: int) -> dict[str, bytes]:
     """Drive every device through one round; return each device's advertise payload."""
     clients = {d.device_id: client_for(coord, d, round_id) for d in devices}
-    advertised = {}
-    for d in devices:
-        advertised[d.device_id] = clients[d.device_id].advertise_keys().to_bytes()
-        coord.submit(
-            device_id=d.device_id,
-            round_id=round_id,
-            stage=RoundStage.ADVERTISE_KEYS,
-            payload=advertised[d.device_id],
-        )
-    steps = (
-        (RoundStage.SHARE_KEYS, RoundStage.ADVERTISE_KEYS),
-        (RoundStage.MASKED_INPUT, RoundStage.SHARE_KEYS),
-        (RoundStage.UNMASK, RoundStage.MASKED_INPUT),
-    )
-    for stage, previous in steps:
-        await until(lambda s=stage: coord.view(devices[0].device_id).stage is s, stage.value)  # type: ignore[misc]
-        for d in devices:
-            payload, _ = coord.stage_result(device_id=d.device_id, round_id=round_id, stage=previous)
-            c = clients[d.device_id]
-            msg: Any
-            if stage is RoundStage.SHARE_KEYS:
-                msg = c.share_keys(KeysBroadcast.from_bytes(payload))
-            elif stage is RoundStage.MASKED_INPUT:
-                msg = c.masked_input(SharesBroadcast.from_bytes(payload), update=np.full(DIM, 0.1), weight=1)
-            else:
-                msg = c.unmask(UnmaskRequest.from_bytes(payload))
-            coord.submit(device_id=d.device_id, round_id=round_id, stage=stage, payload=msg.to_bytes())
-    return advertised
+    return (await _finish_round(coord, devices, clients, round_id))[RoundStage.ADVERTISE_KEYS]
 
 
 def test_messages_replayed_from_an_earlier_round_are_refused(storage: Storage) -> None:
@@ -430,5 +463,291 @@ def test_messages_replayed_from_an_earlier_round_are_refused(storage: Storage) -
             await _complete_round(coord, devices, round_id)
         await asyncio.wait_for(task, timeout=20)
         assert storage.list_model_versions() == [1, 2, 3]
+
+    run(body)
+
+
+async def _open_and_join(coord: RoundCoordinator, devices: list[Dev]) -> int:
+    """Wait for check-in, let every device join, wait for key advertisement; return the round id."""
+    await until(lambda: coord.view(devices[0].device_id).stage is RoundStage.CHECK_IN, "check-in")
+    round_id = coord.view(devices[0].device_id).round_id
+    for d in devices:
+        coord.join(device_id=d.device_id, round_id=round_id, certificate_pem=d.cert)
+    await until(lambda: coord.view(devices[0].device_id).stage is RoundStage.ADVERTISE_KEYS, "advertise")
+    return round_id
+
+
+async def _to_share_keys(coord: RoundCoordinator, devices: list[Dev]) -> tuple[int, dict[str, SecAggClient]]:
+    """Open a round, let every device join and advertise keys; return once it shares keys."""
+    round_id = await _open_and_join(coord, devices)
+    clients = {d.device_id: client_for(coord, d, round_id) for d in devices}
+    await _finish_round(coord, devices, clients, round_id, stages=(RoundStage.ADVERTISE_KEYS,))
+    await until(lambda: coord.view(devices[0].device_id).stage is RoundStage.SHARE_KEYS, "share keys")
+    return round_id, clients
+
+
+def _assert_published(
+    storage: Storage, round_id: int, version: int, updates: dict[str, tuple[Any, int]]
+) -> None:
+    """The round published ``version`` (the newest) from exactly these devices, and nothing more."""
+    record = storage.get_round(round_id)
+    assert record is not None and (record.status, record.model_version) == (RoundStatus.PUBLISHED, version)
+    assert list(record.participants) == sorted(updates)
+    assert storage.list_model_versions() == list(range(1, version + 1))
+    _assert_mean(storage, version, updates)
+
+
+def _assert_mean(storage: Storage, version: int, updates: dict[str, tuple[Any, int]]) -> None:
+    """Model ``version`` minus its parent is the plaintext FedAvg of the clipped updates."""
+    registry = ModelRegistry(storage)
+    model = registry.get(version)
+    assert model.parent is not None
+    got = model.arrays["w"].astype(np.float64) - registry.get(model.parent).arrays["w"].astype(np.float64)
+    total = sum(w for _, w in updates.values())
+    oracle = sum(w * np.clip(u, -1, 1) for u, w in updates.values()) / total
+    assert np.max(np.abs(got - oracle)) < 1e-5
+
+
+class _Crash(BaseException):
+    """The process dies at this point: nothing in it can handle this (not an ``Exception``)."""
+
+
+class _CrashingCursor:
+    """Passes statements through; raises :class:`_Crash` at the round update that follows a model insert."""
+
+    def __init__(self, cur: Any, owner: CrashingStorage) -> None:
+        self._cur = cur
+        self._owner = owner
+        self._model_written = False
+
+    @property
+    def rowcount(self) -> int:
+        return int(self._cur.rowcount)
+
+    def execute(self, sql: str, params: Any = (), /) -> Any:
+        if sql.startswith("INSERT INTO models"):
+            self._model_written = True
+        elif self._model_written and self._owner.crash_in_publication and sql.startswith("UPDATE rounds"):
+            raise _Crash
+        return self._cur.execute(sql, params)
+
+    def fetchone(self) -> Any:
+        return self._cur.fetchone()
+
+    def fetchall(self) -> Any:
+        return self._cur.fetchall()
+
+
+class CrashingStorage(SqliteStorage):
+    """SQLite storage whose process can die inside the publication, after the model row was written and
+    before the round is marked published (the two steps that once were two transactions)."""
+
+    crash_in_publication = False
+
+    @contextlib.contextmanager
+    def _begin(self, *, write: bool) -> Iterator[Any]:
+        with super()._begin(write=write) as cur:
+            yield _CrashingCursor(cur, self)
+
+
+def test_a_crash_inside_publication_publishes_the_round_exactly_once_after_restart(tmp_path: Path) -> None:
+    clock = Clock()
+    path = tmp_path / "agg.db"
+    crashing = CrashingStorage(path, now=NOW)
+    devices = make_devices(crashing, 3)
+    rng = np.random.default_rng(9)
+    updates = {d.device_id: (rng.normal(0, 0.6, DIM), i + 2) for i, d in enumerate(devices)}
+    ids = sorted(updates)
+
+    async def body() -> None:
+        coord = coordinator_for(crashing, clock, min_clients=3, max_clients=3, rounds=2)
+        task = asyncio.create_task(coord.run())
+        round_id = await _open_and_join(coord, devices)
+        clients = {d.device_id: client_for(coord, d, round_id) for d in devices}
+        crashing.crash_in_publication = True
+        await _finish_round(coord, devices, clients, round_id, updates=updates)
+        with pytest.raises(_Crash):
+            await asyncio.wait_for(task, timeout=20)
+        # The transaction rolled back: no model version 2, the round still unmasking, its messages stored.
+        record = crashing.get_round(round_id)
+        assert record is not None and record.status is RoundStatus.UNMASK and record.model_version is None
+        assert crashing.list_model_versions() == [1]
+        assert crashing.round_message_senders(round_id, stage=RoundStatus.UNMASK) == set(ids)
+        crashing.close()
+
+        with open_storage(f"sqlite://{path}") as storage:  # the restarted process
+            clock.t += coord.lease.ttl_s  # the dead process's lease runs out
+            restarted = coordinator_for(storage, clock, min_clients=3, max_clients=3, rounds=2)
+            assert restarted.recover() == []
+            view = restarted.view(devices[0].device_id)
+            assert (view.round_id, view.stage, view.completed) == (
+                round_id,
+                RoundStage.UNMASK,
+                PROTOCOL_STAGES,
+            )
+            task = asyncio.create_task(restarted.run())
+            # The stored unmasking shares complete the resumed stage: the round publishes once, as version 2,
+            # and the next round opens.
+            next_id = await _open_and_join(restarted, devices)
+            _assert_published(storage, round_id, 2, updates)
+            # The next round succeeds.
+            clients = {d.device_id: client_for(restarted, d, next_id) for d in devices}
+            await _finish_round(restarted, devices, clients, next_id, updates=updates)
+            await asyncio.wait_for(task, timeout=20)
+            _assert_published(storage, next_id, 3, updates)
+
+    run(body)
+
+
+def test_restart_during_share_keys_resumes_and_publishes_the_oracle_mean(storage: Storage) -> None:
+    clock = Clock()
+    devices = make_devices(storage, 3)
+    rng = np.random.default_rng(10)
+    updates = {d.device_id: (rng.normal(0, 0.6, DIM), i + 1) for i, d in enumerate(devices)}
+
+    async def body() -> None:
+        coord = coordinator_for(storage, clock, min_clients=3, max_clients=3)
+        task = asyncio.create_task(coord.run())
+        round_id, clients = await _to_share_keys(coord, devices)
+        for d in devices[:2]:
+            payload = _message(coord, d, clients[d.device_id], round_id, RoundStage.SHARE_KEYS, None)
+            coord.submit(
+                device_id=d.device_id, round_id=round_id, stage=RoundStage.SHARE_KEYS, payload=payload
+            )
+        task.cancel()  # the process dies with two of three shares accepted (and stored)
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+        clock.t += coord.lease.ttl_s
+        resumed = coordinator_for(storage, clock, min_clients=3, max_clients=3)
+        assert resumed.recover() == []
+        done = (RoundStage.ADVERTISE_KEYS, RoundStage.SHARE_KEYS)
+        assert [resumed.view(d.device_id).completed for d in devices] == [done, done, done[:1]]
+        assert resumed.view(devices[0].device_id).stage is RoundStage.SHARE_KEYS
+        task = asyncio.create_task(resumed.run())
+        await _finish_round(resumed, devices, clients, round_id, updates=updates, stages=PROTOCOL_STAGES[1:])
+        await asyncio.wait_for(task, timeout=20)
+        _assert_published(storage, round_id, 2, updates)
+
+    run(body)
+
+
+@dataclass
+class Replicas:
+    """Two coordinators over two connections to one database, three devices mid-way through a round."""
+
+    a: RoundCoordinator
+    b: RoundCoordinator
+    store_a: Storage
+    store_b: Storage
+    task_a: asyncio.Task[None]
+    task_b: asyncio.Task[None]
+    devices: list[Dev]
+    updates: dict[str, tuple[Any, int]]
+    round_id: int = 0
+    clients: dict[str, SecAggClient] = field(default_factory=dict)
+
+
+def with_two_replicas(
+    tmp_path: Path, clock_a: Clock, clock_b: Clock, body: Callable[[Replicas], Awaitable[None]]
+) -> None:
+    """Start replica ``a`` (it leads), then ``b`` (standby), take the devices' round to its key sharing,
+    then run ``body``."""
+    url = f"sqlite://{tmp_path / 'agg.db'}"
+    rng = np.random.default_rng(12)
+
+    async def main() -> None:
+        with open_storage(url) as store_a, open_storage(url) as store_b:
+            devices = make_devices(store_a, 3)
+            updates = {d.device_id: (rng.normal(0, 0.6, DIM), i + 1) for i, d in enumerate(devices)}
+            a = coordinator_for(store_a, clock_a, min_clients=3, max_clients=3)
+            task_a = asyncio.create_task(a.run())
+            await until(lambda: a.is_leader, "a leads")
+            b = coordinator_for(store_b, clock_b, min_clients=3, max_clients=3)
+            task_b = asyncio.create_task(b.run())
+            r = Replicas(a, b, store_a, store_b, task_a, task_b, devices, updates)
+            r.round_id, r.clients = await _to_share_keys(a, devices)
+            await body(r)
+
+    run(main)
+
+
+def test_a_standby_never_touches_the_round_and_a_stale_leader_is_fenced_off(tmp_path: Path) -> None:
+    clock_a, clock_b = Clock(), Clock()
+
+    async def body(r: Replicas) -> None:
+        a, b, devices, round_id = r.a, r.b, r.devices, r.round_id
+        await asyncio.sleep(1.5)  # b asked for the lease more than once meanwhile
+        lease = r.store_b.get_lease(b.lease.name)
+        assert lease is not None and lease.owner == a.lease.owner != b.lease.owner
+        assert not b.is_leader and b.view(devices[0].device_id).stage is RoundStage.IDLE
+        active = r.store_b.active_round()
+        assert active is not None and (active.round_id, active.status) == (round_id, RoundStatus.SHARE_KEYS)
+
+        # a's process hangs: its clock (and so its renewals) stop, while b's time passes the lease's expiry.
+        clock_b.t += a.lease.ttl_s
+        await until(lambda: b.is_leader, "b takes over")
+        view = b.view(devices[0].device_id)
+        assert (view.round_id, view.stage) == (round_id, RoundStage.SHARE_KEYS)
+        # a has not noticed yet and accepts the devices' shares; closing the stage is its first round write,
+        # which fails because b bumped the round's version when it took over: a steps down, aborting nothing.
+        assert a.is_leader
+        for d in devices:
+            payload = _message(a, d, r.clients[d.device_id], round_id, RoundStage.SHARE_KEYS, None)
+            a.submit(device_id=d.device_id, round_id=round_id, stage=RoundStage.SHARE_KEYS, payload=payload)
+        with pytest.raises(LeadershipLostError):
+            await asyncio.wait_for(r.task_a, timeout=10)
+        assert not a.is_leader
+        # b picks up the shares a stored and completes the round: published once, the oracle mean.
+        await _finish_round(b, devices, r.clients, round_id, updates=r.updates, stages=PROTOCOL_STAGES[2:])
+        await asyncio.wait_for(r.task_b, timeout=20)
+        _assert_published(r.store_b, round_id, 2, r.updates)
+
+    with_two_replicas(tmp_path, clock_a, clock_b, body)
+
+
+def test_a_clean_shutdown_hands_the_round_over_to_the_standby(tmp_path: Path) -> None:
+    clock = Clock()
+
+    async def body(r: Replicas) -> None:
+        # SIGTERM on the leader: it stops without aborting the round and gives the lease up.
+        r.a.stop(hand_over=True)
+        await asyncio.wait_for(r.task_a, timeout=10)
+        r.a.release()
+        assert r.store_a.get_lease(r.a.lease.name) is None
+        record = r.store_a.active_round()
+        assert record is not None and (record.round_id, record.status) == (r.round_id, RoundStatus.SHARE_KEYS)
+        # The standby takes over at once (no expiry to wait for: the clock does not move) and resumes it.
+        await until(lambda: r.b.is_leader, "b takes over")
+        assert r.b.view(r.devices[0].device_id).round_id == r.round_id
+        await _finish_round(
+            r.b, r.devices, r.clients, r.round_id, updates=r.updates, stages=PROTOCOL_STAGES[1:]
+        )
+        await asyncio.wait_for(r.task_b, timeout=20)
+        _assert_published(r.store_b, r.round_id, 2, r.updates)
+
+    with_two_replicas(tmp_path, clock, clock, body)
+
+
+def test_a_round_opened_behind_the_leaders_back_is_recovered_not_raised(storage: Storage) -> None:
+    clock = Clock()
+    registry = ModelRegistry(storage)
+    settings = RoundSettings(min_clients=3, max_clients=3, degree=0, rounds=1)
+    coord = RoundCoordinator(storage=storage, registry=registry, settings=settings, clock=clock)
+
+    async def body() -> None:
+        task = asyncio.create_task(coord.run())
+        await until(lambda: coord.is_leader, "the coordinator leads")  # no model yet: it waits for one
+        stray = storage.create_round(params={}, now=NOW)  # what a stale leader could still do
+        registry.publish(1, {"w": np.zeros(DIM, dtype=np.float32)}, parent=None)
+        # Its own create_round loses to the stray round: it recovers that one (aborting it: nothing persisted)
+        # and opens its own, instead of crashing out of run().
+        await until(lambda: coord.view("dev-x").stage is RoundStage.CHECK_IN, "its own round")
+        assert coord.view("dev-x").round_id != stray.round_id
+        record = storage.get_round(stray.round_id)
+        assert record is not None and record.status is RoundStatus.ABORTED
+        assert not task.done()
+        coord.stop()
+        await asyncio.wait_for(task, timeout=10)
 
     run(body)

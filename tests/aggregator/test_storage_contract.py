@@ -19,6 +19,7 @@ import pytest
 from aggregator.storage import (
     ConflictError,
     DeviceRecord,
+    LeaseRecord,
     ModelRecord,
     NotFoundError,
     RoundStatus,
@@ -193,6 +194,20 @@ def test_refused_registration_leaves_token_usable(store: Storage) -> None:
     assert [d.device_id for d in store.list_devices()] == ["dev-1", "dev-2"]
 
 
+def test_a_spent_token_cannot_enroll(store: Storage) -> None:
+    store.add_token(token(1))
+    store.add_token(token(2, expires=NOW + dt.timedelta(seconds=1)))
+    assert store.spend_token(token(1).token_hash, now=NOW)
+    assert not store.spend_token(token(1).token_hash, now=NOW)  # once
+    spent = store.get_token(token(1).token_hash)
+    assert spent is not None and spent.used_at == NOW and spent.device_id is None
+    with pytest.raises(ConflictError, match="token"):
+        store.enroll_device(token_hash=token(1).token_hash, device=device(), now=NOW)
+    assert not store.spend_token(token(2).token_hash, now=NOW + dt.timedelta(seconds=1))  # expired
+    assert not store.spend_token(b"\x09" * 32, now=NOW)  # unknown
+    assert store.list_devices() == []
+
+
 def test_large_serials_and_revocation(store: Storage) -> None:
     big = (1 << 158) + 12345  # X.509 serials are up to 159 bits, beyond any SQL BIGINT
     store.add_token(token(1))
@@ -288,6 +303,14 @@ def test_round_messages_first_write_wins(store: Storage) -> None:
     store.put_round_message(r.round_id, stage=RoundStatus.UNMASK, device_id="dev-0", payload=b"y", now=NOW)
     assert store.round_messages(r.round_id, stage=stage) == {"dev-0": b"x", "dev-1": payload}
     assert store.round_messages(r.round_id, stage=RoundStatus.SHARE_KEYS) == {}
+    assert store.round_message_senders(r.round_id, stage=stage) == {"dev-0", "dev-1"}
+    assert store.round_message_senders(r.round_id, stage=RoundStatus.SHARE_KEYS) == frozenset()
+    assert store.round_messages(r.round_id, stage=stage, device_ids=["dev-1", "dev-9"]) == {"dev-1": payload}
+    assert store.round_messages(r.round_id, stage=stage, device_ids=[]) == {}
+    many = [f"dev-{i}" for i in range(1200)]  # more than one IN (...) batch
+    assert store.round_messages(r.round_id, stage=stage, device_ids=many) == {"dev-0": b"x", "dev-1": payload}
+    with pytest.raises(StorageError):
+        store.round_messages(r.round_id, stage=stage, device_ids="dev-1")
     with pytest.raises(NotFoundError):
         store.put_round_message(999, stage=stage, device_id="dev-1", payload=b"x", now=NOW)
     with pytest.raises(StorageError):
@@ -347,6 +370,81 @@ def test_model_versions(store: Storage) -> None:
         )
 
 
+def test_publish_round_stores_the_model_and_finishes_the_round_in_one_transaction(store: Storage) -> None:
+    m1 = ModelRecord(version=1, parent=None, manifest="[]", digest="aa", blob=b"\x00" * 10, created_at=NOW)
+    m2 = ModelRecord(version=2, parent=1, manifest="[]", digest="bb", blob=b"\x01" * 10, created_at=NOW)
+    store.put_model(m1)
+    r = store.create_round(params={}, now=NOW)
+    r = store.update_round(r.round_id, expected_version=1, now=NOW, status=RoundStatus.UNMASK)
+    # A stale version (another coordinator moved the round on): refused, and the model is not stored either.
+    with pytest.raises(ConflictError):
+        store.publish_round(r.round_id, expected_version=1, now=NOW, model=m2, participants=["dev-a"])
+    assert store.list_model_versions() == [1]
+    assert store.get_round(r.round_id) == r
+    # The model version exists already (published by someone else): refused, the round stays as it was.
+    with pytest.raises(ConflictError):
+        store.publish_round(r.round_id, expected_version=2, now=NOW, model=m1, participants=["dev-a"])
+    assert store.get_round(r.round_id) == r and store.get_model(1) == m1
+    done = store.publish_round(
+        r.round_id, expected_version=2, now=NOW + HOUR, model=m2, participants=["dev-b", "dev-a"]
+    )
+    assert (done.status, done.model_version, done.participants, done.finished_at, done.version) == (
+        RoundStatus.PUBLISHED,
+        2,
+        ("dev-a", "dev-b"),
+        NOW + HOUR,
+        3,
+    )
+    assert store.get_model(2) == m2 and store.active_round() is None
+    # A finished round cannot publish again, whatever the version.
+    m3 = ModelRecord(version=3, parent=2, manifest="[]", digest="cc", blob=b"", created_at=NOW)
+    with pytest.raises(ConflictError):
+        store.publish_round(r.round_id, expected_version=3, now=NOW, model=m3, participants=[])
+    assert store.list_model_versions() == [1, 2]
+    with pytest.raises(NotFoundError):
+        store.publish_round(10_000, expected_version=1, now=NOW, model=m3, participants=[])
+    assert store.list_model_versions() == [1, 2]
+
+
+# -- leases -------------------------------------------------------------------------------------------------
+
+
+def test_lease_is_held_renewed_taken_over_after_expiry_and_released(store: Storage) -> None:
+    ttl = dt.timedelta(seconds=10)
+    second = dt.timedelta(seconds=1)
+    assert store.get_lease("coordinator/default") is None
+    a = store.acquire_lease("coordinator/default", owner="replica-a", now=NOW, ttl=ttl)
+    assert a == LeaseRecord("coordinator/default", "replica-a", NOW, NOW + ttl)
+    # While A's lease runs, B does not get it, not even a second before it ends.
+    held = store.acquire_lease("coordinator/default", owner="replica-b", now=NOW + 9 * second, ttl=ttl)
+    assert held == a
+    # A renews: the expiry moves, the acquisition time stays.
+    renewed = store.acquire_lease("coordinator/default", owner="replica-a", now=NOW + 5 * second, ttl=ttl)
+    assert (renewed.owner, renewed.acquired_at, renewed.expires_at) == ("replica-a", NOW, NOW + 15 * second)
+    # Leases of other names are independent.
+    eu = store.acquire_lease("coordinator/eu", owner="replica-b", now=NOW, ttl=ttl)
+    assert eu.owner == "replica-b"
+    # Once A's lease expired, B takes it over, and A's late renewal does not take it back.
+    later = NOW + 15 * second
+    taken = store.acquire_lease("coordinator/default", owner="replica-b", now=later, ttl=ttl)
+    assert taken == LeaseRecord("coordinator/default", "replica-b", later, later + ttl)
+    assert store.acquire_lease("coordinator/default", owner="replica-a", now=later, ttl=ttl) == taken
+    # Only the holder can release it; then anyone can take it at once.
+    assert not store.release_lease("coordinator/default", owner="replica-a")
+    assert store.get_lease("coordinator/default") == taken
+    assert store.release_lease("coordinator/default", owner="replica-b")
+    assert store.get_lease("coordinator/default") is None
+    again = store.acquire_lease("coordinator/default", owner="replica-a", now=later, ttl=ttl)
+    assert again.owner == "replica-a"
+    for bad_ttl in (dt.timedelta(0), 10):
+        with pytest.raises(StorageError):
+            store.acquire_lease("x", owner="replica-a", now=NOW, ttl=bad_ttl)  # type: ignore[arg-type]
+    with pytest.raises(StorageError):
+        store.acquire_lease("", owner="replica-a", now=NOW, ttl=ttl)
+    with pytest.raises(StorageError):
+        store.acquire_lease("x", owner="replica-a", now=NOW.replace(tzinfo=None), ttl=ttl)
+
+
 # -- races between connections -----------------------------------------------------------------------------
 
 
@@ -389,6 +487,34 @@ def test_racing_request_ids_get_one_response(storage_url: str) -> None:
         assert len(responses) == 1 and not any(isinstance(r, BaseException) for r in results), results
         stored = stores[0].get_response(scope="dev-1", request_id="req-9")
         assert stored is not None and {stored.response} == responses
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_racing_lease_acquisitions_have_one_holder(storage_url: str) -> None:
+    stores = [open_storage(storage_url, now=NOW) for _ in range(RACERS)]
+    ttl = dt.timedelta(seconds=10)
+    try:
+        for attempt, now in enumerate((NOW, NOW + 2 * ttl)):  # a free lease, then an expired one
+            results = race(
+                RACERS,
+                lambda i, now=now, attempt=attempt: stores[i].acquire_lease(
+                    "coordinator/default", owner=f"replica-{attempt}-{i}", now=now, ttl=ttl
+                ),
+            )
+            assert not any(isinstance(r, BaseException) for r in results), results
+            owners = {r.owner for r in results if isinstance(r, LeaseRecord)}
+            winners = [
+                i
+                for i, r in enumerate(results)
+                if isinstance(r, LeaseRecord) and r.owner == f"replica-{attempt}-{i}"
+            ]
+            assert len(owners) == 1 and len(winners) == 1, (attempt, results)
+            stored = stores[0].get_lease("coordinator/default")
+            assert stored == LeaseRecord(
+                "coordinator/default", f"replica-{attempt}-{winners[0]}", now, now + ttl
+            )
     finally:
         for s in stores:
             s.close()

@@ -7,6 +7,7 @@ Python API; nothing is stubbed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import os
@@ -27,20 +28,34 @@ import numpy.typing as npt
 
 from agent.federation.enroll import enroll
 from agent.federation.state import DeviceState
-from aggregator.config import init_deployment, read_certificate_authority, read_server_tls
+from aggregator.config import (
+    create_enrollment_token,
+    init_deployment,
+    load_config,
+    read_certificate_authority,
+    read_server_tls,
+)
 from aggregator.enrollment import EnrollmentService, issue_token
+from aggregator.leader import LeaderLease
 from aggregator.registry import ModelRegistry
 from aggregator.rounds import RoundCoordinator, RoundSettings
 from aggregator.server import RunningServer, ServerTls, build_server
 from aggregator.service import EdgeLimits
 from aggregator.storage import RoundStatus, Storage, open_storage
+from security.quantize import FixedPointCodec
 
 BIN = Path(sys.executable).parent
 DIM = 1000
 LIMITS = EdgeLimits(
     max_message_bytes=256 * 1024, max_payload_bytes=64 * 1024, max_upload_bytes=8 * DIM + 4096
 )
-_ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+REPO = Path(__file__).resolve().parents[2]
+# PYTHONPATH: the test-only wrapper (tests.integration.stalling_agent) is imported from this checkout.
+_ENV = {
+    **os.environ,
+    "PYTHONUNBUFFERED": "1",
+    "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
+}
 
 
 def free_port() -> int:
@@ -61,12 +76,12 @@ def run_cli(*args: str, timeout: float = 60.0) -> str:
 
 
 class Aggregator:
-    """A ``fedfer-aggregator serve`` subprocess."""
+    """A ``fedfer-aggregator serve`` subprocess (several may serve one deployment: replicas)."""
 
     def __init__(self, deployment: Deployment, extra: Sequence[str]) -> None:
-        self.log_path = deployment.dir / f"serve-{time.monotonic_ns()}.log"
-        ports_file = deployment.dir / "ports.json"
-        ports_file.unlink(missing_ok=True)
+        name = f"serve-{time.monotonic_ns()}"
+        self.log_path = deployment.dir / f"{name}.log"
+        ports_file = deployment.dir / f"{name}.ports.json"
         self._log: IO[bytes] = self.log_path.open("wb")
         self.proc = subprocess.Popen(
             [str(BIN / "fedfer-aggregator"), "serve", "--config", str(deployment.config), "--ports-file",
@@ -81,6 +96,7 @@ class Aggregator:
         ports = json.loads(ports_file.read_text())
         self.port: int = ports["port"]
         self.enroll_port: int = ports["enroll_port"]
+        self.health_port: int = ports["health_port"]
 
     def log(self) -> str:
         """What the aggregator logged so far."""
@@ -125,12 +141,14 @@ class Device:
     ) -> None:
         """Start ``fedfer-agent join-round`` with this update."""
         np.savez(self.update_path, update=update, weight=np.array(weight))
-        cmd = [str(BIN / "fedfer-agent"), "join-round", "--state", str(self.state), "--update",
-               str(self.update_path), "--rounds", str(rounds), "--timeout-s", str(timeout_s)]  # fmt: skip
+        agent = [str(BIN / "fedfer-agent")]
+        if stall_after is not None:  # the real command line, with a test-only hook that hangs the device
+            agent = [sys.executable, "-m", "tests.integration.stalling_agent", "--stall-after", stall_after,
+                     "--stall-round", str(stall_round)]  # fmt: skip
+        cmd = [*agent, "join-round", "--state", str(self.state), "--update", str(self.update_path),
+               "--rounds", str(rounds), "--timeout-s", str(timeout_s)]  # fmt: skip
         if attempts is not None:
             cmd += ["--attempts", str(attempts)]
-        if stall_after is not None:
-            cmd += ["--stall-after", stall_after, "--stall-round", str(stall_round)]
         with self.err_path.open("wb") as err:
             self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=_ENV)
         stdout = self.proc.stdout
@@ -203,6 +221,7 @@ class Deployment:
         complete_graph: bool = False,
         listen: str = "127.0.0.1:0",
         model: dict[str, npt.NDArray[np.float32]] | None = None,
+        storage_url: str | None = None,
     ) -> None:
         self.dir = directory
         args = ["fedfer-aggregator", "init", str(directory), "--listen", listen]
@@ -214,6 +233,12 @@ class Deployment:
             args.append("--complete-graph")
         run_cli(*args)
         self.config = directory / "aggregator.toml"
+        self.storage_url = storage_url or f"sqlite://{directory / 'aggregator.db'}"
+        if storage_url is not None:  # as docs/deploy-aggregator.md says: edit [storage] url after init
+            text = self.config.read_text()
+            default = f'url = "sqlite://{directory.resolve() / "aggregator.db"}"'
+            assert default in text
+            self.config.write_text(text.replace(default, f'url = "{storage_url}"'))
         self.ca_pem = (directory / "pki" / "ca.pem").read_bytes()
         model_path = directory / "model0.npz"
         np.savez(model_path, **(model or default_model()))  # type: ignore[arg-type]
@@ -236,12 +261,55 @@ class Deployment:
             )
             return Device(state.directory, state.device_id)
 
-        tokens = [self.token() for _ in range(count)]
+        # The call `fedfer-aggregator token` makes, without a process start per token.
+        config = load_config(self.config)
+        tokens = [create_enrollment_token(config).token for _ in range(count)]
 
         async def all_devices() -> list[Device]:
             return list(await asyncio.gather(*(one(i, t) for i, t in enumerate(tokens))))
 
         return asyncio.run(all_devices())
+
+    def hold_round_two_in_masked_input(
+        self,
+        devices: list[Device],
+        updates: dict[str, npt.NDArray[np.float64]],
+        weights: dict[str, int],
+        *,
+        rounds: int,
+        timeout_s: float = 120.0,
+    ) -> tuple[Device, list[Device]]:
+        """Start every device so that round 2 waits in the masked-input stage, and return once it does.
+
+        Round 1 runs with all devices. In round 2 the first device (the staller) hangs after sharing keys,
+        so the stage stays open until its deadline; this returns once the others' masked inputs are stored.
+        The others take part in ``rounds`` rounds (with one spare attempt).
+
+        Returns:
+            ``(staller, others)``.
+        """
+        staller, *others = devices
+        staller.start(
+            updates[staller.device_id],
+            weights[staller.device_id],
+            rounds=2,
+            stall_after="share_keys",
+            stall_round=2,
+        )
+        for d in others:
+            d.start(
+                updates[d.device_id],
+                weights[d.device_id],
+                rounds=rounds,
+                attempts=rounds + 1,
+                timeout_s=timeout_s,
+            )
+        staller.wait_for_line("stalled", timeout=120)
+        deadline = time.monotonic() + 60
+        while self.stored_messages(2, "masked_input") < len(others):
+            assert time.monotonic() < deadline, "the masked inputs never arrived"
+            time.sleep(0.1)
+        return staller, others
 
     def status(self) -> dict[str, Any]:
         """Rounds and model versions as the storage records them."""
@@ -250,17 +318,22 @@ class Deployment:
 
     def model(self, version: int) -> dict[str, npt.NDArray[np.float32]]:
         """A verified model version read from the registry."""
-        with open_storage(f"sqlite://{self.dir / 'aggregator.db'}") as storage:
+        with open_storage(self.storage_url) as storage:
             return dict(ModelRegistry(storage).get(version).arrays)
 
     def stored_messages(self, round_id: int, stage: str) -> int:
         """How many device messages storage holds for one stage of a round."""
-        with open_storage(f"sqlite://{self.dir / 'aggregator.db'}") as storage:
-            return len(storage.round_messages(round_id, stage=RoundStatus(stage)))
+        with open_storage(self.storage_url) as storage:
+            return len(storage.round_message_senders(round_id, stage=RoundStatus(stage)))
+
+    def round_statuses(self) -> list[str]:
+        """The status of every round, oldest first (read from storage directly)."""
+        with open_storage(self.storage_url) as storage:
+            return [r.status.value for r in reversed(storage.list_rounds(limit=1000))]
 
     def device_ids(self) -> list[str]:
         """Ids of the devices registered in storage."""
-        with open_storage(f"sqlite://{self.dir / 'aggregator.db'}") as storage:
+        with open_storage(self.storage_url) as storage:
             return sorted(d.device_id for d in storage.list_devices())
 
 
@@ -287,23 +360,37 @@ class Harness:
         )
 
     async def close(self) -> None:
-        """Stop rounds and server; close storage."""
+        """Stop rounds and server, give the lease up (as a clean shutdown does); close storage."""
         self.coordinator.stop()
         await self.server.stop(grace=0.5)
         self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self.task
+        self.coordinator.release()
         self.storage.close()
 
 
 async def start(root: Path, settings: RoundSettings, *, limits: EdgeLimits = LIMITS) -> Harness:
     """Create a deployment under ``root`` and start an in-process aggregator on free loopback ports."""
     config = init_deployment(root / "agg", listen="127.0.0.1:0")
+    with open_storage(config.storage_url) as storage:
+        rng = np.random.default_rng(0)
+        ModelRegistry(storage).publish(1, {"w": rng.standard_normal(DIM).astype(np.float32)}, parent=None)
+    return await start_replica(root, settings, limits=limits)
+
+
+async def start_replica(
+    root: Path, settings: RoundSettings, *, limits: EdgeLimits = LIMITS, lease_ttl_s: float = 15.0
+) -> Harness:
+    """Start one more aggregator (its own storage connection, coordinator and ports) on the deployment that
+    :func:`start` created under ``root``: a replica, leader or standby depending on who holds the lease."""
+    config = load_config(root / "agg" / "aggregator.toml")
     key_pem, cert_pem, ca_pem = read_server_tls(config)
     storage = open_storage(config.storage_url)
     registry = ModelRegistry(storage)
-    rng = np.random.default_rng(0)
-    registry.publish(1, {"w": rng.standard_normal(DIM).astype(np.float32)}, parent=None)
     enrollment = EnrollmentService(storage=storage, ca=read_certificate_authority(config))
-    coordinator = RoundCoordinator(storage=storage, registry=registry, settings=settings)
+    lease = LeaderLease(storage, cohort=settings.cohort, ttl_s=lease_ttl_s)
+    coordinator = RoundCoordinator(storage=storage, registry=registry, settings=settings, lease=lease)
     server = await build_server(
         tls=ServerTls(certificate_pem=cert_pem, private_key_pem=key_pem, ca_certificate_pem=ca_pem),
         storage=storage,
@@ -313,8 +400,9 @@ async def start(root: Path, settings: RoundSettings, *, limits: EdgeLimits = LIM
         limits=limits,
         listen="127.0.0.1:0",
         enroll_listen="127.0.0.1:0",
+        health_listen="127.0.0.1:0",
     )
-    task = asyncio.create_task(coordinator.run())
+    task = asyncio.create_task(coordinator.serve())
     return Harness(root, storage, enrollment, coordinator, server, ca_pem, task)
 
 
@@ -356,3 +444,34 @@ def oracle_mean(updates: dict[str, npt.NDArray[np.float64]], weights: dict[str, 
     total = sum(weights[d] for d in updates)
     acc = sum(weights[d] * np.clip(updates[d], -clip, clip) for d in updates)
     return acc / total
+
+
+CLIP = 1.0
+MAX_WEIGHT = 10_000
+
+
+def random_updates(
+    devices: list[Device], seed: int
+) -> tuple[dict[str, npt.NDArray[np.float64]], dict[str, int]]:
+    """One update of the default model's length and one weight per device (some beyond the clip)."""
+    rng = np.random.default_rng(seed)
+    updates = {d.device_id: rng.normal(0.0, 0.6, DIM) for d in devices}
+    weights = {d.device_id: int(rng.integers(1, 200)) for d in devices}
+    return updates, weights
+
+
+def assert_published(
+    deployment: Deployment,
+    version: int,
+    parent: int,
+    updates: dict[str, npt.NDArray[np.float64]],
+    weights: dict[str, int],
+    n: int,
+) -> None:
+    """Model ``version`` is ``parent`` plus the plaintext FedAvg oracle of ``updates``, within the fixed-point
+    codec's stated bound for a round of ``n`` devices (plus float32 rounding of the stored model)."""
+    codec = FixedPointCodec(dim=DIM, clip=CLIP, max_weight=MAX_WEIGHT, max_clients=n, modulus_bits=32)
+    tol = codec.mean_error_bound(survivors=len(updates), total_weight=sum(weights.values())) + 1e-6
+    expected = flat(deployment.model(parent)) + oracle_mean(updates, weights, CLIP)
+    err = float(np.max(np.abs(flat(deployment.model(version)) - expected)))
+    assert err <= tol, f"max error {err} exceeds the stated bound {tol}"

@@ -8,48 +8,20 @@ The published model is compared with a plaintext FedAvg oracle within the fixed-
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
-import numpy.typing as npt
 import pytest
 
-from security.quantize import FixedPointCodec
-from tests.integration.federation_harness import Deployment, Device, flat, free_port, oracle_mean, run_cli
+from tests.integration.federation_harness import (
+    Deployment,
+    assert_published,
+    free_port,
+    random_updates,
+    run_cli,
+)
 
 pytestmark = pytest.mark.slow
-
-DIM = 1000
-CLIP = 1.0
-MAX_WEIGHT = 10_000
-
-
-def _updates(devices: list[Device], seed: int) -> tuple[dict[str, npt.NDArray[np.float64]], dict[str, int]]:
-    rng = np.random.default_rng(seed)
-    updates = {d.device_id: rng.normal(0.0, 0.6, DIM) for d in devices}  # some coordinates exceed the clip
-    weights = {d.device_id: int(rng.integers(1, 200)) for d in devices}
-    return updates, weights
-
-
-def _tolerance(n: int, survivors: int, total_weight: int) -> float:
-    codec = FixedPointCodec(dim=DIM, clip=CLIP, max_weight=MAX_WEIGHT, max_clients=n, modulus_bits=32)
-    return codec.mean_error_bound(survivors=survivors, total_weight=total_weight) + 1e-6
-
-
-def _assert_published(
-    deployment: Deployment,
-    version: int,
-    parent: int,
-    updates: dict[str, npt.NDArray[np.float64]],
-    weights: dict[str, int],
-    n: int,
-) -> None:
-    expected = flat(deployment.model(parent)) + oracle_mean(updates, weights, CLIP)
-    got = flat(deployment.model(version))
-    tol = _tolerance(n, len(updates), sum(weights.values()))
-    err = float(np.max(np.abs(got - expected)))
-    assert err <= tol, f"max error {err} exceeds the stated bound {tol}"
 
 
 def test_eight_devices_complete_two_rounds(tmp_path: Path) -> None:
@@ -58,7 +30,7 @@ def test_eight_devices_complete_two_rounds(tmp_path: Path) -> None:
     try:
         devices = dep.enroll_devices(8, agg.enroll_port, tmp_path)
         assert dep.device_ids() == sorted(d.device_id for d in devices)
-        updates, weights = _updates(devices, seed=1)
+        updates, weights = random_updates(devices, seed=1)
         for d in devices:
             d.start(updates[d.device_id], weights[d.device_id], rounds=2)
         results = {d.device_id: d.finish() for d in devices}
@@ -84,8 +56,8 @@ def test_eight_devices_complete_two_rounds(tmp_path: Path) -> None:
     for r in published:
         assert r["participants"] == sorted(updates)
     # The same deltas were applied in both rounds: v2 = v1 + mean, v3 = v2 + mean.
-    _assert_published(dep, 2, 1, updates, weights, n=8)
-    _assert_published(dep, 3, 2, updates, weights, n=8)
+    assert_published(dep, 2, 1, updates, weights, n=8)
+    assert_published(dep, 3, 2, updates, weights, n=8)
     assert "Traceback" not in agg.log()
 
 
@@ -94,7 +66,7 @@ def test_round_survives_devices_killed_after_share_keys_and_after_masked_input(t
     agg = dep.serve("--rounds", "1", "--checkin-s", "1")
     try:
         devices = dep.enroll_devices(8, agg.enroll_port, tmp_path)
-        updates, weights = _updates(devices, seed=2)
+        updates, weights = random_updates(devices, seed=2)
         after_share, after_masked, *others = devices
         after_share.start(
             updates[after_share.device_id], weights[after_share.device_id], stall_after="share_keys"
@@ -121,7 +93,7 @@ def test_round_survives_devices_killed_after_share_keys_and_after_masked_input(t
     (round_record,) = dep.status()["rounds"][:1]
     assert round_record["status"] == "published"
     assert round_record["participants"] == sorted(used)
-    _assert_published(dep, 2, 1, used, used_weights, n=8)
+    assert_published(dep, 2, 1, used, used_weights, n=8)
 
 
 def test_too_few_survivors_aborts_and_publishes_nothing(tmp_path: Path) -> None:
@@ -131,7 +103,7 @@ def test_too_few_survivors_aborts_and_publishes_nothing(tmp_path: Path) -> None:
     agg = dep.serve("--checkin-s", "1")
     try:
         devices = dep.enroll_devices(4, agg.enroll_port, tmp_path)
-        updates, weights = _updates(devices, seed=3)
+        updates, weights = random_updates(devices, seed=3)
         stalled = devices[:2]
         for d in stalled:
             d.start(updates[d.device_id], weights[d.device_id], stall_after="share_keys")
@@ -153,37 +125,25 @@ def test_too_few_survivors_aborts_and_publishes_nothing(tmp_path: Path) -> None:
     assert "published model version" not in agg.log()
 
 
-def test_aggregator_killed_mid_round_resumes_the_round_and_loses_nothing(tmp_path: Path) -> None:
+def test_aggregator_killed_mid_round_resumes_the_round_and_the_next_round_succeeds(tmp_path: Path) -> None:
     port, enroll_port = free_port(), free_port()
     dep = Deployment(
         tmp_path / "agg", min_clients=7, max_clients=8, deadline_s=10, listen=f"127.0.0.1:{port}"
     )
-    serve_args = ("--enroll-listen", f"127.0.0.1:{enroll_port}", "--checkin-s", "2")
+    # A short lease: the restarted process waits for the killed one's lease to expire before it leads.
+    serve_args = ("--enroll-listen", f"127.0.0.1:{enroll_port}", "--checkin-s", "2", "--lease-ttl-s", "3")
     agg = dep.serve(*serve_args)
     restarted = None
     try:
         devices = dep.enroll_devices(8, agg.enroll_port, tmp_path)
-        updates, weights = _updates(devices, seed=4)
-        staller, *others = devices
-        # Round 1 completes with all 8. In round 2 the staller hangs after sharing keys, so the round waits in
-        # the masked-input stage; the aggregator is SIGKILLed once the 7 others' masked inputs were accepted.
-        staller.start(
-            updates[staller.device_id],
-            weights[staller.device_id],
-            rounds=2,
-            stall_after="share_keys",
-            stall_round=2,
-        )
-        for d in others:
-            d.start(updates[d.device_id], weights[d.device_id], rounds=2, attempts=3)
-        staller.wait_for_line("stalled", timeout=120)
-        deadline = time.monotonic() + 60
-        while dep.stored_messages(2, "masked_input") < len(others):
-            assert time.monotonic() < deadline, "the masked inputs never arrived"
-            time.sleep(0.1)
+        updates, weights = random_updates(devices, seed=4)
+        # Round 1 completes with all 8; round 2 waits in the masked-input stage for the staller, and the
+        # aggregator is SIGKILLed once the 7 others' masked inputs were accepted.
+        staller, others = dep.hold_round_two_in_masked_input(devices, updates, weights, rounds=3)
         assert agg.kill() == -9
         staller.kill()
-        restarted = dep.serve(*serve_args, "--rounds", "1")
+        # The resumed round counts towards --rounds: 2 means the interrupted round plus one more.
+        restarted = dep.serve(*serve_args, "--rounds", "2")
         results = [d.finish(timeout=180) for d in others]
     finally:
         agg.kill()
@@ -191,14 +151,23 @@ def test_aggregator_killed_mid_round_resumes_the_round_and_loses_nothing(tmp_pat
             restarted.kill()
     for code, lines, err in results:
         assert code == 0, err[-1500:]
-        assert [line["status"] for line in lines] == ["published", "published"]
-    rounds = dep.status()["rounds"]
-    assert [r["status"] for r in rounds] == ["published", "published"]
+        assert [line["status"] for line in lines] == ["published", "published", "published"]
+    status = dep.status()
+    rounds = status["rounds"]
+    assert [(r["status"], r["model_version"]) for r in rounds] == [
+        ("published", 2),
+        ("published", 3),
+        ("published", 4),
+    ]
     assert rounds[0]["participants"] == sorted(updates)  # the finished round survived the crash
-    assert rounds[1]["participants"] == sorted(d.device_id for d in others)
-    assert dep.device_ids() == sorted(updates)  # no registered device lost
-    assert dep.status()["model_versions"] == [1, 2, 3]
-    _assert_published(dep, 2, 1, updates, weights, n=8)
     rest = {d.device_id: updates[d.device_id] for d in others}
-    _assert_published(dep, 3, 2, rest, {d: weights[d] for d in rest}, n=8)
+    assert rounds[1]["participants"] == sorted(rest)  # the interrupted round, resumed
+    assert rounds[2]["participants"] == sorted(rest)  # the next round, run by the restarted process
+    assert dep.device_ids() == sorted(updates)  # no registered device lost
+    assert status["model_versions"] == [1, 2, 3, 4]
+    assert_published(dep, 2, 1, updates, weights, n=8)
+    rest_weights = {d: weights[d] for d in rest}
+    assert_published(dep, 3, 2, rest, rest_weights, n=8)
+    assert_published(dep, 4, 3, rest, rest_weights, n=7)
     assert "resuming in stage masked_input" in restarted.log()
+    assert "round 3 published model version 4" in restarted.log()
