@@ -724,12 +724,7 @@ def _uploads(agg_dir: Path, round_ids: Sequence[int]) -> dict[int, dict[str, dic
     """Bytes the aggregator received and stored, per round, device and protocol stage."""
     from aggregator.storage import RoundStatus, open_storage
 
-    stages = (
-        RoundStatus.ADVERTISE_KEYS,
-        RoundStatus.SHARE_KEYS,
-        RoundStatus.MASKED_INPUT,
-        RoundStatus.UNMASK,
-    )
+    stages = [s for s in RoundStatus if s is not RoundStatus.OPEN and not s.terminal]  # the protocol stages
     out: dict[int, dict[str, dict[str, int]]] = {}
     with open_storage(f"sqlite://{agg_dir / 'aggregator.db'}") as storage:
         for rid in round_ids:

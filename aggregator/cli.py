@@ -82,6 +82,7 @@ def round_settings(config: AggregatorConfig, args: argparse.Namespace) -> RoundS
         advertise_s=float(d.advertise_keys_s),
         share_s=float(d.share_keys_s),
         masked_s=float(d.masked_input_s),
+        consistency_s=float(d.consistency_check_s),
         unmask_s=float(d.unmask_s),
         rounds=int(args.rounds),
         clip=float(args.clip),
@@ -143,7 +144,7 @@ async def _serve(args: argparse.Namespace) -> int:
 def _cmd_init(args: argparse.Namespace) -> int:
     deadlines = StageDeadlines(
         advertise_keys_s=args.deadline_s, share_keys_s=args.deadline_s,
-        masked_input_s=args.deadline_s, unmask_s=args.deadline_s,
+        masked_input_s=args.deadline_s, consistency_check_s=args.deadline_s, unmask_s=args.deadline_s,
     )  # fmt: skip
     rounds = RoundConfig(
         min_clients=args.min_clients,

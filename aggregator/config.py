@@ -92,12 +92,14 @@ class StageDeadlines:
         advertise_keys_s: Collecting public keys.
         share_keys_s: Collecting encrypted Shamir shares.
         masked_input_s: Collecting masked updates (the big upload; longest by default).
+        consistency_check_s: Collecting the survivors' signatures over the survivor set.
         unmask_s: Collecting unmasking shares.
     """
 
     advertise_keys_s: float = 60.0
     share_keys_s: float = 60.0
     masked_input_s: float = 300.0
+    consistency_check_s: float = 60.0
     unmask_s: float = 60.0
 
     def __post_init__(self) -> None:

@@ -7,7 +7,8 @@ One :class:`RoundCoordinator` runs inside the aggregator's event loop. For each 
    ``max_clients`` joined, or once ``min_clients`` joined and ``checkin_s`` more seconds passed (before
    ``min_clients`` it keeps waiting: nobody has committed anything yet). The protocol parameters (n, the
    SecAgg+ degree, the threshold, a fresh random 32-byte protocol round id) are fixed then;
-2. **advertise keys, share keys, masked input, unmask**: collects one message per eligible device and closes
+2. **advertise keys, share keys, masked input, consistency check, unmask**: collects one message per eligible
+   device and closes
    the stage when all arrived or at the stage's deadline; devices that missed it become dropouts, exactly as
    :class:`security.secagg.server.SecAggServer` defines;
 3. publishes the weighted mean of the survivors' updates as the next central model version.
@@ -62,7 +63,14 @@ from aggregator.registry import ModelRegistry
 from aggregator.storage import ConflictError, RoundRecord, RoundStatus, Storage
 from security.errors import FedferError, ProtocolError, RoundAbortedError, ValidationError
 from security.secagg.graph import NeighbourGraph
-from security.secagg.messages import AdvertiseKeys, MaskedInput, Message, ShareKeys, UnmaskResponse
+from security.secagg.messages import (
+    AdvertiseKeys,
+    ConsistencySignature,
+    MaskedInput,
+    Message,
+    ShareKeys,
+    UnmaskResponse,
+)
 from security.secagg.params import SecAggParams, default_neighbors, default_threshold
 from security.secagg.server import SecAggServer
 
@@ -89,6 +97,7 @@ class RoundStage(enum.Enum):
     ADVERTISE_KEYS = "advertise_keys"
     SHARE_KEYS = "share_keys"
     MASKED_INPUT = "masked_input"
+    CONSISTENCY_CHECK = "consistency_check"
     UNMASK = "unmask"
     FINISHED = "published"
     ABORTED = "aborted"
@@ -98,19 +107,22 @@ _PROTOCOL_STAGES = (
     RoundStage.ADVERTISE_KEYS,
     RoundStage.SHARE_KEYS,
     RoundStage.MASKED_INPUT,
+    RoundStage.CONSISTENCY_CHECK,
     RoundStage.UNMASK,
 )
 _NEXT = {
     RoundStage.CHECK_IN: RoundStage.ADVERTISE_KEYS,
     RoundStage.ADVERTISE_KEYS: RoundStage.SHARE_KEYS,
     RoundStage.SHARE_KEYS: RoundStage.MASKED_INPUT,
-    RoundStage.MASKED_INPUT: RoundStage.UNMASK,
+    RoundStage.MASKED_INPUT: RoundStage.CONSISTENCY_CHECK,
+    RoundStage.CONSISTENCY_CHECK: RoundStage.UNMASK,
     RoundStage.UNMASK: RoundStage.FINISHED,
 }
 _MESSAGE_TYPE: dict[RoundStage, Any] = {
     RoundStage.ADVERTISE_KEYS: AdvertiseKeys,
     RoundStage.SHARE_KEYS: ShareKeys,
     RoundStage.MASKED_INPUT: MaskedInput,
+    RoundStage.CONSISTENCY_CHECK: ConsistencySignature,
     RoundStage.UNMASK: UnmaskResponse,
 }
 
@@ -172,7 +184,7 @@ class RoundSettings:
         degree: SecAgg+ neighbour count: 0 for the complete graph (plain SecAgg), -1 for the protocol
             default (O(log n)), else an even k >= 2 (capped at n - 1).
         checkin_s: how long check-in stays open once ``min_clients`` joined.
-        advertise_s, share_s, masked_s, unmask_s: per-stage deadlines in seconds.
+        advertise_s, share_s, masked_s, consistency_s, unmask_s: per-stage deadlines in seconds.
         rounds: how many rounds to finish before :meth:`RoundCoordinator.run` returns (0 = forever).
         clip: each delta coordinate is clipped to [-clip, clip] before quantization.
         max_weight: largest example count a device may claim as its weight.
@@ -188,6 +200,7 @@ class RoundSettings:
     advertise_s: float = 20.0
     share_s: float = 20.0
     masked_s: float = 60.0
+    consistency_s: float = 20.0
     unmask_s: float = 20.0
     rounds: int = 0
     clip: float = 1.0
@@ -201,7 +214,7 @@ class RoundSettings:
                 raise ValidationError(f"{name} must be an int")
         if not 2 <= self.min_clients <= self.max_clients:
             raise ValidationError("need 2 <= min_clients <= max_clients")
-        for name in ("checkin_s", "advertise_s", "share_s", "masked_s", "unmask_s", "clip"):
+        for name in ("checkin_s", "advertise_s", "share_s", "masked_s", "consistency_s", "unmask_s", "clip"):
             _positive(name, getattr(self, name))
         t = self.threshold
         if t is not None:
@@ -240,6 +253,7 @@ class RoundSettings:
             RoundStage.ADVERTISE_KEYS: self.advertise_s,
             RoundStage.SHARE_KEYS: self.share_s,
             RoundStage.MASKED_INPUT: self.masked_s,
+            RoundStage.CONSISTENCY_CHECK: self.consistency_s,
             RoundStage.UNMASK: self.unmask_s,
         }[stage]
 

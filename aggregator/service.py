@@ -74,6 +74,7 @@ _FROM_PROTO = {
     common_pb2.STAGE_ADVERTISE_KEYS: RoundStage.ADVERTISE_KEYS,
     common_pb2.STAGE_SHARE_KEYS: RoundStage.SHARE_KEYS,
     common_pb2.STAGE_MASKED_INPUT: RoundStage.MASKED_INPUT,
+    common_pb2.STAGE_CONSISTENCY_CHECK: RoundStage.CONSISTENCY_CHECK,
     common_pb2.STAGE_UNMASK: RoundStage.UNMASK,
     common_pb2.STAGE_IDLE: RoundStage.IDLE,
     common_pb2.STAGE_FINISHED: RoundStage.FINISHED,
@@ -86,6 +87,7 @@ _RESULT_STAGES = frozenset(
         RoundStage.ADVERTISE_KEYS,
         RoundStage.SHARE_KEYS,
         RoundStage.MASKED_INPUT,
+        RoundStage.CONSISTENCY_CHECK,
     }
 )
 
@@ -376,6 +378,12 @@ class FederationRpc(federation_pb2_grpc.FederationServicer):  # type: ignore[mis
     async def ShareKeys(self, request: federation_pb2.StageMessage, context: Context) -> common_pb2.StageAck:
         """Accept the device's encrypted shares."""
         return await self._stage_message(RoundStage.SHARE_KEYS, request, context)
+
+    async def ConsistencyCheck(
+        self, request: federation_pb2.StageMessage, context: Context
+    ) -> common_pb2.StageAck:
+        """Accept the device's signature over the announced survivor set."""
+        return await self._stage_message(RoundStage.CONSISTENCY_CHECK, request, context)
 
     async def Unmask(self, request: federation_pb2.StageMessage, context: Context) -> common_pb2.StageAck:
         """Accept the device's unmasking shares."""

@@ -180,7 +180,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         root = Path(tmp)
         deadlines = StageDeadlines(
             advertise_keys_s=args.deadline_s, share_keys_s=args.deadline_s,
-            masked_input_s=args.deadline_s, unmask_s=args.deadline_s,
+            masked_input_s=args.deadline_s, consistency_check_s=args.deadline_s, unmask_s=args.deadline_s,
         )  # fmt: skip
         config = init_deployment(
             root / "agg",

@@ -27,7 +27,7 @@ from security.errors import RoundAbortedError
 from security.keys import AgreementKey, IdentityKey, verify_signature
 from security.secagg import NeighbourGraph, SecAggClient, SecAggParams, SecAggServer, decode_message
 
-_DROP_STAGES = ("advertise", "share", "masked", "unmask", "mixed")
+_DROP_STAGES = ("advertise", "share", "masked", "consistency", "unmask", "mixed")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -111,6 +111,11 @@ def _count_public_key_ops(params: SecAggParams, drop_at: dict[int, str]) -> tupl
         agreements += len(u2 & graph.neighbors(u))
     for u in u2 - u3:  # the server re-derives the dropped clients' seeds with their surviving neighbours
         agreements += len(u3 & graph.neighbors(u))
+    u4 = {u for u in u3 if drop_at.get(u) != "consistency"}
+    verifies += len(u4)  # the server checks every consistency-check signature
+    for u in u4:  # a client checks t - 1 of its neighbours' signatures before it unmasks
+        if drop_at.get(u) != "unmask" and len(u4 & graph.holders(u)) >= params.threshold:
+            verifies += params.threshold - 1
     return verifies, agreements
 
 
@@ -142,10 +147,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rng = np.random.default_rng(args.seed)
     n_drop = round(float(args.dropout) * n)
     dropped = sorted(int(x) + 1 for x in rng.choice(n, size=n_drop, replace=False))
-    stages = ("advertise", "share", "masked", "unmask")
+    stages = _DROP_STAGES[:-1]
     drop_at: dict[int, str] = {}
     for i, cid in enumerate(dropped):
-        drop_at[cid] = stages[i % 4] if args.drop_stage == "mixed" else args.drop_stage
+        drop_at[cid] = stages[i % len(stages)] if args.drop_stage == "mixed" else args.drop_stage
     weights = {
         cid: int(w)
         for cid, w in zip(range(1, n + 1), rng.integers(1, params.max_weight + 1, size=n), strict=True)
@@ -218,6 +223,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     cid, data, lambda m, c=clients[cid], x=x, w=w: c.masked_input(m, update=x, weight=w)
                 )
             )
+        outbox = server_close()
+        for cid, data in outbox.items():
+            if drop_at.get(cid) != "consistency":
+                server_receive(client_step(cid, data, clients[cid].consistency_check))
         outbox = server_close()
         for cid, data in outbox.items():
             if drop_at.get(cid) != "unmask":

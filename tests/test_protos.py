@@ -23,6 +23,7 @@ def test_generated_code_is_current() -> None:
 def test_stage_enum_order_and_round_trip() -> None:
     stages = [common_pb2.Stage.Name(v) for v in sorted(common_pb2.Stage.values())]
     assert stages[2:6] == ["STAGE_ADVERTISE_KEYS", "STAGE_SHARE_KEYS", "STAGE_MASKED_INPUT", "STAGE_UNMASK"]
+    assert stages[8:] == ["STAGE_CHECK_IN", "STAGE_CONSISTENCY_CHECK"]
     msg = federation_pb2.MaskedInputChunk(
         request_id="0" * 36, round_id=7, index=1, count=3, total_bytes=10, data=b"\x00\xff"
     )
@@ -30,9 +31,16 @@ def test_stage_enum_order_and_round_trip() -> None:
 
 
 def test_services_expose_every_stage_rpc() -> None:
-    assert {"GetRound", "AdvertiseKeys", "ShareKeys", "UploadMaskedInput", "Unmask", "GetStageResult"} <= set(
-        dir(federation_pb2_grpc.FederationServicer)
-    )
+    rpcs = {
+        "GetRound",
+        "AdvertiseKeys",
+        "ShareKeys",
+        "UploadMaskedInput",
+        "ConsistencyCheck",
+        "Unmask",
+        "GetStageResult",
+    }
+    assert rpcs <= set(dir(federation_pb2_grpc.FederationServicer))
     assert {"GetManifest", "DownloadModel"} <= set(dir(models_pb2_grpc.ModelsServicer))
     upload = federation_pb2.DESCRIPTOR.services_by_name["Federation"].methods_by_name["UploadMaskedInput"]
     assert upload.client_streaming and not upload.server_streaming

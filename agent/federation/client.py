@@ -35,7 +35,7 @@ from security.errors import FedferError, IntegrityError, RoundAbortedError, Vali
 from security.model_codec import decode_model
 from security.secagg.client import SecAggClient
 from security.secagg.graph import NeighbourGraph
-from security.secagg.messages import KeysBroadcast, SharesBroadcast, UnmaskRequest
+from security.secagg.messages import ConsistencyRequest, KeysBroadcast, SharesBroadcast, UnmaskRequest
 from security.secagg.params import SecAggParams
 
 __all__ = ["CentralModel", "FederationClient", "RoundOutcome", "WireCounter"]
@@ -49,9 +49,10 @@ _ORDER = {
     common_pb2.STAGE_ADVERTISE_KEYS: 2,
     common_pb2.STAGE_SHARE_KEYS: 3,
     common_pb2.STAGE_MASKED_INPUT: 4,
-    common_pb2.STAGE_UNMASK: 5,
-    common_pb2.STAGE_FINISHED: 6,
-    common_pb2.STAGE_ABORTED: 6,
+    common_pb2.STAGE_CONSISTENCY_CHECK: 5,
+    common_pb2.STAGE_UNMASK: 6,
+    common_pb2.STAGE_FINISHED: 7,
+    common_pb2.STAGE_ABORTED: 7,
 }
 _TERMINAL = (common_pb2.STAGE_FINISHED, common_pb2.STAGE_ABORTED)
 _LEFT_BEHIND = frozenset(
@@ -406,9 +407,21 @@ class FederationClient:
             await self._upload(round_id, masked.to_bytes())
             await self._hook("masked_input")
 
+            await self._wait_stage(round_id, common_pb2.STAGE_CONSISTENCY_CHECK, until=until)
+            announced = ConsistencyRequest.from_bytes(
+                (await self._result(round_id, common_pb2.STAGE_MASKED_INPUT)).payload
+            )
+            await self._send(
+                "consistency check",
+                self._stub.ConsistencyCheck,
+                round_id,
+                client.consistency_check(announced).to_bytes(),
+            )
+            await self._hook("consistency_check")
+
             await self._wait_stage(round_id, common_pb2.STAGE_UNMASK, until=until)
             request = UnmaskRequest.from_bytes(
-                (await self._result(round_id, common_pb2.STAGE_MASKED_INPUT)).payload
+                (await self._result(round_id, common_pb2.STAGE_CONSISTENCY_CHECK)).payload
             )
             await self._send("unmask", self._stub.Unmask, round_id, client.unmask(request).to_bytes())
             await self._hook("unmask")

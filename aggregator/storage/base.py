@@ -63,7 +63,8 @@ class NotFoundError(StorageError):
 class RoundStatus(enum.Enum):
     """Life cycle of a secure-aggregation round.
 
-    ``OPEN`` → ``ADVERTISE_KEYS`` → ``SHARE_KEYS`` → ``MASKED_INPUT`` → ``UNMASK`` → ``PUBLISHED``; any
+    ``OPEN`` → ``ADVERTISE_KEYS`` → ``SHARE_KEYS`` → ``MASKED_INPUT`` → ``CONSISTENCY_CHECK`` → ``UNMASK`` →
+    ``PUBLISHED``; any
     non-terminal status may go to ``ABORTED``. The collecting statuses double as stage names for
     :meth:`Storage.put_round_message`. The storage layer does not enforce the order (the orchestrator does);
     it enforces that a round is changed only by the holder of its current version.
@@ -73,6 +74,7 @@ class RoundStatus(enum.Enum):
     ADVERTISE_KEYS = "advertise_keys"
     SHARE_KEYS = "share_keys"
     MASKED_INPUT = "masked_input"
+    CONSISTENCY_CHECK = "consistency_check"
     UNMASK = "unmask"
     PUBLISHED = "published"
     ABORTED = "aborted"

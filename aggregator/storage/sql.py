@@ -81,7 +81,7 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             round_id {autoid},
             cohort TEXT NOT NULL,
             status TEXT NOT NULL CHECK (status IN ('open', 'advertise_keys', 'share_keys', 'masked_input',
-                                                   'unmask', 'published', 'aborted')),
+                                                   'consistency_check', 'unmask', 'published', 'aborted')),
             params TEXT NOT NULL,
             created_at BIGINT NOT NULL,
             updated_at BIGINT NOT NULL,

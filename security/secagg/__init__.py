@@ -6,17 +6,25 @@ identity key. (2) It verifies its neighbours' signed keys, draws a 32-byte self-
 t-of-|H(u)| shares b_u and its mask private key among its neighbours and itself, each share pair AES-256-GCM
 encrypted under an HKDF key agreed with the receiver (associated data = round digest, sender, receiver).
 (3) It uploads y_u = encode(w_u * x_u, w_u) + PRG(b_u) + sum_v ±PRG(s_uv) mod 2^k, with s_uv agreed
-pairwise by X25519 + HKDF and PRG = AES-256-CTR. (4) Survivors reveal shares of the survivors' b_u and of the
-dropped clients' mask keys (never both for one client); the server removes the self masks and the dropped
-clients' pairwise masks and decodes sum(w_u x_u) and sum(w_u). The neighbour graph is complete (SecAgg) or a
-random k-regular ring (SecAgg+), fixed by the round id.
+pairwise by X25519 + HKDF and PRG = AES-256-CTR. (4) Consistency check: the server announces the survivor set
+U3, each survivor signs it once with its identity key, and the server forwards the signatures. (5) Holding t
+signatures of its holders (itself included) over the set it signed, each survivor reveals shares of the
+survivors' b_u and of the dropped clients' mask keys (never both for one client); the server removes the self
+masks and the dropped clients' pairwise masks and decodes sum(w_u x_u) and sum(w_u). The neighbour graph is
+complete (SecAgg) or a random k-regular ring (SecAgg+), fixed by the round id.
 
-Threat model. An honest-but-curious server, possibly colluding with fewer than t clients (fewer than t of any
-client's share holders for SecAgg+), learns only the sum of the survivors' weighted updates and their total
-weight. Signatures over the round keys stop a server from substituting keys (no man in the middle on the
-shares); AEAD associated data stops shares being redirected, swapped or replayed across rounds; a client
-refuses to reveal both secrets of one peer. Not covered: a malicious server that lies about who dropped to
-different clients (Bonawitz's extra consistency-check round is not implemented), and malformed inputs from
+Threat model. A server possibly colluding with c of a client's t-of-h share holders (h = k + 1; h = n for
+the complete graph), where the colluders hand over everything they hold. If the server reports dropouts
+truthfully (honest-but-curious), it learns only the sum of the survivors' weighted updates and their total
+weight for any c <= t - 1. If it also lies, telling some holders that a client dropped and others that it
+survived, it can collect both of that client's secrets exactly when c >= 2t - h
+(:attr:`SecAggParams.colluders_tolerated_by_lying_server`; choose t with :func:`threshold_for_colluders`).
+The consistency check makes every honest client that reveals shares hold t signatures of its holders over
+the very survivor set it signed: for the complete graph and c < 2t - n any two such quorums share an honest
+signer, so all honest clients act on one survivor set (Bonawitz et al.'s argument); for SecAgg+ the quorum
+is each client's own neighbourhood. Signatures over the round keys stop a server from substituting keys (no
+man in the middle on the shares); AEAD associated data stops shares being redirected, swapped or replayed
+across rounds; a client refuses to reveal both secrets of one peer. Not covered: malformed inputs from
 malicious clients (the sum is only as good as its inputs; clipping bounds each honest client's influence).
 
 Error bound. Updates are clipped to [-c, c], multiplied by the integer weight and scaled by s (the largest
@@ -32,6 +40,8 @@ from security.secagg.client import ClientStage, SecAggClient
 from security.secagg.graph import NeighbourGraph
 from security.secagg.messages import (
     AdvertiseKeys,
+    ConsistencyRequest,
+    ConsistencySignature,
     EncryptedShare,
     KeysBroadcast,
     MaskedInput,
@@ -39,17 +49,25 @@ from security.secagg.messages import (
     RevealedShare,
     ShareKeys,
     SharesBroadcast,
+    SignedSurvivors,
     UnmaskRequest,
     UnmaskResponse,
     decode_message,
 )
-from security.secagg.params import SecAggParams, default_neighbors, default_threshold
+from security.secagg.params import (
+    SecAggParams,
+    default_neighbors,
+    default_threshold,
+    threshold_for_colluders,
+)
 from security.secagg.server import AggregateResult, DuplicateMessageError, SecAggServer, ServerStage
 
 __all__ = [
     "AdvertiseKeys",
     "AggregateResult",
     "ClientStage",
+    "ConsistencyRequest",
+    "ConsistencySignature",
     "DuplicateMessageError",
     "EncryptedShare",
     "KeysBroadcast",
@@ -64,9 +82,11 @@ __all__ = [
     "ServerStage",
     "ShareKeys",
     "SharesBroadcast",
+    "SignedSurvivors",
     "UnmaskRequest",
     "UnmaskResponse",
     "decode_message",
     "default_neighbors",
     "default_threshold",
+    "threshold_for_colluders",
 ]

@@ -32,6 +32,8 @@ from security.secagg._derive import (
 from security.secagg.graph import NeighbourGraph
 from security.secagg.messages import (
     AdvertiseKeys,
+    ConsistencyRequest,
+    ConsistencySignature,
     EncryptedShare,
     KeysBroadcast,
     MaskedInput,
@@ -40,6 +42,7 @@ from security.secagg.messages import (
     SharesBroadcast,
     UnmaskRequest,
     UnmaskResponse,
+    consistency_payload,
     signed_keys_payload,
 )
 from security.secagg.params import SecAggParams
@@ -56,6 +59,7 @@ class ClientStage(enum.Enum):
     ADVERTISE_KEYS = "advertise_keys"
     SHARE_KEYS = "share_keys"
     MASKED_INPUT = "masked_input"
+    CONSISTENCY_CHECK = "consistency_check"
     UNMASK = "unmask"
     DONE = "done"
     ABORTED = "aborted"
@@ -117,6 +121,7 @@ class SecAggClient:
         self._seed: bytes | None = None
         self._held: dict[int, tuple[bytes, bytes]] = {}
         self._share_peers: frozenset[int] = frozenset()
+        self._signed_survivors: tuple[int, ...] | None = None
         self.mask_bytes_generated = 0
 
     @property
@@ -158,12 +163,29 @@ class SecAggClient:
         self._stage = ClientStage.ABORTED
         self._wipe()
 
+    def _check_quorum(self, request: UnmaskRequest, signed: tuple[int, ...]) -> None:
+        """Require t holders (this one included) to have signed ``signed``; verify only as many as needed."""
+        t = self._params.threshold
+        payload = consistency_payload(self._params.digest, signed)
+        in_sum = set(signed)
+        vouching = 1
+        for item in request.signatures:
+            if vouching >= t:
+                break
+            if item.signer not in self._neighbors or item.signer not in in_sum:
+                raise ProtocolError("a consistency signature from a client that is not a surviving neighbour")
+            verify_signature(self._roster[item.signer], payload, item.signature)
+            vouching += 1
+        if vouching < t:
+            raise RoundAbortedError("fewer than t share holders vouch for the survivor set")
+
     def _wipe(self) -> None:
         self._enc_key = None
         self._mask_key = None
         self._seed = None
         self._aead_keys.clear()
         self._held.clear()
+        self._signed_survivors = None
 
     def _guarded(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -338,16 +360,58 @@ class SecAggClient:
         self._mask_key = None
         self._seed = None
         self._aead_keys.clear()
-        self._stage = ClientStage.UNMASK
+        self._stage = ClientStage.CONSISTENCY_CHECK
         return MaskedInput(params.round_id, self._id, params.modulus_bits, encoded)
 
-    # -- stage 4 -----------------------------------------------------------------------------------------
+    # -- stage 4: consistency check ----------------------------------------------------------------------
+
+    def consistency_check(self, request: ConsistencyRequest) -> ConsistencySignature:
+        """Sign the survivor set U3 the server announced (once per round: the client never signs another).
+
+        Bonawitz et al.'s consistency check: before revealing any share the client will require ``t`` of its
+        share holders (itself included) to have signed the very same U3, so an honest client reveals shares
+        only for a survivor set that enough of its holders saw too.
+
+        Args:
+            request: the server's :class:`ConsistencyRequest` for this client.
+
+        Returns:
+            The :class:`ConsistencySignature` message.
+
+        Raises:
+            ProtocolError: wrong stage, type, round, addressee; this client missing from U3; or U3 naming a
+                neighbour that never shared keys with this client.
+            RoundAbortedError: fewer than t of this client's holders are in U3.
+        """
+        self._expect(
+            ClientStage.CONSISTENCY_CHECK, request, ConsistencyRequest, getattr(request, "receiver", None)
+        )
+        return self._guarded(self._consistency_check, request)  # type: ignore[no-any-return]
+
+    def _consistency_check(self, request: ConsistencyRequest) -> ConsistencySignature:
+        survivors = request.survivors
+        if survivors[-1:] and survivors[-1] > self._params.num_clients:
+            raise ProtocolError("survivor set names a client outside the round")
+        mine = set(survivors) & (self._neighbors | {self._id})
+        if self._id not in mine:
+            raise ProtocolError("this client is not in the survivor set")
+        if not mine - {self._id} <= self._share_peers:
+            raise ProtocolError("survivor set names a neighbour that shared no keys with this client")
+        if len(mine) < self._params.threshold:
+            raise RoundAbortedError("fewer surviving share holders than the threshold")
+        signature = self._identity.sign(consistency_payload(self._params.digest, survivors))
+        self._signed_survivors = survivors
+        self._stage = ClientStage.UNMASK
+        return ConsistencySignature(self._params.round_id, self._id, signature)
+
+    # -- stage 5 -----------------------------------------------------------------------------------------
 
     def unmask(self, request: UnmaskRequest) -> UnmaskResponse:
         """Reveal self-mask-seed shares of survivors and mask-key shares of dropped neighbours.
 
         Never reveals both kinds for one client: the request must classify every neighbour that shared
-        keys as exactly one of survivor or dropped, and this client must be a survivor.
+        keys exactly as the survivor set this client signed does, and carry valid consistency-check
+        signatures over that set from at least t - 1 of this client's neighbours (t with its own).
 
         Args:
             request: the server's :class:`UnmaskRequest` for this client.
@@ -356,23 +420,24 @@ class SecAggClient:
             The :class:`UnmaskResponse` message.
 
         Raises:
-            ProtocolError: wrong stage, type, round, addressee, or an inconsistent survivor/dropped split.
-            RoundAbortedError: fewer than t survivors among this client's share holders.
+            ProtocolError: wrong stage, type, round, addressee, or a survivor/dropped split other than the
+                signed set's.
+            IntegrityError: a forwarded signature is not valid for the signed set.
+            RoundAbortedError: fewer than t holders vouch for the signed set.
         """
         self._expect(ClientStage.UNMASK, request, UnmaskRequest, getattr(request, "receiver", None))
         return self._guarded(self._unmask, request)  # type: ignore[no-any-return]
 
     def _unmask(self, request: UnmaskRequest) -> UnmaskResponse:
+        signed = self._signed_survivors
+        if signed is None:
+            raise ProtocolError("client state is incomplete")  # unreachable: the stage guarantees it
+        in_sum = set(signed)
         survivors = set(request.survivors)
         dropped = set(request.dropped)
-        if self._id not in survivors:
-            raise ProtocolError("this client is not listed as a survivor")
-        if self._id in dropped:
-            raise ProtocolError("this client is listed as dropped")
-        if (survivors | dropped) != (set(self._share_peers) | {self._id}):
-            raise ProtocolError("survivor/dropped lists do not match the neighbours that shared keys")
-        if len(survivors) < self._params.threshold:
-            raise RoundAbortedError("fewer surviving share holders than the threshold")
+        if survivors != (in_sum & (self._share_peers | {self._id})) or dropped != self._share_peers - in_sum:
+            raise ProtocolError("survivor/dropped lists do not match the signed survivor set")
+        self._check_quorum(request, signed)
         seed_shares = tuple(RevealedShare(u, self._held[u][0]) for u in sorted(survivors))
         key_shares = tuple(RevealedShare(u, self._held[u][1]) for u in sorted(dropped))
         self._wipe()

@@ -8,8 +8,11 @@ Flow (server S, clients 1..n, ``H(u)`` = u's neighbours and u itself):
    seed and its mask private key, AEAD-encrypted pairwise)
 4. S -> client :class:`SharesBroadcast` (the encrypted shares addressed to that client)
 5. client -> S :class:`MaskedInput` (the quantized, weighted update plus self mask plus pairwise masks)
-6. S -> client :class:`UnmaskRequest` (which neighbours survived, which dropped)
-7. client -> S :class:`UnmaskResponse` (self-mask-seed shares of survivors, mask-key shares of the dropped)
+6. S -> client :class:`ConsistencyRequest` (the set U3 of clients whose masked input is in the sum)
+7. client -> S :class:`ConsistencySignature` (the client's identity-key signature over exactly that set)
+8. S -> client :class:`UnmaskRequest` (which neighbours survived, which dropped, and the neighbours'
+   signatures over the same set)
+9. client -> S :class:`UnmaskResponse` (self-mask-seed shares of survivors, mask-key shares of the dropped)
 
 Constructing a message validates every field's exact type and range (``bool`` is not an ``int``) and
 raises :class:`MalformedMessageError` otherwise. Sequences are tuples strictly increasing by client id, so
@@ -28,6 +31,7 @@ from typing import Any, ClassVar, TypeAlias
 import numpy as np
 import numpy.typing as npt
 
+from security.crypto import sha256
 from security.keys import PUBLIC_KEY_BYTES, SIGNATURE_BYTES
 from security.quantize import working_dtype
 from security.secagg._wire import MAX_ITEMS, MalformedMessageError, Reader, Writer, peek_kind
@@ -38,6 +42,8 @@ __all__ = [
     "SHARE_CIPHERTEXT_BYTES",
     "SHARE_PLAINTEXT_BYTES",
     "AdvertiseKeys",
+    "ConsistencyRequest",
+    "ConsistencySignature",
     "EncryptedShare",
     "KeysBroadcast",
     "MalformedMessageError",
@@ -46,8 +52,10 @@ __all__ = [
     "RevealedShare",
     "ShareKeys",
     "SharesBroadcast",
+    "SignedSurvivors",
     "UnmaskRequest",
     "UnmaskResponse",
+    "consistency_payload",
     "decode_message",
     "signed_keys_payload",
 ]
@@ -57,11 +65,13 @@ SHARE_CIPHERTEXT_BYTES = 12 + SHARE_PLAINTEXT_BYTES + 16
 _ROUND_ID_MIN = 16
 _ROUND_ID_MAX = 64
 _SIGN_LABEL = b"fedfer/secagg/v1/advertise-keys"
+_CONSISTENCY_LABEL = b"fedfer/secagg/v1/consistency-check"
 # Fixed-size records of repeated items (packed and parsed in C, not item by item in Python).
 _KEY_RECORD = struct.Struct(f"<I{PUBLIC_KEY_BYTES}s{PUBLIC_KEY_BYTES}s{SIGNATURE_BYTES}s")
 _SHARE_RECORD = struct.Struct(f"<II{SHARE_CIPHERTEXT_BYTES}s")
 _REVEALED_RECORD = struct.Struct(f"<I{SHARE_BYTES}s")
 _ID_RECORD = struct.Struct("<I")
+_SIGNED_RECORD = struct.Struct(f"<I{SIGNATURE_BYTES}s")
 
 
 def _round_id(value: object) -> None:
@@ -102,6 +112,16 @@ def signed_keys_payload(params_digest: bytes, sender: int, encryption_key: bytes
     be replayed into another round or attributed to another client.
     """
     return _SIGN_LABEL + params_digest + sender.to_bytes(4, "little") + encryption_key + mask_key
+
+
+def consistency_payload(params_digest: bytes, survivors: tuple[int, ...]) -> bytes:
+    """The exact bytes a client signs in the consistency check: the round and the set U3 it was shown.
+
+    Binds the signature to the round parameters and to the whole, ordered survivor set (through its
+    SHA-256), so one signature vouches for exactly one set in exactly one round.
+    """
+    ids = b"".join(x.to_bytes(4, "little") for x in survivors)
+    return _CONSISTENCY_LABEL + params_digest + sha256(ids)
 
 
 @dataclass(frozen=True)
@@ -394,8 +414,104 @@ class MaskedInput:
 
 
 @dataclass(frozen=True)
+class ConsistencyRequest:
+    """Stage 6, server -> client: the set U3 of clients whose masked input is in the sum.
+
+    Attributes:
+        round_id: the round.
+        receiver: client id (a member of ``survivors``).
+        survivors: every client whose masked input arrived, strictly increasing (the same set for every
+            receiver; an honest client signs one set per round).
+    """
+
+    KIND: ClassVar[int] = 8
+    round_id: bytes
+    receiver: int
+    survivors: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        _round_id(self.round_id)
+        _client_id("receiver", self.receiver)
+        _increasing("survivors", self.survivors, int, lambda x: x)
+        for x in self.survivors:
+            _client_id("client id", x)
+
+    def to_bytes(self) -> bytes:
+        """Canonical, versioned encoding."""
+        w = Writer(self.KIND)
+        w.blob(self.round_id)
+        w.u32(self.receiver)
+        w.records(_ID_RECORD, [(x,) for x in self.survivors])
+        return w.finish()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> ConsistencyRequest:
+        """Parse :meth:`to_bytes` output; raises :class:`MalformedMessageError`."""
+        r = Reader(data, cls.KIND)
+        round_id = r.blob()
+        receiver = r.u32()
+        survivors = tuple(rec[0] for rec in r.records(_ID_RECORD))
+        r.end()
+        return cls(round_id, receiver, survivors)
+
+
+@dataclass(frozen=True)
+class ConsistencySignature:
+    """Stage 7, client -> server: the sender's signature over :func:`consistency_payload` of U3.
+
+    Attributes:
+        round_id: the round.
+        sender: client id.
+        signature: Ed25519 signature by the sender's identity key.
+    """
+
+    KIND: ClassVar[int] = 9
+    round_id: bytes
+    sender: int
+    signature: bytes
+
+    def __post_init__(self) -> None:
+        _round_id(self.round_id)
+        _client_id("sender", self.sender)
+        _fixed_bytes("signature", self.signature, SIGNATURE_BYTES)
+
+    def to_bytes(self) -> bytes:
+        """Canonical, versioned encoding."""
+        w = Writer(self.KIND)
+        w.blob(self.round_id)
+        w.u32(self.sender)
+        w.raw(self.signature)
+        return w.finish()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> ConsistencySignature:
+        """Parse :meth:`to_bytes` output; raises :class:`MalformedMessageError`."""
+        r = Reader(data, cls.KIND)
+        out = cls(r.blob(), r.u32(), r.raw(SIGNATURE_BYTES))
+        r.end()
+        return out
+
+
+@dataclass(frozen=True)
+class SignedSurvivors:
+    """One client's consistency-check signature, as the server forwards it to the signer's neighbours.
+
+    Attributes:
+        signer: client id whose identity key made ``signature``.
+        signature: Ed25519 signature over :func:`consistency_payload`.
+    """
+
+    signer: int
+    signature: bytes
+
+    def __post_init__(self) -> None:
+        _client_id("signer", self.signer)
+        _fixed_bytes("signature", self.signature, SIGNATURE_BYTES)
+
+
+@dataclass(frozen=True)
 class UnmaskRequest:
-    """Stage 6, server -> client: who among the receiver's share holders survived and who dropped.
+    """Stage 8, server -> client: who among the receiver's share holders survived and who dropped.
 
     Attributes:
         round_id: the round.
@@ -404,6 +520,9 @@ class UnmaskRequest:
             strictly increasing; the receiver reveals their self-mask-seed shares.
         dropped: neighbours that shared keys but sent no masked input, strictly increasing; the receiver
             reveals their mask-key shares.
+        signatures: the consistency-check signatures of the receiver's neighbours over the survivor set,
+            strictly increasing by signer; the receiver needs t of them (itself included) over the very set
+            it signed before it reveals anything.
     """
 
     KIND: ClassVar[int] = 6
@@ -411,6 +530,7 @@ class UnmaskRequest:
     receiver: int
     survivors: tuple[int, ...]
     dropped: tuple[int, ...]
+    signatures: tuple[SignedSurvivors, ...]
 
     def __post_init__(self) -> None:
         _round_id(self.round_id)
@@ -421,6 +541,7 @@ class UnmaskRequest:
             _client_id("client id", x)
         if set(self.survivors) & set(self.dropped):
             raise MalformedMessageError("a client cannot both survive and drop")
+        _increasing("signatures", self.signatures, SignedSurvivors, lambda s: s.signer)
 
     def to_bytes(self) -> bytes:
         """Canonical, versioned encoding."""
@@ -429,6 +550,7 @@ class UnmaskRequest:
         w.u32(self.receiver)
         w.records(_ID_RECORD, [(x,) for x in self.survivors])
         w.records(_ID_RECORD, [(x,) for x in self.dropped])
+        w.records(_SIGNED_RECORD, [(s.signer, s.signature) for s in self.signatures])
         return w.finish()
 
     @classmethod
@@ -439,8 +561,9 @@ class UnmaskRequest:
         receiver = r.u32()
         survivors = tuple(rec[0] for rec in r.records(_ID_RECORD))
         dropped = tuple(rec[0] for rec in r.records(_ID_RECORD))
+        signatures = tuple(SignedSurvivors(*rec) for rec in r.records(_SIGNED_RECORD))
         r.end()
-        return cls(round_id, receiver, survivors, dropped)
+        return cls(round_id, receiver, survivors, dropped, signatures)
 
 
 @dataclass(frozen=True)
@@ -462,7 +585,7 @@ class RevealedShare:
 
 @dataclass(frozen=True)
 class UnmaskResponse:
-    """Stage 7, client -> server: the shares needed to remove the masks, never both kinds for one client.
+    """Stage 9, client -> server: the shares needed to remove the masks, never both kinds for one client.
 
     Attributes:
         round_id: the round.
@@ -507,7 +630,15 @@ class UnmaskResponse:
 
 
 Message: TypeAlias = (
-    AdvertiseKeys | KeysBroadcast | ShareKeys | SharesBroadcast | MaskedInput | UnmaskRequest | UnmaskResponse
+    AdvertiseKeys
+    | KeysBroadcast
+    | ShareKeys
+    | SharesBroadcast
+    | MaskedInput
+    | ConsistencyRequest
+    | ConsistencySignature
+    | UnmaskRequest
+    | UnmaskResponse
 )
 """Any top-level secure-aggregation message."""
 
@@ -519,6 +650,8 @@ _BY_KIND: dict[int, Callable[[bytes], Message]] = {
         ShareKeys,
         SharesBroadcast,
         MaskedInput,
+        ConsistencyRequest,
+        ConsistencySignature,
         UnmaskRequest,
         UnmaskResponse,
     )

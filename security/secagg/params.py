@@ -10,7 +10,7 @@ from security.errors import ValidationError
 from security.quantize import FixedPointCodec
 from security.secagg._wire import MalformedMessageError, Reader, Writer
 
-__all__ = ["MAX_CLIENTS", "SecAggParams", "default_neighbors", "default_threshold"]
+__all__ = ["MAX_CLIENTS", "SecAggParams", "default_neighbors", "default_threshold", "threshold_for_colluders"]
 
 MAX_CLIENTS = 1 << 20
 _KIND_PARAMS = 10
@@ -52,6 +52,35 @@ def default_threshold(num_clients: int, neighbors: int) -> int:
     return max(2, holders // 2 + 1)
 
 
+def threshold_for_colluders(num_clients: int, neighbors: int, colluders: int) -> int:
+    """The smallest threshold that keeps a client's update private from a server that lies about dropouts
+    while ``colluders`` of that client's share holders hand the server everything they hold.
+
+    With ``h = neighbors + 1`` holders per client, the lie (telling some holders "u dropped" and others
+    "u survived") yields both of u's secrets exactly when ``colluders >= 2t - h``; so
+    ``t = floor((h + c) / 2) + 1`` is the least t that defeats it. Dropout tolerance falls accordingly
+    (each client needs t live holders).
+
+    Args:
+        num_clients: n.
+        neighbors: degree k.
+        colluders: c >= 0, colluding holders per client to tolerate.
+
+    Returns:
+        t, at least 2.
+
+    Raises:
+        MalformedMessageError: if no threshold up to h tolerates that many colluders.
+    """
+    if type(colluders) is not int or colluders < 0:
+        raise MalformedMessageError("colluders must be a non-negative int")
+    holders = min(neighbors, num_clients - 1) + 1
+    t = max(2, (holders + colluders) // 2 + 1)
+    if t > holders:
+        raise MalformedMessageError("no threshold tolerates that many colluders among the share holders")
+    return t
+
+
 @dataclass(frozen=True, kw_only=True)
 class SecAggParams:
     """Everything both sides of a round must agree on.
@@ -63,8 +92,9 @@ class SecAggParams:
         neighbors: degree k of the neighbour graph; ``n - 1`` is the complete graph (SecAgg), an even
             2 <= k < n - 1 is a random k-regular graph (SecAgg+).
         threshold: Shamir threshold t, 2 <= t <= k + 1; the round needs t surviving holders per secret.
-            Keep t above half of each client's k + 1 share holders (the default does): otherwise a server
-            that lies to different holders about who dropped could collect both of one client's secrets.
+            Against an honest-but-curious server, t - 1 colluding holders learn nothing; against a server
+            that lies to different holders about who dropped, only ``2t - (k + 1) - 1`` do (see
+            :attr:`colluders_tolerated_by_lying_server` and :func:`threshold_for_colluders`).
         clip: updates are clipped coordinate-wise to [-clip, clip].
         max_weight: the largest integer weight (example count) a client may upload.
         modulus_bits: k_bits, arithmetic is mod 2^k_bits (<= 32 packs 4 bytes per element or fewer).
@@ -148,6 +178,25 @@ class SecAggParams:
             max_weight=max_weight,
             modulus_bits=modulus_bits,
         )
+
+    @property
+    def holders_per_client(self) -> int:
+        """Share holders of each client's secrets: its k neighbours and itself."""
+        return self.neighbors + 1
+
+    @property
+    def colluders_tolerated(self) -> int:
+        """Colluding share holders an honest-but-curious server may add and still learn nothing: t - 1."""
+        return self.threshold - 1
+
+    @property
+    def colluders_tolerated_by_lying_server(self) -> int:
+        """Colluding holders tolerated by a server that also lies about dropouts: ``max(0, 2t - h - 1)``.
+
+        Below this the holders a lie can win over cannot reach t for both of one client's secrets; at it the
+        lie succeeds (``tests/privacy/test_server_view.py`` runs the attack on both sides of the bound).
+        """
+        return max(0, 2 * self.threshold - self.holders_per_client - 1)
 
     @property
     def complete_graph(self) -> bool:

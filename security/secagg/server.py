@@ -9,8 +9,15 @@ clients are left"): when a stage closes with active set A, the round aborts if `
 
 - after key advertisement / key sharing: some active u has ``|A ∩ H(u)| < t`` (u could not share / hold
   enough shares);
-- after masked input / unmasking: some survivor u has ``|A ∩ H(u)| < t`` (its self mask could not be
-  removed), or some dropped u whose pairwise masks are in the sum has ``|A ∩ N(u)| < t``.
+- after masked input / the consistency check / unmasking: some survivor u has ``|A' ∩ H(u)| < t`` (its self
+  mask could not be removed), or some dropped u whose pairwise masks are in the sum has ``|A' ∩ N(u)| < t``,
+  where A' is the set that will reveal shares: after the consistency check, the signers v that t holders
+  (v included) vouch for, ``|A ∩ H(v)| >= t`` (the others would refuse to unmask).
+
+Consistency check (Bonawitz et al. 2017, section 4): after the masked inputs, the server announces the one
+survivor set U3 to every survivor, each signs it with its identity key, and the server forwards to every
+signer its neighbours' signatures; a client reveals shares only when t of its holders signed the set it
+signed itself. Signatures are verified here too, so a forged one is refused at once.
 
 All conditions are checked before any secret is reconstructed, so an aborted round reveals nothing.
 """
@@ -33,14 +40,18 @@ from security.secagg._wire import MalformedMessageError, Reader, Writer
 from security.secagg.graph import NeighbourGraph
 from security.secagg.messages import (
     AdvertiseKeys,
+    ConsistencyRequest,
+    ConsistencySignature,
     EncryptedShare,
     KeysBroadcast,
     MaskedInput,
     Message,
     ShareKeys,
     SharesBroadcast,
+    SignedSurvivors,
     UnmaskRequest,
     UnmaskResponse,
+    consistency_payload,
     pack_vector,
     signed_keys_payload,
     unpack_vector,
@@ -65,17 +76,21 @@ class ServerStage(enum.Enum):
     ADVERTISE_KEYS = 1
     SHARE_KEYS = 2
     MASKED_INPUT = 3
-    UNMASK = 4
-    DONE = 5
-    ABORTED = 6
+    CONSISTENCY_CHECK = 4
+    UNMASK = 5
+    DONE = 6
+    ABORTED = 7
 
 
 _EXPECTED_TYPE: dict[ServerStage, type] = {
     ServerStage.ADVERTISE_KEYS: AdvertiseKeys,
     ServerStage.SHARE_KEYS: ShareKeys,
     ServerStage.MASKED_INPUT: MaskedInput,
+    ServerStage.CONSISTENCY_CHECK: ConsistencySignature,
     ServerStage.UNMASK: UnmaskResponse,
 }
+
+_AFTER_MASKED_INPUT = frozenset({ServerStage.CONSISTENCY_CHECK, ServerStage.UNMASK})
 
 
 @dataclass(frozen=True, eq=False)
@@ -129,10 +144,12 @@ class SecAggServer:
         self._keys: dict[int, AdvertiseKeys] = {}
         self._share_msgs: dict[int, ShareKeys] = {}
         self._sum: npt.NDArray[np.unsignedinteger[Any]] | None = None
+        self._signatures: dict[int, ConsistencySignature] = {}
         self._responses: dict[int, UnmaskResponse] = {}
         self._u1: frozenset[int] = frozenset()
         self._u2: frozenset[int] = frozenset()
         self._u3: frozenset[int] = frozenset()
+        self._u3_ids: tuple[int, ...] = ()
         self._outgoing: dict[int, Message] = {}
         self._result: AggregateResult | None = None
         self.mask_bytes_generated = 0
@@ -212,6 +229,8 @@ class SecAggServer:
             self._receive_shares(message)
         elif type(message) is MaskedInput:
             self._receive_masked(message)
+        elif type(message) is ConsistencySignature:
+            self._receive_signature(message)
         elif type(message) is UnmaskResponse:
             self._receive_unmask(message)
         self._received.add(sender)
@@ -241,6 +260,12 @@ class SecAggServer:
             self._sum = np.zeros(self._params.vector_length, dtype=working_dtype(self._params.modulus_bits))
         np.add(self._sum, msg.vector, out=self._sum)
 
+    def _receive_signature(self, msg: ConsistencySignature) -> None:
+        verify_signature(
+            self._roster[msg.sender], consistency_payload(self._params.digest, self._u3_ids), msg.signature
+        )
+        self._signatures[msg.sender] = msg
+
     def _receive_unmask(self, msg: UnmaskResponse) -> None:
         v = msg.sender
         want_seed = sorted(self._u3 & self._graph.holders(v))
@@ -255,6 +280,7 @@ class SecAggServer:
         self._stage = ServerStage.ABORTED
         self._sum = None
         self._responses.clear()
+        self._signatures.clear()
         self._share_msgs.clear()
         self._outgoing.clear()
         self._eligible = frozenset()
@@ -321,17 +347,30 @@ class SecAggServer:
             if not self._masks_removable(active):
                 raise self._abort("too few survivors to remove every mask")
             self._u3 = active
-            dropped = self._u2 - active
+            self._u3_ids = tuple(sorted(active))
+            self._outgoing = {
+                v: ConsistencyRequest(self._params.round_id, v, self._u3_ids) for v in self._u3_ids
+            }
+            self._next(ServerStage.CONSISTENCY_CHECK, active)
+        elif self._stage is ServerStage.CONSISTENCY_CHECK:
+            vouched = frozenset(v for v in active if len(active & self._graph.holders(v)) >= t)
+            if len(vouched) < t or not self._masks_removable(vouched):
+                raise self._abort("too few survivors vouch for the survivor set to remove every mask")
+            dropped = self._u2 - self._u3
             self._outgoing = {
                 v: UnmaskRequest(
                     self._params.round_id,
                     v,
-                    tuple(sorted(active & self._graph.holders(v))),
+                    tuple(sorted(self._u3 & self._graph.holders(v))),
                     tuple(sorted(dropped & self._graph.neighbors(v))),
+                    tuple(
+                        SignedSurvivors(u, self._signatures[u].signature)
+                        for u in sorted(active & self._graph.neighbors(v))
+                    ),
                 )
-                for v in sorted(active)
+                for v in sorted(vouched)
             }
-            self._next(ServerStage.UNMASK, active)
+            self._next(ServerStage.UNMASK, vouched)
         else:
             if not self._masks_removable(active):
                 raise self._abort("too few clients revealed shares to remove every mask")
@@ -344,7 +383,7 @@ class SecAggServer:
         return dict(self._outgoing)
 
     def _masks_removable(self, active: frozenset[int]) -> bool:
-        survivors = self._u3 if self._stage is ServerStage.UNMASK else active
+        survivors = self._u3 if self._stage in _AFTER_MASKED_INPUT else active
         dropped = self._u2 - survivors
         dropped_in_sum = frozenset(u for u in dropped if survivors & self._graph.neighbors(u))
         return self._check_holders(active, survivors, include_self=True) and self._check_holders(
@@ -395,6 +434,7 @@ class SecAggServer:
         bound = codec.mean_error_bound(survivors=len(survivors), total_weight=total_weight)
         self._sum = None
         self._share_msgs.clear()
+        self._signatures.clear()
         self._responses.clear()
         return AggregateResult(weighted_sum, total_weight, survivors, bound)
 
@@ -458,6 +498,7 @@ class SecAggServer:
             w.blob(pack_vector(self._sum, self._params.modulus_bits))
         else:
             w.u8(0)
+        self._write_msgs(w, [self._signatures[u] for u in sorted(self._signatures)])
         self._write_msgs(w, [self._responses[u] for u in sorted(self._responses)])
         return w.finish()
 
@@ -501,6 +542,7 @@ class SecAggServer:
         shares = [ShareKeys.from_bytes(r.blob()) for _ in range(r.count())]
         masked_ids = frozenset(r.u32() for _ in range(r.count()))
         packed_sum = r.blob() if r.u8() == 1 else None
+        signatures = [ConsistencySignature.from_bytes(r.blob()) for _ in range(r.count())]
         responses = [UnmaskResponse.from_bytes(r.blob()) for _ in range(r.count())]
         r.end()
         for m in keys:
@@ -522,6 +564,10 @@ class SecAggServer:
                 server._sum = vec.astype(working_dtype(params.modulus_bits), copy=True)
             server._received = set(masked_ids)
         if stage.value > ServerStage.MASKED_INPUT.value:
+            server.close_stage()
+            for sig in signatures:
+                server.receive(sig)
+        if stage.value > ServerStage.CONSISTENCY_CHECK.value:
             server.close_stage()
             for resp in responses:
                 server.receive(resp)

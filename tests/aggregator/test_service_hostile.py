@@ -36,7 +36,13 @@ from protos.fedfer.v1 import (
 from security import pki
 from security.secagg.client import SecAggClient
 from security.secagg.graph import NeighbourGraph
-from security.secagg.messages import AdvertiseKeys, KeysBroadcast, SharesBroadcast, UnmaskRequest
+from security.secagg.messages import (
+    AdvertiseKeys,
+    ConsistencyRequest,
+    KeysBroadcast,
+    SharesBroadcast,
+    UnmaskRequest,
+)
 from security.secagg.params import SecAggParams
 from tests.integration.federation_harness import DIM, Harness
 from tests.integration.federation_harness import run_in_process as run
@@ -332,9 +338,15 @@ def test_hostile_participant_is_rejected_and_honest_round_completes(tmp_path: Pa
             assert not (await stub.UploadMaskedInput(_chunks(ok))).replayed
             assert (await stub.UploadMaskedInput(_chunks(ok))).replayed
 
-            await _wait(stub, round_id, common_pb2.STAGE_UNMASK)
+            await _wait(stub, round_id, common_pb2.STAGE_CONSISTENCY_CHECK)
             result = await stub.GetStageResult(
                 federation_pb2.StageResultRequest(round_id=round_id, stage=common_pb2.STAGE_MASKED_INPUT)
+            )
+            signed = client.consistency_check(ConsistencyRequest.from_bytes(result.payload))
+            await stub.ConsistencyCheck(msg(signed.to_bytes()))
+            await _wait(stub, round_id, common_pb2.STAGE_UNMASK)
+            result = await stub.GetStageResult(
+                federation_pb2.StageResultRequest(round_id=round_id, stage=common_pb2.STAGE_CONSISTENCY_CHECK)
             )
             reply = client.unmask(UnmaskRequest.from_bytes(result.payload))
             await stub.Unmask(msg(reply.to_bytes()))
@@ -446,6 +458,7 @@ class RawDevice:
         self._rpc = {
             common_pb2.STAGE_ADVERTISE_KEYS: stub.AdvertiseKeys,
             common_pb2.STAGE_SHARE_KEYS: stub.ShareKeys,
+            common_pb2.STAGE_CONSISTENCY_CHECK: stub.ConsistencyCheck,
             common_pb2.STAGE_UNMASK: stub.Unmask,
         }
 
@@ -509,6 +522,9 @@ class RawDevice:
             common_pb2.STAGE_MASKED_INPUT: lambda p: client.masked_input(
                 SharesBroadcast.from_bytes(p), update=update, weight=weight
             ),
+            common_pb2.STAGE_CONSISTENCY_CHECK: lambda p: client.consistency_check(
+                ConsistencyRequest.from_bytes(p)
+            ),
             common_pb2.STAGE_UNMASK: lambda p: client.unmask(UnmaskRequest.from_bytes(p)),
         }
         previous = common_pb2.STAGE_ADVERTISE_KEYS
@@ -534,6 +550,7 @@ STAGES = (
     common_pb2.STAGE_ADVERTISE_KEYS,
     common_pb2.STAGE_SHARE_KEYS,
     common_pb2.STAGE_MASKED_INPUT,
+    common_pb2.STAGE_CONSISTENCY_CHECK,
     common_pb2.STAGE_UNMASK,
 )
 

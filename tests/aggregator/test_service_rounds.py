@@ -37,7 +37,13 @@ from aggregator.storage.sqlite import SqliteStorage
 from security import pki
 from security.errors import ProtocolError, RoundAbortedError
 from security.secagg.client import SecAggClient
-from security.secagg.messages import AdvertiseKeys, KeysBroadcast, SharesBroadcast, UnmaskRequest
+from security.secagg.messages import (
+    AdvertiseKeys,
+    ConsistencyRequest,
+    KeysBroadcast,
+    SharesBroadcast,
+    UnmaskRequest,
+)
 from security.secagg.params import SecAggParams
 
 DIM = 50
@@ -156,8 +162,9 @@ def test_deadline_turns_straggler_into_dropout_and_mean_matches_oracle(storage: 
         alive = devices[:3]
         for stage, follow in (
             (RoundStage.ADVERTISE_KEYS, RoundStage.MASKED_INPUT),
-            (RoundStage.SHARE_KEYS, RoundStage.UNMASK),
-            (RoundStage.MASKED_INPUT, RoundStage.FINISHED),
+            (RoundStage.SHARE_KEYS, RoundStage.CONSISTENCY_CHECK),
+            (RoundStage.MASKED_INPUT, RoundStage.UNMASK),
+            (RoundStage.CONSISTENCY_CHECK, RoundStage.FINISHED),
         ):
             for d in alive:
                 payload, _ = coord.stage_result(device_id=d.device_id, round_id=round_id, stage=stage)
@@ -171,12 +178,15 @@ def test_deadline_turns_straggler_into_dropout_and_mean_matches_oracle(storage: 
                         update=updates[d.device_id],
                         weight=weights[d.device_id],
                     )
+                elif stage is RoundStage.MASKED_INPUT:
+                    msg = c.consistency_check(ConsistencyRequest.from_bytes(payload))
                 else:
                     msg = c.unmask(UnmaskRequest.from_bytes(payload))
                 submit_stage = {
                     RoundStage.ADVERTISE_KEYS: RoundStage.SHARE_KEYS,
                     RoundStage.SHARE_KEYS: RoundStage.MASKED_INPUT,
-                    RoundStage.MASKED_INPUT: RoundStage.UNMASK,
+                    RoundStage.MASKED_INPUT: RoundStage.CONSISTENCY_CHECK,
+                    RoundStage.CONSISTENCY_CHECK: RoundStage.UNMASK,
                 }[stage]
                 coord.submit(
                     device_id=d.device_id, round_id=round_id, stage=submit_stage, payload=msg.to_bytes()
@@ -379,7 +389,8 @@ def test_restart_resumes_a_persisted_round_and_aborts_a_corrupt_one(storage: Sto
 _BUILT_FROM = {  # the stage result a device needs to build its message for a stage
     RoundStage.SHARE_KEYS: RoundStage.ADVERTISE_KEYS,
     RoundStage.MASKED_INPUT: RoundStage.SHARE_KEYS,
-    RoundStage.UNMASK: RoundStage.MASKED_INPUT,
+    RoundStage.CONSISTENCY_CHECK: RoundStage.MASKED_INPUT,
+    RoundStage.UNMASK: RoundStage.CONSISTENCY_CHECK,
 }
 PROTOCOL_STAGES = (RoundStage.ADVERTISE_KEYS, *_BUILT_FROM)
 
@@ -396,6 +407,8 @@ def _message(
         msg = client.share_keys(KeysBroadcast.from_bytes(payload))
     elif stage is RoundStage.MASKED_INPUT:
         msg = client.masked_input(SharesBroadcast.from_bytes(payload), update=update[0], weight=update[1])
+    elif stage is RoundStage.CONSISTENCY_CHECK:
+        msg = client.consistency_check(ConsistencyRequest.from_bytes(payload))
     else:
         msg = client.unmask(UnmaskRequest.from_bytes(payload))
     return msg.to_bytes()

@@ -19,7 +19,7 @@ from typing import Any
 from agent import cli
 from agent.federation import client as federation_client
 
-STAGES = ("advertise_keys", "share_keys", "masked_input", "unmask")
+STAGES = ("advertise_keys", "share_keys", "masked_input", "consistency_check", "unmask")
 
 
 def install(stage: str, occurrence: int) -> None:

@@ -100,7 +100,7 @@ def test_demo_runs_a_real_federation_and_reports_what_left_each_device(short_dir
             rid: {
                 stage: storage.round_messages(rid, stage=stage)
                 for stage in (RoundStatus.ADVERTISE_KEYS, RoundStatus.SHARE_KEYS, RoundStatus.MASKED_INPUT,
-                              RoundStatus.UNMASK)
+                              RoundStatus.CONSISTENCY_CHECK, RoundStatus.UNMASK)
             }
             for rid in (r["round_id"] for r in agg["rounds"])
         }  # fmt: skip

@@ -1,20 +1,30 @@
-"""What the aggregator sees in secure aggregation: masked uploads, and what collusion with clients adds.
+"""What the aggregator sees in secure aggregation: masked uploads, and what collusion and lies add.
 
-Threat model: an honest-but-curious server that runs H1's real SecAgg state machines (``security.secagg``),
-records every message, may lie to every client that a given client dropped after it uploaded (the
-dropped-client path), and colludes with ``k`` clients that hand over all their memory (every Shamir share they
-hold). The honest target uploads a real update of ``v`` (one SGD step on real MobileNetV2 features).
+Threat model: the server runs the real SecAgg state machines of ``security.secagg`` up to the masked inputs,
+records every message, and from then on is malicious: it writes the consistency-check and unmask requests
+itself, may tell different clients different survivor sets, and colludes with ``c`` of the target's share
+holders, which hand over all their memory (every Shamir share they hold and their identity keys, so the server
+can sign anything in their name). The honest clients run the real client state machine, consistency check
+included. The honest target uploads a real update of ``v`` (one SGD step on real MobileNetV2 features).
 
-Bound the parameters give: the target's self-mask seed ``b_u`` is Shamir-shared ``t``-of-``n``; the coalition
-holds ``k`` of its shares. With ``k <= t - 1`` those shares are consistent with every possible seed, so even
-after removing every pairwise mask (which the dropped-client lie lets it do) the target's vector stays
-one-time-padded by ``PRG(b_u)``. With ``k = t`` it reconstructs ``b_u`` and reads the update exactly: the
-bound is tight.
+Bounds the parameters give (t-of-h sharing, ``h`` = the target's share holders, itself included):
+
+- Honest-but-curious reporting of dropouts (one survivor set for everyone, even a false one): the target's
+  self-mask seed is revealed only by holders told it survived; a lie that it dropped strips its pairwise
+  masks, but the ``c <= t - 1`` colluders' seed shares are consistent with every seed, so the vector stays
+  one-time padded. With ``c = t`` the coalition reads the update exactly: the bound is tight.
+- A server that tells some holders "the target survived" and others "it dropped" (the split view) needs t
+  holders on each side; honest holders sign one survivor set and each needs t signatures on its own, so the
+  split succeeds exactly when ``c >= 2t - h`` (``SecAggParams.colluders_tolerated_by_lying_server`` =
+  ``2t - h - 1``). Tested on both sides of the bound, for the complete graph and for a SecAgg+ graph, with an
+  exhaustive search over every way to split the honest clients.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -29,11 +39,21 @@ from agent.attacks import (
     split_flat,
     update_to_gradient,
 )
-from security.errors import ValidationError
+from security.errors import FedferError, ValidationError
 from security.keys import AgreementKey, IdentityKey
 from security.quantize import working_dtype
-from security.secagg import SecAggClient, SecAggParams, SecAggServer, UnmaskRequest, decode_message
+from security.secagg import (
+    ConsistencyRequest,
+    NeighbourGraph,
+    SecAggClient,
+    SecAggParams,
+    SecAggServer,
+    SignedSurvivors,
+    UnmaskRequest,
+    decode_message,
+)
 from security.secagg._derive import MaskApplier, pairwise_info, pairwise_sign, self_mask_key
+from security.secagg.messages import consistency_payload
 from security.shamir import reconstruct_secret
 from tests.privacy.conftest import CLIP_LEN, NUM_CLASSES, Population
 
@@ -50,25 +70,36 @@ def _wire(message):
 
 
 class RoundView:
-    """A SecAgg round run to the masked-input stage, with everything the server has recorded."""
+    """A SecAgg round run honestly to the masked inputs; the server then turns malicious.
 
-    def __init__(self, updates: dict[int, np.ndarray]) -> None:
-        dim = len(updates[TARGET])
+    Args:
+        updates: ``{client id: flat float32 update}`` for clients 1..n.
+        threshold: t.
+        neighbors: graph degree (``None``: the complete graph).
+    """
+
+    def __init__(
+        self, updates: dict[int, np.ndarray], *, threshold: int, neighbors: int | None = None
+    ) -> None:
+        n = len(updates)
         self.params = SecAggParams.create(
             round_id=os.urandom(32),
-            num_clients=N_CLIENTS,
-            dim=dim,
-            neighbors=N_CLIENTS - 1,
-            threshold=THRESHOLD,
+            num_clients=n,
+            dim=len(updates[TARGET]),
+            neighbors=n - 1 if neighbors is None else neighbors,
+            threshold=threshold,
             clip=1.0,
             max_weight=1,
         )
-        ids = {i: IdentityKey.generate() for i in range(1, N_CLIENTS + 1)}
-        roster = {i: k.public_bytes() for i, k in ids.items()}
+        self.graph = NeighbourGraph(self.params)
+        self.identities = {i: IdentityKey.generate() for i in range(1, n + 1)}
+        roster = {i: k.public_bytes() for i, k in self.identities.items()}
         self.server = SecAggServer(params=self.params, identity_keys=roster)
         self.clients = {
-            i: SecAggClient(params=self.params, client_id=i, identity_key=ids[i], identity_keys=roster)
-            for i in ids
+            i: SecAggClient(
+                params=self.params, client_id=i, identity_key=self.identities[i], identity_keys=roster
+            )
+            for i in self.identities
         }
         self.advertised = {}
         for cid, client in self.clients.items():
@@ -83,24 +114,81 @@ class RoundView:
             self.masked[cid] = upload.vector
             self.server.receive(upload)
 
-    def claim_dropped(self, target: int, honest: list[int]) -> dict[int, bytes]:
-        """The server's lie: tell every honest client ``target`` dropped; collect its mask-key shares."""
-        survivors = tuple(sorted(set(self.clients) - {target}))
-        shares: dict[int, bytes] = {}
-        for cid in honest:
-            request = UnmaskRequest(self.params.round_id, cid, survivors, (target,))
-            response = _wire(self.clients[cid].unmask(_wire(request)))
-            shares.update((cid, s.share) for s in response.key_shares if s.owner == target)
-        return shares
+    @property
+    def everyone(self) -> tuple[int, ...]:
+        """All client ids (every masked input arrived)."""
+        return tuple(sorted(self.clients))
+
+    def show(self, views: dict[int, tuple[int, ...]], colluders: list[int]) -> dict[int, str]:
+        """Run the consistency check and unmask requests with a (possibly different) survivor set per client.
+
+        Honest clients sign the set they are shown (if they accept it), then get an unmask request carrying
+        the signatures of their neighbours over that same set: honest ones that signed it, and forgeries in
+        the colluders' names. Returns each honest client's answer: ``"revealed"`` or the error it raised.
+        """
+        signatures: dict[tuple[int, ...], dict[int, bytes]] = {}
+        outcome: dict[int, str] = {}
+        for cid, survivors in views.items():
+            try:
+                sig = self.clients[cid].consistency_check(
+                    ConsistencyRequest(self.params.round_id, cid, survivors)
+                )
+            except FedferError as exc:
+                outcome[cid] = type(exc).__name__
+                continue
+            signatures.setdefault(survivors, {})[cid] = sig.signature
+        for survivors in set(views.values()):
+            payload = consistency_payload(self.params.digest, survivors)
+            for c in colluders:
+                signatures.setdefault(survivors, {})[c] = self.identities[c].sign(payload)
+        self.revealed: dict[int, tuple[dict[int, bytes], dict[int, bytes]]] = {}
+        for cid, survivors in views.items():
+            if cid in outcome:
+                continue
+            neighbours = self.graph.neighbors(cid)
+            in_set = set(survivors)
+            request = UnmaskRequest(
+                self.params.round_id,
+                cid,
+                tuple(sorted(in_set & self.graph.holders(cid))),
+                tuple(sorted(neighbours - in_set)),
+                tuple(
+                    SignedSurvivors(s, sig)
+                    for s, sig in sorted(signatures[survivors].items())
+                    if s in neighbours
+                ),
+            )
+            try:
+                response = _wire(self.clients[cid].unmask(_wire(request)))
+            except FedferError as exc:
+                outcome[cid] = type(exc).__name__
+                continue
+            outcome[cid] = "revealed"
+            self.revealed[cid] = (
+                {s.owner: s.share for s in response.seed_shares},
+                {s.owner: s.share for s in response.key_shares},
+            )
+        return outcome
+
+    def shares_of(self, target: int, colluders: list[int]) -> tuple[dict[int, bytes], dict[int, bytes]]:
+        """Every share of ``target``'s self-mask seed and mask key the coalition now holds."""
+        seed = {c: self.clients[c]._held[target][0] for c in colluders}
+        keys = {c: self.clients[c]._held[target][1] for c in colluders}
+        for cid, (seeds, mask_keys) in self.revealed.items():
+            if target in seeds:
+                seed[cid] = seeds[target]
+            if target in mask_keys:
+                keys[cid] = mask_keys[target]
+        return seed, keys
 
     def strip_pairwise(self, target: int, mask_key_shares: dict[int, bytes]) -> np.ndarray:
         """Remove every pairwise mask from ``target``'s upload using its reconstructed mask key."""
-        raw = reconstruct_secret(mask_key_shares, threshold=THRESHOLD, secret_len=32)
+        raw = reconstruct_secret(mask_key_shares, threshold=self.params.threshold, secret_len=32)
         key = AgreementKey.from_private_bytes_DANGEROUS(raw)
         assert key.public_bytes() == self.advertised[target].mask_key
         vector = self.masked[target].copy()
         applier = MaskApplier(length=self.params.vector_length, dtype=working_dtype(self.params.modulus_bits))
-        for peer in sorted(set(self.clients) - {target}):
+        for peer in sorted(self.graph.neighbors(target)):
             seed = key.derive(
                 self.advertised[peer].mask_key, info=pairwise_info(target, peer), salt=self.params.digest
             )
@@ -114,6 +202,16 @@ class RoundView:
         applier.apply(out, self_mask_key(seed, self.params.digest), -1)
         return out
 
+    def read_update(
+        self, target: int, seed_shares: dict[int, bytes], key_shares: dict[int, bytes]
+    ) -> np.ndarray:
+        """With t shares of both secrets: the target's decoded update."""
+        stripped = self.strip_pairwise(target, key_shares)
+        seed = reconstruct_secret(seed_shares, threshold=self.params.threshold, secret_len=32)
+        decoded, weight = self.params.codec().decode_sum(self.strip_self_mask(stripped, seed))
+        assert weight == 1
+        return decoded
+
 
 def _chi2_bytes(values: np.ndarray) -> float:
     data = np.ascontiguousarray(values.astype(np.uint32)).view(np.uint8)
@@ -126,17 +224,29 @@ def _correlation(vector: np.ndarray, plain: np.ndarray) -> float:
     return float(abs(np.corrcoef(vector[:-1].astype(np.float64), plain.astype(np.float64))[0, 1]))
 
 
-@pytest.fixture(scope="module")
-def round_view(population: Population):
-    """Five clients upload real one-step updates of the central ``v`` on their own 2 clips."""
+def _updates(population: Population, n: int) -> tuple[dict[int, tuple], dict[int, np.ndarray]]:
     clips, labels = population.pool
     updates, flat = {}, {}
-    for cid in range(1, N_CLIENTS + 1):
+    for cid in range(1, n + 1):
         batch = slice(2 * cid, 2 * cid + 2)
         update = sgd_update(population.model, clips[batch], labels[batch], lr=LR)
         updates[cid] = (clips[batch], labels[batch], update)
         flat[cid] = np.concatenate([update[n].ravel() for n, _ in population.model.named_parameters()])
-    return RoundView(flat), updates, flat
+    return updates, flat
+
+
+@pytest.fixture(scope="module")
+def updates_16(population: Population):
+    """Real one-step updates of the central ``v`` for 16 clients, each on its own 2 clips."""
+    return _updates(population, 16)
+
+
+@pytest.fixture(scope="module")
+def round_view(updates_16):
+    """Five clients upload real updates in a complete-graph round (t = 3)."""
+    updates, flat = updates_16
+    five = {cid: flat[cid] for cid in range(1, N_CLIENTS + 1)}
+    return RoundView(five, threshold=THRESHOLD), updates, flat
 
 
 def test_masked_upload_is_uniform_uncorrelated_and_uninvertible(
@@ -190,14 +300,15 @@ def test_masked_upload_is_uniform_uncorrelated_and_uninvertible(
 
 
 def test_server_with_t_minus_1_colluders_learns_nothing(round_view, audit_report) -> None:
-    """Server + t-1 colluding clients, dropped-client lie included: the target's vector stays padded."""
+    """Server + t-1 colluding clients, told-everyone-it-dropped lie included: the target stays padded."""
     view, _, flat = round_view
     colluders = list(range(2, 2 + THRESHOLD - 1))
     honest = [c for c in range(2, N_CLIENTS + 1) if c not in colluders]
-    key_shares = view.claim_dropped(TARGET, honest)
-    key_shares.update({c: view.clients[c]._held[TARGET][1] for c in colluders})  # colluders dump memory
+    without_target = tuple(c for c in view.everyone if c != TARGET)
+    outcome = view.show(dict.fromkeys(honest, without_target), colluders)
+    assert all(answer == "revealed" for answer in outcome.values()), outcome
+    seed_shares, key_shares = view.shares_of(TARGET, colluders)
     stripped = view.strip_pairwise(TARGET, key_shares)
-    seed_shares = {c: view.clients[c]._held[TARGET][0] for c in colluders}
     assert len(seed_shares) == THRESHOLD - 1
     with pytest.raises(ValidationError):
         reconstruct_secret(seed_shares, threshold=THRESHOLD, secret_len=32)
@@ -225,23 +336,128 @@ def test_server_with_t_minus_1_colluders_learns_nothing(round_view, audit_report
 def test_server_with_t_colluders_reads_the_update_bound_is_tight(round_view, audit_report) -> None:
     """With t colluders in the same dropped-client path the coalition recovers the update exactly."""
     _, _, flat = round_view
-    fresh = RoundView(flat)  # a new round: the earlier round's honest clients have finished
+    fresh = RoundView({cid: flat[cid] for cid in range(1, N_CLIENTS + 1)}, threshold=THRESHOLD)
     colluders = list(range(2, 2 + THRESHOLD))
     honest = [c for c in range(2, N_CLIENTS + 1) if c not in colluders]
-    key_shares = fresh.claim_dropped(TARGET, honest)
-    key_shares.update({c: fresh.clients[c]._held[TARGET][1] for c in colluders})
-    stripped = fresh.strip_pairwise(TARGET, key_shares)
-    seed_shares = {c: fresh.clients[c]._held[TARGET][0] for c in colluders}
-    seed = reconstruct_secret(seed_shares, threshold=THRESHOLD, secret_len=32)
-    plain = fresh.strip_self_mask(stripped, seed)
-    decoded, weight = fresh.params.codec().decode_sum(plain)
+    without_target = tuple(c for c in fresh.everyone if c != TARGET)
+    fresh.show(dict.fromkeys(honest, without_target), colluders)
+    seed_shares, key_shares = fresh.shares_of(TARGET, colluders)
+    decoded = fresh.read_update(TARGET, seed_shares, key_shares)
     error = float(np.max(np.abs(decoded - np.clip(flat[TARGET], -1.0, 1.0))))
     audit_report.record(
         "server_view_collusion_t",
         colluders=len(colluders),
         threshold=THRESHOLD,
-        recovered_weight=weight,
         max_abs_error_of_recovered_update=error,
     )
-    assert weight == 1
     assert error <= 1.0 / fresh.params.codec().scale
+
+
+# -- the split view: different survivor sets for different holders ------------------------------------------
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """Which honest clients are told the target survived (side A) and which that it dropped (side B)."""
+
+    side_a: frozenset[int]
+    side_b: frozenset[int]
+
+
+def _split_feasible(graph: NeighbourGraph, t: int, target: int, colluders: set[int], plan: SplitPlan) -> bool:
+    """Whether ``plan`` wins t shares of both of the target's secrets (pure counting, no cryptography).
+
+    Side A (the target among them) signs the set with the target, side B the set without; colluders sign
+    both. A client reveals only with t signers of its own set among its holders (itself included); side A
+    reveals the target's seed share, side B its mask-key share, colluders both.
+    """
+    signers_a = plan.side_a | colluders
+    signers_b = plan.side_b | colluders
+    holders = graph.holders(target)
+    a_ok = {j for j in plan.side_a & holders if len(signers_a & graph.holders(j)) >= t}
+    b_ok = {j for j in plan.side_b & holders if len(signers_b & graph.holders(j)) >= t}
+    coll = len(colluders & holders)
+    return len(a_ok) + coll >= t and len(b_ok) + coll >= t
+
+
+def _search_split(
+    graph: NeighbourGraph, t: int, target: int, colluders: set[int]
+) -> tuple[SplitPlan | None, int]:
+    """Try every way to split the honest clients (the target stays on side A); return one that wins."""
+    honest = sorted(set(range(1, graph.num_clients + 1)) - colluders - {target})
+    tried = 0
+    for bits in itertools.product((False, True), repeat=len(honest)):
+        tried += 1
+        b = frozenset(c for c, on_b in zip(honest, bits, strict=True) if on_b)
+        plan = SplitPlan(side_a=frozenset(honest) - b | {target}, side_b=b)
+        if _split_feasible(graph, t, target, colluders, plan):
+            return plan, tried
+    return None, tried
+
+
+def _best_effort_plan(graph: NeighbourGraph, t: int, target: int, colluders: set[int]) -> SplitPlan:
+    """Below the bound no plan wins; this one gives side A exactly a quorum and side B everyone else."""
+    honest = sorted(set(range(1, graph.num_clients + 1)) - colluders - {target})
+    need_a = max(0, t - 1 - len(colluders))
+    return SplitPlan(side_a=frozenset(honest[:need_a]) | {target}, side_b=frozenset(honest[need_a:]))
+
+
+@pytest.mark.parametrize(
+    ("graph_kind", "n", "neighbors", "threshold"),
+    [("complete", 7, None, 5), ("secagg+", 16, 6, 5)],
+)
+def test_split_view_succeeds_exactly_at_2t_minus_h_colluders(
+    updates_16, graph_kind, n, neighbors, threshold, audit_report
+) -> None:
+    """A lying server wins both of the target's secrets iff its colluders among the holders reach 2t - h."""
+    _, flat = updates_16
+    figures = {}
+    for offset in (-1, 0):
+        view = RoundView(
+            {cid: flat[cid] for cid in range(1, n + 1)}, threshold=threshold, neighbors=neighbors
+        )
+        params, graph = view.params, view.graph
+        bound = 2 * params.threshold - params.holders_per_client
+        assert params.colluders_tolerated_by_lying_server == bound - 1
+        c = bound + offset
+        # Colluders among the target's own holders (the strongest place for them).
+        colluders = set(sorted(graph.neighbors(TARGET))[:c])
+        plan, tried = _search_split(graph, params.threshold, TARGET, colluders)
+        if offset < 0:
+            assert plan is None, "a split below the bound must not exist"
+            plan = _best_effort_plan(graph, params.threshold, TARGET, colluders)
+        assert plan is not None
+        with_target = view.everyone
+        without_target = tuple(x for x in with_target if x != TARGET)
+        views = dict.fromkeys(plan.side_a, with_target) | dict.fromkeys(plan.side_b, without_target)
+        outcome = view.show(views, sorted(colluders))
+        seed_shares, key_shares = view.shares_of(TARGET, sorted(colluders))
+        recovered = len(seed_shares) >= params.threshold and len(key_shares) >= params.threshold
+        entry = {
+            "clients": n,
+            "holders_per_client": params.holders_per_client,
+            "threshold": params.threshold,
+            "colluders_among_holders": c,
+            "splits_tried": tried,
+            "refusals": sorted(k for k, v in outcome.items() if v != "revealed"),
+            "seed_shares_won": len(seed_shares),
+            "mask_key_shares_won": len(key_shares),
+            "update_recovered": recovered,
+        }
+        if recovered:
+            decoded = view.read_update(TARGET, seed_shares, key_shares)
+            entry["max_abs_error"] = float(np.max(np.abs(decoded - np.clip(flat[TARGET], -1.0, 1.0))))
+        figures["below_bound" if offset < 0 else "at_bound"] = entry
+        if offset < 0:
+            # No split exists (exhaustive search above); the best try leaves one secret below t shares.
+            assert not recovered, entry
+            if graph_kind == "complete":
+                assert set(entry["refusals"]) == set(plan.side_b), entry  # side B lacks a quorum
+        else:
+            assert recovered, entry
+            assert entry["max_abs_error"] <= 1.0 / params.codec().scale
+    audit_report.record(
+        f"server_view_split_view_{graph_kind.replace('+', '_plus')}",
+        bound="a server lying about dropouts needs c >= 2t - h colluding holders; tolerated: 2t - h - 1",
+        **figures,
+    )

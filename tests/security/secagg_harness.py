@@ -22,7 +22,7 @@ from security.secagg import (
 )
 from security.secagg.messages import Message
 
-STAGES = ("advertise", "share", "masked", "unmask")
+STAGES = ("advertise", "share", "masked", "consistency", "unmask")
 
 
 @dataclass
@@ -140,6 +140,10 @@ def run_round(
                 lambda c=c, m=m, cid=cid: c.masked_input(m, update=updates[cid], weight=weights[cid]),  # type: ignore[misc]
             )
     for cid, msg in server.close_stage().items():
+        if alive(cid, "consistency"):
+            c, m = rnd.clients[cid], deliver("consistency", cid, msg)
+            guard("consistency", cid, lambda c=c, m=m: c.consistency_check(m))  # type: ignore[misc]
+    for cid, msg in server.close_stage().items():
         if alive(cid, "unmask"):
             c, m = rnd.clients[cid], deliver("unmask", cid, msg)
             guard("unmask", cid, lambda c=c, m=m: c.unmask(m))  # type: ignore[misc]
@@ -165,8 +169,11 @@ def expected_outcome(
     """Independent statement of the abort rule: the survivor set, or None if the round must abort."""
     n, t = params.num_clients, params.threshold
     everyone = set(range(1, n + 1))
-    active = [{u for u in everyone if drops.get(u) is None or STAGES.index(drops[u]) > i} for i in range(4)]
-    u1, u2, u3, u4 = active
+    active = [
+        {u for u in everyone if drops.get(u) is None or STAGES.index(drops[u]) > i}
+        for i in range(len(STAGES))
+    ]
+    u1, u2, u3, signers, responders = active
 
     def holders(u: int) -> set[int]:
         return set(graph.neighbors(u)) | {u}
@@ -174,7 +181,11 @@ def expected_outcome(
     for a in (u1, u2):
         if len(a) < t or any(len(a & holders(u)) < t for u in a):
             return None
-    for a in (u3, u4):
+    if len(signers) < t:
+        return None
+    # A signer reveals shares only if t of its holders (itself included) signed the survivor set.
+    vouched = {v for v in signers if len(signers & holders(v)) >= t}
+    for a in (u3, vouched, responders & vouched):
         if len(a) < t:
             return None
         if any(len(a & holders(u)) < t for u in u3):

@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 from security.errors import ProtocolError, ValidationError
 from security.secagg import (
     AdvertiseKeys,
+    ConsistencyRequest,
+    ConsistencySignature,
     EncryptedShare,
     KeysBroadcast,
     MalformedMessageError,
@@ -20,6 +22,7 @@ from security.secagg import (
     SecAggParams,
     ShareKeys,
     SharesBroadcast,
+    SignedSurvivors,
     UnmaskRequest,
     UnmaskResponse,
     decode_message,
@@ -41,16 +44,23 @@ def _samples() -> list:
         ShareKeys(RID, 1, (share, EncryptedShare(1, 4, os.urandom(SHARE_CIPHERTEXT_BYTES)))),
         SharesBroadcast(RID, 2, (share, EncryptedShare(3, 2, os.urandom(SHARE_CIPHERTEXT_BYTES)))),
         MaskedInput(RID, 7, 32, np.arange(10, dtype=np.uint32) * 400_000_000),
-        UnmaskRequest(RID, 2, (1, 2, 9), (4,)),
+        ConsistencyRequest(RID, 2, (1, 2, 9, 17)),
+        ConsistencySignature(RID, 9, os.urandom(64)),
+        UnmaskRequest(
+            RID, 2, (1, 2, 9), (4,), (SignedSurvivors(1, os.urandom(64)), SignedSurvivors(9, b"s" * 64))
+        ),
         UnmaskResponse(RID, 2, (RevealedShare(1, os.urandom(66)), RevealedShare(2, os.urandom(66))), ()),
     ]
 
 
-@pytest.mark.parametrize("index", range(7))
+SAMPLES = len(_samples())
+
+
+@pytest.mark.parametrize("index", range(SAMPLES))
 def test_round_trip_is_exact_and_canonical(index):
     msg = _samples()[index]
     data = msg.to_bytes()
-    assert data[:4] == b"FSA\x01"
+    assert data[:4] == b"FSA\x02"
     back = decode_message(data)
     assert type(back) is type(msg)
     assert back.to_bytes() == data
@@ -60,8 +70,8 @@ def test_round_trip_is_exact_and_canonical(index):
     with pytest.raises(MalformedMessageError):
         decode_message(data[:-1])  # truncated
     with pytest.raises(MalformedMessageError):
-        decode_message(b"FSA\x02" + data[4:])  # unknown version
-    other = _samples()[(index + 1) % 7]
+        decode_message(b"FSA\x01" + data[4:])  # an older, incompatible version
+    other = _samples()[(index + 1) % SAMPLES]
     with pytest.raises(MalformedMessageError):
         type(other).from_bytes(data)  # wrong kind
 
@@ -99,9 +109,22 @@ def test_exact_field_types_are_enforced():
     with pytest.raises(MalformedMessageError):
         SharesBroadcast(RID, 2, (EncryptedShare(1, 3, b"x" * SHARE_CIPHERTEXT_BYTES),))  # misaddressed
     with pytest.raises(MalformedMessageError):
-        UnmaskRequest(RID, 1, (1, 2), (2,))  # both survivor and dropped
+        UnmaskRequest(RID, 1, (1, 2), (2,), ())  # both survivor and dropped
     with pytest.raises(MalformedMessageError):
-        UnmaskRequest(RID, 1, (1, 2.0), ())  # type: ignore[arg-type]
+        UnmaskRequest(RID, 1, (1, 2.0), (), ())  # type: ignore[arg-type]
+    sig = SignedSurvivors(2, b"s" * 64)
+    with pytest.raises(MalformedMessageError):
+        UnmaskRequest(RID, 1, (1, 2), (), (sig, sig))  # duplicate signer
+    with pytest.raises(MalformedMessageError):
+        UnmaskRequest(RID, 1, (1, 2), (), ((2, b"s" * 64),))  # type: ignore[arg-type]  # not a record
+    with pytest.raises(MalformedMessageError):
+        SignedSurvivors(2, b"s" * 63)
+    with pytest.raises(MalformedMessageError):
+        ConsistencyRequest(RID, 1, (3, 2))  # not increasing
+    with pytest.raises(MalformedMessageError):
+        ConsistencyRequest(RID, 1, (0, 2))  # not a client id
+    with pytest.raises(MalformedMessageError):
+        ConsistencySignature(RID, 1, bytearray(64))  # type: ignore[arg-type]
     with pytest.raises(MalformedMessageError):
         UnmaskResponse(RID, 1, (RevealedShare(3, b"s" * 66),), (RevealedShare(3, b"k" * 66),))
     with pytest.raises(MalformedMessageError):
@@ -160,7 +183,8 @@ def test_params_round_trip_and_validation():
 
 @settings(max_examples=40, deadline=None)
 @given(
-    index=st.integers(0, 6), cuts=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=4)
+    index=st.integers(0, SAMPLES - 1),
+    cuts=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=4),
 )
 def test_corrupted_encodings_parse_or_fail_cleanly(index, cuts):
     data = bytearray(_samples()[index].to_bytes())

@@ -13,6 +13,8 @@ from security.keys import IdentityKey
 from security.secagg import (
     AdvertiseKeys,
     ClientStage,
+    ConsistencyRequest,
+    ConsistencySignature,
     DuplicateMessageError,
     EncryptedShare,
     KeysBroadcast,
@@ -20,6 +22,7 @@ from security.secagg import (
     ServerStage,
     ShareKeys,
     SharesBroadcast,
+    SignedSurvivors,
     UnmaskRequest,
     UnmaskResponse,
 )
@@ -60,6 +63,10 @@ def _finish_and_check(rnd, updates, weights, survivors):
                 server.receive(
                     wire(rnd.clients[cid].masked_input(m, update=updates[cid], weight=weights[cid]))
                 )
+        server.close_stage()
+    if server.stage is ServerStage.CONSISTENCY_CHECK:
+        for cid in sorted(server.pending()):
+            server.receive(wire(rnd.clients[cid].consistency_check(wire(server.message_for(cid)))))
         server.close_stage()
     for cid in sorted(server.pending()):
         server.receive(wire(rnd.clients[cid].unmask(wire(server.message_for(cid)))))
@@ -402,11 +409,17 @@ def test_too_few_holders_in_a_broadcast_makes_the_client_refuse(rnd):
 # -- unmasking: never reveal both secrets of a client --------------------------------------------------------
 
 
-def _to_unmask_stage(rnd, updates, weights, skip=()):
+def _to_consistency_stage(rnd, updates, weights, skip=()):
     out = _to_masked_stage(rnd)
     for cid, m in out.items():
         if cid not in skip:
             rnd.server.receive(rnd.clients[cid].masked_input(m, update=updates[cid], weight=weights[cid]))
+    return rnd.server.close_stage()
+
+
+def _to_unmask_stage(rnd, updates, weights, skip=()):
+    for cid, m in _to_consistency_stage(rnd, updates, weights, skip).items():
+        rnd.server.receive(rnd.clients[cid].consistency_check(m))
     return rnd.server.close_stage()
 
 
@@ -419,9 +432,9 @@ def test_inconsistent_unmask_requests_are_refused(rnd, inputs):
     # Hiding a dropped neighbour, listing the receiver itself as dropped, or leaving it out: all refused.
     everyone_else = tuple(s for s in req.survivors)
     bad_requests = {
-        1: UnmaskRequest(rid, 1, everyone_else, ()),
-        2: UnmaskRequest(rid, 2, tuple(s for s in everyone_else if s != 2), (2, 6)),
-        3: UnmaskRequest(rid, 3, tuple(s for s in everyone_else if s != 3), (6,)),
+        1: UnmaskRequest(rid, 1, everyone_else, (), req.signatures),
+        2: UnmaskRequest(rid, 2, tuple(s for s in everyone_else if s != 2), (2, 6), out[2].signatures),
+        3: UnmaskRequest(rid, 3, tuple(s for s in everyone_else if s != 3), (6,), out[3].signatures),
     }
     for cid, bad in bad_requests.items():
         client = rnd.clients[cid]
@@ -464,3 +477,101 @@ def test_corrupted_key_share_is_detected_at_reconstruction(rnd, inputs):
     with pytest.raises(RoundAbortedError):
         rnd.server.close_stage()
     assert rnd.server.stage is ServerStage.ABORTED
+
+
+# -- consistency check: one survivor set, vouched for by t holders -------------------------------------------
+
+
+def _other_set_payload(rnd, survivors):
+    from security.secagg.messages import consistency_payload
+
+    return consistency_payload(rnd.params.digest, survivors)
+
+
+def test_server_refuses_forged_or_misdirected_consistency_signatures(rnd, inputs):
+    updates, weights = inputs
+    out = _to_consistency_stage(rnd, updates, weights, skip=(6,))
+    assert out[1].survivors == (1, 2, 3, 4, 5)
+    server = rnd.server
+    genuine = rnd.clients[1].consistency_check(out[1])
+    other_set = rnd.identities[1].sign(_other_set_payload(rnd, (1, 2, 3, 4)))
+    for bad in (
+        ConsistencySignature(rnd.params.round_id, 1, other_set),  # a signature over another survivor set
+        ConsistencySignature(rnd.params.round_id, 1, bytes(64)),  # not a signature at all
+        ConsistencySignature(rnd.params.round_id, 2, genuine.signature),  # client 1's signature as client 2's
+    ):
+        with pytest.raises(IntegrityError):
+            server.receive(wire(bad))
+    assert server.received() == frozenset()  # nothing was recorded
+    with pytest.raises(ProtocolError):
+        server.receive(
+            wire(ConsistencySignature(rnd.params.round_id, 6, genuine.signature))
+        )  # dropped client
+    server.receive(wire(genuine))
+    with pytest.raises(DuplicateMessageError):
+        server.receive(wire(genuine))
+    for cid in (2, 3, 4, 5):
+        server.receive(wire(rnd.clients[cid].consistency_check(out[cid])))
+    server.close_stage()
+    _finish_and_check(rnd, updates, weights, {1, 2, 3, 4, 5})
+
+
+def test_client_signs_one_survivor_set_and_only_a_plausible_one(inputs):
+    updates, weights = random_inputs(7, DIM, 5, seed=21)
+    rnd = make_round(7, DIM, neighbors=6, threshold=4)
+    server = rnd.server
+    for c in rnd.clients.values():
+        server.receive(c.advertise_keys())
+    for cid, m in server.close_stage().items():
+        if cid != 7:  # client 7 advertises keys but shares nothing
+            server.receive(rnd.clients[cid].share_keys(m))
+    out = server.close_stage()
+    for cid, m in out.items():
+        server.receive(rnd.clients[cid].masked_input(m, update=updates[cid], weight=weights[cid]))
+    out = server.close_stage()
+    rid = rnd.params.round_id
+    refusals = {
+        1: (ConsistencyRequest(rid, 1, (2, 3, 4, 5, 6)), ProtocolError),  # the receiver is not in the set
+        2: (ConsistencyRequest(rid, 2, (1, 2, 3, 4, 5, 6, 7)), ProtocolError),  # 7 shared nothing with 2
+        3: (ConsistencyRequest(rid, 3, (1, 3, 5)), RoundAbortedError),  # fewer than t = 4 holders
+    }
+    for cid, (request, error) in refusals.items():
+        with pytest.raises(error):
+            rnd.clients[cid].consistency_check(request)
+        assert rnd.clients[cid].stage is ClientStage.ABORTED and _secrets_gone(rnd.clients[cid])
+    signed = rnd.clients[4].consistency_check(out[4])
+    assert rnd.clients[4].stage is ClientStage.UNMASK
+    with pytest.raises(ProtocolError):  # a second set is never signed
+        rnd.clients[4].consistency_check(ConsistencyRequest(rid, 4, (4, 5, 6)))
+    assert rnd.clients[4].stage is ClientStage.UNMASK  # refused for the stage, not aborted
+    assert type(signed) is ConsistencySignature
+
+
+def test_client_unmasks_only_with_t_valid_signatures_over_the_set_it_signed(rnd, inputs):
+    updates, weights = inputs
+    out = _to_consistency_stage(rnd, updates, weights, skip=(6,))
+    for cid, m in out.items():
+        rnd.server.receive(rnd.clients[cid].consistency_check(m))
+    requests = rnd.server.close_stage()
+    good = requests[1]
+    assert [s.signer for s in good.signatures] == [2, 3, 4, 5]
+    other_set = _other_set_payload(rnd, (1, 2, 3, 4))
+    sig = {s.signer: s for r in requests.values() for s in r.signatures}
+    forged = SignedSurvivors(2, bytes(64))
+    elsewhere = SignedSurvivors(3, rnd.identities[3].sign(other_set))
+    outsider = SignedSurvivors(6, rnd.identities[6].sign(_other_set_payload(rnd, (1, 2, 3, 4, 5))))
+    cases = {
+        1: ((forged, sig[3]), IntegrityError),  # not a signature
+        2: ((sig[1], elsewhere), IntegrityError),  # a signature over another survivor set
+        3: ((sig[4],), RoundAbortedError),  # itself + one signature < t = 3
+        4: ((sig[5], outsider), ProtocolError),  # 6 is not in the signed set
+    }
+    for cid, (signatures, error) in cases.items():
+        bad = dataclasses.replace(requests[cid], signatures=signatures)
+        with pytest.raises(error):
+            rnd.clients[cid].unmask(wire(bad))
+        assert rnd.clients[cid].stage is ClientStage.ABORTED and _secrets_gone(rnd.clients[cid])
+    # The one client still honest-and-ready answers, but one response is below t: nothing is revealed.
+    rnd.server.receive(rnd.clients[5].unmask(requests[5]))
+    with pytest.raises(RoundAbortedError):
+        rnd.server.close_stage()

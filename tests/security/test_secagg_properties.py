@@ -31,7 +31,9 @@ def round_setups(draw):
     drop_rate = draw(st.sampled_from([0.0, 0.1, 0.3, 0.6]))
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
-    drops = {cid: STAGES[int(rng.integers(0, 4))] for cid in range(1, n + 1) if rng.random() < drop_rate}
+    drops = {
+        cid: STAGES[int(rng.integers(0, len(STAGES)))] for cid in range(1, n + 1) if rng.random() < drop_rate
+    }
     return n, neighbors, threshold, dim, max_weight, clip, drops, seed
 
 

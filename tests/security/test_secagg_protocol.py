@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from security.errors import ProtocolError, RoundAbortedError
+from security.errors import ProtocolError, RoundAbortedError, ValidationError
 from security.secagg import (
     ClientStage,
     MaskedInput,
@@ -16,6 +16,7 @@ from security.secagg import (
     decode_message,
     default_neighbors,
     default_threshold,
+    threshold_for_colluders,
 )
 from tests.security.secagg_harness import (
     STAGES,
@@ -99,6 +100,8 @@ def test_abort_reveals_nothing_and_clients_keep_secrets():
         server.receive(rnd.clients[cid].share_keys(m))
     for cid, m in server.close_stage().items():
         server.receive(rnd.clients[cid].masked_input(m, update=updates[cid], weight=weights[cid]))
+    for cid, m in server.close_stage().items():
+        server.receive(rnd.clients[cid].consistency_check(m))
     server.close_stage()
     # Only two unmask responses arrive (< t = 3): the server aborts before reconstructing anything.
     for cid in (1, 2):
@@ -142,7 +145,28 @@ def test_defaults():
     assert default_threshold(1000, 30) == 16 and default_threshold(100, 99) == 51
 
 
-@pytest.mark.parametrize("stop_after", [0, 1, 2, 3])
+def test_collusion_bounds_and_the_threshold_that_tolerates_colluders():
+    p = SecAggParams.create(round_id=b"r" * 32, num_clients=7, dim=1, neighbors=6, threshold=5)
+    assert p.holders_per_client == 7 and p.colluders_tolerated == 4
+    assert p.colluders_tolerated_by_lying_server == 2  # 2t - h - 1
+    assert threshold_for_colluders(1000, 30, 0) == default_threshold(1000, 30) == 16
+    for n, k in ((7, 6), (100, 20), (1000, 30), (50, 49)):
+        h = k + 1
+        for c in range(0, h - 1):
+            if (h + c) // 2 + 1 > h:
+                with pytest.raises(ValidationError):
+                    threshold_for_colluders(n, k, c)
+                continue
+            t = threshold_for_colluders(n, k, c)
+            # Enough to defeat the lie, and the least such t (t - 1 would let c colluders win it).
+            assert 2 * t - h > c and (t - 1 < 2 or 2 * (t - 1) - h <= c)
+            params = SecAggParams.create(round_id=b"r" * 32, num_clients=n, dim=1, neighbors=k, threshold=t)
+            assert params.colluders_tolerated_by_lying_server >= c
+    with pytest.raises(ValidationError):
+        threshold_for_colluders(7, 6, -1)
+
+
+@pytest.mark.parametrize("stop_after", [0, 1, 2, 3, 4])
 def test_snapshot_restore_at_every_stage(stop_after):
     rnd = make_round(8, 6, neighbors=4, threshold=3)
     updates, weights = random_inputs(8, 6, rnd.params.max_weight, seed=9)
@@ -176,6 +200,12 @@ def test_snapshot_restore_at_every_stage(stop_after):
     out = server.close_stage()
     for cid, m in out.items():
         if stop_after == 3:
+            restart()
+            assert server.message_for(cid) == m
+        server.receive(wire(rnd.clients[cid].consistency_check(wire(m))))
+    out = server.close_stage()
+    for cid, m in out.items():
+        if stop_after == 4:
             restart()
             assert server.message_for(cid) == m
         server.receive(wire(rnd.clients[cid].unmask(wire(m))))
@@ -215,6 +245,10 @@ def test_masked_input_is_four_bytes_per_element_and_upload_overhead_is_small():
         data = msg.to_bytes()
         assert len(data) - 4 * (dim + 1) < 64
         assert MaskedInput.from_bytes(data).vector.dtype == np.uint32
+        uploaded[cid] += len(data)
+        server.receive(decode_message(data))
+    for cid, m in server.close_stage().items():
+        data = rnd.clients[cid].consistency_check(m).to_bytes()
         uploaded[cid] += len(data)
         server.receive(decode_message(data))
     for cid, m in server.close_stage().items():
@@ -282,6 +316,9 @@ def test_random_seam_makes_a_whole_round_reproducible():
             server.receive(decode_message(log[-1]))
         for cid, m in server.close_stage().items():
             log.append(clients[cid].masked_input(m, update=updates[cid], weight=weights[cid]).to_bytes())
+            server.receive(decode_message(log[-1]))
+        for cid, m in server.close_stage().items():
+            log.append(clients[cid].consistency_check(m).to_bytes())
             server.receive(decode_message(log[-1]))
         for cid, m in server.close_stage().items():
             log.append(clients[cid].unmask(m).to_bytes())

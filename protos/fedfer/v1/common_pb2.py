@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dprotos/fedfer/v1/common.proto\x12\tfedfer.v1\"c\n\x08StageAck\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\x04\x12\x1f\n\x05stage\x18\x03 \x01(\x0e\x32\x10.fedfer.v1.Stage\x12\x10\n\x08replayed\x18\x04 \x01(\x08*\xc3\x01\n\x05Stage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\x0e\n\nSTAGE_IDLE\x10\x01\x12\x18\n\x14STAGE_ADVERTISE_KEYS\x10\x02\x12\x14\n\x10STAGE_SHARE_KEYS\x10\x03\x12\x16\n\x12STAGE_MASKED_INPUT\x10\x04\x12\x10\n\x0cSTAGE_UNMASK\x10\x05\x12\x12\n\x0eSTAGE_FINISHED\x10\x06\x12\x11\n\rSTAGE_ABORTED\x10\x07\x12\x12\n\x0eSTAGE_CHECK_IN\x10\x08\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dprotos/fedfer/v1/common.proto\x12\tfedfer.v1\"c\n\x08StageAck\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\x04\x12\x1f\n\x05stage\x18\x03 \x01(\x0e\x32\x10.fedfer.v1.Stage\x12\x10\n\x08replayed\x18\x04 \x01(\x08*\xe0\x01\n\x05Stage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\x0e\n\nSTAGE_IDLE\x10\x01\x12\x18\n\x14STAGE_ADVERTISE_KEYS\x10\x02\x12\x14\n\x10STAGE_SHARE_KEYS\x10\x03\x12\x16\n\x12STAGE_MASKED_INPUT\x10\x04\x12\x10\n\x0cSTAGE_UNMASK\x10\x05\x12\x12\n\x0eSTAGE_FINISHED\x10\x06\x12\x11\n\rSTAGE_ABORTED\x10\x07\x12\x12\n\x0eSTAGE_CHECK_IN\x10\x08\x12\x1b\n\x17STAGE_CONSISTENCY_CHECK\x10\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,7 +32,7 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.fedfer.v1.common_pb2
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STAGE']._serialized_start=146
-  _globals['_STAGE']._serialized_end=341
+  _globals['_STAGE']._serialized_end=370
   _globals['_STAGEACK']._serialized_start=44
   _globals['_STAGEACK']._serialized_end=143
 # @@protoc_insertion_point(module_scope)

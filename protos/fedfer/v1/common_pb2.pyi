@@ -16,6 +16,7 @@ class Stage(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STAGE_FINISHED: _ClassVar[Stage]
     STAGE_ABORTED: _ClassVar[Stage]
     STAGE_CHECK_IN: _ClassVar[Stage]
+    STAGE_CONSISTENCY_CHECK: _ClassVar[Stage]
 STAGE_UNSPECIFIED: Stage
 STAGE_IDLE: Stage
 STAGE_ADVERTISE_KEYS: Stage
@@ -25,6 +26,7 @@ STAGE_UNMASK: Stage
 STAGE_FINISHED: Stage
 STAGE_ABORTED: Stage
 STAGE_CHECK_IN: Stage
+STAGE_CONSISTENCY_CHECK: Stage
 
 class StageAck(_message.Message):
     __slots__ = ("request_id", "round_id", "stage", "replayed")

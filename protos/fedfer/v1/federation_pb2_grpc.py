@@ -60,6 +60,11 @@ class FederationStub:
                 request_serializer=protos_dot_fedfer_dot_v1_dot_federation__pb2.MaskedInputChunk.SerializeToString,
                 response_deserializer=protos_dot_fedfer_dot_v1_dot_common__pb2.StageAck.FromString,
                 _registered_method=True)
+        self.ConsistencyCheck = channel.unary_unary(
+                '/fedfer.v1.Federation/ConsistencyCheck',
+                request_serializer=protos_dot_fedfer_dot_v1_dot_federation__pb2.StageMessage.SerializeToString,
+                response_deserializer=protos_dot_fedfer_dot_v1_dot_common__pb2.StageAck.FromString,
+                _registered_method=True)
         self.Unmask = channel.unary_unary(
                 '/fedfer.v1.Federation/Unmask',
                 request_serializer=protos_dot_fedfer_dot_v1_dot_federation__pb2.StageMessage.SerializeToString,
@@ -110,8 +115,15 @@ class FederationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ConsistencyCheck(self, request, context):
+        """Stage 4: the device's signature over the survivor set the aggregator announced (consistency check).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Unmask(self, request, context):
-        """Stage 4: the device's unmasking shares.
+        """Stage 5: the device's unmasking shares.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -119,8 +131,8 @@ class FederationServicer:
 
     def GetStageResult(self, request, context):
         """What the aggregator broadcast when a stage closed, restricted to what this device may see
-        (the roster after stage 1, the ciphertexts addressed to this device after stage 2, the survivors after
-        stage 3).
+        (the roster after stage 1, the ciphertexts addressed to this device after stage 2, the survivor set to sign
+        after stage 3, the survivors with their holders' signatures after stage 4).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -152,6 +164,11 @@ def add_FederationServicer_to_server(servicer, server):
             'UploadMaskedInput': grpc.stream_unary_rpc_method_handler(
                     servicer.UploadMaskedInput,
                     request_deserializer=protos_dot_fedfer_dot_v1_dot_federation__pb2.MaskedInputChunk.FromString,
+                    response_serializer=protos_dot_fedfer_dot_v1_dot_common__pb2.StageAck.SerializeToString,
+            ),
+            'ConsistencyCheck': grpc.unary_unary_rpc_method_handler(
+                    servicer.ConsistencyCheck,
+                    request_deserializer=protos_dot_fedfer_dot_v1_dot_federation__pb2.StageMessage.FromString,
                     response_serializer=protos_dot_fedfer_dot_v1_dot_common__pb2.StageAck.SerializeToString,
             ),
             'Unmask': grpc.unary_unary_rpc_method_handler(
@@ -299,6 +316,33 @@ class Federation:
             target,
             '/fedfer.v1.Federation/UploadMaskedInput',
             protos_dot_fedfer_dot_v1_dot_federation__pb2.MaskedInputChunk.SerializeToString,
+            protos_dot_fedfer_dot_v1_dot_common__pb2.StageAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConsistencyCheck(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedfer.v1.Federation/ConsistencyCheck',
+            protos_dot_fedfer_dot_v1_dot_federation__pb2.StageMessage.SerializeToString,
             protos_dot_fedfer_dot_v1_dot_common__pb2.StageAck.FromString,
             options,
             channel_credentials,
