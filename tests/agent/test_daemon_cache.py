@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import zmq
 
-from agent.cache import FeatureCache, SessionNotFoundError
+from agent.cache import FeatureCache, SessionNotFoundError, _key_binding
 from agent.cache_keys import FileKeyStore
 from agent.config import apply_path_overrides, parse_config
 from agent.control import ControlError
@@ -62,18 +62,18 @@ def _assert_unopenable(snapshot: Path, kek: Path) -> None:
     """No data key in the copy unwraps with the key file ``kek`` (its own key does); the copy cannot open."""
     with contextlib.closing(sqlite3.connect(snapshot / "features.sqlite")) as conn:
         cache_id = bytes(conn.execute("SELECT value FROM meta WHERE name = 'cache_id'").fetchone()[0])
-        wrapped = [(str(p), bytes(w)) for p, w in conn.execute("SELECT public_id, wrapped_dek FROM sessions")]
+        rows = conn.execute("SELECT public_id, wrapped_dek, sealed FROM sessions")
+        # A sealed session's data key is bound to its id and its seal (agent.cache._key_binding).
+        wrapped = [(_key_binding(str(p), bool(sealed)), bytes(w)) for p, w, sealed in rows]
         assert conn.execute("SELECT COUNT(*) FROM records").fetchone()[0] > 0  # the ciphertext is all there
     assert wrapped
     current = FileKeyStore(kek).load()
     (old,) = FileKeyStore(snapshot / "old.kek").load()
     for session_id, blob in wrapped:
-        old.unwrap_data_key(
-            blob, cache_id=cache_id, session_id=session_id.encode()
-        )  # the check is not vacuous
+        old.unwrap_data_key(blob, cache_id=cache_id, session_id=session_id)  # the check is not vacuous
         for key in current:
             with pytest.raises(IntegrityError):
-                key.unwrap_data_key(blob, cache_id=cache_id, session_id=session_id.encode())
+                key.unwrap_data_key(blob, cache_id=cache_id, session_id=session_id)
     shutil.copy(kek, snapshot / "cache.kek")
     with pytest.raises(IntegrityError, match="does not open this cache"):
         FeatureCache(snapshot)

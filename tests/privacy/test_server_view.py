@@ -220,6 +220,19 @@ def _chi2_bytes(values: np.ndarray) -> float:
     return float(np.sum((counts - expected) ** 2 / expected))
 
 
+def _ks_uniform(values: np.ndarray, modulus_bits: int) -> float:
+    """Kolmogorov-Smirnov distance between the values / 2^k and the uniform distribution on [0, 1)."""
+    u = np.sort(values.astype(np.float64) / float(1 << modulus_bits))
+    n = u.size
+    ranks = np.arange(1, n + 1, dtype=np.float64)
+    return float(max(np.max(ranks / n - u), np.max(u - (ranks - 1) / n)))
+
+
+def _lag1(values: np.ndarray) -> float:
+    x = values.astype(np.float64)
+    return float(abs(np.corrcoef(x[:-1], x[1:])[0, 1]))
+
+
 def _correlation(vector: np.ndarray, plain: np.ndarray) -> float:
     return float(abs(np.corrcoef(vector[:-1].astype(np.float64), plain.astype(np.float64))[0, 1]))
 
@@ -280,12 +293,19 @@ def test_masked_upload_is_uniform_uncorrelated_and_uninvertible(
         num_classes=NUM_CLASSES,
         mean_probs=mean_probabilities(population.model, probe),
     )
+    ks = _ks_uniform(masked, view.params.modulus_bits)
+    # KS critical value at significance 1e-6: sqrt(ln(2 / 1e-6) / (2 n)).
+    ks_limit = float(np.sqrt(np.log(2 / 1e-6) / (2 * masked.size)))
+    lag1 = _lag1(masked)
     audit_report.record(
         "server_view_masked_upload",
         dim=len(flat[TARGET]),
         modulus_bits=view.params.modulus_bits,
         byte_chi2_255dof=chi2,
         chi2_limit=CHI2_LIMIT_255,
+        ks_distance_uint32_vs_uniform=ks,
+        ks_limit=ks_limit,
+        abs_lag1_autocorrelation=lag1,
         abs_correlation_with_update=corr,
         correlation_limit=6 / np.sqrt(masked.size),
         inversion_centred_cosine=masked_cos,
@@ -293,34 +313,46 @@ def test_masked_upload_is_uniform_uncorrelated_and_uninvertible(
         label_accuracy_masked=label_overlap(labels, counts),
         label_accuracy_plain=label_overlap(labels, plain_counts),
     )
-    assert chi2 < CHI2_LIMIT_255
+    assert chi2 < CHI2_LIMIT_255 and ks < ks_limit and lag1 < 6 / np.sqrt(masked.size)
+    # The same tests reject the unmasked (quantized) update: they can fail.
+    unmasked = view.params.codec().encode(flat[TARGET], 1)
+    assert (
+        _ks_uniform(unmasked, view.params.modulus_bits) > ks_limit and _chi2_bytes(unmasked) > CHI2_LIMIT_255
+    )
     assert corr < 6 / np.sqrt(masked.size)
     assert masked_cos < chance + 0.05, (masked_cos, chance)
     assert label_overlap(labels, plain_counts) == 1.0  # the same attack reads the plain update
 
 
-def test_server_with_t_minus_1_colluders_learns_nothing(round_view, audit_report) -> None:
-    """Server + t-1 colluding clients, told-everyone-it-dropped lie included: the target stays padded."""
-    view, _, flat = round_view
-    colluders = list(range(2, 2 + THRESHOLD - 1))
-    honest = [c for c in range(2, N_CLIENTS + 1) if c not in colluders]
+@pytest.mark.parametrize(
+    ("graph_kind", "n", "neighbors", "threshold"), [("complete", 5, None, 3), ("secagg+", 16, 6, 4)]
+)
+def test_server_with_t_minus_1_colluders_learns_nothing(
+    round_view, updates_16, graph_kind, n, neighbors, threshold, audit_report
+) -> None:
+    """Server + t-1 colluding holders, told-everyone-it-dropped lie included: the target stays padded."""
+    _, _, flat = round_view
+    view = RoundView({cid: flat[cid] for cid in range(1, n + 1)}, threshold=threshold, neighbors=neighbors)
+    colluders = sorted(view.graph.neighbors(TARGET))[: threshold - 1]  # among the target's own holders
+    honest = [c for c in view.everyone if c != TARGET and c not in colluders]
     without_target = tuple(c for c in view.everyone if c != TARGET)
     outcome = view.show(dict.fromkeys(honest, without_target), colluders)
     assert all(answer == "revealed" for answer in outcome.values()), outcome
     seed_shares, key_shares = view.shares_of(TARGET, colluders)
     stripped = view.strip_pairwise(TARGET, key_shares)
-    assert len(seed_shares) == THRESHOLD - 1
+    assert len(seed_shares) == threshold - 1
     with pytest.raises(ValidationError):
-        reconstruct_secret(seed_shares, threshold=THRESHOLD, secret_len=32)
+        reconstruct_secret(seed_shares, threshold=threshold, secret_len=32)
     # Every seed is equally consistent with t-1 shares, so the coalition can only guess one.
     guess = view.strip_self_mask(stripped, os.urandom(32))
     chi2 = _chi2_bytes(stripped)
     corr = _correlation(stripped, flat[TARGET])
     corr_guess = _correlation(guess, flat[TARGET])
     audit_report.record(
-        "server_view_collusion_t_minus_1",
-        clients=N_CLIENTS,
-        threshold=THRESHOLD,
+        f"server_view_collusion_t_minus_1_{graph_kind.replace('+', '_plus')}",
+        clients=n,
+        holders_per_client=view.params.holders_per_client,
+        threshold=threshold,
         colluders=len(colluders),
         seed_shares_held=len(seed_shares),
         byte_chi2_after_removing_pairwise_masks=chi2,
