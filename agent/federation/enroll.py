@@ -8,7 +8,6 @@ as the only trust anchor of every later call (:func:`agent.federation.channel.fe
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import hmac
 import os
@@ -144,10 +143,9 @@ async def _server_certificate(
     try:
         der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
     finally:
-        writer.close()
-        # The server may reset a connection that never spoke HTTP/2.
-        with contextlib.suppress(OSError, ssl.SSLError):
-            await writer.wait_closed()
+        # Only the certificate was wanted: drop the connection at once. A graceful TLS close would wait for
+        # the server's close_notify, which a gRPC server may send only after its handshake timeout (~30 s).
+        writer.transport.abort()
     if not der:
         raise IntegrityError("the aggregator presented no certificate")
     return ssl.DER_cert_to_PEM_cert(der).encode("ascii")
