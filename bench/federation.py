@@ -11,9 +11,9 @@ Reported:
 * ``round_s``: wall time from the first device's join to the last survivor learning the published version;
   ``deadline_wait_s`` is the part spent waiting for the masked-input deadline after the last survivor's upload
   (zero without dropouts), and ``round_s_excl_wait`` the rest.
-* ``bytes_up_per_client``: median over survivors of the bytes each device put on the wire during the round,
-  all stages and status polls included, **measured**: every device's connection goes through its own
-  loopback TCP proxy (:class:`bench.tcp_proxy.TcpProxy`) that counts client-to-server bytes above TCP, i.e.
+* ``bytes_up_per_client``: median (the lower middle one) over survivors of the bytes each device put on the
+  wire during the round, all stages and status polls included, **measured**: every device's connection goes
+  through its own loopback TCP proxy (:class:`bench.tcp_proxy.TcpProxy`) that counts client-to-server bytes above TCP, i.e.
   TLS records with the TLS handshake included (``tls_handshake_included``), HTTP/2 frames and gRPC messages;
   TCP/IP headers are not counted. ``bytes_up_per_client_max`` is the largest device's. ``wire_overhead`` and
   ``wire_overhead_max`` divide them by the raw float32 size of the update (4 bytes x dim);
@@ -288,6 +288,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     wire = [r["wire_up"] for r in survivors]
     no_setup = [r["wire_up"] - r["connections"] * setup_up for r in survivors]
     estimated = statistics.median(r["estimated_up"] for r in survivors)
+    # The median device's own count (median_low): a whole number of bytes that the overhead is computed from.
+    median_wire = int(statistics.median_low(wire))
     return result | {
         "neighbors": "complete" if args.complete else (args.neighbors or "default"),
         "procs": int(args.procs),
@@ -295,7 +297,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "deadline_wait_s": round(wait, 3),
         "round_s_excl_wait": round(round_s - wait, 3),
         "max_abs_error": error,
-        "bytes_up_per_client": int(statistics.median(wire)),
+        "bytes_up_per_client": median_wire,
         "bytes_up_per_client_max": int(max(wire)),
         "payload_up_per_client": int(statistics.median(r["payload_up"] for r in survivors)),
         "calls_per_client": int(statistics.median(r["calls"] for r in survivors)),
@@ -303,9 +305,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "connection_setup_bytes_up": setup_up,
         "tls_handshake_included": True,
         "raw_update_bytes": raw,
-        "wire_overhead": round(statistics.median(wire) / raw, 4),
+        "wire_overhead": round(median_wire / raw, 4),
         "wire_overhead_max": round(max(wire) / raw, 4),
-        "wire_overhead_excl_handshake": round(statistics.median(no_setup) / raw, 4),
+        "wire_overhead_excl_handshake": round(statistics.median_low(no_setup) / raw, 4),
         "wire_overhead_estimated": round(estimated / raw, 4),
         "server_cpu_s": round(cpu_after - cpu_before, 3),
         "published_version": published.version,
