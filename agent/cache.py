@@ -484,9 +484,13 @@ class FeatureCache:
     def sessions(self) -> list[SessionInfo]:
         """Metadata of every session, oldest first (no content, no keys)."""
         with self._lock:
-            rows = self._db().execute(
-                "SELECT public_id, created, frames, bytes, sealed FROM sessions ORDER BY created, sid"
-            ).fetchall()
+            rows = (
+                self._db()
+                .execute(
+                    "SELECT public_id, created, frames, bytes, sealed FROM sessions ORDER BY created, sid"
+                )
+                .fetchall()
+            )
         return [SessionInfo(str(r[0]), float(r[1]), int(r[2]), int(r[3]), bool(r[4])) for r in rows]
 
     def session_info(self, session_id: str) -> SessionInfo:
@@ -497,10 +501,14 @@ class FeatureCache:
         """
         _check_session_id(session_id)
         with self._lock:
-            row = self._db().execute(
-                "SELECT public_id, created, frames, bytes, sealed FROM sessions WHERE public_id = ?",
-                (session_id,),
-            ).fetchone()
+            row = (
+                self._db()
+                .execute(
+                    "SELECT public_id, created, frames, bytes, sealed FROM sessions WHERE public_id = ?",
+                    (session_id,),
+                )
+                .fetchone()
+            )
         if row is None:
             raise SessionNotFoundError(f"no session {session_id}")
         return SessionInfo(str(row[0]), float(row[1]), int(row[2]), int(row[3]), bool(row[4]))

@@ -139,11 +139,7 @@ class FileKeyStore:
     def save(self, keys: list[KeyEncryptionKey]) -> None:
         """Atomically replace the key file: a fresh 0600 ``O_EXCL`` temporary, fsync, rename, fsync dir."""
         _check_count(keys)
-        payload = (
-            _MAGIC
-            + bytes([len(keys)])
-            + b"".join(k.dangerously_export_plaintext() for k in keys)
-        )
+        payload = _MAGIC + bytes([len(keys)]) + b"".join(k.dangerously_export_plaintext() for k in keys)
         directory = self._path.parent
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = directory / f".{self._path.name}.{os.urandom(8).hex()}.tmp"

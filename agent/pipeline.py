@@ -116,16 +116,21 @@ class IferModel:
 class ExportedIferModel:
     """Adapter for :class:`agent.learning.ifer.FaceNet` (an IFER export of the learning package).
 
+    Runs :meth:`FaceNet.fused` (BatchNorm folded into the convolutions), the same inference copy that
+    :meth:`FaceNet.infer` uses for training v and for personalization, at the export's ``input_size``
+    (crops of any size are resized to it), so the device's features are the ones v was trained on.
+
     Args:
-        net: the loaded ``FaceNet`` (eval mode).
+        net: the loaded ``FaceNet``.
         channels_last: run ``f`` in channels-last layout.
+        fuse_batchnorm: fold BatchNorm into the convolutions (the fast path); ``False`` runs ``net`` as is.
     """
 
-    def __init__(self, net: Any, *, channels_last: bool = True) -> None:
-        self.net = net.eval()
+    def __init__(self, net: Any, *, channels_last: bool = True, fuse_batchnorm: bool = True) -> None:
+        self.net = net.fused() if fuse_batchnorm else net.eval()
         self.channels_last = bool(channels_last)
-        if self.channels_last:
-            self.net = self.net.to(memory_format=torch.channels_last)
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.net = self.net.to(memory_format=memory_format)
         self.num_classes = int(net.num_classes)
 
     def __repr__(self) -> str:
@@ -181,7 +186,9 @@ def load_frame_model(
 
         if emulate_tflite_quantization:
             raise ValidationError("emulate_tflite_quantization applies to .tflite feature weights only")
-        return ExportedIferModel(load_ifer(Path(ifer)), channels_last=channels_last)
+        return ExportedIferModel(
+            load_ifer(Path(ifer)), channels_last=channels_last, fuse_batchnorm=fuse_batchnorm
+        )
     assert feature_weights is not None  # narrowed above; not validation
     extractor = load_feature_extractor(
         feature_weights,

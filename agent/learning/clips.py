@@ -1,14 +1,16 @@
 """Video clip → per-frame face crops → f features and IFER probabilities (the full clip path).
 
-Frames are decoded with OpenCV, sampled to ``fps``, faces found with MediaPipe's Tasks ``FaceDetector``
-(model file by path, SHA-256 pinned), the largest face is cropped with a margin, converted to grayscale (the
-IFER model was trained on grayscale faces; the three channels are replicated) and run through
-:class:`~agent.learning.ifer.FaceNet`. Frames without a face are skipped. Nothing is written to disk.
+Frames are decoded with OpenCV and sampled to ``fps``; faces are found and cropped by the device's own
+:class:`agent.faces.FaceDetector` (MediaPipe Tasks, SHA-256 pinned; largest face, the same margin and the
+same 224x224 square crop as the vision pipeline), so a model trained or personalized on these clips sees
+the crops the device produces. Crops are kept grayscale (IFER is trained on grayscale faces;
+:meth:`~agent.learning.ifer.FaceNet.preprocess` replicates the channel) and run through
+:class:`~agent.learning.ifer.FaceNet` at its input size. Frames without a face are skipped. Nothing is
+written to disk.
 """
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from types import TracebackType
 
@@ -17,18 +19,20 @@ import numpy as np
 from agent.learning.errors import DatasetError, ModelFileError
 from agent.learning.ifer import FaceNet
 
-__all__ = ["DETECTOR_SHA256", "ClipFaces", "clip_features"]
+__all__ = ["CROP_VERSION", "DETECTOR_SHA256", "ClipFaces", "clip_features"]
 
 DETECTOR_SHA256 = "bbff11cebd1eb27a1e004cae0b0e63ec8c551cbf34a4451148b4908b8db3eca8"
+#: Changes whenever the crops change (part of the per-clip cache keys).
+CROP_VERSION = "device-crop/1"
 
 
 class ClipFaces:
-    """Face crops from video files (context manager owning a MediaPipe detector).
+    """Face crops from video files (context manager owning the device's face detector).
 
     Args:
         detector_path: ``face_detection_short_range.tflite``.
         fps: sampling rate of frames (the source rate when higher).
-        margin: extra border around the detected box, as a fraction of its size.
+        margin: extra border around the detected box, as a fraction of its size (the device's default).
         min_score: detector confidence threshold.
         max_frames: stop after this many face crops per clip.
     """
@@ -38,24 +42,24 @@ class ClipFaces:
         *,
         detector_path: Path,
         fps: float = 10.0,
-        margin: float = 0.15,
+        margin: float = 0.2,
         min_score: float = 0.5,
         max_frames: int = 64,
     ) -> None:
-        path = Path(detector_path)
-        if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != DETECTOR_SHA256:
-            raise ModelFileError("face detector model missing or not the pinned file")
+        from agent.faces import FaceDetector
+        from agent.mobilenet import WeightsError
+
         if not 0 < fps <= 120 or not 0 <= margin <= 1 or not 0 < min_score < 1 or max_frames < 1:
             raise DatasetError("fps, margin, min_score or max_frames out of range")
-        from mediapipe.tasks import python as mp_tasks
-        from mediapipe.tasks.python import vision
-
-        opts = vision.FaceDetectorOptions(
-            base_options=mp_tasks.BaseOptions(model_asset_path=str(path)),
-            running_mode=vision.RunningMode.IMAGE,
-            min_detection_confidence=min_score,
-        )
-        self._detector = vision.FaceDetector.create_from_options(opts)
+        try:
+            self._detector: FaceDetector | None = FaceDetector(
+                model_path=Path(detector_path),
+                sha256=DETECTOR_SHA256,
+                min_confidence=min_score,
+                margin=margin,
+            )
+        except WeightsError as exc:
+            raise ModelFileError("face detector model missing or not the pinned file") from exc
         self.fps = float(fps)
         self.margin = float(margin)
         self.max_frames = int(max_frames)
@@ -75,13 +79,12 @@ class ClipFaces:
             self._detector = None
 
     def faces(self, video: Path) -> np.ndarray:
-        """Grayscale face crops ``(N, 112, 112)`` uint8 of the largest face in each sampled frame.
+        """Grayscale face crops ``(N, 224, 224)`` uint8 of the largest face in each sampled frame.
 
         Raises:
             DatasetError: the video cannot be opened or decoded.
         """
         import cv2
-        import mediapipe as mp
 
         if self._detector is None:
             raise DatasetError("ClipFaces is closed")
@@ -102,27 +105,15 @@ class ClipFaces:
                 if not take:
                     continue
                 next_take += step
-                rgb = np.ascontiguousarray(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
-                found = self._detector.detect(mp.Image(image_format=mp.ImageFormat.SRGB, data=rgb)).detections
-                if not found:
-                    continue
-                box = max(found, key=lambda d: d.bounding_box.width * d.bounding_box.height).bounding_box
-                side = max(box.width, box.height) * (1 + 2 * self.margin)
-                cx, cy = box.origin_x + box.width / 2, box.origin_y + box.height / 2
-                x0, y0 = round(cx - side / 2), round(cy - side / 2)
-                x1, y1 = round(cx + side / 2), round(cy + side / 2)
-                h, w = frame.shape[:2]
-                pad = max(0, -x0, -y0, x1 - w, y1 - h)
-                gray = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
-                if pad:
-                    gray = cv2.copyMakeBorder(gray, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
-                crop = gray[y0 + pad : y1 + pad, x0 + pad : x1 + pad]
-                crops.append(cv2.resize(crop, (112, 112), interpolation=cv2.INTER_AREA))
+                face = self._detector.detect(np.ascontiguousarray(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)))
+                if face is not None:
+                    crops.append(cv2.cvtColor(face.crop, cv2.COLOR_RGB2GRAY))
         finally:
             cap.release()
         if index == 0:
             raise DatasetError(f"no frame decoded from {Path(video).name}")
-        return np.stack(crops) if crops else np.zeros((0, 112, 112), np.uint8)
+        side = self._detector.crop_size
+        return np.stack(crops) if crops else np.zeros((0, side, side), np.uint8)
 
 
 def clip_features(net: FaceNet, faces: ClipFaces, video: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.learning.clips import ClipFaces, clip_features
+from agent.learning.clips import CROP_VERSION, ClipFaces, clip_features
 from agent.learning.data import (
     CremaClip,
     SubjectSplit,
@@ -76,7 +76,8 @@ def corpus_features(
             if clip.path is None:
                 continue
             video = clip.path
-            key = content_key("crema-clip/1", nk, hashlib.sha256(video.read_bytes()).hexdigest(), repr(fps))
+            digest = hashlib.sha256(video.read_bytes()).hexdigest()
+            key = content_key("crema-clip/2", CROP_VERSION, nk, digest, repr(fps))
 
             def compute(video: Path = video) -> dict[str, np.ndarray]:
                 f, p = clip_features(net, faces, video)
