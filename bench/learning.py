@@ -343,18 +343,13 @@ def _device_speed(
 
         video = sorted((args.assets / _SAMPLE).glob("*.flv"))[0]
         for name, ifer in (("edge", manifest), ("edge_f224", None)):
-            ns = argparse.Namespace(
-                video=video,
-                seconds=args.edge_seconds,
-                assets=args.assets,
-                sample_fps=None,
-                batch_size=4,
-                threads=args.threads,
-                ifer=ifer,
-                no_baseline=True,
-                no_overlap=False,
-                repeats=1,
-            )
+            # The edge benchmark's own parser, so its defaults (and any option added later) apply.
+            parser = argparse.ArgumentParser()
+            edge.add_arguments(parser)
+            argv = ["--video", str(video), "--seconds", str(args.edge_seconds)]
+            argv += ["--assets", str(args.assets), "--batch-size", "4", "--threads", str(args.threads)]
+            argv += ["--no-baseline", "--repeats", "1"] + (["--ifer", str(ifer)] if ifer else [])
+            ns = parser.parse_args(argv)
             got = edge.run(ns)
             res[f"{name}_frames_per_s"] = got.get("frames_per_s", 0.0)
             res[f"{name}_stage_ms"] = got.get("stage_ms", {})
