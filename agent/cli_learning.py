@@ -12,7 +12,6 @@ Heavy imports happen inside the handlers.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -34,9 +33,74 @@ def _threads(n: int) -> None:
 
 
 def _train_ifer(args: argparse.Namespace) -> int:
+    from agent.learning.data import dev_split, list_image_folder
+    from agent.learning.metrics import format_report
+
+    _threads(args.threads)
+    root: Path = args.data / "train" if (args.data / "train").is_dir() else args.data
+    items = list_image_folder(root, args.classes)
+    if args.limit:
+        from agent.learning.data import hash_order
+
+        items = hash_order(items)[: args.limit]
+    dev, train = dev_split(items)
+    weights = args.weights or _assets() / DEFAULT_WEIGHTS
+
+    def epoch(rec: dict[str, float]) -> None:
+        print(
+            f"epoch {int(rec['epoch'])} loss {rec['loss']:.4f} dev macro F1 {100 * rec['dev_macro_f1']:.1f} "
+            f"lr {rec['lr']:.2g}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    if args.recipe:
+        manifest, rep = _train_ifer_recipe(args, weights, train, dev, epoch)
+    else:
+        manifest, rep = _train_ifer_cached(args, weights, train, dev, epoch)
+    print(format_report(rep, title="IFER on the dev split"))
+    print(f"model: {manifest}")
+    return 0
+
+
+def _train_ifer_recipe(
+    args: argparse.Namespace, weights: Path, train: list[Any], dev: list[Any], epoch: Any
+) -> tuple[Path, Any]:
+    """The benchmark's recipe (augmented fine-tuning of f, cached by content hash): what beats the peer."""
+    import dataclasses
+
+    from agent.learning.ifer import load_images
+    from agent.learning.metrics import classification_report
+    from agent.learning.recipe import IferRecipe, train_or_load_ifer
+
+    base = IferRecipe()
+    train_cfg = base.train
+    if args.epochs is not None:
+        warmup = min(train_cfg.warmup_epochs, args.epochs / 4)
+        train_cfg = dataclasses.replace(train_cfg, epochs=args.epochs, warmup_epochs=warmup)
+    if args.batch_size is not None:
+        train_cfg = dataclasses.replace(train_cfg, batch_size=args.batch_size)
+    recipe = dataclasses.replace(
+        base,
+        num_classes=args.classes,
+        input_size=args.input_size or base.input_size,
+        split=base.split if args.split is None else args.split,
+        train=train_cfg,
+    )
+    net, run = train_or_load_ifer(recipe, weights=weights, train_items=train, dev_items=dev, progress=epoch)
+    if run.cached:
+        print(f"loaded the model trained earlier on the same recipe and data ({run.key})", file=sys.stderr)
+    _, probs = net.infer(load_images(dev))
+    rep = classification_report([it.label for it in dev], probs.argmax(1), net.classes)
+    return run.manifest, rep
+
+
+def _train_ifer_cached(
+    args: argparse.Namespace, weights: Path, train: list[Any], dev: list[Any], epoch: Any
+) -> tuple[Path, Any]:
+    """f's last blocks and g on cached frozen-prefix activations (fast; no augmentation but mirroring)."""
     import numpy as np
 
-    from agent.learning.data import list_image_folder
     from agent.learning.features import cache_dir, content_key, files_digest
     from agent.learning.ifer import (
         FaceNet,
@@ -47,28 +111,16 @@ def _train_ifer(args: argparse.Namespace) -> int:
         save_ifer,
         train_ifer,
     )
-    from agent.learning.metrics import format_report
 
-    _threads(args.threads)
-    root: Path = args.data / "train" if (args.data / "train").is_dir() else args.data
-    items = sorted(
-        list_image_folder(root, args.classes),
-        key=lambda it: hashlib.sha256(it.path.name.encode()).hexdigest(),
-    )
-    if args.limit:
-        items = items[: args.limit]
-    n_dev = max(len(items) // 10, 1)
-    if len(items) - n_dev < 2:
-        from agent.learning.errors import DatasetError
-
-        raise DatasetError("too few images to train")
-    backbone, norm = load_backbone(args.weights or _assets() / DEFAULT_WEIGHTS)
+    items = dev + train
+    n_dev = len(dev)
+    backbone, norm = load_backbone(weights)
     net = FaceNet(
         backbone=backbone,
         normalization=norm,
         num_classes=args.classes,
-        input_size=args.input_size,
-        split=args.split,
+        input_size=args.input_size or 112,
+        split=14 if args.split is None else args.split,
     )
 
     def shown(done: int, total: int) -> None:
@@ -76,16 +128,7 @@ def _train_ifer(args: argparse.Namespace) -> int:
 
     acts = prefix_activations(net, items, flips=args.flips, progress=shown)
     labels = np.array([it.label for it in items])
-    cfg = IferTrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size)
-
-    def epoch(rec: dict[str, float]) -> None:
-        print(
-            f"epoch {int(rec['epoch'])} loss {rec['loss']:.4f} dev macro F1 {100 * rec['dev_macro_f1']:.1f} "
-            f"lr {rec['lr']:.2g}",
-            file=sys.stderr,
-            flush=True,
-        )
-
+    cfg = IferTrainConfig(epochs=args.epochs or 6, lr=args.lr, batch_size=args.batch_size or 64)
     res = train_ifer(
         net, acts[:, n_dev:], labels[n_dev:], acts[0, :n_dev], labels[:n_dev], config=cfg, progress=epoch
     )
@@ -95,9 +138,7 @@ def _train_ifer(args: argparse.Namespace) -> int:
     )
     out = args.out or cache_dir("models") / key
     manifest = save_ifer(net, out, extra={"history": res.history, "dev": rep.as_dict()})
-    print(format_report(rep, title="IFER on the dev split"))
-    print(f"model: {manifest}")
-    return 0
+    return manifest, rep
 
 
 def _eval_ifer(args: argparse.Namespace) -> int:
@@ -111,7 +152,9 @@ def _eval_ifer(args: argparse.Namespace) -> int:
     net = load_ifer(args.model)
     items = list_image_folder(args.data, net.num_classes)
     if args.limit:
-        items = sorted(items, key=lambda it: hashlib.sha256(it.path.name.encode()).hexdigest())[: args.limit]
+        from agent.learning.data import hash_order
+
+        items = hash_order(items)[: args.limit]
     preds = []
     for s in range(0, len(items), 256):
         _, p = net.infer(np.stack([read_gray(it.path) for it in items[s : s + 256]]))
@@ -311,11 +354,22 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--data", type=Path, required=True, help="ImageFolder root (or a folder holding train/)")
     p.add_argument("--classes", type=int, choices=(4, 6, 7), default=6)
     p.add_argument("--weights", type=Path, default=None, help="MobileNetV2 weights (TFLite or torchvision)")
-    p.add_argument("--input-size", type=int, default=112)
-    p.add_argument("--split", type=int, default=14, help="first trainable MobileNetV2 block (19 = frozen f)")
-    p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument(
+        "--recipe",
+        action="store_true",
+        help="the benchmark's recipe: all of f fine-tuned on augmented faces at 64x64 (slow, best; cached "
+        "by content hash, --out and --flips do not apply)",
+    )
+    p.add_argument("--input-size", type=int, default=None, help="network input side (112; recipe: 64)")
+    p.add_argument(
+        "--split",
+        type=int,
+        default=None,
+        help="first trainable block (19 = frozen f; default 14, recipe 1)",
+    )
+    p.add_argument("--epochs", type=int, default=None, help="6; recipe: 15")
+    p.add_argument("--lr", type=float, default=1e-3, help="g's learning rate (cached-activation trainer)")
+    p.add_argument("--batch-size", type=int, default=None, help="64")
     p.add_argument("--flips", action="store_true", help="mirror augmentation (doubles feature extraction)")
     p.add_argument("--limit", type=int, default=0, help="use only this many images (0 = all)")
     p.add_argument("--threads", type=int, default=1)

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import os
 import sys
 import tempfile
@@ -94,10 +93,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _shuffled(items: list[Any]) -> list[Any]:
-    return sorted(items, key=lambda it: hashlib.sha256(it.path.name.encode()).hexdigest())
-
-
 def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
@@ -116,7 +111,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the experiment and return the JSON-able result."""
     import torch
 
-    from agent.learning.data import list_image_folder
+    from agent.learning.data import dev_split, hash_order, list_image_folder
     from agent.learning.ifer import load_images
     from agent.learning.metrics import classification_report
     from agent.learning.recipe import IferRecipe, train_or_load_ifer
@@ -134,12 +129,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     fer = assets / "data" / "fer2013"
     test_items = list_image_folder(fer / "test", 7)
     if args.test_limit:
-        test_items = _shuffled(test_items)[: args.test_limit]
-    train_items = _shuffled(list_image_folder(fer / "train", 7))
+        test_items = hash_order(test_items)[: args.test_limit]
+    train_items = hash_order(list_image_folder(fer / "train", 7))
     if args.train_limit:
         train_items = train_items[: args.train_limit]
-    n_dev = max(len(train_items) // 10, 7)
-    dev_items, fit_items = train_items[:n_dev], train_items[n_dev:]
+    dev_items, fit_items = dev_split(train_items)
     base = IferRecipe()
     recipe = dataclasses.replace(
         base,
@@ -253,7 +247,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     v_arrays = to_named_arrays(v_model)
 
     # ---- simulated subjects: reported ones, then separate tuning subjects ------------------------------
-    test6 = _shuffled([it for it in test_items if seven[it.label] in six])
+    test6 = hash_order([it for it in test_items if seven[it.label] in six])
     per_subject = args.adapt_clips + args.test_clips
     if per_subject * (args.subjects + args.tune_subjects) > len(test6):
         raise SystemExit("not enough FER2013 test faces for that many simulated subjects")

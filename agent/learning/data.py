@@ -341,3 +341,26 @@ def subject_split(
     if any(not v for v in parts.values()):
         raise DatasetError("a split would be empty; too few actors for these fractions")
     return SubjectSplit(*(tuple(sorted(parts[k])) for k in ("train", "dev", "test")))
+
+
+def hash_order(items: Sequence[LabelledImage]) -> list[LabelledImage]:
+    """``items`` in the SHA-256 order of their file names: a reproducible shuffle that mixes classes."""
+    return sorted(items, key=lambda it: hashlib.sha256(it.path.name.encode()).hexdigest())
+
+
+def dev_split(
+    items: Sequence[LabelledImage], *, minimum: int = 7
+) -> tuple[list[LabelledImage], list[LabelledImage]]:
+    """``(dev, train)``: the first tenth (at least ``minimum``) of ``items`` in :func:`hash_order`.
+
+    The one dev split of a training folder, shared by ``fedfer-agent train-ifer`` and ``fedfer-bench
+    learning`` (so both select epochs on the same images and their recipe models share a cache key).
+
+    Raises:
+        DatasetError: fewer than two images would be left to train on.
+    """
+    ordered = hash_order(items)
+    n_dev = max(len(ordered) // 10, minimum)
+    if len(ordered) - n_dev < 2:
+        raise DatasetError(f"too few images to train: {len(ordered)} with {n_dev} kept for dev")
+    return ordered[:n_dev], ordered[n_dev:]

@@ -181,3 +181,37 @@ def test_cli_rejects_bad_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]
         from agent.learning.data import list_image_folder
 
         list_image_folder(tmp_path, 6)
+
+
+def test_train_ifer_recipe_trains_once_then_loads_by_content_hash(
+    assets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``train-ifer --recipe`` runs the benchmark's recipe (kept tiny here) and caches it by content hash."""
+    monkeypatch.setenv("FEDFER_CACHE", str(tmp_path / "cache"))
+    argv = ["train-ifer", "--recipe", "--data", str(assets / "data" / "fer2013"), "--classes", "6"]
+    argv += ["--limit", "60", "--epochs", "1", "--batch-size", "16", "--input-size", "32", "--split", "17"]
+    assert main(argv) == 0
+    first = capsys.readouterr()
+    manifest = Path(first.out.strip().splitlines()[-1].removeprefix("model: "))
+    meta = json.loads(manifest.read_text())
+    assert meta["input_size"] == 32 and meta["split"] == 17 and len(meta["classes"]) == 6
+    assert meta["dev_images"] == 7 and meta["train_images"] == 53  # dev: a tenth of 60, at least 7
+    assert len(meta["history"]) == 1 and "loaded the model" not in first.err
+    assert "macro" in first.out  # the paper's table for the dev split
+    assert main(argv) == 0
+    second = capsys.readouterr()
+    assert "loaded the model" in second.err and second.out.strip().endswith(str(manifest))
+
+
+def test_dev_split_is_a_reproducible_disjoint_tenth(assets: Path) -> None:
+    from agent.learning.data import dev_split, hash_order, list_image_folder
+
+    items = list_image_folder(assets / "data" / "fer2013" / "train", 6)[::50]
+    dev, train = dev_split(items)
+    assert len(dev) == max(len(items) // 10, 7) and len(dev) + len(train) == len(items)
+    assert not {it.path for it in dev} & {it.path for it in train}
+    assert dev_split(list(reversed(items))) == (dev, train)  # the order given does not matter
+    assert hash_order(items)[: len(dev)] == dev
+    assert len({it.label for it in dev}) > 1  # the hash order mixes the class folders
+    with pytest.raises(DatasetError, match="too few"):
+        dev_split(items[:8])
