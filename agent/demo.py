@@ -375,7 +375,7 @@ def _quick_ifer(config: DemoConfig, say: Callable[[str], None]) -> dict[str, Any
     """Train g (f frozen, the paper's setting) on a FER2013 subset; cache the export by content hash."""
     import torch
 
-    from agent.learning.data import list_image_folder
+    from agent.learning.data import hash_order, list_image_folder
     from agent.learning.features import cache_dir, content_key, files_digest
     from agent.learning.ifer import (
         FaceNet,
@@ -391,12 +391,12 @@ def _quick_ifer(config: DemoConfig, say: Callable[[str], None]) -> dict[str, Any
     items = list_image_folder(config.assets / FER_DIR / "train", NUM_CLASSES)
     # A fixed, content-independent pick: per class the first files in hash order of their names.
     per_class: dict[int, list[Any]] = {}
-    for it in sorted(items, key=lambda it: hashlib.sha256(it.path.name.encode()).hexdigest()):
+    for it in hash_order(items):
         bucket = per_class.setdefault(it.label, [])
         if len(bucket) < config.ifer_per_class:
             bucket.append(it)
     chosen = [it for c in sorted(per_class) for it in per_class[c]]
-    chosen.sort(key=lambda it: hashlib.sha256(it.path.name.encode()).hexdigest())
+    chosen = hash_order(chosen)
     train_cfg = IferTrainConfig(epochs=8, lr=1e-3, batch_size=64, patience=2)
     labels = np.array([it.label for it in chosen], dtype=np.int64)
     key = content_key(
