@@ -41,6 +41,12 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _as_from_a_terminal() -> None:
+    """Ctrl-C's default disposition in the child, as a terminal gives it: pytest itself may run in the
+    background, where the shell hands every process SIGINT already ignored (and Python keeps it so)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _demo(workdir: Path, assets: Path, *extra: str) -> subprocess.Popen[str]:
     env = {**os.environ, "FEDFER_ASSETS": str(assets), "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
@@ -49,6 +55,7 @@ def _demo(workdir: Path, assets: Path, *extra: str) -> subprocess.Popen[str]:
         stderr=subprocess.STDOUT,
         text=True,
         env=env,
+        preexec_fn=_as_from_a_terminal,
     )
 
 
