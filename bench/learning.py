@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from agent.learning.data import dev_split, hash_order, list_image_folder
     from agent.learning.ifer import load_images
     from agent.learning.metrics import classification_report
-    from agent.learning.recipe import IferRecipe, train_or_load_ifer
+    from agent.learning.recipe import IferRecipe, calibrate_or_load, train_or_load_ifer
     from agent.models import CLASS_SETS
 
     torch.set_num_threads(max(1, args.threads))
@@ -161,6 +161,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ifer_cache_key=info.key,
         ifer_recipe=repr(recipe),
     )
+    # g's class biases fitted on the same dev split (agent.learning.calibrate); the test split is not used.
+    trained = net
+    net, cal = calibrate_or_load(trained, info, dev_items=dev_items)
+    out.update(
+        ifer_class_bias=dict(zip(seven, cal.class_bias, strict=True)),
+        ifer_dev_macro_f1_uncalibrated=cal.dev_macro_f1_before,
+        ifer_dev_macro_f1=cal.dev_macro_f1,
+    )
     t0 = time.perf_counter()
     test_faces = load_images(test_items)
     _, probs7 = net.infer(test_faces)
@@ -172,6 +180,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from agent.learning.ifer import restrict_probs
 
     rep6 = classification_report(y6, restrict_probs(probs7[is6], seven, six).argmax(1), six)
+    _, raw7 = trained.infer(test_faces)  # the model as trained, before calibration: for comparison
+    raw6 = classification_report(y6, restrict_probs(raw7[is6], seven, six).argmax(1), six)
+    out.update(
+        ifer_uncalibrated_macro_f1=raw6.macro_f1,
+        ifer_uncalibrated_micro_f1=raw6.micro_f1,
+        ifer7_uncalibrated_macro_f1=classification_report(test_labels, raw7.argmax(1), seven).macro_f1,
+    )
     if args.ifer6:
         # The same recipe trained on the 6-class set itself (surprise images left out), same test images.
         def as6(items: list[Any]) -> list[Any]:
@@ -220,7 +235,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
 
     # ---- device cost -----------------------------------------------------------------------------------
-    out.update(_device_speed(args, net, peer, test_faces[0], info.manifest))
+    out.update(_device_speed(args, net, peer, test_faces[0], cal.manifest))
 
     # ---- central v (6 classes) on jittered clips of dev faces ------------------------------------------
     from agent.learning.vfer import VferTrainConfig, train_vfer

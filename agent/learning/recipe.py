@@ -38,7 +38,16 @@ from agent.learning.ifer import (
     train_ifer_images,
 )
 
-__all__ = ["RECIPE_VERSION", "IferRecipe", "IferRun", "initial_digest", "recipe_key", "train_or_load_ifer"]
+__all__ = [
+    "RECIPE_VERSION",
+    "Calibrated",
+    "IferRecipe",
+    "IferRun",
+    "calibrate_or_load",
+    "initial_digest",
+    "recipe_key",
+    "train_or_load_ifer",
+]
 
 #: Bump when the training code changes what a recipe produces (it is part of every cache key).
 RECIPE_VERSION = "ifer-recipe/1"
@@ -227,3 +236,75 @@ def train_or_load_ifer(
         best_epoch=res.best_epoch,
         train_images=len(train_items),
     )
+
+
+@dataclass(slots=True)
+class Calibrated:
+    """What :func:`calibrate_or_load` did.
+
+    Attributes:
+        manifest: the calibrated export's manifest path.
+        cached: it was loaded, not fitted now.
+        class_bias: the per-class logit offsets folded into g.
+        dev_macro_f1_before: dev macro F1 of the model as trained.
+        dev_macro_f1: dev macro F1 after calibration.
+    """
+
+    manifest: Path
+    cached: bool
+    class_bias: list[float]
+    dev_macro_f1_before: float
+    dev_macro_f1: float
+
+
+def calibrate_or_load(
+    net: FaceNet, run: IferRun, *, dev_items: Sequence[LabelledImage]
+) -> tuple[FaceNet, Calibrated]:
+    """``net`` (trained by :func:`train_or_load_ifer` as ``run``) with g's class biases fitted on dev.
+
+    See :mod:`agent.learning.calibrate`. The export is cached beside the trained one, under
+    ``<run.key>-<sha256(CALIBRATION_VERSION, run.key, dev data)>``; ``net`` itself is left as it is.
+
+    Raises:
+        DatasetError: no dev images, or labels outside the model's classes.
+        ModelFileError: the cached calibrated export is corrupt (delete its folder to refit).
+    """
+    from agent.learning.calibrate import CALIBRATION_VERSION, apply_class_bias, fit_class_bias
+    from agent.learning.metrics import classification_report
+
+    if not dev_items or any(not 0 <= it.label < net.num_classes for it in dev_items):
+        raise DatasetError("need dev images with labels in the model's classes")
+    dev_key = files_digest([it.path for it in dev_items], [it.label for it in dev_items])
+    folder = cache_dir("models") / f"{run.key}-{content_key(CALIBRATION_VERSION, run.key, dev_key)[:16]}"
+    manifest = folder / "ifer.json"
+    if manifest.is_file():
+        model = load_ifer(manifest)
+        meta = json.loads(manifest.read_text(encoding="utf-8"))["calibration"]
+        return model, Calibrated(manifest, True, meta["class_bias"], meta["dev_before"], meta["dev_after"])
+    labels = np.array([it.label for it in dev_items])
+    _, probs = net.infer(load_images(dev_items))
+    bias = fit_class_bias(probs, labels, net.classes)
+    before = classification_report(labels, probs.argmax(1), net.classes)
+    model = load_ifer(run.manifest)
+    apply_class_bias(model, bias)
+    _, adjusted = model.infer(load_images(dev_items))
+    after = classification_report(labels, adjusted.argmax(1), net.classes)
+    base = json.loads(run.manifest.read_text(encoding="utf-8"))
+    names = ("history", "best_epoch", "train_seconds", "train_images", "recipe")
+    kept = {k: base[k] for k in names if k in base}
+    offsets = [float(b) for b in bias]
+    calibration: dict[str, Any] = {
+        "version": CALIBRATION_VERSION,
+        "from": run.key,
+        "class_bias": offsets,
+        "dev_before": before.macro_f1,
+        "dev_after": after.macro_f1,
+    }
+    extra = {
+        **kept,
+        "dev": {"macro_f1": after.macro_f1, "micro_f1": after.micro_f1},
+        "dev_images": len(dev_items),
+        "calibration": calibration,
+    }
+    save_ifer(model, folder, extra=extra)
+    return model, Calibrated(manifest, False, offsets, before.macro_f1, after.macro_f1)
