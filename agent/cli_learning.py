@@ -66,12 +66,12 @@ def _train_ifer(args: argparse.Namespace) -> int:
 def _train_ifer_recipe(
     args: argparse.Namespace, weights: Path, train: list[Any], dev: list[Any], epoch: Any
 ) -> tuple[Path, Any]:
-    """The benchmark's recipe (augmented fine-tuning of f, cached by content hash): what beats the peer."""
+    """The benchmark's recipe (augmented fine-tuning of f, then g's class biases fitted on dev), cached."""
     import dataclasses
 
     from agent.learning.ifer import load_images
     from agent.learning.metrics import classification_report
-    from agent.learning.recipe import IferRecipe, train_or_load_ifer
+    from agent.learning.recipe import IferRecipe, calibrate_or_load, train_or_load_ifer
 
     base = IferRecipe()
     train_cfg = base.train
@@ -87,12 +87,20 @@ def _train_ifer_recipe(
         split=base.split if args.split is None else args.split,
         train=train_cfg,
     )
-    net, run = train_or_load_ifer(recipe, weights=weights, train_items=train, dev_items=dev, progress=epoch)
+    trained, run = train_or_load_ifer(
+        recipe, weights=weights, train_items=train, dev_items=dev, progress=epoch
+    )
     if run.cached:
         print(f"loaded the model trained earlier on the same recipe and data ({run.key})", file=sys.stderr)
+    net, cal = calibrate_or_load(trained, run, dev_items=dev)
+    print(
+        f"g's class biases fitted on the dev split: macro F1 {100 * cal.dev_macro_f1_before:.1f} -> "
+        f"{100 * cal.dev_macro_f1:.1f}",
+        file=sys.stderr,
+    )
     _, probs = net.infer(load_images(dev))
     rep = classification_report([it.label for it in dev], probs.argmax(1), net.classes)
-    return run.manifest, rep
+    return cal.manifest, rep
 
 
 def _train_ifer_cached(

@@ -4,6 +4,7 @@ training on images, the fused inference copy the device runs, and the content-ha
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import cv2
@@ -16,9 +17,12 @@ from agent.learning.augment import FaceAugment, augment_faces
 from agent.learning.data import LabelledImage, list_image_folder
 from agent.learning.errors import DatasetError, ModelFileError
 from agent.learning.ifer import FaceNet, IferTrainConfig, load_backbone, load_images, train_ifer_images
+from agent.learning.metrics import classification_report
 from agent.learning.recipe import IferRecipe, initial_digest, recipe_key, train_or_load_ifer
+from agent.models import CLASS_SETS
 from agent.pipeline import ExportedIferModel
 
+CLASS_SETS_7 = CLASS_SETS[7]
 TFLITE = Path("models/mobilenet_v2_tflite/mobilenet_v2_1.0_224_quant.tflite")
 NO_AUGMENT = FaceAugment(
     scale=(1.0, 1.0), shift=0.0, rotation=0.0, flip=0.0, brightness=0.0, contrast=0.0, cutout=0.0
@@ -181,3 +185,67 @@ def test_recipe_model_is_cached_by_content_and_reused(
         train_or_load_ifer(recipe, weights=weights, train_items=train, dev_items=dev)
     with pytest.raises(DatasetError):
         train_or_load_ifer(recipe, weights=weights, train_items=train, dev_items=[])
+
+
+def test_class_bias_undoes_an_over_predicted_class() -> None:
+    from agent.learning.calibrate import fit_class_bias
+
+    classes = CLASS_SETS_7
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 7, 700)
+    logits = rng.normal(0, 1, (700, 7))
+    logits[np.arange(700), labels] += 2.0
+    logits[:, 5] += 1.5  # class 5 over-predicted, as class-weighted CE does with disgust
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    bias = fit_class_bias(probs, labels, classes)
+    assert bias.shape == (7,) and bias.dtype == np.float32 and bias[5] < -0.5
+    before = classification_report(labels, probs.argmax(1), classes).macro_f1
+    after = classification_report(labels, (np.log(probs) + bias).argmax(1), classes).macro_f1
+    assert after > before + 0.05
+    perfect = np.eye(7)[labels] * 0.9 + 0.1 / 7
+    assert not fit_class_bias(perfect, labels, classes).any()  # nothing to gain: no change
+    with pytest.raises(ValueError):
+        fit_class_bias(probs[:, :6], labels, classes)
+
+
+def test_apply_class_bias_rescales_probabilities_only(assets: Path, items: list[LabelledImage]) -> None:
+    from agent.learning.calibrate import apply_class_bias
+
+    net = _net(assets, split=17, size=32)
+    faces = load_images(items[:6])
+    feats, probs = net.infer(faces)
+    bias = np.linspace(-1, 1, 7).astype(np.float32)
+    apply_class_bias(net, bias)
+    feats2, probs2 = net.infer(faces)
+    np.testing.assert_array_equal(feats, feats2)
+    expected = probs * np.exp(bias)
+    np.testing.assert_allclose(probs2, expected / expected.sum(1, keepdims=True), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="7 class offsets"):
+        apply_class_bias(net, bias[:6])
+
+
+def test_calibrated_export_is_fitted_on_dev_and_cached(
+    assets: Path, items: list[LabelledImage], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agent.learning.recipe import calibrate_or_load
+
+    monkeypatch.setenv("FEDFER_CACHE", str(tmp_path / "cache"))
+    recipe = IferRecipe(input_size=32, split=17, train=dataclasses.replace(TINY, epochs=1), calibration=16)
+    train, dev = items[:28], items[28:]
+    net, run = train_or_load_ifer(recipe, weights=assets / TFLITE, train_items=train, dev_items=dev)
+    model, cal = calibrate_or_load(net, run, dev_items=dev)
+    assert not cal.cached and cal.manifest.is_file() and cal.manifest != run.manifest
+    assert cal.dev_macro_f1 >= cal.dev_macro_f1_before and len(cal.class_bias) == 7
+    meta = json.loads(cal.manifest.read_text())
+    assert meta["calibration"]["from"] == run.key and meta["dev"]["macro_f1"] == cal.dev_macro_f1
+    assert meta["history"] == run.history
+    # The calibrated model differs from the trained one in g's last bias only, by exactly the offsets.
+    a, b = net.exported_arrays(), model.exported_arrays()
+    differ = [k for k in a if not np.array_equal(a[k], b[k])]
+    assert differ in ([], ["g.net.3.bias"])
+    np.testing.assert_allclose(b["g.net.3.bias"] - a["g.net.3.bias"], cal.class_bias, atol=1e-6)
+    again, second = calibrate_or_load(net, run, dev_items=dev)
+    assert second.cached and second.manifest == cal.manifest and second.class_bias == cal.class_bias
+    assert again.weights_digest() == model.weights_digest()
+    with pytest.raises(DatasetError):
+        calibrate_or_load(net, run, dev_items=[])
