@@ -35,11 +35,13 @@ def fit_class_bias(
     span: float = 1.5,
     steps: int = 31,
     sweeps: int = 3,
+    min_per_class: int = 10,
 ) -> np.ndarray:
     """Per-class logit offsets (float32, ``(K,)``) that maximize macro F1 of ``probs`` on ``labels``.
 
     Coordinate ascent: each sweep sets every class's offset in turn to the best of ``steps`` values in
-    ``[-span, span]`` (ties keep the smaller change). Use dev-split probabilities only.
+    ``[-span, span]`` (ties keep the smaller change). Use dev-split probabilities only. With fewer than
+    ``min_per_class`` labels of some class the offsets would only fit a handful of images: all zeros then.
 
     Raises:
         ValueError: shapes disagree, or the arrays are empty.
@@ -48,6 +50,8 @@ def fit_class_bias(
     labels = np.asarray(labels)
     if probs.ndim != 2 or probs.shape[1] != len(classes) or len(probs) != len(labels) or len(probs) == 0:
         raise ValueError("probs must be (N, K) with N labels and K classes, N > 0")
+    if np.bincount(labels.astype(np.int64), minlength=len(classes)).min() < min_per_class:
+        return np.zeros(len(classes), dtype=np.float32)
     log_probs = np.log(np.clip(probs, 1e-12, 1.0))
     grid = np.linspace(-span, span, steps)
     bias = np.zeros(len(classes))

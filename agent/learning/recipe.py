@@ -258,12 +258,13 @@ class Calibrated:
 
 
 def calibrate_or_load(
-    net: FaceNet, run: IferRun, *, dev_items: Sequence[LabelledImage]
+    net: FaceNet, run: IferRun, *, dev_items: Sequence[LabelledImage], min_per_class: int = 10
 ) -> tuple[FaceNet, Calibrated]:
     """``net`` (trained by :func:`train_or_load_ifer` as ``run``) with g's class biases fitted on dev.
 
     See :mod:`agent.learning.calibrate`. The export is cached beside the trained one, under
-    ``<run.key>-<sha256(CALIBRATION_VERSION, run.key, dev data)>``; ``net`` itself is left as it is.
+    ``<run.key>-<sha256(CALIBRATION_VERSION, run.key, dev data, min_per_class)>``; ``net`` is left as it is.
+    With fewer than ``min_per_class`` dev images of a class the offsets stay zero (nothing to fit them on).
 
     Raises:
         DatasetError: no dev images, or labels outside the model's classes.
@@ -275,7 +276,8 @@ def calibrate_or_load(
     if not dev_items or any(not 0 <= it.label < net.num_classes for it in dev_items):
         raise DatasetError("need dev images with labels in the model's classes")
     dev_key = files_digest([it.path for it in dev_items], [it.label for it in dev_items])
-    folder = cache_dir("models") / f"{run.key}-{content_key(CALIBRATION_VERSION, run.key, dev_key)[:16]}"
+    fit_key = content_key(CALIBRATION_VERSION, run.key, dev_key, str(min_per_class))
+    folder = cache_dir("models") / f"{run.key}-{fit_key[:16]}"
     manifest = folder / "ifer.json"
     if manifest.is_file():
         model = load_ifer(manifest)
@@ -283,7 +285,7 @@ def calibrate_or_load(
         return model, Calibrated(manifest, True, meta["class_bias"], meta["dev_before"], meta["dev_after"])
     labels = np.array([it.label for it in dev_items])
     _, probs = net.infer(load_images(dev_items))
-    bias = fit_class_bias(probs, labels, net.classes)
+    bias = fit_class_bias(probs, labels, net.classes, min_per_class=min_per_class)
     before = classification_report(labels, probs.argmax(1), net.classes)
     model = load_ifer(run.manifest)
     apply_class_bias(model, bias)

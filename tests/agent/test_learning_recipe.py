@@ -202,6 +202,9 @@ def test_class_bias_undoes_an_over_predicted_class() -> None:
     before = classification_report(labels, probs.argmax(1), classes).macro_f1
     after = classification_report(labels, (np.log(probs) + bias).argmax(1), classes).macro_f1
     assert after > before + 0.05
+    few = np.concatenate([np.flatnonzero(labels == c)[: 12 if c else 9] for c in range(7)])
+    assert not fit_class_bias(probs[few], labels[few], classes).any()  # 9 of class 0: too few to fit
+    assert fit_class_bias(probs[few], labels[few], classes, min_per_class=9).any()
     perfect = np.eye(7)[labels] * 0.9 + 0.1 / 7
     assert not fit_class_bias(perfect, labels, classes).any()  # nothing to gain: no change
     with pytest.raises(ValueError):
@@ -233,7 +236,7 @@ def test_calibrated_export_is_fitted_on_dev_and_cached(
     recipe = IferRecipe(input_size=32, split=17, train=dataclasses.replace(TINY, epochs=1), calibration=16)
     train, dev = items[:28], items[28:]
     net, run = train_or_load_ifer(recipe, weights=assets / TFLITE, train_items=train, dev_items=dev)
-    model, cal = calibrate_or_load(net, run, dev_items=dev)
+    model, cal = calibrate_or_load(net, run, dev_items=dev, min_per_class=1)  # 14 dev faces here
     assert not cal.cached and cal.manifest.is_file() and cal.manifest != run.manifest
     assert cal.dev_macro_f1 >= cal.dev_macro_f1_before and len(cal.class_bias) == 7
     meta = json.loads(cal.manifest.read_text())
@@ -244,8 +247,11 @@ def test_calibrated_export_is_fitted_on_dev_and_cached(
     differ = [k for k in a if not np.array_equal(a[k], b[k])]
     assert differ in ([], ["g.net.3.bias"])
     np.testing.assert_allclose(b["g.net.3.bias"] - a["g.net.3.bias"], cal.class_bias, atol=1e-6)
-    again, second = calibrate_or_load(net, run, dev_items=dev)
+    again, second = calibrate_or_load(net, run, dev_items=dev, min_per_class=1)
     assert second.cached and second.manifest == cal.manifest and second.class_bias == cal.class_bias
     assert again.weights_digest() == model.weights_digest()
+    zero, default = calibrate_or_load(net, run, dev_items=dev)  # 2 per class: offsets stay zero
+    assert default.manifest != cal.manifest and not any(default.class_bias)
+    assert zero.weights_digest() == net.weights_digest()
     with pytest.raises(DatasetError):
         calibrate_or_load(net, run, dev_items=[])
