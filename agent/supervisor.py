@@ -275,6 +275,7 @@ class Supervisor:
 
     def _spawn(self, handle: WorkerHandle, now: float) -> None:
         argv = [sys.executable, "-m", "agent.workers", "--role", handle.role, "--run-dir", str(self.run_dir)]
+        argv += ["--supervisor-pid", str(os.getpid())]
         if handle.role == "capture" and self.paused:
             argv.append("--paused")
         # The worker inherits the state-directory lock: it stays held until this agent's last process exits.

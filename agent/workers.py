@@ -731,8 +731,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--role", choices=sorted(_WORKERS), required=True)
     parser.add_argument("--run-dir", type=Path, required=True)
     parser.add_argument("--paused", action="store_true", help="start paused (capture)")
+    parser.add_argument("--supervisor-pid", type=int, default=None, help="the process that started it")
     args = parser.parse_args(argv)
     _set_parent_death_signal()
+    if args.supervisor_pid is not None and os.getppid() != args.supervisor_pid:
+        # The supervisor died before the death signal was armed (it never fires then): do not linger.
+        return 1
     if args.role == "vision":
         _prepare_vision_runtime()
     # The supervisor coordinates shutdown: a terminal's Ctrl-C reaches it, not each worker on its own.

@@ -414,3 +414,20 @@ def test_live_source_under_load_counts_both_drops_and_sigterm_stores_what_was_qu
 def test_no_agent_running_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ControlError, match="no fedfer agent is running"):
         ControlClient(tmp_path / "nothing").request("status")
+
+
+def test_a_worker_whose_supervisor_died_before_it_started_exits_at_once(tmp_path: Path) -> None:
+    """A worker (re)started just before its supervisor is killed would outlive it: a parent-death signal
+    armed after the parent died never fires, and its parent is init by then."""
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait(10)  # a pid that is not this worker's parent
+    run = [sys.executable, "-m", "agent.workers", "--role", "learner", "--run-dir", str(tmp_path)]
+    proc = subprocess.run([*run, "--supervisor-pid", str(gone.pid)], capture_output=True, timeout=60)
+    assert proc.returncode == 1
+    # With its real parent's pid it goes on (here to read the missing run configuration, a clear error).
+    own = subprocess.run(
+        [*run, "--supervisor-pid", str(os.getpid())], capture_output=True, text=True, timeout=60
+    )
+    assert own.returncode != 0 and "config" in own.stderr.lower()
