@@ -162,8 +162,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ifer_recipe=repr(recipe),
     )
     # g's class biases fitted on the same dev split (agent.learning.calibrate); the test split is not used.
-    trained = net
-    net, cal = calibrate_or_load(trained, info, dev_items=dev_items)
+    net, cal = calibrate_or_load(net, info, dev_items=dev_items)
     out.update(
         ifer_class_bias=dict(zip(seven, cal.class_bias, strict=True)),
         ifer_dev_macro_f1_uncalibrated=cal.dev_macro_f1_before,
@@ -180,7 +179,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from agent.learning.ifer import restrict_probs
 
     rep6 = classification_report(y6, restrict_probs(probs7[is6], seven, six).argmax(1), six)
-    _, raw7 = trained.infer(test_faces)  # the model as trained, before calibration: for comparison
+    # The model as trained, for comparison: calibration only rescaled its probabilities by exp(bias).
+    raw7 = probs7 * np.exp(-np.asarray(cal.class_bias, dtype=np.float32))
+    raw7 /= raw7.sum(1, keepdims=True)
     raw6 = classification_report(y6, restrict_probs(raw7[is6], seven, six).argmax(1), six)
     out.update(
         ifer_uncalibrated_macro_f1=raw6.macro_f1,
