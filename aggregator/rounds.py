@@ -797,12 +797,21 @@ class RoundCoordinator:
                 self._wake.set()
         return self.view(device_id)
 
-    def view(self, device_id: str, *, known_round_id: int = 0) -> RoundView:
-        """The round as ``device_id`` sees it: ``known_round_id`` if that is over, else the current round."""
+    def view(
+        self, device_id: str, *, known_round_id: int = 0, known_stage: RoundStage | None = None
+    ) -> RoundView:
+        """The round as ``device_id`` sees it: ``known_round_id`` if that is over, else the current round.
+
+        A caller that already knows how round ``known_round_id`` ended (``known_stage`` is its outcome) gets
+        the current round instead, so a long poll that watched one round through to its end moves on to the
+        next one rather than being told the same outcome again.
+        """
         latest = self._latest_version_text()
         rnd = self._round
         if known_round_id and (rnd is None or rnd.round_id != known_round_id):
-            return self._past_view(device_id, known_round_id, latest)
+            past = self._past_view(device_id, known_round_id, latest)
+            if known_stage is None or past.stage is not known_stage:
+                return past
         if rnd is None:
             return RoundView(round_id=0, stage=RoundStage.IDLE, latest_model_version=latest)
         index = rnd.indices.get(device_id, 0)

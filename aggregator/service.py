@@ -306,7 +306,10 @@ class FederationRpc(federation_pb2_grpc.FederationServicer):  # type: ignore[mis
                     round_id=request.known_round_id, stage=known_stage, timeout_s=request.wait_ms / 1000
                 )
                 device_id, _ = self._caller(context)  # revocation or a lost lease may have happened meanwhile
-            return _round_status(self._coordinator.view(device_id, known_round_id=request.known_round_id))
+            view = self._coordinator.view(
+                device_id, known_round_id=request.known_round_id, known_stage=known_stage
+            )
+            return _round_status(view)
 
         return await _guard(context, work)
 

@@ -590,6 +590,21 @@ def test_replays_of_an_earlier_round_are_refused_while_a_later_round_runs(tmp_pa
                     await expect(grpc.StatusCode.INVALID_ARGUMENT, raw.send(stage, relabelled))
                 refusals.append((stage, grpc.StatusCode.FAILED_PRECONDITION))
 
+            # Watching round 1 to its end, then polling with its outcome, moves the device on to the next one.
+            watched = common_pb2.STAGE_UNMASK
+            while watched == common_pb2.STAGE_UNMASK:
+                status = await raw.stub.GetRound(
+                    federation_pb2.GetRoundRequest(known_round_id=first, known_stage=watched, wait_ms=2000),
+                    timeout=10,
+                )
+                assert status.round_id == first
+                watched = status.stage
+            assert watched == common_pb2.STAGE_FINISHED and status.model_version == "2"
+            status = await raw.stub.GetRound(
+                federation_pb2.GetRoundRequest(known_round_id=first, known_stage=watched, wait_ms=2000),
+                timeout=10,
+            )
+            assert status.round_id != first
             second = await raw.run_round(updates[2], weights[2], before=replay)
         outcomes = await asyncio.gather(*honest)
         assert [stage for stage, _ in refusals] == list(STAGES)  # a replay tried in every stage

@@ -480,6 +480,42 @@ def test_messages_replayed_from_an_earlier_round_are_refused(storage: Storage) -
     run(body)
 
 
+def test_a_poll_that_knows_how_a_round_ended_is_told_about_the_next_round(storage: Storage) -> None:
+    """A device that watched round 1 to its end and polls with (1, FINISHED) learns of round 2.
+
+    Before, the answer was round 1's outcome again, for ever: a device whose last poll of round 1 still saw it
+    running kept being told that round 1 finished and never saw round 2's check-in (a CI hang).
+    """
+    clock = Clock()
+    devices = make_devices(storage, 3)
+
+    async def body() -> None:
+        coord = coordinator_for(storage, clock, min_clients=3, max_clients=3, rounds=2)
+        task = asyncio.create_task(coord.run())
+        first = await _open_and_join(coord, devices)
+        await _complete_round(coord, devices, first)
+        await until(lambda: coord.view(devices[0].device_id).round_id != first, "the next round")
+        a = devices[0].device_id
+        # Still in the dark about round 1's end: told its outcome.
+        told = coord.view(a, known_round_id=first, known_stage=RoundStage.UNMASK)
+        assert (told.round_id, told.stage, told.model_version) == (first, RoundStage.FINISHED, "2")
+        # Knowing the outcome: told about the current round, whichever it is.
+        now = coord.view(a, known_round_id=first, known_stage=RoundStage.FINISHED)
+        assert (now.round_id, now.stage) == (first + 1, RoundStage.CHECK_IN)
+        # The wrong outcome is no knowledge: the caller is told the real one.
+        wrong = coord.view(a, known_round_id=first, known_stage=RoundStage.ABORTED)
+        assert (wrong.round_id, wrong.stage) == (first, RoundStage.FINISHED)
+        await coord.wait_for_change(round_id=first, stage=RoundStage.FINISHED, timeout_s=5)  # returns at once
+        second = await _open_and_join(coord, devices)
+        assert second == first + 1
+        await _complete_round(coord, devices, second)
+        await asyncio.wait_for(task, timeout=20)
+        idle = coord.view(a, known_round_id=second, known_stage=RoundStage.FINISHED)
+        assert (idle.round_id, idle.stage) == (0, RoundStage.IDLE)
+
+    run(body)
+
+
 async def _open_and_join(coord: RoundCoordinator, devices: list[Dev]) -> int:
     """Wait for check-in, let every device join, wait for key advertisement; return the round id."""
     await until(lambda: coord.view(devices[0].device_id).stage is RoundStage.CHECK_IN, "check-in")
