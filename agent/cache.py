@@ -20,6 +20,10 @@ Nothing but ciphertext and non-secret bookkeeping (session id, creation time, co
   default the KEK is rotated so that even an old copy of the database cannot be opened with the key that
   remains. :meth:`FeatureCache.purge` forgets everything and replaces the KEK.
 * Retention drops sessions older than ``max_age_s`` and, oldest first, sessions beyond ``max_bytes``.
+* Named *blobs* (:meth:`FeatureCache.put_blob`) keep what the device derives from its sessions, such as the
+  personalized model, under the same envelope: one fresh data key per write, wrapped under the KEK and bound
+  to the blob's name, a record bound to (cache id, name, kind). Replacing or deleting one shreds the old
+  version like :meth:`~FeatureCache.forget`; :meth:`~FeatureCache.purge` deletes them all.
 
 Rollback. The database names the fingerprint of the KEK it was committed under, and the key store keeps only
 that KEK. Every :meth:`~FeatureCache.end_session`, :meth:`~FeatureCache.forget` (with the default
@@ -64,6 +68,7 @@ from security.errors import FedferError, IntegrityError, ValidationError
 __all__ = [
     "DB_NAME",
     "KEY_FILE_NAME",
+    "BlobNotFoundError",
     "CacheError",
     "FeatureCache",
     "RecordIntegrityError",
@@ -112,7 +117,16 @@ CREATE TABLE IF NOT EXISTS records (
     blob BLOB NOT NULL,
     PRIMARY KEY (sid, seq)
 );
+CREATE TABLE IF NOT EXISTS blobs (
+    name        TEXT PRIMARY KEY,
+    updated     REAL NOT NULL,
+    wrapped_dek BLOB NOT NULL,
+    blob        BLOB NOT NULL
+);
 """
+_BLOB_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
+_BLOB_BINDING: Final = b"blob:"  # ':' is not hex: a blob's binding never equals a session's
+_MAX_BLOB_BYTES: Final = 256 * 1024 * 1024
 
 
 class CacheError(FedferError):
@@ -125,6 +139,10 @@ class SessionNotFoundError(CacheError, LookupError):
 
 class SessionSealedError(CacheError):
     """The session was ended with :meth:`FeatureCache.end_session`; it accepts no more records."""
+
+
+class BlobNotFoundError(CacheError, LookupError):
+    """No blob of that name is stored."""
 
 
 class RecordIntegrityError(IntegrityError):
@@ -217,6 +235,12 @@ def _check_session_id(session_id: str) -> bytes:
     if type(session_id) is not str or _SESSION_ID.fullmatch(session_id) is None:
         raise ValidationError("a session id is 32 lowercase hex characters")
     return session_id.encode("ascii")
+
+
+def _blob_binding(name: str) -> bytes:
+    if type(name) is not str or _BLOB_NAME.fullmatch(name) is None:
+        raise ValidationError("a blob name is 1..64 characters of a-z, 0-9 and '-'")
+    return _BLOB_BINDING + name.encode("ascii")
 
 
 def _altered_entry(session_id: str) -> IntegrityError:
@@ -640,11 +664,12 @@ class FeatureCache:
         _log.info("cache session %s forgotten", session_id)
 
     def purge(self) -> None:
-        """Forget every session and replace the KEK (the old one is overwritten and discarded)."""
+        """Forget every session and blob and replace the KEK (the old one is overwritten and discarded)."""
         with self._lock:
             with self._write() as conn:
                 conn.execute("DELETE FROM records")
                 conn.execute("DELETE FROM sessions")
+                conn.execute("DELETE FROM blobs")
             self._deks.clear()
             self._rotate()
             self._scrub()
@@ -693,6 +718,17 @@ class FeatureCache:
                 "UPDATE sessions SET wrapped_dek = ? WHERE sid = ?",
                 (new.wrap_data_key(dek, cache_id=self._cache_id, session_id=binding), sid),
             )
+        for name, wrapped in conn.execute("SELECT name, wrapped_dek FROM blobs").fetchall():
+            binding = _blob_binding(str(name))
+            try:
+                dek = old.unwrap_data_key(bytes(wrapped), cache_id=self._cache_id, session_id=binding)
+            except IntegrityError:
+                _log.warning("cache blob %s has a corrupt data key; left as is", name)
+                continue
+            conn.execute(
+                "UPDATE blobs SET wrapped_dek = ? WHERE name = ?",
+                (new.wrap_data_key(dek, cache_id=self._cache_id, session_id=binding), name),
+            )
         conn.execute("UPDATE meta SET value = ? WHERE name = 'kek'", (new.fingerprint.encode(),))
         return new
 
@@ -700,6 +736,79 @@ class FeatureCache:
         """After the commit of :meth:`_rewrap_all`: keep only the new KEK."""
         self._store.save([new])
         self._kek = new
+
+    # -- blobs ----------------------------------------------------------------------------------------
+
+    def put_blob(self, name: str, data: bytes) -> None:
+        """Encrypt and store ``data`` as blob ``name``, replacing (and shredding) any earlier version.
+
+        The blob gets a fresh data key; when it replaces one, the KEK is rotated as on :meth:`forget`.
+
+        Raises:
+            ValidationError: a bad name, or ``data`` is not bytes or is over 256 MiB.
+        """
+        binding = _blob_binding(name)
+        if type(data) is not bytes or len(data) > _MAX_BLOB_BYTES:
+            raise ValidationError("blob data must be bytes, at most 256 MiB")
+        dek = DataKey.generate()
+        with self._lock:
+            with self._write() as conn:
+                kek = self._current_kek(conn)
+                wrapped = kek.wrap_data_key(dek, cache_id=self._cache_id, session_id=binding)
+                blob = dek.encrypt_record(
+                    data, cache_id=self._cache_id, session_id=binding, position=0, kind=RecordKind.BLOB
+                )
+                replaced = conn.execute("DELETE FROM blobs WHERE name = ?", (name,)).rowcount > 0
+                conn.execute(
+                    "INSERT INTO blobs (name, updated, wrapped_dek, blob) VALUES (?, ?, ?, ?)",
+                    (name, float(self._clock()), wrapped, blob),
+                )
+            if replaced:
+                if self._rotate_on_forget:
+                    self._rotate()
+                self._scrub()
+        _log.debug("cache blob %s stored", name)
+
+    def get_blob(self, name: str) -> bytes:
+        """Verify and decrypt blob ``name``.
+
+        Raises:
+            BlobNotFoundError: no such blob.
+            IntegrityError: its data key or ciphertext failed verification (tampered, moved or truncated).
+        """
+        binding = _blob_binding(name)
+        with self._lock, self._read() as conn:
+            row = conn.execute("SELECT wrapped_dek, blob FROM blobs WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise BlobNotFoundError(f"no blob {name}")
+            kek = self._current_kek(conn)
+        try:
+            dek = kek.unwrap_data_key(bytes(row[0]), cache_id=self._cache_id, session_id=binding)
+            return dek.decrypt_record(
+                bytes(row[1]), cache_id=self._cache_id, session_id=binding, position=0, kind=RecordKind.BLOB
+            )
+        except IntegrityError:
+            raise IntegrityError(f"cache blob {name} failed verification") from None
+
+    def blob_names(self) -> list[str]:
+        """The names of the stored blobs, sorted (no content)."""
+        with self._lock:
+            rows = self._db().execute("SELECT name FROM blobs ORDER BY name").fetchall()
+        return [str(r[0]) for r in rows]
+
+    def delete_blob(self, name: str) -> bool:
+        """Shred blob ``name`` (row zeroed, WAL truncated, KEK rotated); False if there was none."""
+        _blob_binding(name)
+        with self._lock:
+            with self._write() as conn:
+                deleted = conn.execute("DELETE FROM blobs WHERE name = ?", (name,)).rowcount > 0
+            if deleted:
+                if self._rotate_on_forget:
+                    self._rotate()
+                self._scrub()
+        if deleted:
+            _log.info("cache blob %s deleted", name)
+        return deleted
 
     def enforce_retention(self, *, now: float | None = None, keep: str | None = None) -> list[str]:
         """Drop sessions older than ``max_age_s``, then the oldest until under ``max_bytes``.

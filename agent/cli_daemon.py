@@ -180,6 +180,10 @@ def _human(command: str, result: dict[str, Any]) -> str:
         )
     if command in ("personalize", "join"):
         return f"{command} started (job {result.get('job')}); follow it with `fedfer-agent status`"
+    if command == "forget":
+        deleted = bool(result.get("personal_model_deleted"))
+        extra = "; the personalized model trained on it was deleted" if deleted else ""
+        return f"session {result.get('forgotten')} forgotten{extra}"
     if command in ("pause", "resume"):
         return "capture paused" if result.get("paused") else "capture running"
     return ", ".join(f"{k}: {v}" for k, v in sorted(result.items())) or "done"

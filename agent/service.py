@@ -45,6 +45,7 @@ __all__ = [
     "FEDERATION_DIR",
     "JOBS",
     "MODELS_DIR",
+    "PERSONAL_BLOB",
     "PROCESSED_FILE",
     "ROUND_BUDGET_FILE",
     "UNTRAINED_IFER",
@@ -73,6 +74,7 @@ __all__ = [
     "encode_record",
     "file_source",
     "ifer_untrained",
+    "load_personal_model",
     "open_cache",
     "open_record_sink",
     "open_source",
@@ -86,6 +88,8 @@ T = TypeVar("T")
 # Where the daemon keeps things inside the state directory.
 CACHE_DIR = "cache"
 MODELS_DIR = "models"
+#: The cache blob that holds the personalized ``v`` (never a plain file: it is derived from the user's data).
+PERSONAL_BLOB = "personal-v"
 FEDERATION_DIR = "federation"
 BUDGET_FILE = "privacy-budget.json"
 ROUND_BUDGET_FILE = "round-privacy-budget.json"
@@ -689,24 +693,73 @@ def cache_sessions(config: AgentConfig) -> list[dict[str, Any]]:
 
 
 def cache_forget(config: AgentConfig, session_id: str) -> dict[str, Any]:
-    """Delete one session and destroy its key (crypto-shredding; the cache also rotates its KEK)."""
+    """Delete one session and destroy its key (crypto-shredding; the cache also rotates its KEK).
+
+    The personalized ``v`` was trained on the cached sessions, so it goes too: nothing learned from the
+    forgotten session stays on the device (the next ``personalize`` trains a new one on what is left).
+    """
     cache = open_cache(config)
     try:
         cache.forget(session_id)
+        dropped = cache.delete_blob(PERSONAL_BLOB)
     finally:
         cache.close()
-    return {"forgotten": session_id}
+    dropped = _drop_plaintext_personal(config) or dropped
+    return {"forgotten": session_id, "personal_model_deleted": dropped}
 
 
 def cache_purge(config: AgentConfig) -> dict[str, Any]:
-    """Delete every session and replace the key-encryption key."""
+    """Delete every session and the personalized ``v``, and replace the key-encryption key."""
     cache = open_cache(config)
     try:
         count = len(cache.sessions())
         cache.purge()
     finally:
         cache.close()
+    _drop_plaintext_personal(config)
     return {"purged": count}
+
+
+def load_personal_model(config: AgentConfig) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+    """The personalized ``v`` (named arrays and manifest) from the encrypted cache; None if there is none.
+
+    Raises:
+        IntegrityError: the stored model failed verification.
+    """
+    export = _component("agent.learning.export", "model files")
+    cache_module = _component("agent.cache", "the encrypted cache")
+    cache = open_cache(config)
+    try:
+        data = cache.get_blob(PERSONAL_BLOB)
+    except cache_module.BlobNotFoundError:
+        return None
+    finally:
+        cache.close()
+    arrays, meta = export.unpack_exported(data)
+    return dict(arrays), dict(meta)
+
+
+def _save_personal(config: AgentConfig, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+    """Keep the personalized ``v`` only inside the encrypted cache (it is derived from the user's data)."""
+    export = _component("agent.learning.export", "model files")
+    manifest = {"kind": "v", "classes": config.learning.num_classes, **meta}
+    cache = open_cache(config)
+    try:
+        cache.put_blob(PERSONAL_BLOB, export.pack_exported("personal", arrays, manifest))
+    finally:
+        cache.close()
+    _drop_plaintext_personal(config)
+
+
+def _drop_plaintext_personal(config: AgentConfig) -> bool:
+    """Remove a personalized ``v`` that an earlier version stored in the clear (``models/personal.*``)."""
+    removed = False
+    for suffix in (".npz", ".json"):
+        path = config.state_dir / MODELS_DIR / f"personal{suffix}"
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed = True
+    return removed
 
 
 # ---------------------------------------------------------------------------------------------- jobs
@@ -809,7 +862,7 @@ def _personalize(config: AgentConfig) -> dict[str, Any]:
 
     # Cancellable: a stopping agent does not wait for the training; nothing is saved unless it finished.
     arrays, summary = _run_cancellable(go())
-    _save_model(config, "personal", arrays, {"base_version": version})
+    _save_personal(config, arrays, {"base_version": version})
     return {"base_version": version, **summary}
 
 

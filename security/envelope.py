@@ -80,8 +80,10 @@ class RecordKind:
     """One processed frame (features, probabilities, box, score, timestamp)."""
     SEAL: Final = 2
     """The closing record of a session, carrying the authenticated frame count."""
+    BLOB: Final = 3
+    """A named item kept beside the sessions (e.g. the personalized model), under its own data key."""
 
-    ALL: Final = frozenset({FRAME, SEAL})
+    ALL: Final = frozenset({FRAME, SEAL, BLOB})
 
 
 def _fail() -> NoReturn:

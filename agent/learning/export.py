@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import os
+import struct
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,7 +20,7 @@ import numpy as np
 
 from agent.learning.errors import ModelFileError
 
-__all__ = ["atomic_write", "load_exported", "save_exported"]
+__all__ = ["atomic_write", "load_exported", "pack_exported", "save_exported", "unpack_exported"]
 
 _FORMAT = "fedfer-named-arrays/1"
 
@@ -34,6 +35,46 @@ def atomic_write(path: Path, data: bytes) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    savez: Any = np.savez  # numpy's stub cannot type **arrays
+    savez(buf, **{k: np.asarray(v, dtype=np.float32) for k, v in arrays.items()})
+    return buf.getvalue()
+
+
+def _described(
+    name: str, blob: bytes, arrays: Mapping[str, np.ndarray], manifest: Mapping[str, Any]
+) -> dict[str, Any]:
+    meta = dict(manifest)
+    meta.update(
+        format=_FORMAT,
+        weights=f"{name}.npz",
+        sha256=hashlib.sha256(blob).hexdigest(),
+        parameters=int(sum(np.asarray(v).size for v in arrays.values())),
+    )
+    return meta
+
+
+def _verified_arrays(blob: bytes, meta: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    if hashlib.sha256(blob).hexdigest() != meta.get("sha256"):
+        raise ModelFileError("model weights do not match the manifest digest")
+    try:
+        with np.load(io.BytesIO(blob), allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (OSError, ValueError) as exc:  # pragma: no cover - the digest matched what was written
+        raise ModelFileError("model weights are unreadable") from exc
+
+
+def _check_manifest(meta: Any) -> dict[str, Any]:
+    if (
+        not isinstance(meta, dict)
+        or meta.get("format") != _FORMAT
+        or not isinstance(meta.get("weights"), str)
+    ):
+        raise ModelFileError("not a fedfer model manifest")
+    return meta
 
 
 def save_exported(
@@ -52,17 +93,8 @@ def save_exported(
         raise ModelFileError("export name must be letters, digits, '-' or '_'")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    savez: Any = np.savez  # numpy's stub cannot type **arrays
-    savez(buf, **{k: np.asarray(v, dtype=np.float32) for k, v in arrays.items()})
-    blob = buf.getvalue()
-    meta = dict(manifest)
-    meta.update(
-        format=_FORMAT,
-        weights=f"{name}.npz",
-        sha256=hashlib.sha256(blob).hexdigest(),
-        parameters=int(sum(np.asarray(v).size for v in arrays.values())),
-    )
+    blob = _npz_bytes(arrays)
+    meta = _described(name, blob, arrays, manifest)
     atomic_write(folder / f"{name}.npz", blob)
     manifest_path = folder / f"{name}.json"
     atomic_write(manifest_path, json.dumps(meta, indent=2, sort_keys=True).encode())
@@ -82,22 +114,40 @@ def load_exported(manifest_path: Path) -> tuple[dict[str, np.ndarray], dict[str,
             raise ModelFileError("model folder must hold exactly one manifest")
         manifest_path = candidates[0]
     try:
-        meta = json.loads(manifest_path.read_text(encoding="utf-8"))
+        meta = _check_manifest(json.loads(manifest_path.read_text(encoding="utf-8")))
     except (OSError, ValueError) as exc:
         raise ModelFileError("cannot read model manifest") from exc
-    if (
-        not isinstance(meta, dict)
-        or meta.get("format") != _FORMAT
-        or not isinstance(meta.get("weights"), str)
-    ):
-        raise ModelFileError("not a fedfer model manifest")
     weights = manifest_path.parent / Path(meta["weights"]).name
     try:
         blob = weights.read_bytes()
     except OSError as exc:
         raise ModelFileError("model weights file is missing") from exc
-    if hashlib.sha256(blob).hexdigest() != meta.get("sha256"):
-        raise ModelFileError("model weights do not match the manifest digest")
-    with np.load(io.BytesIO(blob), allow_pickle=False) as data:
-        arrays = {k: data[k] for k in data.files}
-    return arrays, meta
+    return _verified_arrays(blob, meta), meta
+
+
+def pack_exported(name: str, arrays: Mapping[str, np.ndarray], manifest: Mapping[str, Any]) -> bytes:
+    """The exported model as one byte string (manifest and weights), for storage that is not a folder.
+
+    Layout: a 4-byte big-endian manifest length, the manifest JSON, the ``.npz`` weights.
+    """
+    blob = _npz_bytes(arrays)
+    head = json.dumps(_described(name, blob, arrays, manifest), sort_keys=True).encode()
+    return struct.pack(">I", len(head)) + head + blob
+
+
+def unpack_exported(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Read what :func:`pack_exported` wrote; the weights must match the manifest's SHA-256.
+
+    Raises:
+        ModelFileError: truncated data, a bad manifest or a digest mismatch.
+    """
+    if type(data) is not bytes or len(data) < 4:
+        raise ModelFileError("packed model is truncated")
+    (size,) = struct.unpack(">I", data[:4])
+    if len(data) < 4 + size:
+        raise ModelFileError("packed model is truncated")
+    try:
+        meta = _check_manifest(json.loads(data[4 : 4 + size].decode("utf-8")))
+    except ValueError as exc:
+        raise ModelFileError("packed model has an unreadable manifest") from exc
+    return _verified_arrays(data[4 + size :], meta), meta

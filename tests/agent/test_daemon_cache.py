@@ -174,7 +174,10 @@ def test_cache_survives_kill_9_and_forget_purge_really_remove(tmp_path: Path, as
             before = kek.read_bytes()
             victim = sorted(records)[0]
             before_forget = _snapshot(cache_dir, tmp_path / "before-forget")
-            assert again.client.request("forget", id=victim) == {"forgotten": victim}
+            assert again.client.request("forget", id=victim) == {
+                "forgotten": victim,
+                "personal_model_deleted": False,  # none was trained here
+            }
             assert kek.read_bytes() != before  # the key that wrapped the victim's data key is gone
             assert victim not in {s["id"] for s in again.client.request("sessions")["sessions"]}
             cache = open_cache(config)

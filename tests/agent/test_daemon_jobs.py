@@ -15,7 +15,7 @@ import pytest
 from agent.config import apply_path_overrides, parse_config
 from agent.control import ControlError
 from agent.records import FrameRecord
-from agent.service import open_cache
+from agent.service import load_personal_model, open_cache
 from tests.agent.daemon_harness import Agent, write_config
 
 pytestmark = pytest.mark.slow
@@ -91,9 +91,13 @@ def test_personalize_job_trains_v_with_dp_and_the_budget_then_refuses(tmp_path: 
         assert result["sessions"] == 12 and result["selected"] == 12
         assert result["per_class"][:3] == [4, 4, 4]
         assert result["dp"] is True and 0 < result["epsilon"] <= 1.0 + 1e-6
-        manifest = agent.state_dir / "models" / "personal.json"
-        assert json.loads(manifest.read_text())["base_version"] == "initial"
-        assert (agent.state_dir / "models").stat().st_mode & 0o777 == 0o700
+        # The personalized v is kept only in the encrypted cache, never as a plain file.
+        stored = load_personal_model(config)
+        assert stored is not None
+        arrays, meta = stored
+        assert meta["base_version"] == "initial" and meta["kind"] == "v"
+        assert sum(a.size for a in arrays.values()) == meta["parameters"] > 0
+        assert not list(agent.state_dir.rglob("personal*"))
         budget = json.loads((agent.state_dir / "privacy-budget.json").read_text())
         assert budget["epsilon_limit"] == 1.0 and budget["history"]
 

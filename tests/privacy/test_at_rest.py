@@ -34,7 +34,7 @@ from agent.atrest_scan import AtRestScanner, ScanReport
 from agent.cache import SessionNotFoundError
 from agent.config import apply_path_overrides, parse_config
 from agent.federation.enroll import enroll
-from agent.service import open_cache
+from agent.service import load_personal_model, open_cache
 from aggregator.enrollment import issue_token
 from aggregator.rounds import RoundSettings
 from tests.agent.daemon_harness import Agent
@@ -280,7 +280,12 @@ def test_capture_cache_personalize_leave_nothing_readable(tmp_path: Path, assets
         finally:
             cache.close()
         assert len(features) >= 30
-        scanner = AtRestScanner(known_vectors=[np.asarray(f, dtype=np.float16) for f in features])
+        # The personalized v is derived from the user's features: it is kept only inside the encrypted cache,
+        # and the bytes of its weights must appear nowhere on disk either.
+        stored = load_personal_model(config)
+        assert stored is not None, "personalization saved no model"
+        personal = [a.ravel() for a in stored[0].values() if a.size >= 16]
+        scanner = AtRestScanner(known_vectors=[np.asarray(f, dtype=np.float16) for f in features] + personal)
 
         written = _written(before, roots)
         report = scanner.scan(_regular(written) + [p for p in {*shm_mid, *shm_end} if p.exists()])
@@ -315,6 +320,8 @@ def test_capture_cache_personalize_leave_nothing_readable(tmp_path: Path, assets
             key_files_not_0600=loose,
             key_material_copies_elsewhere=copies,
             personalization=job.get("result", {}),
+            personal_model_in_cache=True,
+            personal_model_weight_vectors_searched=len(personal),
         )
         assert not unexpected, "\n".join(f"{f.path}:{f.offset}: {f.kind}" for f in unexpected)
         assert len(kek_files) == 1 and len(pem_keys) == 2, [
@@ -338,7 +345,12 @@ def test_capture_cache_personalize_leave_nothing_readable(tmp_path: Path, assets
         victim_wrapped = {bytes(w)[-32:] for sid, w, _ in rows if sid == victim}
         old_kek = secrets[kek_files[0]]
         assert victim_blobs and other_blobs and len(victim_wrapped) == 1
-        assert agent.client.request("forget", id=victim) == {"forgotten": victim}
+        # Forgetting a session also deletes the personalized v trained on it.
+        assert agent.client.request("forget", id=victim) == {
+            "forgotten": victim,
+            "personal_model_deleted": True,
+        }
+        assert load_personal_model(config) is None
         disk = _disk(_written(before, roots))
         forgotten = {
             "victim_record_ciphertexts": len(victim_blobs),
