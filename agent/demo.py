@@ -72,6 +72,8 @@ _DEMO_IFER_PREFIX = "demo-ifer-"
 _MIN_CACHED_MACRO_F1 = 0.35
 # One masked-input message is the packed vector plus a small envelope (ids, round, lengths).
 _MASKED_ENVELOPE_MAX = 256
+# Request ids, round ids and chunk headers of one round's stage messages plus its status polls and check-in.
+_REQUEST_ENVELOPES_MAX = 4096
 
 
 class DemoError(FedferError):
@@ -1062,6 +1064,17 @@ def _problems(config: DemoConfig, summary: Mapping[str, Any]) -> list[str]:
             got = sent["stages"].get("masked_input", 0)
             if not masked <= got <= masked + _MASKED_ENVELOPE_MAX:
                 problems.append(f"{a['name']}: round {rid} masked input of {got} bytes, expected ~{masked}")
+        for job in a["rounds"]:
+            # The device's own count of what it sent must cover what the aggregator stored from it, plus no
+            # more than the requests' envelopes and polls (a surplus would be something else leaving it).
+            counted, stored = job.get("wire_payload_bytes"), a["uploaded_bytes"].get(str(job["round_id"]))
+            if counted is None or stored is None:
+                problems.append(f"{a['name']}: round {job['round_id']} has no byte count from both sides")
+            elif not stored["total"] <= counted <= stored["total"] + _REQUEST_ENVELOPES_MAX:
+                problems.append(
+                    f"{a['name']}: round {job['round_id']}: the device counted {counted} payload bytes, "
+                    f"the aggregator stored {stored['total']}"
+                )
     return problems
 
 
@@ -1112,9 +1125,16 @@ def format_summary(summary: Mapping[str, Any]) -> str:
                 f"    round {job['round_id']}: personalized v{job['base_version']} on {job['selected']} of "
                 f"{job['sessions']} clips (pseudo labels per class {job['per_class']})"
             )
+        counted = {str(j["round_id"]): j for j in a["rounds"] if "wire_bytes" in j}
         for rid, sent in a["uploaded_bytes"].items():
             stages = ", ".join(f"{k} {v:,}" for k, v in sorted(sent["stages"].items()))
-            lines.append(f"    round {rid}: sent {sent['total']:,} bytes ({stages})")
+            lines.append(f"    round {rid}: the aggregator stored {sent['total']:,} bytes from it ({stages})")
+            if rid in counted:
+                job = counted[rid]
+                lines.append(
+                    f"    round {rid}: the device counted {job['wire_payload_bytes']:,} bytes of requests in "
+                    f"{job['wire_calls']} calls, ~{job['wire_bytes']:,} on the wire with gRPC/TLS framing"
+                )
         if summary["dp"]:
             lines.append(f"    DP-SGD: epsilon spent {a['epsilon_total']:.2f} (delta 1e-5)")
     lines.append(

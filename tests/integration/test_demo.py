@@ -126,6 +126,12 @@ def test_demo_runs_a_real_federation_and_reports_what_left_each_device(short_dir
             assert sent["total"] - masked < 8192
             for stage, messages in stored[int(rid)].items():
                 assert len(messages[agent["device_id"]]) == sent["stages"][stage.value]
+        # The device's own count of its requests covers what the aggregator stored from it, and exceeds it
+        # only by the requests' envelopes and polls.
+        for job in agent["rounds"]:
+            stored_total = agent["uploaded_bytes"][str(job["round_id"])]["total"]
+            assert stored_total <= job["wire_payload_bytes"] <= stored_total + 4096, job
+            assert job["wire_bytes"] > job["wire_payload_bytes"] and job["wire_calls"] > 5
         # DP-SGD on: epsilon was spent each round and stays within two rounds' targets.
         assert all(j["dp"] is True and 0 < j["epsilon"] <= 3.0 + 1e-6 for j in agent["rounds"])
         assert 0 < agent["epsilon_total"] <= 6.0 + 1e-6
