@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from agent.learning.augment import FaceAugment, augment_faces
+from agent.learning.checkpoint import Checkpoint
 from agent.learning.data import LabelledImage, read_gray
 from agent.learning.errors import DatasetError, ModelFileError
 from agent.learning.export import load_exported, save_exported
@@ -512,8 +513,16 @@ def _fit(
     dev_labels: np.ndarray,
     config: IferTrainConfig,
     progress: Callable[[dict[str, float]], None] | None,
+    checkpoint: Checkpoint | None = None,
+    resume: dict[str, Any] | None = None,
+    rng: np.random.Generator | None = None,
 ) -> IferTrainResult:
-    """The training loop both entry points share: class-weighted CE, schedule, best dev epoch kept."""
+    """The training loop both entry points share: class-weighted CE, schedule, best dev epoch kept.
+
+    With ``checkpoint`` the state after every epoch is saved there; ``resume`` (a checkpoint's state) makes
+    the loop continue after the epoch it was saved at, with the same random states (``rng`` is the NumPy
+    generator the batches draw from), so the resumed run ends with the weights of an uninterrupted one.
+    """
     t0 = time.perf_counter()
     loss_fn = nn.CrossEntropyLoss(
         weight=class_weights(train_labels, net.num_classes), label_smoothing=config.label_smoothing
@@ -539,7 +548,26 @@ def _fit(
     stepper = torch.optim.lr_scheduler.LambdaLR(opt, cosine) if config.schedule == "cosine" else None
     result = IferTrainResult()
     best_state: dict[str, torch.Tensor] | None = None
-    for epoch in range(config.epochs):
+    first_epoch = 0
+    if resume is not None:
+        net.load_state_dict(resume["net"])
+        opt.load_state_dict(resume["optimizer"])
+        plateau.load_state_dict(resume["plateau"])
+        if stepper is not None:
+            stepper.load_state_dict(resume["stepper"])
+        torch.set_rng_state(resume["torch_rng"])
+        if rng is not None:
+            rng.bit_generator.state = resume["numpy_rng"]
+        result.history = [dict(r) for r in resume["history"]]
+        result.best_epoch, result.best_dev_macro_f1 = (
+            int(resume["best_epoch"]),
+            float(resume["best_dev_macro_f1"]),
+        )
+        best_state = resume["best_state"]
+        first_epoch = int(resume["epoch"])
+        t0 -= float(resume["seconds"])
+        LOG.info("ifer training resumed after epoch %d of %d", first_epoch, config.epochs)
+    for epoch in range(first_epoch, config.epochs):
         net.train()
         total, seen = 0.0, 0
         for h, y in batches():
@@ -570,6 +598,24 @@ def _fit(
             result.best_dev_macro_f1 = rep.macro_f1
             result.best_epoch = epoch + 1
             best_state = copy.deepcopy(net.state_dict())
+        if checkpoint is not None:
+            checkpoint.save(
+                {
+                    "epoch": epoch + 1,
+                    "net": net.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "plateau": plateau.state_dict(),
+                    "stepper": stepper.state_dict() if stepper is not None else {},
+                    "torch_rng": torch.get_rng_state(),
+                    "numpy_rng": rng.bit_generator.state if rng is not None else {},
+                    "history": result.history,
+                    "best_epoch": result.best_epoch,
+                    "best_dev_macro_f1": result.best_dev_macro_f1,
+                    "best_state": best_state,
+                    "seconds": time.perf_counter() - t0,
+                    "suffix_batchnorm_trains": net.suffix_batchnorm_trains,
+                }
+            )
     if best_state is not None:
         net.load_state_dict(best_state)
     net.eval()
@@ -586,6 +632,7 @@ def train_ifer(
     *,
     config: IferTrainConfig,
     progress: Callable[[dict[str, float]], None] | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> IferTrainResult:
     """Train f's suffix and g on cached prefix activations; keeps the weights of the best dev epoch.
 
@@ -597,6 +644,7 @@ def train_ifer(
         dev_labels: ``(M,)``.
         config: training settings.
         progress: called with each epoch's record.
+        checkpoint: save the state after every epoch there, and resume from it when it holds this run's.
     """
     if train_acts.ndim != 5 or train_acts.shape[1] != len(train_labels) or len(dev_acts) != len(dev_labels):
         raise DatasetError("activation and label counts do not match")
@@ -623,6 +671,8 @@ def train_ifer(
         dev_labels=dev_labels,
         config=config,
         progress=progress,
+        checkpoint=checkpoint,
+        resume=checkpoint.load() if checkpoint is not None else None,
     )
 
 
@@ -638,6 +688,7 @@ def train_ifer_images(
     reparametrize_batchnorm: bool = True,
     calibration: int = 2048,
     progress: Callable[[dict[str, float]], None] | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> IferTrainResult:
     """Fine-tune f's suffix and g on the face images themselves, each batch freshly augmented.
 
@@ -657,6 +708,8 @@ def train_ifer_images(
             training views (:meth:`FaceNet.reparametrize_batchnorm`), so they train with batch statistics.
         calibration: how many training views calibrate BatchNorm.
         progress: called with each epoch's record.
+        checkpoint: save the state after every epoch there; when it holds this run's state, training
+            resumes after the saved epoch (and ends with the weights an uninterrupted run would have).
     """
     faces = np.asarray(faces)
     if faces.dtype != np.uint8 or faces.ndim != 3:
@@ -675,7 +728,10 @@ def train_ifer_images(
             return np.asarray(faces[idx], dtype=np.uint8)
         return augment_faces(faces[idx], size=size, config=augment, rng=rng)
 
-    if reparametrize_batchnorm:
+    resume = checkpoint.load() if checkpoint is not None else None
+    if resume is not None:  # the saved weights already hold the calibrated statistics
+        net.suffix_batchnorm_trains = bool(resume["suffix_batchnorm_trains"])
+    elif reparametrize_batchnorm:
         net.reparametrize_batchnorm(views(rng.permutation(len(faces))[:calibration]))
     net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
@@ -700,6 +756,9 @@ def train_ifer_images(
             dev_labels=dev_labels,
             config=config,
             progress=progress,
+            checkpoint=checkpoint,
+            resume=resume,
+            rng=rng,
         )
     finally:
         net.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]

@@ -10,7 +10,9 @@ A trained model is stored under ``<cache>/models/<key>/ifer.json`` (an export of
 * the data: the contents and labels of the training and the dev images, in order.
 
 So the next run with the same inputs loads the model instead of training it again, and any change to data,
-settings, code version or initial weights trains a new one.
+settings, code version or initial weights trains a new one. While a model trains, the state after every
+epoch is kept in ``<key>/checkpoint.pt`` (:mod:`agent.learning.checkpoint`): a run that was interrupted
+resumes after its last finished epoch and ends with the same model.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from agent.learning.augment import FaceAugment
+from agent.learning.checkpoint import Checkpoint
 from agent.learning.data import LabelledImage
 from agent.learning.errors import DatasetError
 from agent.learning.features import cache_dir, content_key, files_digest, state_digest
@@ -39,6 +42,7 @@ from agent.learning.ifer import (
 )
 
 __all__ = [
+    "CHECKPOINT_NAME",
     "RECIPE_VERSION",
     "Calibrated",
     "IferRecipe",
@@ -51,6 +55,8 @@ __all__ = [
 
 #: Bump when the training code changes what a recipe produces (it is part of every cache key).
 RECIPE_VERSION = "ifer-recipe/1"
+#: The per-epoch checkpoint of a training in progress, in the key's folder (removed once the model is saved).
+CHECKPOINT_NAME = "checkpoint.pt"
 
 
 def _default_train() -> IferTrainConfig:
@@ -198,6 +204,8 @@ def train_or_load_ifer(
             best_epoch=int(meta.get("best_epoch", -1)),
             train_images=int(meta.get("train_images", len(train_items))),
         )
+    # An interrupted training of this key resumes after its last finished epoch.
+    checkpoint = Checkpoint(folder / CHECKPOINT_NAME, key)
     res = train_ifer_images(
         net,
         load_images(train_items),
@@ -209,6 +217,7 @@ def train_or_load_ifer(
         reparametrize_batchnorm=recipe.reparametrize_batchnorm,
         calibration=recipe.calibration,
         progress=progress,
+        checkpoint=checkpoint,
     )
     extra: dict[str, Any] = {
         "history": res.history,
@@ -226,6 +235,7 @@ def train_or_load_ifer(
         "cache_key": key,
     }
     save_ifer(net, folder, extra=extra)
+    checkpoint.remove()
     return net, IferRun(
         key=key,
         manifest=manifest,

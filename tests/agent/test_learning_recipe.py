@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -14,11 +15,12 @@ import torch
 from torch import nn
 
 from agent.learning.augment import FaceAugment, augment_faces
+from agent.learning.checkpoint import Checkpoint
 from agent.learning.data import LabelledImage, list_image_folder
 from agent.learning.errors import DatasetError, ModelFileError
 from agent.learning.ifer import FaceNet, IferTrainConfig, load_backbone, load_images, train_ifer_images
 from agent.learning.metrics import classification_report
-from agent.learning.recipe import IferRecipe, initial_digest, recipe_key, train_or_load_ifer
+from agent.learning.recipe import CHECKPOINT_NAME, IferRecipe, initial_digest, recipe_key, train_or_load_ifer
 from agent.models import CLASS_SETS
 from agent.pipeline import ExportedIferModel
 
@@ -130,6 +132,66 @@ def test_train_on_images_then_the_device_copy_gives_the_same_features(
         train_ifer_images(net, faces[:1], labels[:1], faces[34:], labels[34:], config=TINY, augment=None)
 
 
+def _resumable_run(
+    assets: Path, items: list[LabelledImage], checkpoint: Checkpoint, stop_at: int | None = None
+) -> tuple[FaceNet, Any]:
+    """Three augmented epochs with BatchNorm calibration; ``stop_at``: interrupted during that epoch."""
+    net = _net(assets)
+    faces = load_images(items)
+    labels = np.array([it.label for it in items])
+
+    def progress(record: dict[str, float]) -> None:
+        if stop_at is not None and int(record["epoch"]) == stop_at:
+            raise KeyboardInterrupt  # the operator's Ctrl-C (or a kill) before the epoch was saved
+
+    res = train_ifer_images(
+        net,
+        faces[:34],
+        labels[:34],
+        faces[34:],
+        labels[34:],
+        config=dataclasses.replace(TINY, epochs=3),
+        augment=FaceAugment(),
+        calibration=16,
+        progress=progress,
+        checkpoint=checkpoint,
+    )
+    return net, res
+
+
+def test_an_interrupted_training_resumes_after_its_last_epoch_and_ends_with_the_same_model(
+    assets: Path, items: list[LabelledImage], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    whole, whole_res = _resumable_run(assets, items, Checkpoint(tmp_path / "whole.pt", "run"))
+    assert torch.load(tmp_path / "whole.pt", weights_only=True)["epoch"] == 3
+
+    resumed_at = Checkpoint(tmp_path / "cut.pt", "run")
+    with pytest.raises(KeyboardInterrupt):
+        _resumable_run(assets, items, resumed_at, stop_at=2)
+    assert resumed_at.load() is not None and resumed_at.load()["epoch"] == 1  # type: ignore[index]
+    with caplog.at_level("INFO", logger="agent.learning.ifer"):
+        resumed, resumed_res = _resumable_run(assets, items, resumed_at)
+    assert "resumed after epoch 1 of 3" in caplog.text
+    assert resumed.weights_digest() == whole.weights_digest()  # bit for bit the uninterrupted model
+    last = {name: torch.load(tmp_path / name, weights_only=True)["net"] for name in ("whole.pt", "cut.pt")}
+    assert all(torch.equal(last["whole.pt"][k], last["cut.pt"][k]) for k in last["whole.pt"])  # epoch 3 too
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in resumed_res.history] == [
+        {k: v for k, v in r.items() if k != "seconds"} for r in whole_res.history
+    ]
+    assert resumed_res.best_epoch == whole_res.best_epoch
+
+    # Another run's checkpoint, and a truncated one, are ignored (with a warning): training starts over.
+    for name, damage in (("other", None), ("truncated", 100)):
+        path = tmp_path / f"{name}.pt"
+        path.write_bytes((tmp_path / "cut.pt").read_bytes()[: damage or None])
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="agent.learning.checkpoint"):
+            again, again_res = _resumable_run(assets, items, Checkpoint(path, "run" if damage else "another"))
+        assert "starting over" in caplog.text, name
+        assert [int(r["epoch"]) for r in again_res.history] == [1, 2, 3]
+        assert again.weights_digest() == whole.weights_digest()
+
+
 def test_recipe_model_is_cached_by_content_and_reused(
     assets: Path, items: list[LabelledImage], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -139,6 +201,7 @@ def test_recipe_model_is_cached_by_content_and_reused(
     weights = assets / TFLITE
     net, first = train_or_load_ifer(recipe, weights=weights, train_items=train, dev_items=dev)
     assert not first.cached and first.manifest.is_file() and first.train_images == 30
+    assert not (first.manifest.parent / CHECKPOINT_NAME).exists()  # removed once the model was saved
     assert first.manifest.parent.name == first.key and len(first.history) == 1
 
     import agent.learning.recipe as recipe_module
