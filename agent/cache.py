@@ -43,6 +43,8 @@ loses at most the transaction in flight and the cache opens afterwards.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import re
@@ -56,7 +58,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Final, Literal
+from typing import Final, Literal, TypeVar
 
 import numpy as np
 
@@ -68,8 +70,10 @@ from security.errors import FedferError, IntegrityError, ValidationError
 __all__ = [
     "DB_NAME",
     "KEY_FILE_NAME",
+    "RESERVE_NAME",
     "BlobNotFoundError",
     "CacheError",
+    "CacheFullError",
     "FeatureCache",
     "RecordIntegrityError",
     "SessionContents",
@@ -81,6 +85,7 @@ __all__ = [
 ]
 
 _log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 DB_NAME: Final = "features.sqlite"
 KEY_FILE_NAME: Final = KEY_FILE
@@ -88,6 +93,15 @@ _SCHEMA_VERSION: Final = b"2"  # 2: sealed sessions' keys are bound to "sealed"
 _LEGACY_SCHEMA: Final = b"1"
 _SEALED_BINDING: Final = b"/sealed"
 _PAGE_SIZE: Final = 8192  # three ~2.7 KB records per page instead of one per 4 KB page
+# A small WAL (checkpointed every 512 KiB) keeps what a full disk leaves un-checkpointed well under the
+# space reserve, so that after giving up the reserve a checkpoint can always complete.
+_WAL_AUTOCHECKPOINT_PAGES: Final = 64
+#: The space reserve: a file of random bytes the cache deletes when the disk is full and it must delete
+#: (forget, purge, retention), so that deleting never needs space that is no longer there.
+RESERVE_NAME: Final = "space.reserve"
+_RESERVE_BYTES: Final = 4 * 1024 * 1024
+_DELETE_BATCH: Final = 128  # records per transaction when a forget must free space as it goes
+_VACUUM_STEP_PAGES: Final = 128  # free pages returned to the file system per step
 _SESSION_ID = re.compile(r"[0-9a-f]{32}")
 
 # Frame plaintext: timestamp f64, score f32, box 4 x f32, K u16, feature 1280 x f16, probs K x f32.
@@ -139,6 +153,13 @@ class SessionNotFoundError(CacheError, LookupError):
 
 class SessionSealedError(CacheError):
     """The session was ended with :meth:`FeatureCache.end_session`; it accepts no more records."""
+
+
+class CacheFullError(CacheError, OSError):
+    """The device's disk is full: what was being written is not stored; everything stored before is intact."""
+
+    def __init__(self, what: str = "write to the feature cache") -> None:
+        super().__init__(errno.ENOSPC, f"no space left on the device to {what}")
 
 
 class BlobNotFoundError(CacheError, LookupError):
@@ -237,6 +258,20 @@ def _check_session_id(session_id: str) -> bytes:
     return session_id.encode("ascii")
 
 
+def _is_full(exc: BaseException) -> bool:
+    """Whether ``exc`` is SQLite's or the OS's "disk full"."""
+    if isinstance(exc, sqlite3.OperationalError):
+        return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+    return isinstance(exc, OSError) and exc.errno == errno.ENOSPC
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    # After SQLITE_FULL SQLite may already have rolled the transaction back.
+    with contextlib.suppress(sqlite3.Error):
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+
+
 def _blob_binding(name: str) -> bytes:
     if type(name) is not str or _BLOB_NAME.fullmatch(name) is None:
         raise ValidationError("a blob name is 1..64 characters of a-z, 0-9 and '-'")
@@ -306,6 +341,7 @@ class FeatureCache:
         max_age_s: float | None = None,
         max_bytes: int | None = None,
         rotate_kek_on_forget: bool = True,
+        reserve_bytes: int = _RESERVE_BYTES,
         synchronous: Literal["FULL", "NORMAL"] = "FULL",
         busy_timeout_s: float = 30.0,
         clock: Callable[[], float] = time.time,
@@ -319,6 +355,8 @@ class FeatureCache:
             max_bytes: keep the stored bytes under this, dropping the oldest sessions first (None: no limit).
             rotate_kek_on_forget: replace the KEK on every :meth:`forget` (and retention drop), so an old
                 copy of the database cannot be opened with the key that remains. Sealing always rotates.
+            reserve_bytes: size of the space reserve (:data:`RESERVE_NAME`) given up when the disk is full
+                and something must be deleted; 0 keeps none.
             synchronous: SQLite's durability level; FULL also survives power loss, NORMAL survives a killed
                 process (WAL) and is faster.
             busy_timeout_s: how long to wait for another process's write lock.
@@ -341,29 +379,47 @@ class FeatureCache:
             raise ValidationError("busy_timeout_s must be a non-negative number")
         if type(rotate_kek_on_forget) is not bool:
             raise ValidationError("rotate_kek_on_forget must be a bool")
+        if type(reserve_bytes) is not int or reserve_bytes < 0:
+            raise ValidationError("reserve_bytes must be a non-negative int")
         self._dir = Path(directory)
         self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._store: KeyStore = FileKeyStore(self._dir / KEY_FILE_NAME) if key_store is None else key_store
         self._max_age_s = None if max_age_s is None else float(max_age_s)
         self._max_bytes = max_bytes
         self._rotate_on_forget = rotate_kek_on_forget
+        self._reserve_bytes = reserve_bytes
+        self._synchronous = synchronous
+        self._busy_timeout_s = float(busy_timeout_s)
         self._clock = clock
         self._lock = threading.RLock()
         self._deks: dict[str, _SessionKey] = {}
         self._db_path = self._dir / DB_NAME
+        self._conn: sqlite3.Connection | None = None
+        self._cache_id, self._kek = self._connect()
+        self._ensure_reserve()
+
+    def _connect(self) -> tuple[bytes, KeyEncryptionKey]:
+        """Open the index (creating it if needed); returns the cache id and its KEK."""
         self._touch_private(self._db_path)
-        self._conn: sqlite3.Connection | None = sqlite3.connect(
-            self._db_path, isolation_level=None, check_same_thread=False, timeout=busy_timeout_s
+        conn = sqlite3.connect(
+            self._db_path, isolation_level=None, check_same_thread=False, timeout=self._busy_timeout_s
         )
+        self._conn = conn
         try:
-            self._configure(synchronous)
-            self._cache_id, self._kek = self._initialize()
-        except sqlite3.DatabaseError as exc:
-            self._conn.close()
+            self._configure(self._synchronous)
+            return self._initialize()
+        except CacheFullError:
+            conn.close()
             self._conn = None
+            raise
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            self._conn = None
+            if _is_full(exc):
+                raise CacheFullError("open the feature cache") from None
             raise CacheError(f"the cache index {self._db_path} is unreadable or corrupt") from exc
         except BaseException:
-            self._conn.close()
+            conn.close()
             self._conn = None
             raise
 
@@ -649,31 +705,57 @@ class FeatureCache:
         """Crypto-shred a session: delete its wrapped data key and records, leaving nothing decryptable.
 
         Deleted content is zeroed (``secure_delete``), the WAL is checkpointed and truncated, free pages are
-        returned to the file system, and (by default) the KEK is rotated.
+        returned to the file system, and (by default) the KEK is rotated. On a full disk the space reserve
+        is given up and, if even that is not enough for one transaction, the records go in small batches
+        (the data key last).
 
         Raises:
             SessionNotFoundError: unknown session.
+            CacheFullError: not even the reserve made room (the session may have lost records, but its data
+                key and the rest are intact; forget it again once there is space).
         """
         _check_session_id(session_id)
         with self._lock:
-            if self._delete_sessions([session_id]) == 0:
+            try:
+                deleted = self._freeing(lambda: self._delete_sessions([session_id]))
+            except CacheFullError:
+                deleted = self._delete_in_batches(session_id)
+            if deleted == 0:
                 raise SessionNotFoundError(f"no session {session_id}")
             if self._rotate_on_forget:
-                self._rotate()
+                self._freeing(self._rotate)
             self._scrub()
         _log.info("cache session %s forgotten", session_id)
 
     def purge(self) -> None:
         """Forget every session and blob and replace the KEK (the old one is overwritten and discarded)."""
         with self._lock:
-            with self._write() as conn:
-                conn.execute("DELETE FROM records")
-                conn.execute("DELETE FROM sessions")
-                conn.execute("DELETE FROM blobs")
             self._deks.clear()
-            self._rotate()
+            try:
+                self._freeing(self._delete_all)
+                self._freeing(self._rotate)
+            except CacheFullError:
+                self._purge_files()
             self._scrub()
         _log.info("cache purged; key-encryption key replaced")
+
+    def _delete_all(self) -> None:
+        with self._write() as conn:
+            conn.execute("DELETE FROM records")
+            conn.execute("DELETE FROM sessions")
+            conn.execute("DELETE FROM blobs")
+
+    def _purge_files(self) -> None:
+        """Purge when the disk is too full even to delete rows: destroy the KEK, delete the index files,
+        and start an empty cache (what a purge leaves anyway)."""
+        _log.warning("disk full: purging the cache by destroying its key and deleting its files")
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+        self._store.destroy()
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{self._db_path}{suffix}").unlink(missing_ok=True)
+        self._cache_id, self._kek = self._connect()
 
     def rotate_kek(self) -> None:
         """Replace the KEK and re-wrap every session's data key under the new one, crash-safely.
@@ -800,15 +882,18 @@ class FeatureCache:
         """Shred blob ``name`` (row zeroed, WAL truncated, KEK rotated); False if there was none."""
         _blob_binding(name)
         with self._lock:
-            with self._write() as conn:
-                deleted = conn.execute("DELETE FROM blobs WHERE name = ?", (name,)).rowcount > 0
+            deleted = self._freeing(lambda: self._delete_blob_row(name))
             if deleted:
                 if self._rotate_on_forget:
-                    self._rotate()
+                    self._freeing(self._rotate)
                 self._scrub()
         if deleted:
             _log.info("cache blob %s deleted", name)
         return deleted
+
+    def _delete_blob_row(self, name: str) -> bool:
+        with self._write() as conn:
+            return bool(conn.execute("DELETE FROM blobs WHERE name = ?", (name,)).rowcount > 0)
 
     def enforce_retention(self, *, now: float | None = None, keep: str | None = None) -> list[str]:
         """Drop sessions older than ``max_age_s``, then the oldest until under ``max_bytes``.
@@ -839,9 +924,9 @@ class FeatureCache:
                     drop.append(s.session_id)
                     total -= s.bytes
             if drop:
-                self._delete_sessions(drop)
+                self._freeing(lambda: self._delete_sessions(drop))
                 if self._rotate_on_forget:
-                    self._rotate()
+                    self._freeing(self._rotate)
                 self._scrub()
                 _log.info("retention dropped %d cache session(s)", len(drop))
         return drop
@@ -864,14 +949,20 @@ class FeatureCache:
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; a full disk rolls it back and raises :class:`CacheFullError`."""
         conn = self._db()
-        conn.execute("BEGIN IMMEDIATE")
         try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                _rollback(conn)
+                raise
+        except (sqlite3.OperationalError, OSError) as exc:
+            if isinstance(exc, CacheFullError) or not _is_full(exc):
+                raise
+            raise CacheFullError() from None
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
@@ -893,6 +984,7 @@ class FeatureCache:
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute(f"PRAGMA synchronous = {synchronous}")
         conn.execute("PRAGMA secure_delete = ON")
+        conn.execute(f"PRAGMA wal_autocheckpoint = {_WAL_AUTOCHECKPOINT_PAGES}")
         conn.execute("PRAGMA foreign_keys = ON")
         conn.execute("PRAGMA temp_store = MEMORY")
 
@@ -1022,13 +1114,118 @@ class FeatureCache:
         return deleted
 
     def _scrub(self) -> None:
-        """Return free pages to the file system and fold the WAL into the database, then truncate it."""
+        """Return free pages to the file system and fold the WAL into the database, then truncate it.
+
+        Then the space reserve is made whole again if the deletion gave up some of it (best effort).
+        """
         conn = self._db()
-        # Through executescript(): sqlite3's execute() steps this pragma once, freeing a single page.
-        conn.executescript("PRAGMA incremental_vacuum;")
-        for attempt in range(50):
+        try:
+            # A step at a time, each folded into the file (which truncates it), so that on a full disk the
+            # vacuum's own WAL pages always fit in what the previous step returned.
+            self._truncate_wal(conn, attempts=1)
+            left = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+            while left:
+                # Through executescript(): sqlite3's execute() steps this pragma once, one page only.
+                conn.executescript(f"PRAGMA incremental_vacuum({_VACUUM_STEP_PAGES});")
+                self._truncate_wal(conn, attempts=1)
+                now = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+                if now >= left:
+                    break
+                left = now
+            if not self._truncate_wal(conn, attempts=50):
+                _log.warning("cache WAL could not be truncated: another process holds a read transaction")
+        except sqlite3.OperationalError as exc:
+            if not _is_full(exc):
+                raise
+            # Freed pages stay zeroed in the file (secure_delete); they are reused or returned later.
+            _log.warning("disk full: the cache's free pages are kept for now")
+        self._ensure_reserve()
+
+    @staticmethod
+    def _truncate_wal(conn: sqlite3.Connection, *, attempts: int) -> bool:
+        """Checkpoint the WAL into the database and truncate it; False if readers kept it busy."""
+        for attempt in range(attempts):
             busy, _log_frames, _done = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
             if not busy:
-                return
+                return True
             time.sleep(0.02 * (attempt + 1) if attempt < 10 else 0.2)
-        _log.warning("cache WAL could not be truncated: another process holds a read transaction")
+        return False
+
+    def _freeing(self, op: Callable[[], _T]) -> _T:
+        """Run a deletion; on a full disk give up the space reserve, fold the WAL in, and run it once more.
+
+        Folding the WAL in (a checkpoint that truncates it) also returns the space that the frames of the
+        failed attempt took.
+        """
+        try:
+            return op()
+        except CacheFullError:
+            if self._release_reserve():
+                _log.warning("disk full: the cache gave up its space reserve to delete")
+            self._fold_wal()
+            return op()
+
+    def _delete_in_batches(self, session_id: str) -> int:
+        """Forget on a disk too full for one transaction: records a few at a time, then the data key."""
+        conn = self._db()
+        row = conn.execute("SELECT sid FROM sessions WHERE public_id = ?", (session_id,)).fetchone()
+        if row is None:
+            return 0
+        self._fold_wal()
+        while True:
+            with self._write() as conn:
+                gone = conn.execute(
+                    "DELETE FROM records WHERE rowid IN (SELECT rowid FROM records WHERE sid = ? LIMIT ?)",
+                    (row[0], _DELETE_BATCH),
+                ).rowcount
+            # The batch's pages are in the WAL: folding them into the file keeps the WAL from growing.
+            self._fold_wal()
+            if gone == 0:
+                break
+        return self._delete_sessions([session_id])
+
+    def _fold_wal(self) -> None:
+        """Checkpoint and truncate the WAL if the disk allows (best effort)."""
+        try:
+            self._truncate_wal(self._db(), attempts=5)
+        except sqlite3.OperationalError as exc:
+            if not _is_full(exc):
+                raise
+
+    @property
+    def _reserve_path(self) -> Path:
+        return self._dir / RESERVE_NAME
+
+    def _ensure_reserve(self) -> None:
+        """Create the space reserve if it is missing (random bytes, like the ciphertext beside it)."""
+        path = self._reserve_path
+        if self._reserve_bytes == 0:
+            path.unlink(missing_ok=True)
+            return
+        with contextlib.suppress(FileNotFoundError):
+            if path.stat().st_size == self._reserve_bytes:
+                return
+        tmp = path.with_name(f".{RESERVE_NAME}.{os.urandom(8).hex()}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                remaining = self._reserve_bytes
+                while remaining:
+                    chunk = min(remaining, 1 << 20)
+                    fh.write(os.urandom(chunk))
+                    remaining -= chunk
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if exc.errno != errno.ENOSPC:
+                raise
+            _log.warning("disk full: the cache has no space reserve for now")
+
+    def _release_reserve(self) -> bool:
+        try:
+            self._reserve_path.unlink()
+        except FileNotFoundError:
+            return False
+        return True

@@ -205,7 +205,10 @@ def _human_status(status: dict[str, Any]) -> str:
         if "unavailable" in stats:
             lines.append(f"           unavailable: {stats['unavailable']}")
     drops = status.get("drops", {})
-    lines.append(f"  dropped: {drops.get('frames', 0)} frames, {drops.get('records', 0)} records")
+    lines.append(
+        f"  dropped: {drops.get('frames', 0)} frames, {drops.get('records', 0)} records, "
+        f"{drops.get('disk_full', 0)} records refused by a full disk"
+    )
     for warning in status.get("warnings", []):
         lines.append(f"  warning: {warning}")
     for job in status.get("jobs", [])[-3:]:

@@ -17,10 +17,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import secrets
 from pathlib import Path
 from typing import Any
+
+from agent.paths import write_atomic
 
 __all__ = ["ProcessedFiles"]
 
@@ -116,11 +116,4 @@ class ProcessedFiles:
             "done": sorted(self._done),
             "partial": {k: [list(e) for e in v] for k, v in sorted(self._partial.items())},
         }
-        tmp = self.path.with_name(f".{self.path.name}.{secrets.token_hex(4)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        try:
-            os.write(fd, json.dumps(data).encode("utf-8"))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
+        write_atomic(self.path, json.dumps(data).encode("utf-8"))

@@ -3,9 +3,32 @@
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
-__all__ = ["cache_dir"]
+__all__ = ["cache_dir", "write_atomic"]
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``data`` atomically: a fresh temporary beside it (``mode``), fsync, rename.
+
+    A failure (a full disk, a killed process) leaves the old file as it was and no temporary behind.
+    """
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        try:
+            os.fchmod(fd, mode)  # the umask can only remove bits; make the mode exact
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def cache_dir(sub: str = "") -> Path:

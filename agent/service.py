@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import importlib
 import json
 import logging
@@ -74,6 +75,7 @@ __all__ = [
     "encode_record",
     "file_source",
     "ifer_untrained",
+    "is_disk_full",
     "load_personal_model",
     "open_cache",
     "open_record_sink",
@@ -520,8 +522,17 @@ def open_cache(config: AgentConfig) -> Any:
     )
 
 
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` means the device's disk is full (the cache's ``CacheFullError`` is one)."""
+    return isinstance(exc, OSError) and exc.errno == errno.ENOSPC
+
+
 class CacheSink:
     """A :class:`RecordSink` over the encrypted cache: one cache session per session tag.
+
+    On a full disk :meth:`put` raises the ``OSError`` (``ENOSPC``; :func:`is_disk_full`): the record is not
+    stored, everything stored before is kept, and for a finite file source the file is not marked done,
+    so it is read again once there is room.
 
     A new tag seals the sessions before it (vision cuts one stream into consecutive sessions); a session
     that receives nothing for ``idle_s`` is sealed too. Every record is its own transaction, so a killed
@@ -567,7 +578,9 @@ class CacheSink:
             session_id = entry[0]
         try:
             self._cache.append(session_id, record)
-        except FedferError:
+        except FedferError as exc:
+            if is_disk_full(exc):
+                raise  # the caller counts it; the session stays open for the next record
             # The session was forgotten or purged meanwhile (by the control plane).
             self._open.pop(tag, None)
             self._forget_tag(tag)

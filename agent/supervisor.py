@@ -44,6 +44,7 @@ from agent.config import AgentConfig, ConfigError, apply_path_overrides, config_
 from agent.control import ControlError, Request, error_reply, parse_request, run_dir
 from agent.lock import StateDirLock
 from agent.logs import configure_logging
+from agent.paths import write_atomic
 from agent.workers import CONFIG_FILE, ROLES, endpoint
 from security.errors import FedferError
 
@@ -88,18 +89,6 @@ class WorkerHandle:
             "uptime_s": round(now - self.started_at, 3) if running else None,
             "stats": self.stats,
         }
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Atomically replace ``path`` with ``data`` (0600)."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 class Supervisor:
@@ -219,7 +208,7 @@ class Supervisor:
             leftover.unlink()
 
     def _write_worker_config(self) -> None:
-        _write_private(self.run_dir / CONFIG_FILE, json.dumps(config_to_dict(self.config)).encode("utf-8"))
+        write_atomic(self.run_dir / CONFIG_FILE, json.dumps(config_to_dict(self.config)).encode("utf-8"))
 
     def _load_state(self) -> None:
         path = self.state_dir / STATE_FILE
@@ -233,8 +222,16 @@ class Supervisor:
         if isinstance(data, dict) and type(data.get("paused")) is bool:
             self.paused = data["paused"]
 
-    def _save_state(self) -> None:
-        _write_private(self.state_dir / STATE_FILE, json.dumps({"paused": self.paused}).encode("utf-8"))
+    def _save_state(self) -> bool:
+        """Persist the pause flag; on a full disk it holds until the agent restarts (False is returned)."""
+        try:
+            write_atomic(self.state_dir / STATE_FILE, json.dumps({"paused": self.paused}).encode("utf-8"))
+        except OSError as exc:
+            if not service.is_disk_full(exc):
+                raise
+            _log.warning("disk full: the pause state is not saved; it applies until the agent restarts")
+            return False
+        return True
 
     # ----------------------------------------------------------------------------------- main loop
     def _loop(self) -> None:
@@ -427,6 +424,7 @@ class Supervisor:
         drops = {
             "frames": int(self.workers["capture"].stats.get("frames_dropped", 0)),
             "records": int(self.workers["vision"].stats.get("records_dropped", 0)),
+            "disk_full": int(self.workers["learner"].stats.get("records_disk_full", 0)),
         }
         return {
             "pid": os.getpid(),
@@ -445,7 +443,7 @@ class Supervisor:
 
     def _set_paused(self, paused: bool) -> dict[str, Any]:
         self.paused = paused
-        self._save_state()
+        saved = self._save_state()
         capture = self.workers["capture"]
         if not paused and capture.failed:
             # An explicit resume gives a capture that gave up (camera unplugged) a fresh start.
@@ -454,7 +452,7 @@ class Supervisor:
             capture.next_start = time.monotonic()
         self._send(self.workers["capture"], {"type": "pause" if paused else "resume"})
         _log.info("capture paused" if paused else "capture resumed")
-        return {"paused": paused}
+        return {"paused": paused} if saved else {"paused": paused, "saved": False}
 
     def _start_job(self, kind: str) -> dict[str, Any]:
         learner = self.workers["learner"]

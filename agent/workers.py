@@ -565,12 +565,15 @@ class LearnerWorker(Worker):
             records_cached=0,
             records_discarded=0,
             records_dropped=0,
+            records_disk_full=0,
+            disk_full=False,
             files_done=0,
             files_incomplete=0,
             jobs_done=0,
             jobs_failed=0,
         )
         self._sink: service.RecordSink | None = None
+        self._disk_full_logged = 0.0
         try:
             self._sink = service.open_record_sink(self.config)
         except service.ComponentUnavailableError as exc:
@@ -619,7 +622,12 @@ class LearnerWorker(Worker):
         while time.monotonic() < until:
             if not self._in.poll(0, zmq.POLLIN):
                 if self._sink is not None:
-                    self._sink.idle(time.monotonic())
+                    try:
+                        self._sink.idle(time.monotonic())
+                    except OSError as exc:  # sealing wrote nothing; the session stays open and readable
+                        if not service.is_disk_full(exc):
+                            raise
+                        self._disk_full(True, record=False)
                 return 0.05
             self._store(self._in.recv_multipart())
         return 0.0
@@ -627,10 +635,14 @@ class LearnerWorker(Worker):
     def _store(self, parts: Sequence[bytes]) -> None:
         if len(parts) == 1:
             end = service.decode_file_end(parts)
-            if end is not None and self._sink is not None and self._sink.end_file(end):
-                self.stats["files_done"] += 1
-            else:
-                self.stats["files_incomplete"] += 1
+            try:
+                done = end is not None and self._sink is not None and self._sink.end_file(end)
+            except OSError as exc:  # the ledger could not be written: the file is read again later
+                if not service.is_disk_full(exc):
+                    raise
+                self._disk_full(True, record=False)
+                done = False
+            self.stats["files_done" if done else "files_incomplete"] += 1
             return
         self.stats["records_in"] += 1
         decoded = service.decode_record(parts)
@@ -638,10 +650,30 @@ class LearnerWorker(Worker):
             self.stats["records_dropped"] += 1
             return
         tag, record, origin = decoded
-        if self._sink.put(tag, record, now=time.monotonic(), origin=origin):
-            self.stats["records_cached"] += 1
-        else:
-            self.stats["records_discarded"] += 1
+        try:
+            stored = self._sink.put(tag, record, now=time.monotonic(), origin=origin)
+        except OSError as exc:
+            if not service.is_disk_full(exc):
+                raise
+            self._disk_full(True)
+            return
+        self._disk_full(False)
+        self.stats["records_cached" if stored else "records_discarded"] += 1
+
+    def _disk_full(self, full: bool, *, record: bool = True) -> None:
+        """Count a record the full disk refused; say so when that starts (then once a minute) and ends."""
+        now = time.monotonic()
+        if full:
+            self.stats["records_disk_full"] += int(record)
+            if not self.stats["disk_full"] or now - self._disk_full_logged > 60.0:
+                self._disk_full_logged = now
+                _log.warning(
+                    "disk full: records are not cached until there is space (stored ones are kept)",
+                    extra={"records_disk_full": self.stats["records_disk_full"]},
+                )
+        elif self.stats["disk_full"]:
+            _log.info("disk space is back: caching records again")
+        self.stats["disk_full"] = full
 
     def drain(self, deadline: float) -> None:
         """Store every record already queued, close the sessions and the cache, and cancel a running job.

@@ -14,11 +14,10 @@ Layout (directory 0700, private keys 0600, written atomically):
 from __future__ import annotations
 
 import json
-import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.paths import write_atomic
 from security import pki
 from security.errors import FedferError, ValidationError
 
@@ -31,30 +30,14 @@ class StateError(FedferError):
     """The federation state directory is missing, incomplete or unreadable."""
 
 
-def _write(path: Path, data: bytes, mode: int) -> None:
-    """Write ``data`` to ``path`` atomically (temp file + fsync + rename) with permission ``mode``."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_private_file(path: Path, data: bytes) -> None:
     """Atomically write a secret file readable only by its owner (0600)."""
-    _write(path, data, 0o600)
+    write_atomic(path, data, 0o600)
 
 
 def write_public_file(path: Path, data: bytes) -> None:
     """Atomically write a non-secret file (0644)."""
-    _write(path, data, 0o644)
+    write_atomic(path, data, 0o644)
 
 
 @dataclass(frozen=True, repr=False)

@@ -297,7 +297,11 @@ def test_kill_9_mid_file_and_a_killed_learner_neither_lose_nor_duplicate_a_recor
         log = agent.log_text()
         assert "restarting capture: a file being read is read again" in log
         capture = status["workers"]["capture"]["stats"]
-        assert capture["frames_dropped"] == 0 and status["drops"] == {"frames": 0, "records": 0}
+        assert capture["frames_dropped"] == 0 and status["drops"] == {
+            "frames": 0,
+            "records": 0,
+            "disk_full": 0,
+        }
         assert status["workers"]["vision"]["stats"]["frames_discarded"] == 0
         assert agent.stop() == 0
         stored = _cached(config)
