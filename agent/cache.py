@@ -63,6 +63,7 @@ from typing import Final, Literal, TypeVar
 import numpy as np
 
 from agent.cache_keys import KEY_FILE, FileKeyStore, KeyStore, KeyStoreError
+from agent.paths import is_disk_full, write_atomic
 from agent.records import FEATURE_DIM, FrameRecord
 from security.envelope import DataKey, KeyEncryptionKey, RecordKind
 from security.errors import FedferError, IntegrityError, ValidationError
@@ -262,7 +263,7 @@ def _is_full(exc: BaseException) -> bool:
     """Whether ``exc`` is SQLite's or the OS's "disk full"."""
     if isinstance(exc, sqlite3.OperationalError):
         return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
-    return isinstance(exc, OSError) and exc.errno == errno.ENOSPC
+    return is_disk_full(exc)
 
 
 def _rollback(conn: sqlite3.Connection) -> None:
@@ -408,10 +409,6 @@ class FeatureCache:
         try:
             self._configure(self._synchronous)
             return self._initialize()
-        except CacheFullError:
-            conn.close()
-            self._conn = None
-            raise
         except sqlite3.DatabaseError as exc:
             conn.close()
             self._conn = None
@@ -722,9 +719,7 @@ class FeatureCache:
                 deleted = self._delete_in_batches(session_id)
             if deleted == 0:
                 raise SessionNotFoundError(f"no session {session_id}")
-            if self._rotate_on_forget:
-                self._freeing(self._rotate)
-            self._scrub()
+            self._after_deleting()
         _log.info("cache session %s forgotten", session_id)
 
     def purge(self) -> None:
@@ -846,9 +841,7 @@ class FeatureCache:
                     (name, float(self._clock()), wrapped, blob),
                 )
             if replaced:
-                if self._rotate_on_forget:
-                    self._rotate()
-                self._scrub()
+                self._after_deleting()
         _log.debug("cache blob %s stored", name)
 
     def get_blob(self, name: str) -> bytes:
@@ -884,9 +877,7 @@ class FeatureCache:
         with self._lock:
             deleted = self._freeing(lambda: self._delete_blob_row(name))
             if deleted:
-                if self._rotate_on_forget:
-                    self._freeing(self._rotate)
-                self._scrub()
+                self._after_deleting()
         if deleted:
             _log.info("cache blob %s deleted", name)
         return deleted
@@ -925,9 +916,7 @@ class FeatureCache:
                     total -= s.bytes
             if drop:
                 self._freeing(lambda: self._delete_sessions(drop))
-                if self._rotate_on_forget:
-                    self._freeing(self._rotate)
-                self._scrub()
+                self._after_deleting()
                 _log.info("retention dropped %d cache session(s)", len(drop))
         return drop
 
@@ -1151,6 +1140,12 @@ class FeatureCache:
             time.sleep(0.02 * (attempt + 1) if attempt < 10 else 0.2)
         return False
 
+    def _after_deleting(self) -> None:
+        """After rows were deleted: rotate the KEK (unless configured off) and scrub the files."""
+        if self._rotate_on_forget:
+            self._freeing(self._rotate)
+        self._scrub()
+
     def _freeing(self, op: Callable[[], _T]) -> _T:
         """Run a deletion; on a full disk give up the space reserve, fold the WAL in, and run it once more.
 
@@ -1205,21 +1200,10 @@ class FeatureCache:
         with contextlib.suppress(FileNotFoundError):
             if path.stat().st_size == self._reserve_bytes:
                 return
-        tmp = path.with_name(f".{RESERVE_NAME}.{os.urandom(8).hex()}.tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-            with os.fdopen(fd, "wb") as fh:
-                remaining = self._reserve_bytes
-                while remaining:
-                    chunk = min(remaining, 1 << 20)
-                    fh.write(os.urandom(chunk))
-                    remaining -= chunk
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
+            write_atomic(path, os.urandom(self._reserve_bytes))
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            if exc.errno != errno.ENOSPC:
+            if not is_disk_full(exc):
                 raise
             _log.warning("disk full: the cache has no space reserve for now")
 

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 from pathlib import Path
 
-__all__ = ["cache_dir", "write_atomic"]
+__all__ = ["cache_dir", "is_disk_full", "write_atomic"]
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` means the file system is full (``ENOSPC``; the cache's ``CacheFullError`` is one)."""
+    return isinstance(exc, OSError) and exc.errno == errno.ENOSPC
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:

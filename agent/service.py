@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import errno
 import importlib
 import json
 import logging
@@ -37,6 +36,7 @@ import numpy as np
 from agent.config import AgentConfig
 from agent.ledger import ProcessedFiles
 from agent.lock import ensure_private_dir
+from agent.paths import is_disk_full
 from agent.records import FEATURE_DIM, FrameRecord
 from security.errors import FedferError, ValidationError
 
@@ -75,7 +75,6 @@ __all__ = [
     "encode_record",
     "file_source",
     "ifer_untrained",
-    "is_disk_full",
     "load_personal_model",
     "open_cache",
     "open_record_sink",
@@ -520,11 +519,6 @@ def open_cache(config: AgentConfig) -> Any:
         max_age_s=config.cache.retention_days * 86_400.0,
         max_bytes=config.cache.max_bytes,
     )
-
-
-def is_disk_full(exc: BaseException) -> bool:
-    """Whether ``exc`` means the device's disk is full (the cache's ``CacheFullError`` is one)."""
-    return isinstance(exc, OSError) and exc.errno == errno.ENOSPC
 
 
 class CacheSink:

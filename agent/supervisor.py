@@ -44,7 +44,7 @@ from agent.config import AgentConfig, ConfigError, apply_path_overrides, config_
 from agent.control import ControlError, Request, error_reply, parse_request, run_dir
 from agent.lock import StateDirLock
 from agent.logs import configure_logging
-from agent.paths import write_atomic
+from agent.paths import is_disk_full, write_atomic
 from agent.workers import CONFIG_FILE, ROLES, endpoint
 from security.errors import FedferError
 
@@ -227,7 +227,7 @@ class Supervisor:
         try:
             write_atomic(self.state_dir / STATE_FILE, json.dumps({"paused": self.paused}).encode("utf-8"))
         except OSError as exc:
-            if not service.is_disk_full(exc):
+            if not is_disk_full(exc):
                 raise
             _log.warning("disk full: the pause state is not saved; it applies until the agent restarts")
             return False

@@ -51,6 +51,7 @@ from agent import service
 from agent.capture import CaptureError
 from agent.config import AgentConfig, config_from_dict
 from agent.logs import capture_native_stderr, configure_logging
+from agent.paths import is_disk_full
 from security.errors import FedferError
 
 __all__ = [
@@ -625,9 +626,7 @@ class LearnerWorker(Worker):
                     try:
                         self._sink.idle(time.monotonic())
                     except OSError as exc:  # sealing wrote nothing; the session stays open and readable
-                        if not service.is_disk_full(exc):
-                            raise
-                        self._disk_full(True, record=False)
+                        self._refused(exc, record=False)
                 return 0.05
             self._store(self._in.recv_multipart())
         return 0.0
@@ -638,9 +637,7 @@ class LearnerWorker(Worker):
             try:
                 done = end is not None and self._sink is not None and self._sink.end_file(end)
             except OSError as exc:  # the ledger could not be written: the file is read again later
-                if not service.is_disk_full(exc):
-                    raise
-                self._disk_full(True, record=False)
+                self._refused(exc, record=False)
                 done = False
             self.stats["files_done" if done else "files_incomplete"] += 1
             return
@@ -653,12 +650,16 @@ class LearnerWorker(Worker):
         try:
             stored = self._sink.put(tag, record, now=time.monotonic(), origin=origin)
         except OSError as exc:
-            if not service.is_disk_full(exc):
-                raise
-            self._disk_full(True)
+            self._refused(exc, record=True)
             return
         self._disk_full(False)
         self.stats["records_cached" if stored else "records_discarded"] += 1
+
+    def _refused(self, exc: OSError, *, record: bool) -> None:
+        """Count a write the full disk refused (``record``: a record was lost with it); re-raise the rest."""
+        if not is_disk_full(exc):
+            raise exc
+        self._disk_full(True, record=record)
 
     def _disk_full(self, full: bool, *, record: bool = True) -> None:
         """Count a record the full disk refused; say so when that starts (then once a minute) and ends."""
