@@ -5,13 +5,30 @@ BIN := $(VENV)/bin
 SHARED ?= $(abspath ../shared)
 export FEDFER_ASSETS ?= $(SHARED)
 
-.PHONY: setup system-deps demo test lint typecheck protos
+.PHONY: setup system-deps demo test lint links protos
 
 $(BIN)/activate: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e ".[agent,dev]"
 	touch $(BIN)/activate
+
+# mypy cannot follow the editable install's package-dir mapping (fedfer.agent -> agent/, ...): give it the
+# same tree as symbolic links in .venv/fedfer-src (pyproject.toml's [tool.mypy] mypy_path).
+links: setup
+	@$(BIN)/python -c "$$LINK_TREE"
+
+define LINK_TREE
+import os, pathlib, tomllib
+mapping = tomllib.loads(pathlib.Path("pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+root = pathlib.Path("$(VENV)", "fedfer-src")
+for package, folder in mapping.items():
+    link = root.joinpath(*package.split("."))
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.unlink(missing_ok=True)
+    link.symlink_to(os.path.relpath(folder, link.parent), target_is_directory=True)
+endef
+export LINK_TREE
 
 # PostgreSQL (for the storage contract tests) and systemd-analyze (unit checks) on a fresh Debian machine.
 system-deps:
@@ -23,14 +40,14 @@ system-deps:
 setup: $(BIN)/activate
 
 demo: setup
-	$(BIN)/python -m agent.demo $(DEMO_ARGS)
+	$(BIN)/python -m fedfer.agent.demo $(DEMO_ARGS)
 
-lint: setup
+lint: setup links
 	$(BIN)/ruff check .
-	$(BIN)/mypy --strict security aggregator agent bench
+	$(BIN)/mypy --strict
 
 protos: setup
-	$(BIN)/python -m protos.generate
+	$(BIN)/python protos/generate.py
 
 test: setup system-deps lint
 	$(BIN)/python -m pytest -q tests

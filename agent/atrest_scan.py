@@ -32,7 +32,7 @@ from typing import Final
 
 import numpy as np
 
-from security.errors import ValidationError
+from fedfer.security.errors import ValidationError
 
 __all__ = ["DEFAULT_FRAME_SHAPES", "AtRestScanner", "Finding", "ScanReport", "scan_paths"]
 

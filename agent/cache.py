@@ -62,11 +62,11 @@ from typing import Final, Literal, TypeVar
 
 import numpy as np
 
-from agent.cache_keys import KEY_FILE, FileKeyStore, KeyStore, KeyStoreError
-from agent.paths import is_disk_full, write_atomic
-from agent.records import FEATURE_DIM, FrameRecord
-from security.envelope import DataKey, KeyEncryptionKey, RecordKind
-from security.errors import FedferError, IntegrityError, ValidationError
+from fedfer.agent.cache_keys import KEY_FILE, FileKeyStore, KeyStore, KeyStoreError
+from fedfer.agent.paths import is_disk_full, write_atomic
+from fedfer.agent.records import FEATURE_DIM, FrameRecord
+from fedfer.security.envelope import DataKey, KeyEncryptionKey, RecordKind
+from fedfer.security.errors import FedferError, IntegrityError, ValidationError
 
 __all__ = [
     "DB_NAME",

@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 from typing import Any, Final, Protocol
 
-from security.envelope import KEY_BYTES, KeyEncryptionKey
-from security.errors import FedferError, ValidationError
+from fedfer.security.envelope import KEY_BYTES, KeyEncryptionKey
+from fedfer.security.errors import FedferError, ValidationError
 
 __all__ = [
     "KEY_FILE",

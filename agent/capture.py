@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from security.errors import FedferError, ValidationError
+from fedfer.security.errors import FedferError, ValidationError
 
 __all__ = [
     "CaptureError",

@@ -13,13 +13,13 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from security.errors import FedferError
+from fedfer.security.errors import FedferError
 
 COMMAND_GROUPS = (
-    "agent.cli_vision",
-    "agent.cli_learning",
-    "agent.cli_federation",
-    "agent.cli_daemon",
+    "fedfer.agent.cli_vision",
+    "fedfer.agent.cli_learning",
+    "fedfer.agent.cli_federation",
+    "fedfer.agent.cli_daemon",
 )
 
 

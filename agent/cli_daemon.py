@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.config import (
+from fedfer.agent.config import (
     ENV_CONFIG,
     ENV_STATE_DIR,
     AgentConfig,
@@ -23,7 +23,7 @@ from agent.config import (
     apply_path_overrides,
     load_config,
 )
-from agent.control import ControlClient, ControlError
+from fedfer.agent.control import ControlClient, ControlError
 
 _CONTROL_COMMANDS = {
     "status": "show the agent's workers, counters and jobs",
@@ -101,8 +101,8 @@ def resolve_config(config_path: Path | None, state_dir: Path | None) -> tuple[Ag
 
 
 def _run(args: argparse.Namespace) -> int:
-    from agent.logs import configure_logging
-    from agent.supervisor import Supervisor
+    from fedfer.agent.logs import configure_logging
+    from fedfer.agent.supervisor import Supervisor
 
     config, config_path = resolve_config(args.config, args.state_dir)
     configure_logging(role="supervisor", level=config.agent.log_level, log_file=config.agent.log_file)
@@ -113,7 +113,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _provision(args: argparse.Namespace) -> int:
-    from agent.provision import check_assets, provision
+    from fedfer.agent.provision import check_assets, provision
 
     if args.check:
         result = check_assets(args.to)

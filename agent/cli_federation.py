@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from security.errors import FedferError, ValidationError
+from fedfer.security.errors import FedferError, ValidationError
 
 _MAX_TOKEN_TEXT = 1024
 
@@ -103,7 +103,7 @@ def _read_token(source: str) -> str:
 
 
 def _enroll(args: argparse.Namespace) -> int:
-    from agent.federation.enroll import enroll
+    from fedfer.agent.federation.enroll import enroll
 
     token = _read_token(args.token_file)
     try:
@@ -124,8 +124,8 @@ def _enroll(args: argparse.Namespace) -> int:
 
 
 def _fetch_model(args: argparse.Namespace) -> int:
-    from agent.federation.client import FederationClient
-    from agent.federation.state import DeviceState
+    from fedfer.agent.federation.client import FederationClient
+    from fedfer.agent.federation.state import DeviceState
 
     async def go() -> Any:
         async with FederationClient(state=DeviceState.load(args.state)) as client:
@@ -156,9 +156,9 @@ def _load_update(path: Path) -> tuple[dict[str, npt.NDArray[Any]], int | None]:
 
 
 def _join_round(args: argparse.Namespace) -> int:
-    from agent.federation.client import FederationClient
-    from agent.federation.retry import RetryPolicy
-    from agent.federation.state import DeviceState
+    from fedfer.agent.federation.client import FederationClient
+    from fedfer.agent.federation.retry import RetryPolicy
+    from fedfer.agent.federation.state import DeviceState
 
     arrays, file_weight = _load_update(args.update)
     weight = args.weight if args.weight is not None else (file_weight if file_weight is not None else 1)

@@ -33,14 +33,14 @@ def _threads(n: int) -> None:
 
 
 def _train_ifer(args: argparse.Namespace) -> int:
-    from agent.learning.data import dev_split, list_image_folder
-    from agent.learning.metrics import format_report
+    from fedfer.agent.learning.data import dev_split, list_image_folder
+    from fedfer.agent.learning.metrics import format_report
 
     _threads(args.threads)
     root: Path = args.data / "train" if (args.data / "train").is_dir() else args.data
     items = list_image_folder(root, args.classes)
     if args.limit:
-        from agent.learning.data import hash_order
+        from fedfer.agent.learning.data import hash_order
 
         items = hash_order(items)[: args.limit]
     dev, train = dev_split(items)
@@ -69,9 +69,9 @@ def _train_ifer_recipe(
     """The benchmark's recipe (augmented fine-tuning of f, then g's class biases fitted on dev), cached."""
     import dataclasses
 
-    from agent.learning.ifer import load_images
-    from agent.learning.metrics import classification_report
-    from agent.learning.recipe import IferRecipe, calibrate_or_load, train_or_load_ifer
+    from fedfer.agent.learning.ifer import load_images
+    from fedfer.agent.learning.metrics import classification_report
+    from fedfer.agent.learning.recipe import IferRecipe, calibrate_or_load, train_or_load_ifer
 
     base = IferRecipe()
     train_cfg = base.train
@@ -109,8 +109,8 @@ def _train_ifer_cached(
     """f's last blocks and g on cached frozen-prefix activations (fast; no augmentation but mirroring)."""
     import numpy as np
 
-    from agent.learning.features import cache_dir, content_key, files_digest
-    from agent.learning.ifer import (
+    from fedfer.agent.learning.features import cache_dir, content_key, files_digest
+    from fedfer.agent.learning.ifer import (
         FaceNet,
         IferTrainConfig,
         evaluate_ifer,
@@ -152,15 +152,15 @@ def _train_ifer_cached(
 def _eval_ifer(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from agent.learning.data import list_image_folder, read_gray
-    from agent.learning.ifer import load_ifer
-    from agent.learning.metrics import classification_report, format_report
+    from fedfer.agent.learning.data import list_image_folder, read_gray
+    from fedfer.agent.learning.ifer import load_ifer
+    from fedfer.agent.learning.metrics import classification_report, format_report
 
     _threads(args.threads)
     net = load_ifer(args.model)
     items = list_image_folder(args.data, net.num_classes)
     if args.limit:
-        from agent.learning.data import hash_order
+        from fedfer.agent.learning.data import hash_order
 
         items = hash_order(items)[: args.limit]
     preds = []
@@ -176,9 +176,9 @@ def _eval_ifer(args: argparse.Namespace) -> int:
 
 
 def _crema(args: argparse.Namespace) -> tuple[Any, list[Any]]:
-    from agent.learning.crema import corpus_features
-    from agent.learning.errors import DatasetError
-    from agent.learning.ifer import load_ifer
+    from fedfer.agent.learning.crema import corpus_features
+    from fedfer.agent.learning.errors import DatasetError
+    from fedfer.agent.learning.ifer import load_ifer
 
     if args.corpus != "crema-d":
         raise DatasetError("only --corpus crema-d is supported")
@@ -197,11 +197,11 @@ def _crema(args: argparse.Namespace) -> tuple[Any, list[Any]]:
 def _train_vfer(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from agent.learning.crema import split_of
-    from agent.learning.errors import DatasetError
-    from agent.learning.metrics import classification_report, format_report
-    from agent.learning.personalize import pad_clips, predict_clips
-    from agent.learning.vfer import VferTrainConfig, save_vfer, train_vfer
+    from fedfer.agent.learning.crema import split_of
+    from fedfer.agent.learning.errors import DatasetError
+    from fedfer.agent.learning.metrics import classification_report, format_report
+    from fedfer.agent.learning.personalize import pad_clips, predict_clips
+    from fedfer.agent.learning.vfer import VferTrainConfig, save_vfer, train_vfer
 
     _threads(args.threads)
     net, data = _crema(args)
@@ -223,8 +223,8 @@ def _train_vfer(args: argparse.Namespace) -> int:
     (x, y), (dx, dy), (tx, ty) = xy("train"), xy("dev"), xy("test")
     soft = None
     if args.partial_labels is not None:
-        from agent.learning.data import read_crema_responses
-        from agent.learning.vfer import soft_targets
+        from fedfer.agent.learning.data import read_crema_responses
+        from fedfer.agent.learning.vfer import soft_targets
 
         counts = read_crema_responses(
             args.partial_labels, modality=args.modality, num_classes=net.num_classes
@@ -266,8 +266,8 @@ def _scored_actors(args: argparse.Namespace, data: list[Any]) -> tuple[list[int]
     Raises:
         DatasetError: none of them has a clip under ``--root``.
     """
-    from agent.learning.crema import corpus_split
-    from agent.learning.errors import DatasetError
+    from fedfer.agent.learning.crema import corpus_split
+    from fedfer.agent.learning.errors import DatasetError
 
     present = {c.clip.actor for c in data}
     if args.subject:
@@ -288,7 +288,7 @@ def _scored_actors(args: argparse.Namespace, data: list[Any]) -> tuple[list[int]
 
 def _dp_config(args: argparse.Namespace) -> Any:
     """DP-SGD settings from ``--dp-epsilon`` or ``--dp-noise-multiplier`` (``None``: DP off)."""
-    from agent.learning.dp import DPConfig
+    from fedfer.agent.learning.dp import DPConfig
 
     if args.dp_epsilon is None and args.dp_noise_multiplier is None:
         return None
@@ -302,7 +302,7 @@ def _dp_config(args: argparse.Namespace) -> Any:
 
 def _print_personalization(result: dict[str, Any]) -> None:
     """The paper's tables (per class P/R/F1, macro and micro; before and after) and per-subject deltas."""
-    from agent.learning.metrics import ClassReport, format_report, format_subject_deltas
+    from fedfer.agent.learning.metrics import ClassReport, format_report, format_subject_deltas
 
     n = len(result["actors"])
     print(f"scored actors ({result['actors_from']}): {', '.join(str(a) for a in result['actors'])}")
@@ -320,10 +320,10 @@ def _print_personalization(result: dict[str, Any]) -> None:
 
 
 def _personalize(args: argparse.Namespace) -> int:
-    from agent.learning.crema import personalize_subjects
-    from agent.learning.metrics import plot_subject_deltas
-    from agent.learning.personalize import PersonalizeConfig
-    from agent.learning.vfer import load_vfer
+    from fedfer.agent.learning.crema import personalize_subjects
+    from fedfer.agent.learning.metrics import plot_subject_deltas
+    from fedfer.agent.learning.personalize import PersonalizeConfig
+    from fedfer.agent.learning.vfer import load_vfer
 
     _threads(args.threads)
     dp = _dp_config(args)  # bad DP settings fail before any clip is read
@@ -344,7 +344,7 @@ def _personalize(args: argparse.Namespace) -> int:
     )
     result["actors_from"] = source
     if args.rounds:
-        from agent.learning.crema import fedavg_rounds
+        from fedfer.agent.learning.crema import fedavg_rounds
 
         result["fedavg"] = fedavg_rounds(data, v, rounds=args.rounds, actors=actors, config=config)
     if args.plot is not None:

@@ -42,11 +42,11 @@ def _extract(args: argparse.Namespace) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
-    from agent.cache import FeatureCache
-    from agent.capture import VideoSource
-    from agent.faces import FaceDetector, detector_model_file
-    from agent.pipeline import VisionPipeline, load_frame_model
-    from agent.weights import MEDIAPIPE_FACE_DETECTOR
+    from fedfer.agent.cache import FeatureCache
+    from fedfer.agent.capture import VideoSource
+    from fedfer.agent.faces import FaceDetector, detector_model_file
+    from fedfer.agent.pipeline import VisionPipeline, load_frame_model
+    from fedfer.agent.weights import MEDIAPIPE_FACE_DETECTOR
 
     torch.set_num_threads(max(1, args.threads))
     assets = _assets(args)
@@ -98,12 +98,12 @@ def _extract(args: argparse.Namespace) -> int:
 
 
 def _fetch_weights(args: argparse.Namespace) -> int:
-    from agent.weights import TORCHVISION_MOBILENET_V2, PinnedFile, ensure_file
+    from fedfer.agent.weights import TORCHVISION_MOBILENET_V2, PinnedFile, ensure_file
 
     pinned = TORCHVISION_MOBILENET_V2
     if args.url:
         if not args.sha256:
-            from security.errors import ValidationError
+            from fedfer.security.errors import ValidationError
 
             raise ValidationError("--url needs --sha256")
         pinned = PinnedFile(

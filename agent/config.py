@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from security.errors import ValidationError
+from fedfer.security.errors import ValidationError
 
 __all__ = [
     "ENV_ASSETS",
@@ -344,7 +344,7 @@ class PrivacySection:
         if self.round_budget < self.round_target_epsilon:
             raise ConfigError("privacy.round_budget must be at least privacy.round_target_epsilon")
         if self.round_dp and self.round_noise_multiplier > 0:
-            from security.dp import gaussian_epsilon
+            from fedfer.security.dp import gaussian_epsilon
 
             if gaussian_epsilon(self.round_noise_multiplier, 1, float(self.delta)) > self.round_budget:
                 raise ConfigError(

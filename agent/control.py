@@ -18,8 +18,8 @@ from typing import Any
 
 import zmq
 
-from agent.lock import ensure_private_dir
-from security.errors import FedferError
+from fedfer.agent.lock import ensure_private_dir
+from fedfer.security.errors import FedferError
 
 __all__ = [
     "COMMANDS",

@@ -45,7 +45,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from security.errors import FedferError, ValidationError
+from fedfer.security.errors import FedferError, ValidationError
 
 __all__ = [
     "Children",
@@ -310,8 +310,8 @@ def parse_source(text: str, assets: Path) -> DemoSource:
 
 def _crowd_labels(assets: Path, names: Sequence[str]) -> dict[str, dict[str, Any]]:
     """Acted emotion and the crowd's face-only plurality vote (class index or None) for each clip name."""
-    from agent.learning.data import crema_label, read_crema_summary
-    from agent.models import CLASS_SETS
+    from fedfer.agent.learning.data import crema_label, read_crema_summary
+    from fedfer.agent.models import CLASS_SETS
 
     summary = assets / CLIPS_DIR / "summaryTable.csv"
     if not names or not summary.is_file():
@@ -339,8 +339,8 @@ def _crowd_labels(assets: Path, names: Sequence[str]) -> dict[str, dict[str, Any
 
 def _cached_ifer() -> tuple[Path, float] | None:
     """The best IFER export H6's ``train-ifer`` left in the model cache (by dev macro F1), if good enough."""
-    from agent.learning.features import cache_dir
-    from agent.models import CLASS_SETS
+    from fedfer.agent.learning.features import cache_dir
+    from fedfer.agent.models import CLASS_SETS
 
     best: tuple[Path, float] | None = None
     for manifest in sorted(cache_dir("models").glob("*/*.json")):
@@ -377,9 +377,9 @@ def _quick_ifer(config: DemoConfig, say: Callable[[str], None]) -> dict[str, Any
     """Train g (f frozen, the paper's setting) on a FER2013 subset; cache the export by content hash."""
     import torch
 
-    from agent.learning.data import hash_order, list_image_folder
-    from agent.learning.features import cache_dir, content_key, files_digest
-    from agent.learning.ifer import (
+    from fedfer.agent.learning.data import hash_order, list_image_folder
+    from fedfer.agent.learning.features import cache_dir, content_key, files_digest
+    from fedfer.agent.learning.ifer import (
         FaceNet,
         IferTrainConfig,
         evaluate_ifer,
@@ -450,7 +450,7 @@ def initial_v(seed: int = 0) -> dict[str, np.ndarray]:
     """The initial central ``v``: :class:`agent.models.VideoModel` initialized from a fixed seed."""
     import torch
 
-    from agent.models import VideoModel, to_named_arrays
+    from fedfer.agent.models import VideoModel, to_named_arrays
 
     torch.manual_seed(seed)
     return to_named_arrays(VideoModel(num_classes=NUM_CLASSES))
@@ -547,7 +547,7 @@ class _Agent:
     jobs: list[dict[str, Any]] = field(default_factory=list)
 
     def request(self, command: str, timeout: float = 10.0) -> dict[str, Any]:
-        from agent.control import ControlClient
+        from fedfer.agent.control import ControlClient
 
         result: dict[str, Any] = ControlClient(self.state, timeout_s=timeout).request(command)
         return result
@@ -654,7 +654,7 @@ def _stats(status: Mapping[str, Any], role: str) -> dict[str, Any]:
 
 def _captured(agent: _Agent, *, live: bool = False) -> bool:
     """Capture finished (``live``: paused), every frame processed and record cached, every session sealed."""
-    from agent.control import ControlError
+    from fedfer.agent.control import ControlError
 
     try:
         status = agent.request("status")
@@ -673,7 +673,7 @@ def _captured(agent: _Agent, *, live: bool = False) -> bool:
 
 
 def _run_round(agents: Sequence[_Agent], number: int, *, until: float, say: Callable[[str], None]) -> None:
-    from agent.control import ControlError
+    from fedfer.agent.control import ControlError
 
     job_ids = {}
     for agent in agents:
@@ -714,8 +714,8 @@ def _run_round(agents: Sequence[_Agent], number: int, *, until: float, say: Call
 
 
 def _registry_models(agg_dir: Path) -> dict[int, dict[str, np.ndarray]]:
-    from aggregator.registry import ModelRegistry
-    from aggregator.storage import open_storage
+    from fedfer.aggregator.registry import ModelRegistry
+    from fedfer.aggregator.storage import open_storage
 
     with open_storage(f"sqlite://{agg_dir / 'aggregator.db'}") as storage:
         registry = ModelRegistry(storage)
@@ -724,7 +724,7 @@ def _registry_models(agg_dir: Path) -> dict[int, dict[str, np.ndarray]]:
 
 def _uploads(agg_dir: Path, round_ids: Sequence[int]) -> dict[int, dict[str, dict[str, int]]]:
     """Bytes the aggregator received and stored, per round, device and protocol stage."""
-    from aggregator.storage import RoundStatus, open_storage
+    from fedfer.aggregator.storage import RoundStatus, open_storage
 
     stages = [s for s in RoundStatus if s is not RoundStatus.OPEN and not s.terminal]  # the protocol stages
     out: dict[int, dict[str, dict[str, int]]] = {}
@@ -746,20 +746,20 @@ def _evaluate_agent(
     agent: _Agent, models: Mapping[str, Mapping[str, np.ndarray]], crowd: Mapping[str, Mapping[str, Any]]
 ) -> dict[str, Any]:
     """On-device evaluation: v on the agent's cached clips vs its pseudo labels and the crowd's votes."""
-    from agent.atrest_scan import scan_paths
-    from agent.config import apply_path_overrides, load_config
-    from agent.learning.personalize import (
+    from fedfer.agent.atrest_scan import scan_paths
+    from fedfer.agent.config import apply_path_overrides, load_config
+    from fedfer.agent.learning.personalize import (
         PersonalizeConfig,
         pad_clips,
         personalize,
         predict_clips,
         pseudo_labels,
     )
-    from agent.models import CLASS_SETS, VideoModel, from_named_arrays
-    from agent.service import open_cache
+    from fedfer.agent.models import CLASS_SETS, VideoModel, from_named_arrays
+    from fedfer.agent.service import open_cache
 
     # The agent already warned (in its own log) if DP is off; parsing its config again need not repeat it.
-    config_log = logging.getLogger("agent.config")
+    config_log = logging.getLogger("fedfer.agent.config")
     level = config_log.level
     config_log.setLevel(logging.ERROR)
     try:
@@ -956,7 +956,7 @@ def _watch_camera_in_turn(
 
 
 def _paused(agent: _Agent) -> bool:
-    from agent.control import ControlError
+    from fedfer.agent.control import ControlError
 
     try:
         return bool(agent.request("status")["workers"]["capture"]["state"] == "paused")
@@ -965,7 +965,7 @@ def _paused(agent: _Agent) -> bool:
 
 
 def _alive(agent: _Agent) -> bool:
-    from agent.control import ControlError
+    from fedfer.agent.control import ControlError
 
     try:
         status = agent.request("status")

@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from agent.mobilenet import INPUT_SIZE, WeightsError
-from agent.weights import MEDIAPIPE_FACE_DETECTOR, PinnedFile, ensure_file, pinned_sha256
-from security.errors import FedferError, ValidationError
+from fedfer.agent.mobilenet import INPUT_SIZE, WeightsError
+from fedfer.agent.weights import MEDIAPIPE_FACE_DETECTOR, PinnedFile, ensure_file, pinned_sha256
+from fedfer.security.errors import FedferError, ValidationError
 
 __all__ = ["DetectionError", "Face", "FaceDetector", "detector_model_file", "square_crop"]
 

@@ -20,7 +20,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from agent.paths import write_atomic
+from fedfer.agent.paths import write_atomic
 
 __all__ = ["ProcessedFiles"]
 

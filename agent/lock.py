@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from security.errors import FedferError
+from fedfer.security.errors import FedferError
 
 __all__ = ["AgentLockedError", "InsecurePathError", "StateDirLock", "ensure_private_dir"]
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from security.errors import FedferError, ValidationError
+from fedfer.security.errors import FedferError, ValidationError
 
 __all__ = [
     "FEATURE_DIM",
@@ -433,7 +433,7 @@ def load_feature_extractor(
     Raises:
         WeightsError: missing/unreadable file, hash mismatch or incompatible tensors.
     """
-    from agent.weights import verify_sha256
+    from fedfer.agent.weights import verify_sha256
 
     path = Path(weights)
     if not path.is_file():
@@ -441,7 +441,7 @@ def load_feature_extractor(
     if sha256 is not None:
         verify_sha256(path, sha256)
     if path.suffix == ".tflite":
-        from agent.tflite_convert import load_converted
+        from fedfer.agent.tflite_convert import load_converted
 
         converted = load_converted(path, cache_dir=cache_dir)
         model = MobileNetV2(tf_padding=True)

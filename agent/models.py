@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from security.errors import ValidationError
+from fedfer.security.errors import ValidationError
 
 FEATURE_DIM = 1280
 

@@ -30,12 +30,12 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from agent.capture import Frame
-from agent.faces import Face, FaceDetector
-from agent.mobilenet import FEATURE_DIM, FeatureExtractor
-from agent.models import IferHead
-from agent.records import FrameRecord
-from security.errors import ValidationError
+from fedfer.agent.capture import Frame
+from fedfer.agent.faces import Face, FaceDetector
+from fedfer.agent.mobilenet import FEATURE_DIM, FeatureExtractor
+from fedfer.agent.models import IferHead
+from fedfer.agent.records import FrameRecord
+from fedfer.security.errors import ValidationError
 
 __all__ = [
     "ExportedIferModel",
@@ -177,12 +177,12 @@ def load_frame_model(
         ValidationError: neither or both set-ups given; quantization emulation asked for other weights.
         WeightsError: a weight file is missing or does not fit.
     """
-    from agent.mobilenet import WeightsError, load_feature_extractor
+    from fedfer.agent.mobilenet import WeightsError, load_feature_extractor
 
     if (ifer is None) == (feature_weights is None):
         raise ValidationError("give either an IFER export or feature weights (with an optional head)")
     if ifer is not None:
-        from agent.learning.ifer import load_ifer
+        from fedfer.agent.learning.ifer import load_ifer
 
         if emulate_tflite_quantization:
             raise ValidationError("emulate_tflite_quantization applies to .tflite feature weights only")
@@ -499,9 +499,9 @@ def daemon_stage(config: Any) -> VisionPipeline:
         agent.service.ComponentUnavailableError: a model file is missing, cannot be downloaded or is refused,
             or the detector digest is not pinned.
     """
-    from agent.faces import detector_model_file
-    from agent.mobilenet import WeightsError
-    from agent.service import ComponentUnavailableError
+    from fedfer.agent.faces import detector_model_file
+    from fedfer.agent.mobilenet import WeightsError
+    from fedfer.agent.service import ComponentUnavailableError
 
     vision = config.vision
     ifer = getattr(vision, "ifer_model", "") or None

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.mobilenet import WeightsError
-from agent.weights import MEDIAPIPE_FACE_DETECTOR, verify_sha256
-from security.errors import FedferError
+from fedfer.agent.mobilenet import WeightsError
+from fedfer.agent.weights import MEDIAPIPE_FACE_DETECTOR, verify_sha256
+from fedfer.security.errors import FedferError
 
 __all__ = [
     "DETECTOR",
@@ -94,15 +94,15 @@ def _copy_verified(source: Path, dest: Path, sha256: str | None) -> None:
 
 def _check_ifer(manifest: Path, *, build: bool = True) -> dict[str, Any]:
     """Read ``manifest`` as an IFER export (weights' digest; with ``build`` the model too); its metadata."""
-    from agent.learning.errors import ModelFileError
-    from agent.learning.export import load_exported
+    from fedfer.agent.learning.errors import ModelFileError
+    from fedfer.agent.learning.export import load_exported
 
     try:
         _, meta = load_exported(manifest)
         if meta.get("kind") != "ifer":
             raise ProvisionError(f"{manifest} is not an IFER export (kind {meta.get('kind')!r})")
         if build:
-            from agent.learning.ifer import load_ifer
+            from fedfer.agent.learning.ifer import load_ifer
 
             load_ifer(manifest)
     except ModelFileError as exc:

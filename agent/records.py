@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from security.errors import ValidationError
+from fedfer.security.errors import ValidationError
 
 __all__ = ["FrameRecord"]
 

@@ -33,12 +33,12 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-from agent.config import AgentConfig
-from agent.ledger import ProcessedFiles
-from agent.lock import ensure_private_dir
-from agent.paths import is_disk_full
-from agent.records import FEATURE_DIM, FrameRecord
-from security.errors import FedferError, ValidationError
+from fedfer.agent.config import AgentConfig
+from fedfer.agent.ledger import ProcessedFiles
+from fedfer.agent.lock import ensure_private_dir
+from fedfer.agent.paths import is_disk_full
+from fedfer.agent.records import FEATURE_DIM, FrameRecord
+from fedfer.security.errors import FedferError, ValidationError
 
 __all__ = [
     "BUDGET_FILE",
@@ -199,13 +199,13 @@ class SourceSequence:
                 raise ValidationError("capture.source folder holds no video files")
             return [str(p) for p in files]
         if not path.is_file():
-            capture = _component("agent.capture", "video capture")
+            capture = _component("fedfer.agent.capture", "video capture")
             raise capture.SourceUnavailableError("capture.source does not exist")
         return [str(path)]
 
     def __iter__(self) -> Iterator[Frame | SegmentEnd]:
         """Yield the sampled frames of every input in turn (again and again with ``loop``)."""
-        capture = _component("agent.capture", "video capture")
+        capture = _component("fedfer.agent.capture", "video capture")
         inputs = self._inputs()
         offset = 0.0
         while not self._closed:
@@ -330,7 +330,7 @@ def open_vision(config: AgentConfig) -> VisionStage:
     Raises:
         ComponentUnavailableError: the pipeline is not installed or cannot load its models.
     """
-    pipeline = _component("agent.pipeline", "the vision pipeline")
+    pipeline = _component("fedfer.agent.pipeline", "the vision pipeline")
     factory = getattr(pipeline, "daemon_stage", None)
     if factory is None:
         raise ComponentUnavailableError(
@@ -506,8 +506,8 @@ def open_cache(config: AgentConfig) -> Any:
     Raises:
         ComponentUnavailableError: the cache is not installed or its key store is unusable.
     """
-    cache = _component("agent.cache", "the encrypted cache")
-    keys = _component("agent.cache_keys", "the cache key store")
+    cache = _component("fedfer.agent.cache", "the encrypted cache")
+    keys = _component("fedfer.agent.cache_keys", "the cache key store")
     directory = config.state_dir / CACHE_DIR
     try:
         key_store = keys.key_store_for(directory, config.cache.key_store)
@@ -733,8 +733,8 @@ def load_personal_model(config: AgentConfig) -> tuple[dict[str, np.ndarray], dic
     Raises:
         IntegrityError: the stored model failed verification.
     """
-    export = _component("agent.learning.export", "model files")
-    cache_module = _component("agent.cache", "the encrypted cache")
+    export = _component("fedfer.agent.learning.export", "model files")
+    cache_module = _component("fedfer.agent.cache", "the encrypted cache")
     cache = open_cache(config)
     try:
         data = cache.get_blob(PERSONAL_BLOB)
@@ -748,7 +748,7 @@ def load_personal_model(config: AgentConfig) -> tuple[dict[str, np.ndarray], dic
 
 def _save_personal(config: AgentConfig, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
     """Keep the personalized ``v`` only inside the encrypted cache (it is derived from the user's data)."""
-    export = _component("agent.learning.export", "model files")
+    export = _component("fedfer.agent.learning.export", "model files")
     manifest = {"kind": "v", "classes": config.learning.num_classes, **meta}
     cache = open_cache(config)
     try:
@@ -798,9 +798,9 @@ def _personalize_from(
     config: AgentConfig, central: dict[str, np.ndarray]
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Personalize ``v`` from the ``central`` arrays on the cached sessions (DP-SGD when ``privacy.dp``)."""
-    learning = _component("agent.learning.personalize", "personalization")
-    dp_module = _component("agent.learning.dp", "differential privacy")
-    models = _component("agent.models", "the video model")
+    learning = _component("fedfer.agent.learning.personalize", "personalization")
+    dp_module = _component("fedfer.agent.learning.dp", "differential privacy")
+    models = _component("fedfer.agent.models", "the video model")
     features, probs = _cached_clips(config)
     privacy = config.privacy
     dp = budget = None
@@ -844,17 +844,17 @@ def _personalize_from(
 
 def _central_or_initial(config: AgentConfig) -> tuple[dict[str, np.ndarray], str]:
     """The last central ``v`` this device fetched, else a freshly initialized one."""
-    export = _component("agent.learning.export", "model files")
+    export = _component("fedfer.agent.learning.export", "model files")
     manifest = config.state_dir / MODELS_DIR / "central.json"
     if manifest.is_file():
         arrays, meta = export.load_exported(manifest)
         return dict(arrays), str(meta.get("version", "central"))
-    models = _component("agent.models", "the video model")
+    models = _component("fedfer.agent.models", "the video model")
     return dict(models.to_named_arrays(models.VideoModel(num_classes=config.learning.num_classes))), "initial"
 
 
 def _save_model(config: AgentConfig, name: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
-    export = _component("agent.learning.export", "model files")
+    export = _component("fedfer.agent.learning.export", "model files")
     folder = ensure_private_dir(config.state_dir / MODELS_DIR)
     export.save_exported(folder, name, arrays, {"kind": "v", "classes": config.learning.num_classes, **meta})
 
@@ -882,7 +882,7 @@ def _round_privacy(config: AgentConfig) -> tuple[Any, Any]:
     privacy = config.privacy
     if not privacy.round_dp:
         return None, None
-    update = _component("agent.learning.update", "user-level DP for rounds")
+    update = _component("fedfer.agent.learning.update", "user-level DP for rounds")
     delta = float(privacy.delta)
     if privacy.round_noise_multiplier > 0:
         dp = update.RoundDPConfig(
@@ -919,8 +919,8 @@ def _join(config: AgentConfig) -> dict[str, Any]:
     if not config.federation.server:
         raise ValidationError("federation.server is not configured: this device does not federate")
     round_dp, round_budget = _round_privacy(config)
-    client_module = _component("agent.federation.client", "the federation client")
-    state_module = _component("agent.federation.state", "the federation client")
+    client_module = _component("fedfer.agent.federation.client", "the federation client")
+    state_module = _component("fedfer.agent.federation.state", "the federation client")
     try:
         state = state_module.DeviceState.load(config.state_dir / FEDERATION_DIR)
     except FedferError as exc:
@@ -947,7 +947,7 @@ def _join(config: AgentConfig) -> dict[str, Any]:
             raise ValidationError("no cached clip passed the confidence threshold; nothing to contribute")
         if sum(a.size for a in base.values()) != dim:
             raise ValidationError("the personalized model does not match the round's model")
-        update_module = _component("agent.learning.update", "round updates")
+        update_module = _component("fedfer.agent.learning.update", "round updates")
         update, weight, privacy_report = update_module.round_contribution(
             base,
             personal,

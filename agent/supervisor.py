@@ -39,14 +39,14 @@ from typing import Any
 
 import zmq
 
-from agent import service
-from agent.config import AgentConfig, ConfigError, apply_path_overrides, config_to_dict, load_config
-from agent.control import ControlError, Request, error_reply, parse_request, run_dir
-from agent.lock import StateDirLock
-from agent.logs import configure_logging
-from agent.paths import is_disk_full, write_atomic
-from agent.workers import CONFIG_FILE, ROLES, endpoint
-from security.errors import FedferError
+from fedfer.agent import service
+from fedfer.agent.config import AgentConfig, ConfigError, apply_path_overrides, config_to_dict, load_config
+from fedfer.agent.control import ControlError, Request, error_reply, parse_request, run_dir
+from fedfer.agent.lock import StateDirLock
+from fedfer.agent.logs import configure_logging
+from fedfer.agent.paths import is_disk_full, write_atomic
+from fedfer.agent.workers import CONFIG_FILE, ROLES, endpoint
+from fedfer.security.errors import FedferError
 
 __all__ = ["STATE_FILE", "Supervisor", "WorkerHandle"]
 
@@ -271,8 +271,8 @@ class Supervisor:
                 self._spawn(handle, now)
 
     def _spawn(self, handle: WorkerHandle, now: float) -> None:
-        argv = [sys.executable, "-m", "agent.workers", "--role", handle.role, "--run-dir", str(self.run_dir)]
-        argv += ["--supervisor-pid", str(os.getpid())]
+        argv = [sys.executable, "-m", "fedfer.agent.workers", "--role", handle.role]
+        argv += ["--run-dir", str(self.run_dir), "--supervisor-pid", str(os.getpid())]
         if handle.role == "capture" and self.paused:
             argv.append("--paused")
         # The worker inherits the state-directory lock: it stays held until this agent's last process exits.

@@ -34,8 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from agent.mobilenet import ActivationQuantization, MobileNetV2, WeightsError
-from agent.paths import cache_dir
+from fedfer.agent.mobilenet import ActivationQuantization, MobileNetV2, WeightsError
+from fedfer.agent.paths import cache_dir
 
 __all__ = [
     "BN_EPS",
@@ -234,7 +234,7 @@ def load_converted(path: str | Path, *, cache_dir: str | Path | None = None) -> 
     Returns:
         See :func:`convert_tflite`.
     """
-    from agent.weights import sha256_file
+    from fedfer.agent.weights import sha256_file
 
     source = Path(path)
     if not source.is_file():
@@ -258,7 +258,7 @@ def load_converted(path: str | Path, *, cache_dir: str | Path | None = None) -> 
 
 def _load_verified(cached: Path, sidecar: Path) -> ConvertedWeights:
     """Load a cache entry whose SHA-256 matches its sidecar's (raises otherwise)."""
-    from agent.weights import verify_sha256
+    from fedfer.agent.weights import verify_sha256
 
     verify_sha256(cached, sidecar.read_text(encoding="ascii").strip())
     return _from_cache(torch.load(cached, map_location="cpu", weights_only=True))

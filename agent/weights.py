@@ -30,8 +30,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.mobilenet import WeightsError
-from security.errors import ValidationError
+from fedfer.agent.mobilenet import WeightsError
+from fedfer.security.errors import ValidationError
 
 __all__ = [
     "MEDIAPIPE_FACE_DETECTOR",
@@ -239,7 +239,7 @@ def ensure_file(
             raise WeightsError(f"model file not found: {path}")
         return _verify_pinned(path, pinned)
     if download_dir is None:
-        from agent.tflite_convert import default_cache_dir
+        from fedfer.agent.tflite_convert import default_cache_dir
 
         download_dir = default_cache_dir() / "models"
     dest = Path(download_dir) / pinned.filename

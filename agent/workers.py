@@ -47,12 +47,12 @@ from typing import Any
 import numpy as np
 import zmq
 
-from agent import service
-from agent.capture import CaptureError
-from agent.config import AgentConfig, config_from_dict
-from agent.logs import capture_native_stderr, configure_logging
-from agent.paths import is_disk_full
-from security.errors import FedferError
+from fedfer.agent import service
+from fedfer.agent.capture import CaptureError
+from fedfer.agent.config import AgentConfig, config_from_dict
+from fedfer.agent.logs import capture_native_stderr, configure_logging
+from fedfer.agent.paths import is_disk_full
+from fedfer.security.errors import FedferError
 
 __all__ = [
     "CONFIG_FILE",

@@ -1,5 +1,5 @@
-"""``python -m aggregator``: the same as ``fedfer-aggregator``."""
+"""``python -m fedfer.aggregator``: the same as ``fedfer-aggregator``."""
 
-from aggregator.cli import main
+from fedfer.aggregator.cli import main
 
 raise SystemExit(main())

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from aggregator.config import (
+from fedfer.aggregator.config import (
     CONFIG_FILENAME,
     AggregatorConfig,
     RoundConfig,
@@ -39,15 +39,15 @@ from aggregator.config import (
     read_certificate_authority,
     read_server_tls,
 )
-from aggregator.enrollment import EnrollmentService
-from aggregator.leader import LeaderLease
-from aggregator.registry import ModelRegistry
-from aggregator.rounds import RoundCoordinator, RoundSettings
-from aggregator.secret_files import write_public_file
-from aggregator.server import ServerTls, build_server, serve_forever
-from aggregator.service import EdgeLimits
-from aggregator.storage import open_storage
-from security.errors import FedferError, ValidationError
+from fedfer.aggregator.enrollment import EnrollmentService
+from fedfer.aggregator.leader import LeaderLease
+from fedfer.aggregator.registry import ModelRegistry
+from fedfer.aggregator.rounds import RoundCoordinator, RoundSettings
+from fedfer.aggregator.secret_files import write_public_file
+from fedfer.aggregator.server import ServerTls, build_server, serve_forever
+from fedfer.aggregator.service import EdgeLimits
+from fedfer.aggregator.storage import open_storage
+from fedfer.security.errors import FedferError, ValidationError
 
 __all__ = ["GRPC_CIPHER_ENV", "TLS13_ONLY_CIPHERS", "build_parser", "main", "round_settings"]
 
@@ -294,7 +294,8 @@ def _tls13_only_process(args: argparse.Namespace, *, from_command_line: bool) ->
     """Make ``serve`` refuse TLS 1.2 at the handshake: re-execute once with the cipher list set.
 
     The variable must be in the environment before grpc is imported, and this module imports it, so the
-    process replaces itself (same pid, same arguments) with ``python -m aggregator`` and the variable set.
+    process replaces itself (same pid, same arguments) with ``python -m fedfer.aggregator`` and the variable
+    set.
     """
     if args.command != "serve" or os.environ.get(GRPC_CIPHER_ENV) == TLS13_ONLY_CIPHERS:
         return
@@ -305,7 +306,7 @@ def _tls13_only_process(args: argparse.Namespace, *, from_command_line: bool) ->
     sys.stdout.flush()
     sys.stderr.flush()
     # Fixed program (this interpreter) and this process's own arguments: no shell, nothing from outside.
-    os.execve(sys.executable, [sys.executable, "-m", "aggregator", *sys.argv[1:]], env)  # noqa: S606
+    os.execve(sys.executable, [sys.executable, "-m", "fedfer.aggregator", *sys.argv[1:]], env)  # noqa: S606
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -28,17 +28,17 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from aggregator.enrollment import IssuedToken, issue_token
-from aggregator.secret_files import (
+from fedfer.aggregator.enrollment import IssuedToken, issue_token
+from fedfer.aggregator.secret_files import (
     ensure_private_dir,
     read_secret_file,
     write_public_file,
     write_secret_file,
 )
-from aggregator.storage import open_storage
-from aggregator.storage.factory import redact_url
-from security.errors import ValidationError
-from security.pki import CertificateAuthority, TlsPrivateKey
+from fedfer.aggregator.storage import open_storage
+from fedfer.aggregator.storage.factory import redact_url
+from fedfer.security.errors import ValidationError
+from fedfer.security.pki import CertificateAuthority, TlsPrivateKey
 
 __all__ = [
     "CONFIG_FILENAME",

@@ -21,9 +21,9 @@ import hmac
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from aggregator.storage.base import ConflictError, DeviceRecord, Storage, TokenRecord
-from security.errors import FedferError, ValidationError
-from security.pki import (
+from fedfer.aggregator.storage.base import ConflictError, DeviceRecord, Storage, TokenRecord
+from fedfer.security.errors import FedferError, ValidationError
+from fedfer.security.pki import (
     CertificateAuthority,
     CertificateError,
     enrollment_token_hash,

@@ -25,8 +25,8 @@ import socket
 import time
 from collections.abc import Callable
 
-from aggregator.storage import Storage, StorageError
-from security.errors import FedferError, ValidationError
+from fedfer.aggregator.storage import Storage, StorageError
+from fedfer.security.errors import FedferError, ValidationError
 
 __all__ = ["LeaderLease", "LeadershipLostError", "new_replica_id"]
 

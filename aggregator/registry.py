@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from aggregator.storage.base import ConflictError, ModelRecord, NotFoundError, Storage
-from security.errors import ValidationError
-from security.model_codec import MAX_MODEL_BYTES, decode_model, encode_model
+from fedfer.aggregator.storage.base import ConflictError, ModelRecord, NotFoundError, Storage
+from fedfer.security.errors import ValidationError
+from fedfer.security.model_codec import MAX_MODEL_BYTES, decode_model, encode_model
 
 __all__ = ["ModelRegistry", "ModelVersion"]
 

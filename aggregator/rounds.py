@@ -58,12 +58,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from aggregator.leader import LeaderLease, LeadershipLostError
-from aggregator.registry import ModelRegistry
-from aggregator.storage import ConflictError, RoundRecord, RoundStatus, Storage
-from security.errors import FedferError, ProtocolError, RoundAbortedError, ValidationError
-from security.secagg.graph import NeighbourGraph
-from security.secagg.messages import (
+from fedfer.aggregator.leader import LeaderLease, LeadershipLostError
+from fedfer.aggregator.registry import ModelRegistry
+from fedfer.aggregator.storage import ConflictError, RoundRecord, RoundStatus, Storage
+from fedfer.security.errors import FedferError, ProtocolError, RoundAbortedError, ValidationError
+from fedfer.security.secagg.graph import NeighbourGraph
+from fedfer.security.secagg.messages import (
     AdvertiseKeys,
     ConsistencySignature,
     MaskedInput,
@@ -71,8 +71,8 @@ from security.secagg.messages import (
     ShareKeys,
     UnmaskResponse,
 )
-from security.secagg.params import SecAggParams, default_neighbors, default_threshold
-from security.secagg.server import SecAggServer
+from fedfer.security.secagg.params import SecAggParams, default_neighbors, default_threshold
+from fedfer.security.secagg.server import SecAggServer
 
 __all__ = [
     "DuplicateSubmissionError",

@@ -12,7 +12,7 @@ import os
 import stat
 from pathlib import Path
 
-from security.errors import ValidationError
+from fedfer.security.errors import ValidationError
 
 __all__ = [
     "InsecureFileError",

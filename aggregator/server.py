@@ -34,13 +34,13 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from aggregator.enrollment import EnrollmentService
-from aggregator.registry import ModelRegistry
-from aggregator.rounds import RoundCoordinator
-from aggregator.service import EdgeLimits, EnrollmentRpc, FederationRpc, ModelsRpc
-from aggregator.storage import Storage
-from protos.fedfer.v1 import enrollment_pb2_grpc, federation_pb2_grpc, models_pb2_grpc
-from security.errors import ValidationError
+from fedfer.aggregator.enrollment import EnrollmentService
+from fedfer.aggregator.registry import ModelRegistry
+from fedfer.aggregator.rounds import RoundCoordinator
+from fedfer.aggregator.service import EdgeLimits, EnrollmentRpc, FederationRpc, ModelsRpc
+from fedfer.aggregator.storage import Storage
+from fedfer.security.errors import ValidationError
+from fedfer.v1 import enrollment_pb2_grpc, federation_pb2_grpc, models_pb2_grpc
 
 __all__ = [
     "FEDERATION_SERVICE",

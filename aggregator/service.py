@@ -19,13 +19,13 @@ from typing import Any, NoReturn, TypeAlias, TypeVar
 
 import grpc
 
-from aggregator.enrollment import (
+from fedfer.aggregator.enrollment import (
     AuthenticationError,
     EnrollmentService,
     TokenRejectedError,
 )
-from aggregator.registry import ModelRegistry, ModelVersion
-from aggregator.rounds import (
+from fedfer.aggregator.registry import ModelRegistry, ModelVersion
+from fedfer.aggregator.rounds import (
     DuplicateSubmissionError,
     NotLeaderError,
     NotParticipantError,
@@ -35,8 +35,16 @@ from aggregator.rounds import (
     StageError,
     StaleRoundError,
 )
-from aggregator.storage import ConflictError, NotFoundError, Storage
-from protos.fedfer.v1 import (
+from fedfer.aggregator.storage import ConflictError, NotFoundError, Storage
+from fedfer.security.errors import (
+    FedferError,
+    IntegrityError,
+    ProtocolError,
+    RoundAbortedError,
+    ValidationError,
+)
+from fedfer.security.secagg.server import DuplicateMessageError
+from fedfer.v1 import (
     common_pb2,
     enrollment_pb2,
     enrollment_pb2_grpc,
@@ -45,8 +53,6 @@ from protos.fedfer.v1 import (
     models_pb2,
     models_pb2_grpc,
 )
-from security.errors import FedferError, IntegrityError, ProtocolError, RoundAbortedError, ValidationError
-from security.secagg.server import DuplicateMessageError
 
 __all__ = [
     "EdgeLimits",

@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from agent.atrest_scan import scan_paths
-from agent.cache import DB_NAME, FeatureCache
-from agent.records import FrameRecord
+from fedfer.agent.atrest_scan import scan_paths
+from fedfer.agent.cache import DB_NAME, FeatureCache
+from fedfer.agent.records import FrameRecord
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -14,13 +14,13 @@ from collections.abc import Sequence
 
 # name -> (module, one-line help)
 BENCHMARKS: dict[str, tuple[str, str]] = {
-    "secagg": ("bench.secagg", "one in-process secure-aggregation round"),
-    "federation": ("bench.federation", "one secure-aggregation round over real gRPC"),
-    "edge": ("bench.edge", "the on-device vision pipeline on a video"),
-    "learning": ("bench.learning", "IFER vs the published peer, and personalization"),
-    "cache": ("bench.cache", "encrypted feature cache throughput and footprint"),
-    "storage": ("bench.storage", "latency of the aggregator's storage operations"),
-    "daemon": ("bench.daemon", "the agent as a service: start-up, control latency, throughput, drain"),
+    "secagg": ("fedfer.bench.secagg", "one in-process secure-aggregation round"),
+    "federation": ("fedfer.bench.federation", "one secure-aggregation round over real gRPC"),
+    "edge": ("fedfer.bench.edge", "the on-device vision pipeline on a video"),
+    "learning": ("fedfer.bench.learning", "IFER vs the published peer, and personalization"),
+    "cache": ("fedfer.bench.cache", "encrypted feature cache throughput and footprint"),
+    "storage": ("fedfer.bench.storage", "latency of the aggregator's storage operations"),
+    "daemon": ("fedfer.bench.daemon", "the agent as a service: start-up, control latency, throughput, drain"),
 }
 
 

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.control import ControlClient, ControlError
+from fedfer.agent.control import ControlClient, ControlError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 [
                     sys.executable,
                     "-m",
-                    "agent.cli",
+                    "fedfer.agent.cli",
                     "run",
                     "--config",
                     str(config),

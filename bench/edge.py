@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from agent.capture import Frame, VideoSource
+from fedfer.agent.capture import Frame, VideoSource
 
 _TFLITE = "models/mobilenet_v2_tflite/mobilenet_v2_1.0_224_quant.tflite"
 _DETECTOR = "models/mediapipe/face_detection_short_range.tflite"
@@ -101,9 +101,9 @@ def _decoded(args: argparse.Namespace, clock: list[float]) -> Iterator[Frame]:
 
 
 def _run_once(args: argparse.Namespace, *, optimized: bool, state: Path) -> dict[str, Any]:
-    from agent.cache import RESERVE_NAME, FeatureCache
-    from agent.faces import FaceDetector
-    from agent.pipeline import VisionPipeline, load_frame_model
+    from fedfer.agent.cache import RESERVE_NAME, FeatureCache
+    from fedfer.agent.faces import FaceDetector
+    from fedfer.agent.pipeline import VisionPipeline, load_frame_model
 
     batch = args.batch_size if optimized else 1
     model = load_frame_model(

@@ -79,8 +79,8 @@ def _cpu_seconds(pid: int) -> float:
 async def connection_setup_bytes(state: Any) -> int:
     """Bytes a device sends to open one mutual-TLS channel (TLS handshake, HTTP/2 preface and settings),
     measured through a counting proxy on a channel that connects and does nothing else."""
-    from agent.federation.channel import federation_channel
-    from bench.tcp_proxy import TcpProxy
+    from fedfer.agent.federation.channel import federation_channel
+    from fedfer.bench.tcp_proxy import TcpProxy
 
     proxy = TcpProxy((state.host, state.port))
     await proxy.start()
@@ -97,11 +97,11 @@ async def connection_setup_bytes(state: Any) -> int:
 def _worker(spec: dict[str, Any]) -> list[dict[str, Any]]:
     """Run some devices as asyncio tasks in this process, each through its own counting proxy; return one
     record per device."""
-    from agent.federation.client import FederationClient
-    from agent.federation.retry import RetryPolicy
-    from agent.federation.state import DeviceState
-    from bench.tcp_proxy import TcpProxy
-    from protos.fedfer.v1 import common_pb2
+    from fedfer.agent.federation.client import FederationClient
+    from fedfer.agent.federation.retry import RetryPolicy
+    from fedfer.agent.federation.state import DeviceState
+    from fedfer.bench.tcp_proxy import TcpProxy
+    from fedfer.v1 import common_pb2
 
     async def device(state_dir: str, index: int, drop: bool) -> dict[str, Any]:
         update, weight = _update(spec["seed"], index, spec["dim"], spec["max_weight"])
@@ -163,12 +163,12 @@ def _worker(spec: dict[str, Any]) -> list[dict[str, Any]]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run one round and return the measurements."""
-    from agent.federation.enroll import enroll
-    from agent.federation.state import DeviceState
-    from aggregator.config import RoundConfig, StageDeadlines, init_deployment
-    from aggregator.enrollment import issue_token
-    from aggregator.registry import ModelRegistry
-    from aggregator.storage import open_storage
+    from fedfer.agent.federation.enroll import enroll
+    from fedfer.agent.federation.state import DeviceState
+    from fedfer.aggregator.config import RoundConfig, StageDeadlines, init_deployment
+    from fedfer.aggregator.enrollment import issue_token
+    from fedfer.aggregator.registry import ModelRegistry
+    from fedfer.aggregator.storage import open_storage
 
     n, dim = int(args.clients), int(args.dim)
     if n < 3 or dim < 1 or not 0 <= args.dropout < 0.5:

@@ -111,11 +111,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the experiment and return the JSON-able result."""
     import torch
 
-    from agent.learning.data import dev_split, hash_order, list_image_folder
-    from agent.learning.ifer import load_images
-    from agent.learning.metrics import classification_report
-    from agent.learning.recipe import IferRecipe, calibrate_or_load, train_or_load_ifer
-    from agent.models import CLASS_SETS
+    from fedfer.agent.learning.data import dev_split, hash_order, list_image_folder
+    from fedfer.agent.learning.ifer import load_images
+    from fedfer.agent.learning.metrics import classification_report
+    from fedfer.agent.learning.recipe import IferRecipe, calibrate_or_load, train_or_load_ifer
+    from fedfer.agent.models import CLASS_SETS
 
     torch.set_num_threads(max(1, args.threads))
     t_start = time.perf_counter()
@@ -176,7 +176,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rep7 = classification_report(test_labels, probs7.argmax(1), seven)
     is6 = np.array([seven[y] in six for y in test_labels])
     y6 = np.array([six.index(seven[y]) for y in test_labels[is6]])
-    from agent.learning.ifer import restrict_probs
+    from fedfer.agent.learning.ifer import restrict_probs
 
     rep6 = classification_report(y6, restrict_probs(probs7[is6], seven, six).argmax(1), six)
     # The model as trained, for comparison: calibration only rescaled its probabilities by exp(bias).
@@ -239,8 +239,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out.update(_device_speed(args, net, peer, test_faces[0], cal.manifest))
 
     # ---- central v (6 classes) on jittered clips of dev faces ------------------------------------------
-    from agent.learning.vfer import VferTrainConfig, train_vfer
-    from agent.models import to_named_arrays
+    from fedfer.agent.learning.vfer import VferTrainConfig, train_vfer
+    from fedfer.agent.models import to_named_arrays
 
     clips = _ClipFeatures(net, args.frames)
     t0 = time.perf_counter()
@@ -269,7 +269,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("not enough FER2013 test faces for that many simulated subjects")
     if not 1 <= args.timing_clips <= args.adapt_clips:
         raise SystemExit("--timing-clips must lie in [1, --adapt-clips]")
-    from agent.learning.simulate import make_styles
+    from fedfer.agent.learning.simulate import make_styles
 
     def subjects(first: int, count: int, style_seed: int, render_seed: int) -> list[_Subject]:
         made = []
@@ -298,7 +298,7 @@ def _peer_probs(assets: Path, faces: np.ndarray, classes: tuple[str, ...]) -> tu
     import cv2
     import torch
 
-    from agent.learning.peer import PEER_CLASSES, load_peer, peer_preprocess
+    from fedfer.agent.learning.peer import PEER_CLASSES, load_peer, peer_preprocess
 
     peer = load_peer(assets / "models" / "fer_minixception" / "emotion_model.hdf5")
     names = {"anger": "angry", "happiness": "happy", "sadness": "sad"}
@@ -328,8 +328,8 @@ def _device_speed(
     import cv2
     import torch
 
-    from agent.learning.peer import peer_preprocess
-    from agent.pipeline import ExportedIferModel, load_frame_model
+    from fedfer.agent.learning.peer import peer_preprocess
+    from fedfer.agent.pipeline import ExportedIferModel, load_frame_model
 
     # The pipeline hands the frame model 224x224 RGB crops (agent.faces); one crop per call, as a camera.
     crop = np.ascontiguousarray(np.repeat(cv2.resize(face, (224, 224))[None, :, :, None], 3, axis=3))
@@ -349,7 +349,7 @@ def _device_speed(
     with torch.inference_mode():
         res["peer_fps"], res["peer_fps_cpu"] = _per_frame(lambda: peer(face64))
     if args.edge_seconds > 0:
-        from bench import edge
+        from fedfer.bench import edge
 
         video = sorted((args.assets / _SAMPLE).glob("*.flv"))[0]
         for name, ifer in (("edge", manifest), ("edge_f224", None)):
@@ -376,11 +376,11 @@ class _ClipFeatures:
         self.model_id = net.weights_digest()
 
     def __call__(self, items: list[Any], style: Any, seed: int) -> tuple[np.ndarray, np.ndarray]:
-        from agent.learning.data import read_gray
-        from agent.learning.features import cached_arrays, content_key, files_digest
-        from agent.learning.ifer import restrict_probs
-        from agent.learning.simulate import render_clips
-        from agent.models import CLASS_SETS
+        from fedfer.agent.learning.data import read_gray
+        from fedfer.agent.learning.features import cached_arrays, content_key, files_digest
+        from fedfer.agent.learning.ifer import restrict_probs
+        from fedfer.agent.learning.simulate import render_clips
+        from fedfer.agent.models import CLASS_SETS
 
         key = content_key(
             "bench-clips/2",
@@ -427,8 +427,8 @@ def _timing(
     args: argparse.Namespace, v_arrays: dict[str, np.ndarray], subjects: list[_Subject]
 ) -> dict[str, Any]:
     """The device-side step at the worst case: exactly ``--timing-clips`` selected clips, plain and DP."""
-    from agent.learning.dp import DPConfig, PrivacyBudget
-    from agent.learning.personalize import PersonalizeConfig, personalize
+    from fedfer.agent.learning.dp import DPConfig, PrivacyBudget
+    from fedfer.agent.learning.personalize import PersonalizeConfig, personalize
 
     # The timed runs keep every one of their clips (P = all, no threshold): exactly --timing-clips selected.
     timing = PersonalizeConfig(per_class=args.timing_clips, p_threshold=0.0)
@@ -484,7 +484,7 @@ def _adapt(
 
     ``oracle`` fine-tunes on the clips the paper's selection keeps but with their TRUE labels.
     """
-    from agent.learning.personalize import (
+    from fedfer.agent.learning.personalize import (
         finetune_v,
         pad_clips,
         personalize,
@@ -492,7 +492,7 @@ def _adapt(
         pseudo_labels,
         select_clips,
     )
-    from agent.models import VideoModel, from_named_arrays
+    from fedfer.agent.models import VideoModel, from_named_arrays
 
     feats, probs = s.feats[s.adapt], s.probs[s.adapt]
     if oracle:
@@ -517,7 +517,7 @@ def _adapt(
 
 def _diagnostics(s: _Subject, config: Any) -> dict[str, float]:
     """IFER pseudo-label accuracy on all adaptation clips and on the selected ones; how many were kept."""
-    from agent.learning.personalize import pseudo_labels, select_clips
+    from fedfer.agent.learning.personalize import pseudo_labels, select_clips
 
     labels, conf = pseudo_labels(list(s.probs[s.adapt]))
     truth = s.truth[s.adapt]
@@ -533,7 +533,7 @@ def _diagnostics(s: _Subject, config: Any) -> dict[str, float]:
 
 def _before(v_model: Any, s: _Subject) -> tuple[float, float]:
     """Micro F1 of the central v and of IFER's clip-mean argmax on the subject's test half."""
-    from agent.learning.personalize import pad_clips, predict_clips
+    from fedfer.agent.learning.personalize import pad_clips, predict_clips
 
     pred = predict_clips(v_model, pad_clips(list(s.feats[s.test]))).argmax(1)
     ifer = s.probs[s.test].mean(1).argmax(1)
@@ -544,9 +544,9 @@ def _personalization(
     args: argparse.Namespace, v_model: Any, v_arrays: dict[str, np.ndarray], subjects: list[_Subject]
 ) -> dict[str, Any]:
     """The reported subjects with the paper's defaults: plain, DP-SGD, and the oracle; diagnostics."""
-    from agent.learning.dp import DPConfig, PrivacyBudget
-    from agent.learning.metrics import plot_subject_deltas, subject_deltas
-    from agent.learning.personalize import PersonalizeConfig
+    from fedfer.agent.learning.dp import DPConfig, PrivacyBudget
+    from fedfer.agent.learning.metrics import plot_subject_deltas, subject_deltas
+    from fedfer.agent.learning.personalize import PersonalizeConfig
 
     pcfg = PersonalizeConfig()
     before, ifer_clip, after, after_dp, oracle = {}, {}, {}, {}, {}
@@ -609,8 +609,8 @@ def _tuning(
     reported: list[_Subject],
 ) -> dict[str, Any]:
     """Compare personalization settings on the tuning subjects; report the best one on the main subjects."""
-    from agent.learning.metrics import subject_deltas
-    from agent.learning.personalize import PersonalizeConfig
+    from fedfer.agent.learning.metrics import subject_deltas
+    from fedfer.agent.learning.personalize import PersonalizeConfig
 
     grid: dict[str, tuple[Any, bool]] = {
         "paper lr1e-3 ep2": (PersonalizeConfig(), False),
@@ -654,9 +654,9 @@ def _crema_sample(args: argparse.Namespace, net: Any, v: Any) -> dict[str, Any]:
     Pseudo labels (argmax of mean IFER probabilities per clip) against the crowd's face-only plurality
     (FaceVote), then the per-subject protocol on the one actor: 3 clips adapt, 3 clips test.
     """
-    from agent.learning.crema import corpus_features, personalize_subjects
-    from agent.learning.personalize import PersonalizeConfig, pseudo_labels
-    from agent.models import CLASS_SETS
+    from fedfer.agent.learning.crema import corpus_features, personalize_subjects
+    from fedfer.agent.learning.personalize import PersonalizeConfig, pseudo_labels
+    from fedfer.agent.models import CLASS_SETS
 
     six = CLASS_SETS[6]
     root = args.assets / _SAMPLE

@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from security.crypto import KEYSTREAM_ALGORITHMS, Keystream
-from security.errors import RoundAbortedError
-from security.keys import AgreementKey, IdentityKey, verify_signature
-from security.secagg import NeighbourGraph, SecAggClient, SecAggParams, SecAggServer, decode_message
+from fedfer.security.crypto import KEYSTREAM_ALGORITHMS, Keystream
+from fedfer.security.errors import RoundAbortedError
+from fedfer.security.keys import AgreementKey, IdentityKey, verify_signature
+from fedfer.security.secagg import NeighbourGraph, SecAggClient, SecAggParams, SecAggServer, decode_message
 
 _DROP_STAGES = ("advertise", "share", "masked", "consistency", "unmask", "mixed")
 

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from aggregator.registry import ModelRegistry
-from aggregator.storage import DeviceRecord, RoundStatus, TokenRecord, open_storage, redact_url
+from fedfer.aggregator.registry import ModelRegistry
+from fedfer.aggregator.storage import DeviceRecord, RoundStatus, TokenRecord, open_storage, redact_url
 
 # agent.models.VideoModel with K=6 (205,894 float32 parameters); the aggregator never imports torch.
 _V_SHAPES = {

@@ -6,10 +6,16 @@ differential-privacy helpers, key handles and at-rest envelope encryption. Nothi
 fedfer, opens a socket, reads a clock or touches a file.
 """
 
-from security.envelope import DataKey, KeyEncryptionKey
-from security.errors import FedferError, IntegrityError, ProtocolError, RoundAbortedError, ValidationError
-from security.keys import AgreementKey, IdentityKey, verify_signature
-from security.secagg import (
+from fedfer.security.envelope import DataKey, KeyEncryptionKey
+from fedfer.security.errors import (
+    FedferError,
+    IntegrityError,
+    ProtocolError,
+    RoundAbortedError,
+    ValidationError,
+)
+from fedfer.security.keys import AgreementKey, IdentityKey, verify_signature
+from fedfer.security.secagg import (
     AggregateResult,
     DuplicateMessageError,
     MalformedMessageError,

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from security.errors import IntegrityError, ValidationError
+from fedfer.security.errors import IntegrityError, ValidationError
 
 __all__ = [
     "AEAD_KEY_BYTES",

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from security.errors import ValidationError
+from fedfer.security.errors import ValidationError
 
 __all__ = [
     "DEFAULT_ORDERS",

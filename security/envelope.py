@@ -31,7 +31,7 @@ import os
 import struct
 from typing import Final, NoReturn
 
-from security.crypto import (
+from fedfer.security.crypto import (
     AEAD_KEY_BYTES,
     AEAD_NONCE_BYTES,
     AEAD_TAG_BYTES,
@@ -40,7 +40,7 @@ from security.crypto import (
     aead_encrypt,
     hkdf_sha256,
 )
-from security.errors import IntegrityError, ValidationError
+from fedfer.security.errors import IntegrityError, ValidationError
 
 __all__ = [
     "FORMAT_VERSION",

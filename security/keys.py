@@ -21,8 +21,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
-from security.crypto import RandomBytes, hkdf_sha256
-from security.errors import IntegrityError, ValidationError
+from fedfer.security.crypto import RandomBytes, hkdf_sha256
+from fedfer.security.errors import IntegrityError, ValidationError
 
 __all__ = [
     "PRIVATE_KEY_BYTES",

@@ -25,7 +25,7 @@ import numpy as np
 import numpy.typing as npt
 from cryptography.hazmat.primitives import hashes
 
-from security.errors import IntegrityError, ValidationError
+from fedfer.security.errors import IntegrityError, ValidationError
 
 __all__ = ["MAX_MODEL_BYTES", "EncodedModel", "decode_model", "encode_model", "model_digest"]
 

@@ -37,8 +37,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509 import verification
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from security import keys as _keys
-from security.errors import IntegrityError, ValidationError
+from fedfer.security import keys as _keys
+from fedfer.security.errors import IntegrityError, ValidationError
 
 __all__ = [
     "DEVICE_ID_PATTERN",

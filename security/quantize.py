@@ -25,7 +25,7 @@ import math
 import numpy as np
 import numpy.typing as npt
 
-from security.errors import ValidationError
+from fedfer.security.errors import ValidationError
 
 __all__ = ["FixedPointCodec", "working_dtype"]
 

@@ -16,8 +16,8 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 
-from security.crypto import RandomBytes
-from security.errors import IntegrityError, ValidationError
+from fedfer.security.crypto import RandomBytes
+from fedfer.security.errors import IntegrityError, ValidationError
 
 __all__ = [
     "FIELD_PRIME",

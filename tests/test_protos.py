@@ -5,13 +5,13 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from protos.fedfer.v1 import common_pb2, federation_pb2, federation_pb2_grpc, models_pb2_grpc
+from fedfer.v1 import common_pb2, federation_pb2, federation_pb2_grpc, models_pb2_grpc
 from tests.conftest import REPO
 
 
 def test_generated_code_is_current() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "protos.generate", "--check"],
+        [sys.executable, str(REPO / "protos" / "generate.py"), "--check"],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -5,7 +5,7 @@ These are the adversary's tools, used by ``tests/privacy`` to measure leakage: u
 audit with canaries (:mod:`agent.attacks.canary_audit`). Nothing in the agent's data path imports them.
 """
 
-from agent.attacks.canary_audit import (
+from fedfer.agent.attacks.canary_audit import (
     CanaryAuditResult,
     dirac_canaries,
     empirical_epsilon,
@@ -13,7 +13,7 @@ from agent.attacks.canary_audit import (
     one_run_audit,
     one_run_p_value,
 )
-from agent.attacks.inversion import (
+from fedfer.agent.attacks.inversion import (
     GradientInversion,
     frame_similarity,
     label_overlap,
@@ -24,7 +24,7 @@ from agent.attacks.inversion import (
     split_flat,
     update_to_gradient,
 )
-from agent.attacks.membership import (
+from fedfer.agent.attacks.membership import (
     DPCheck,
     MembershipAudit,
     MembershipScores,
@@ -42,7 +42,7 @@ from agent.attacks.membership import (
     roc_counts,
     tpr_at_fpr,
 )
-from agent.attacks.training import DPSpec, TrainedModel, poisson_rate, train_video_model
+from fedfer.agent.attacks.training import DPSpec, TrainedModel, poisson_rate, train_video_model
 
 __all__ = [
     "CanaryAuditResult",

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from security.errors import ValidationError
+from fedfer.security.errors import ValidationError
 
 __all__ = ["binomial_pmf", "clopper_pearson"]
 

@@ -36,8 +36,8 @@ from dataclasses import dataclass
 import numpy as np
 from torch import nn
 
-from agent.attacks._stats import binomial_pmf
-from security.errors import ValidationError
+from fedfer.agent.attacks._stats import binomial_pmf
+from fedfer.security.errors import ValidationError
 
 __all__ = [
     "CanaryAuditResult",
@@ -197,7 +197,7 @@ def one_run_audit(
     Returns:
         The audit's figures.
     """
-    from agent.attacks.membership import logit_confidence
+    from fedfer.agent.attacks.membership import logit_confidence
 
     m = len(canary_clips)
     if type(guesses_each_side) is not int or not 1 <= guesses_each_side <= m // 2:

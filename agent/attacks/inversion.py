@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from security.errors import ValidationError
+from fedfer.security.errors import ValidationError
 
 __all__ = [
     "GradientInversion",

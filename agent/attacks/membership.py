@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from agent.attacks.training import DPSpec, TrainedModel, check_clips, poisson_rate, train_video_model
-from security.errors import ValidationError
+from fedfer.agent.attacks.training import DPSpec, TrainedModel, check_clips, poisson_rate, train_video_model
+from fedfer.security.errors import ValidationError
 
 __all__ = [
     "DPCheck",
@@ -289,7 +289,7 @@ def privacy_profile(
 
 
 def _fedavg(models: Sequence[nn.Module]) -> dict[str, np.ndarray]:
-    from agent.models import to_named_arrays
+    from fedfer.agent.models import to_named_arrays
 
     arrays = [to_named_arrays(m) for m in models]
     return {k: np.mean([a[k] for a in arrays], axis=0).astype(np.float32) for k in arrays[0]}
@@ -344,7 +344,7 @@ def check_against_profile(
     """Compare an attack's AUC and TPR at 1% FPR with what ``profile`` permits (see :class:`DPCheck`)."""
     from statistics import NormalDist
 
-    from agent.attacks._stats import clopper_pearson
+    from fedfer.agent.attacks._stats import clopper_pearson
 
     members = int(attack.is_member.sum())
     non_members = int((~attack.is_member).sum())
@@ -430,7 +430,7 @@ def _train_scenario(
     data: Data, *, scenario: str, clients: int, seed: int, train_kwargs: dict[str, Any]
 ) -> tuple[nn.Module, TrainedModel]:
     """Train ``v`` on ``data``: one device, or ``clients`` devices on equal shares then FedAvg."""
-    from agent.models import VideoModel, from_named_arrays
+    from fedfer.agent.models import VideoModel, from_named_arrays
 
     clips, labels = data
     if scenario == "personalized":
@@ -549,7 +549,7 @@ def membership_audit(
     )
     init_accuracy = float("nan")
     if init is not None:
-        from agent.models import VideoModel, from_named_arrays
+        from fedfer.agent.models import VideoModel, from_named_arrays
 
         start = VideoModel(num_classes=num_classes)
         from_named_arrays(start, init)

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from agent.models import VideoModel, from_named_arrays, to_named_arrays
-from security.errors import ValidationError
+from fedfer.agent.models import VideoModel, from_named_arrays, to_named_arrays
+from fedfer.security.errors import ValidationError
 
 __all__ = ["DPSpec", "TrainedModel", "check_clips", "poisson_rate", "train_video_model"]
 
@@ -278,8 +278,8 @@ def _learner_run(
     seed: int,
 ) -> TrainedModel:
     """One run of the device's :func:`agent.learning.personalize.finetune_v`."""
-    from agent.learning.dp import DPConfig
-    from agent.learning.personalize import PersonalizeConfig, finetune_v
+    from fedfer.agent.learning.dp import DPConfig
+    from fedfer.agent.learning.personalize import PersonalizeConfig, finetune_v
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -4,10 +4,10 @@ Mutual TLS with a device certificate issued at enrollment, pinned to the deploym
 retried with jittered exponential backoff; nothing leaves the device but protocol messages.
 """
 
-from agent.federation.client import CentralModel, FederationClient, RoundOutcome, WireCounter
-from agent.federation.enroll import enroll, new_device_id
-from agent.federation.retry import RetryPolicy
-from agent.federation.state import DeviceState, StateError
+from fedfer.agent.federation.client import CentralModel, FederationClient, RoundOutcome, WireCounter
+from fedfer.agent.federation.enroll import enroll, new_device_id
+from fedfer.agent.federation.retry import RetryPolicy
+from fedfer.agent.federation.state import DeviceState, StateError
 
 __all__ = [
     "CentralModel",

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import grpc
 
-from agent.federation.state import DeviceState
+from fedfer.agent.federation.state import DeviceState
 
 __all__ = ["MAX_MESSAGE_BYTES", "channel_options", "enrollment_channel", "federation_channel"]
 

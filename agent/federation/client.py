@@ -26,17 +26,17 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
-from agent.federation.channel import Interceptors, federation_channel
-from agent.federation.retry import RetryPolicy, call_with_retry
-from agent.federation.state import DeviceState
-from protos.fedfer.v1 import common_pb2, federation_pb2, federation_pb2_grpc, models_pb2, models_pb2_grpc
-from security import pki
-from security.errors import FedferError, IntegrityError, RoundAbortedError, ValidationError
-from security.model_codec import decode_model
-from security.secagg.client import SecAggClient
-from security.secagg.graph import NeighbourGraph
-from security.secagg.messages import ConsistencyRequest, KeysBroadcast, SharesBroadcast, UnmaskRequest
-from security.secagg.params import SecAggParams
+from fedfer.agent.federation.channel import Interceptors, federation_channel
+from fedfer.agent.federation.retry import RetryPolicy, call_with_retry
+from fedfer.agent.federation.state import DeviceState
+from fedfer.security import pki
+from fedfer.security.errors import FedferError, IntegrityError, RoundAbortedError, ValidationError
+from fedfer.security.model_codec import decode_model
+from fedfer.security.secagg.client import SecAggClient
+from fedfer.security.secagg.graph import NeighbourGraph
+from fedfer.security.secagg.messages import ConsistencyRequest, KeysBroadcast, SharesBroadcast, UnmaskRequest
+from fedfer.security.secagg.params import SecAggParams
+from fedfer.v1 import common_pb2, federation_pb2, federation_pb2_grpc, models_pb2, models_pb2_grpc
 
 __all__ = ["CentralModel", "FederationClient", "RoundOutcome", "WireCounter"]
 

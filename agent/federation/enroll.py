@@ -16,18 +16,18 @@ import ssl
 import uuid
 from pathlib import Path
 
-from agent.federation.channel import Interceptors, enrollment_channel
-from agent.federation.retry import RetryPolicy, call_with_retry
-from agent.federation.state import (
+from fedfer.agent.federation.channel import Interceptors, enrollment_channel
+from fedfer.agent.federation.retry import RetryPolicy, call_with_retry
+from fedfer.agent.federation.state import (
     DeviceState,
     StateError,
     parse_target,
     write_private_file,
     write_public_file,
 )
-from protos.fedfer.v1 import enrollment_pb2, enrollment_pb2_grpc
-from security import pki
-from security.errors import IntegrityError
+from fedfer.security import pki
+from fedfer.security.errors import IntegrityError
+from fedfer.v1 import enrollment_pb2, enrollment_pb2_grpc
 
 __all__ = ["enroll", "new_device_id"]
 

@@ -15,7 +15,7 @@ from typing import TypeVar
 
 import grpc
 
-from security.errors import ValidationError
+from fedfer.security.errors import ValidationError
 
 __all__ = ["RETRYABLE", "RetryPolicy", "call_with_retry"]
 

@@ -17,9 +17,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.paths import write_atomic
-from security import pki
-from security.errors import FedferError, ValidationError
+from fedfer.agent.paths import write_atomic
+from fedfer.security import pki
+from fedfer.security.errors import FedferError, ValidationError
 
 __all__ = ["DeviceState", "StateError", "parse_target", "write_private_file", "write_public_file"]
 

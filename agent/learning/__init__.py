@@ -7,6 +7,6 @@ subjects), ``clips`` and ``crema`` (the clip path), ``metrics``, ``export`` (nam
 Import the submodules directly; this package only re-exports the error types (importing torch is deferred).
 """
 
-from agent.learning.errors import DatasetError, ModelFileError, PrivacyBudgetExceededError
+from fedfer.agent.learning.errors import DatasetError, ModelFileError, PrivacyBudgetExceededError
 
 __all__ = ["DatasetError", "ModelFileError", "PrivacyBudgetExceededError"]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from agent.learning.errors import DatasetError
+from fedfer.agent.learning.errors import DatasetError
 
 __all__ = ["FaceAugment", "augment_faces"]
 

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from agent.learning.ifer import FaceNet
-from agent.learning.metrics import classification_report
+from fedfer.agent.learning.ifer import FaceNet
+from fedfer.agent.learning.metrics import classification_report
 
 __all__ = ["CALIBRATION_VERSION", "apply_class_bias", "fit_class_bias"]
 

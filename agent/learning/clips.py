@@ -16,8 +16,8 @@ from types import TracebackType
 
 import numpy as np
 
-from agent.learning.errors import DatasetError, ModelFileError
-from agent.learning.ifer import FaceNet
+from fedfer.agent.learning.errors import DatasetError, ModelFileError
+from fedfer.agent.learning.ifer import FaceNet
 
 __all__ = ["CROP_VERSION", "DETECTOR_SHA256", "ClipFaces", "clip_features"]
 
@@ -46,8 +46,8 @@ class ClipFaces:
         min_score: float = 0.5,
         max_frames: int = 64,
     ) -> None:
-        from agent.faces import FaceDetector
-        from agent.mobilenet import WeightsError
+        from fedfer.agent.faces import FaceDetector
+        from fedfer.agent.mobilenet import WeightsError
 
         if not 0 < fps <= 120 or not 0 <= margin <= 1 or not 0 < min_score < 1 or max_frames < 1:
             raise DatasetError("fps, margin, min_score or max_frames out of range")

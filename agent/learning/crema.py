@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from agent.learning.clips import CROP_VERSION, ClipFaces, clip_features
-from agent.learning.data import (
+from fedfer.agent.learning.clips import CROP_VERSION, ClipFaces, clip_features
+from fedfer.agent.learning.data import (
     CremaClip,
     SubjectSplit,
     crema_vote_labels,
@@ -24,13 +24,13 @@ from agent.learning.data import (
     scan_crema_clips,
     subject_split,
 )
-from agent.learning.dp import DPConfig, PrivacyBudget
-from agent.learning.errors import DatasetError
-from agent.learning.features import cached_arrays, content_key
-from agent.learning.ifer import FaceNet, restrict_probs
-from agent.learning.metrics import classification_report, subject_deltas
-from agent.learning.personalize import PersonalizeConfig, pad_clips, personalize, predict_clips
-from agent.models import CLASS_SETS, VideoModel, to_named_arrays
+from fedfer.agent.learning.dp import DPConfig, PrivacyBudget
+from fedfer.agent.learning.errors import DatasetError
+from fedfer.agent.learning.features import cached_arrays, content_key
+from fedfer.agent.learning.ifer import FaceNet, restrict_probs
+from fedfer.agent.learning.metrics import classification_report, subject_deltas
+from fedfer.agent.learning.personalize import PersonalizeConfig, pad_clips, personalize, predict_clips
+from fedfer.agent.models import CLASS_SETS, VideoModel, to_named_arrays
 
 __all__ = ["ClipData", "corpus_features", "corpus_split", "fedavg_rounds", "personalize_subjects", "split_of"]
 
@@ -240,7 +240,7 @@ def fedavg_rounds(
 
     central = to_named_arrays(v)
     current = VideoModel(num_classes=num_classes)
-    from agent.models import from_named_arrays
+    from fedfer.agent.models import from_named_arrays
 
     from_named_arrays(current, central)
     out: list[dict[str, Any]] = [{"round": 0, "report": score(current), "clients": 0}]

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.learning.errors import DatasetError
-from agent.models import CLASS_SETS
+from fedfer.agent.learning.errors import DatasetError
+from fedfer.agent.models import CLASS_SETS
 
 __all__ = [
     "CREMA_EMOTIONS",

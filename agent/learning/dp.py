@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.learning.errors import PrivacyBudgetExceededError
-from agent.learning.export import atomic_write
-from security.errors import ValidationError
+from fedfer.agent.learning.errors import PrivacyBudgetExceededError
+from fedfer.agent.learning.export import atomic_write
+from fedfer.security.errors import ValidationError
 
 __all__ = ["DPConfig", "PrivacyBudget", "noise_for_target", "rdp_epsilon"]
 

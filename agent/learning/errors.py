@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from security.errors import FedferError, ValidationError
+from fedfer.security.errors import FedferError, ValidationError
 
 __all__ = ["DatasetError", "ModelFileError", "PrivacyBudgetExceededError"]
 

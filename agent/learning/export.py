@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.learning.errors import ModelFileError
+from fedfer.agent.learning.errors import ModelFileError
 
 __all__ = ["atomic_write", "load_exported", "pack_exported", "save_exported", "unpack_exported"]
 

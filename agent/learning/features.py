@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from agent.learning.errors import DatasetError
-from agent.learning.export import atomic_write
-from agent.paths import cache_dir
+from fedfer.agent.learning.errors import DatasetError
+from fedfer.agent.learning.export import atomic_write
+from fedfer.agent.paths import cache_dir
 
 __all__ = ["cache_dir", "cached_arrays", "content_key", "files_digest", "state_digest"]
 

@@ -36,15 +36,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from agent.learning.augment import FaceAugment, augment_faces
-from agent.learning.checkpoint import Checkpoint
-from agent.learning.data import LabelledImage, read_gray
-from agent.learning.errors import DatasetError, ModelFileError
-from agent.learning.export import load_exported, save_exported
-from agent.learning.features import cached_arrays, content_key, files_digest, state_digest
-from agent.learning.metrics import ClassReport, classification_report
-from agent.mobilenet import MobileNetV2, Normalization, _fold_batchnorm
-from agent.models import CLASS_SETS, FEATURE_DIM, IferHead
+from fedfer.agent.learning.augment import FaceAugment, augment_faces
+from fedfer.agent.learning.checkpoint import Checkpoint
+from fedfer.agent.learning.data import LabelledImage, read_gray
+from fedfer.agent.learning.errors import DatasetError, ModelFileError
+from fedfer.agent.learning.export import load_exported, save_exported
+from fedfer.agent.learning.features import cached_arrays, content_key, files_digest, state_digest
+from fedfer.agent.learning.metrics import ClassReport, classification_report
+from fedfer.agent.mobilenet import MobileNetV2, Normalization, _fold_batchnorm
+from fedfer.agent.models import CLASS_SETS, FEATURE_DIM, IferHead
 
 __all__ = [
     "FaceNet",
@@ -71,7 +71,7 @@ def load_backbone(weights: Path) -> tuple[MobileNetV2, Normalization]:
 
     Uses :func:`agent.mobilenet.load_feature_extractor`, which pins the architecture variant to the file.
     """
-    from agent.mobilenet import load_feature_extractor
+    from fedfer.agent.mobilenet import load_feature_extractor
 
     extractor = load_feature_extractor(weights, channels_last=False)
     model = extractor.model

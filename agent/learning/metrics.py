@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from security.errors import ValidationError
+from fedfer.security.errors import ValidationError
 
 __all__ = [
     "ClassReport",

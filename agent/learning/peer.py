@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from agent.learning.errors import ModelFileError
+from fedfer.agent.learning.errors import ModelFileError
 
 __all__ = ["PEER_CLASSES", "PEER_SHA256", "MiniXception", "load_peer", "peer_preprocess"]
 

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from agent.learning.dp import DPConfig, PrivacyBudget, noise_for_target, rdp_epsilon
-from agent.learning.errors import DatasetError
-from agent.models import FEATURE_DIM, VideoModel, from_named_arrays, to_named_arrays
+from fedfer.agent.learning.dp import DPConfig, PrivacyBudget, noise_for_target, rdp_epsilon
+from fedfer.agent.learning.errors import DatasetError
+from fedfer.agent.models import FEATURE_DIM, VideoModel, from_named_arrays, to_named_arrays
 
 __all__ = [
     "PersonalizeConfig",

@@ -26,12 +26,12 @@ from typing import Any
 
 import numpy as np
 
-from agent.learning.augment import FaceAugment
-from agent.learning.checkpoint import Checkpoint
-from agent.learning.data import LabelledImage
-from agent.learning.errors import DatasetError
-from agent.learning.features import cache_dir, content_key, files_digest, state_digest
-from agent.learning.ifer import (
+from fedfer.agent.learning.augment import FaceAugment
+from fedfer.agent.learning.checkpoint import Checkpoint
+from fedfer.agent.learning.data import LabelledImage
+from fedfer.agent.learning.errors import DatasetError
+from fedfer.agent.learning.features import cache_dir, content_key, files_digest, state_digest
+from fedfer.agent.learning.ifer import (
     FaceNet,
     IferTrainConfig,
     load_backbone,
@@ -280,8 +280,8 @@ def calibrate_or_load(
         DatasetError: no dev images, or labels outside the model's classes.
         ModelFileError: the cached calibrated export is corrupt (delete its folder to refit).
     """
-    from agent.learning.calibrate import CALIBRATION_VERSION, apply_class_bias, fit_class_bias
-    from agent.learning.metrics import classification_report
+    from fedfer.agent.learning.calibrate import CALIBRATION_VERSION, apply_class_bias, fit_class_bias
+    from fedfer.agent.learning.metrics import classification_report
 
     if not dev_items or any(not 0 <= it.label < net.num_classes for it in dev_items):
         raise DatasetError("need dev images with labels in the model's classes")

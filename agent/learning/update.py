@@ -30,10 +30,10 @@ from typing import Any
 
 import numpy as np
 
-from agent.learning.errors import PrivacyBudgetExceededError
-from agent.learning.export import atomic_write
-from security.dp import GaussianAccountant, gaussian_epsilon, noise_share_std, privatize_update
-from security.errors import ValidationError
+from fedfer.agent.learning.errors import PrivacyBudgetExceededError
+from fedfer.agent.learning.export import atomic_write
+from fedfer.security.dp import GaussianAccountant, gaussian_epsilon, noise_share_std, privatize_update
+from fedfer.security.errors import ValidationError
 
 __all__ = [
     "RoundBudget",

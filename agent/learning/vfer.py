@@ -21,12 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from agent.learning.errors import DatasetError, ModelFileError
-from agent.learning.export import load_exported, save_exported
-from agent.learning.ifer import class_weights
-from agent.learning.metrics import classification_report
-from agent.learning.personalize import predict_clips
-from agent.models import CLASS_SETS, VideoModel, from_named_arrays, to_named_arrays
+from fedfer.agent.learning.errors import DatasetError, ModelFileError
+from fedfer.agent.learning.export import load_exported, save_exported
+from fedfer.agent.learning.ifer import class_weights
+from fedfer.agent.learning.metrics import classification_report
+from fedfer.agent.learning.personalize import predict_clips
+from fedfer.agent.models import CLASS_SETS, VideoModel, from_named_arrays, to_named_arrays
 
 __all__ = [
     "VferTrainConfig",

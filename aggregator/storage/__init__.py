@@ -4,7 +4,7 @@ Pick a backend by URL with :func:`open_storage`: ``sqlite:///absolute/path.db`` 
 or ``postgresql://user@host:port/dbname``.
 """
 
-from aggregator.storage.base import (
+from fedfer.aggregator.storage.base import (
     ACTIVE_STATUSES,
     ConflictError,
     DeviceRecord,
@@ -18,7 +18,7 @@ from aggregator.storage.base import (
     StorageError,
     TokenRecord,
 )
-from aggregator.storage.factory import open_storage, redact_url
+from fedfer.aggregator.storage.factory import open_storage, redact_url
 
 __all__ = [
     "ACTIVE_STATUSES",

@@ -26,7 +26,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from security.errors import FedferError
+from fedfer.security.errors import FedferError
 
 __all__ = [
     "ACTIVE_STATUSES",

@@ -6,7 +6,7 @@ import datetime as dt
 import re
 import urllib.parse
 
-from aggregator.storage.base import Storage, StorageError
+from fedfer.aggregator.storage.base import Storage, StorageError
 
 __all__ = ["open_storage", "redact_url"]
 
@@ -33,7 +33,7 @@ def open_storage(url: str, *, now: dt.datetime | None = None, timeout_s: float =
         raise StorageError("storage URL must be a string")
     when = dt.datetime.now(dt.UTC) if now is None else now
     if url.startswith("sqlite:"):
-        from aggregator.storage.sqlite import SqliteStorage
+        from fedfer.aggregator.storage.sqlite import SqliteStorage
 
         path, _, query = url.removeprefix("sqlite:").partition("?")
         path = path.removeprefix("//") if path.startswith("///") else path
@@ -48,7 +48,7 @@ def open_storage(url: str, *, now: dt.datetime | None = None, timeout_s: float =
         synchronous = options.get("synchronous", ["full"])[0]
         return SqliteStorage(path, busy_timeout_s=timeout_s, synchronous=synchronous, now=when)
     if url.startswith(("postgresql://", "postgres://")):
-        from aggregator.storage.postgres import PostgresStorage
+        from fedfer.aggregator.storage.postgres import PostgresStorage
 
         return PostgresStorage(url, connect_timeout_s=timeout_s, now=when)
     raise StorageError(f"unsupported storage URL scheme in {redact_url(url)!r}")

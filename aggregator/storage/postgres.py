@@ -15,8 +15,8 @@ from typing import Any
 
 import psycopg
 
-from aggregator.storage.base import StorageError
-from aggregator.storage.sql import Cursor, SqlStorage
+from fedfer.aggregator.storage.base import StorageError
+from fedfer.aggregator.storage.sql import Cursor, SqlStorage
 
 __all__ = ["PostgresStorage"]
 

@@ -17,7 +17,7 @@ import threading
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
-from aggregator.storage.base import (
+from fedfer.aggregator.storage.base import (
     ConflictError,
     DeviceRecord,
     JsonValue,

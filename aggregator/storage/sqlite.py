@@ -17,8 +17,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from aggregator.storage.base import StorageError
-from aggregator.storage.sql import Cursor, SqlStorage
+from fedfer.aggregator.storage.base import StorageError
+from fedfer.aggregator.storage.sql import Cursor, SqlStorage
 
 __all__ = ["SqliteStorage"]
 

@@ -35,10 +35,10 @@ weight W_tot (<= 0.5 / s); :attr:`AggregateResult.error_bound` reports it for ea
 Drive it with :class:`SecAggServer` and one :class:`SecAggClient` per device; both are pure state machines.
 """
 
-from security.secagg._wire import MalformedMessageError
-from security.secagg.client import ClientStage, SecAggClient
-from security.secagg.graph import NeighbourGraph
-from security.secagg.messages import (
+from fedfer.security.secagg._wire import MalformedMessageError
+from fedfer.security.secagg.client import ClientStage, SecAggClient
+from fedfer.security.secagg.graph import NeighbourGraph
+from fedfer.security.secagg.messages import (
     AdvertiseKeys,
     ConsistencyRequest,
     ConsistencySignature,
@@ -54,13 +54,13 @@ from security.secagg.messages import (
     UnmaskResponse,
     decode_message,
 )
-from security.secagg.params import (
+from fedfer.security.secagg.params import (
     SecAggParams,
     default_neighbors,
     default_threshold,
     threshold_for_colluders,
 )
-from security.secagg.server import AggregateResult, DuplicateMessageError, SecAggServer, ServerStage
+from fedfer.security.secagg.server import AggregateResult, DuplicateMessageError, SecAggServer, ServerStage
 
 __all__ = [
     "AdvertiseKeys",

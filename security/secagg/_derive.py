@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from security.crypto import Keystream, hkdf_sha256
+from fedfer.security.crypto import Keystream, hkdf_sha256
 
 _ENC = b"fedfer/secagg/v1/share-encryption"
 _PAIR = b"fedfer/secagg/v1/pairwise-mask"

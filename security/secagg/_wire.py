@@ -10,7 +10,7 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-from security.errors import ProtocolError, ValidationError
+from fedfer.security.errors import ProtocolError, ValidationError
 
 MAGIC = b"FSA"
 WIRE_VERSION = 2

@@ -16,11 +16,11 @@ from typing import Any, NoReturn
 import numpy as np
 import numpy.typing as npt
 
-from security.crypto import RandomBytes, aead_decrypt, aead_encrypt
-from security.errors import IntegrityError, ProtocolError, RoundAbortedError, ValidationError
-from security.keys import PUBLIC_KEY_BYTES, AgreementKey, IdentityKey, verify_signature
-from security.quantize import working_dtype
-from security.secagg._derive import (
+from fedfer.security.crypto import RandomBytes, aead_decrypt, aead_encrypt
+from fedfer.security.errors import IntegrityError, ProtocolError, RoundAbortedError, ValidationError
+from fedfer.security.keys import PUBLIC_KEY_BYTES, AgreementKey, IdentityKey, verify_signature
+from fedfer.security.quantize import working_dtype
+from fedfer.security.secagg._derive import (
     MaskApplier,
     encryption_info,
     pairwise_info,
@@ -29,8 +29,8 @@ from security.secagg._derive import (
     self_mask_key,
     share_ad,
 )
-from security.secagg.graph import NeighbourGraph
-from security.secagg.messages import (
+from fedfer.security.secagg.graph import NeighbourGraph
+from fedfer.security.secagg.messages import (
     AdvertiseKeys,
     ConsistencyRequest,
     ConsistencySignature,
@@ -45,8 +45,8 @@ from security.secagg.messages import (
     consistency_payload,
     signed_keys_payload,
 )
-from security.secagg.params import SecAggParams
-from security.shamir import SHARE_BYTES, split_secret
+from fedfer.security.secagg.params import SecAggParams
+from fedfer.security.shamir import SHARE_BYTES, split_secret
 
 __all__ = ["ClientStage", "SecAggClient"]
 

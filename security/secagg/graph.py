@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from security.crypto import Keystream, hkdf_sha256
-from security.errors import ValidationError
-from security.secagg.params import SecAggParams
+from fedfer.security.crypto import Keystream, hkdf_sha256
+from fedfer.security.errors import ValidationError
+from fedfer.security.secagg.params import SecAggParams
 
 __all__ = ["NeighbourGraph"]
 

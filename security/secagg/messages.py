@@ -31,12 +31,12 @@ from typing import Any, ClassVar, TypeAlias
 import numpy as np
 import numpy.typing as npt
 
-from security.crypto import sha256
-from security.keys import PUBLIC_KEY_BYTES, SIGNATURE_BYTES
-from security.quantize import working_dtype
-from security.secagg._wire import MAX_ITEMS, MalformedMessageError, Reader, Writer, peek_kind
-from security.secagg.params import MAX_CLIENTS
-from security.shamir import SHARE_BYTES
+from fedfer.security.crypto import sha256
+from fedfer.security.keys import PUBLIC_KEY_BYTES, SIGNATURE_BYTES
+from fedfer.security.quantize import working_dtype
+from fedfer.security.secagg._wire import MAX_ITEMS, MalformedMessageError, Reader, Writer, peek_kind
+from fedfer.security.secagg.params import MAX_CLIENTS
+from fedfer.security.shamir import SHARE_BYTES
 
 __all__ = [
     "SHARE_CIPHERTEXT_BYTES",

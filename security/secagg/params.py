@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from security.crypto import sha256
-from security.errors import ValidationError
-from security.quantize import FixedPointCodec
-from security.secagg._wire import MalformedMessageError, Reader, Writer
+from fedfer.security.crypto import sha256
+from fedfer.security.errors import ValidationError
+from fedfer.security.quantize import FixedPointCodec
+from fedfer.security.secagg._wire import MalformedMessageError, Reader, Writer
 
 __all__ = ["MAX_CLIENTS", "SecAggParams", "default_neighbors", "default_threshold", "threshold_for_colluders"]
 

@@ -32,13 +32,19 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from security.errors import IntegrityError, ProtocolError, RoundAbortedError, ValidationError
-from security.keys import PUBLIC_KEY_BYTES, AgreementKey, verify_signature
-from security.quantize import working_dtype
-from security.secagg._derive import MaskApplier, pairwise_info, pairwise_sign, reduce_mod, self_mask_key
-from security.secagg._wire import MalformedMessageError, Reader, Writer
-from security.secagg.graph import NeighbourGraph
-from security.secagg.messages import (
+from fedfer.security.errors import IntegrityError, ProtocolError, RoundAbortedError, ValidationError
+from fedfer.security.keys import PUBLIC_KEY_BYTES, AgreementKey, verify_signature
+from fedfer.security.quantize import working_dtype
+from fedfer.security.secagg._derive import (
+    MaskApplier,
+    pairwise_info,
+    pairwise_sign,
+    reduce_mod,
+    self_mask_key,
+)
+from fedfer.security.secagg._wire import MalformedMessageError, Reader, Writer
+from fedfer.security.secagg.graph import NeighbourGraph
+from fedfer.security.secagg.messages import (
     AdvertiseKeys,
     ConsistencyRequest,
     ConsistencySignature,
@@ -56,8 +62,8 @@ from security.secagg.messages import (
     signed_keys_payload,
     unpack_vector,
 )
-from security.secagg.params import SecAggParams
-from security.shamir import reconstruct_secret
+from fedfer.security.secagg.params import SecAggParams
+from fedfer.security.shamir import reconstruct_secret
 
 __all__ = ["AggregateResult", "DuplicateMessageError", "SecAggServer", "ServerStage"]
 

@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from agent.config import apply_path_overrides, load_config, parse_config
-from agent.control import ControlClient, ControlError
-from agent.records import FrameRecord
-from agent.service import open_cache
+from fedfer.agent.config import apply_path_overrides, load_config, parse_config
+from fedfer.agent.control import ControlClient, ControlError
+from fedfer.agent.records import FrameRecord
+from fedfer.agent.service import open_cache
 
 FAST_DAEMON = """
 [daemon]
@@ -74,7 +74,7 @@ class Agent:
                 [
                     sys.executable,
                     "-m",
-                    "agent.cli",
+                    "fedfer.agent.cli",
                     "run",
                     "--config",
                     str(self.config),

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.cache import (
+from fedfer.agent.cache import (
     DB_NAME,
     KEY_FILE_NAME,
     CacheError,
@@ -28,16 +28,16 @@ from agent.cache import (
     decode_frame,
     encode_frame,
 )
-from agent.cache_keys import (
+from fedfer.agent.cache_keys import (
     FileKeyStore,
     InsecureKeyFileError,
     KeyringKeyStore,
     KeyStoreError,
     default_key_store,
 )
-from agent.records import FrameRecord
-from security.envelope import KeyEncryptionKey
-from security.errors import IntegrityError, ValidationError
+from fedfer.agent.records import FrameRecord
+from fedfer.security.envelope import KeyEncryptionKey
+from fedfer.security.errors import IntegrityError, ValidationError
 
 
 def make_records(n: int, *, seed: int = 0, classes: int = 7, t0: float = 0.0) -> list[FrameRecord]:

@@ -10,9 +10,9 @@ import cv2
 import numpy as np
 import pytest
 
-from agent.atrest_scan import AtRestScanner, scan_paths
-from agent.cache import FeatureCache
-from security.errors import ValidationError
+from fedfer.agent.atrest_scan import AtRestScanner, scan_paths
+from fedfer.agent.cache import FeatureCache
+from fedfer.security.errors import ValidationError
 from tests.agent.test_cache import make_records
 
 CLIP = "data/crema-d-sample/1001_DFA_HAP_XX.flv"

@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.cache import DB_NAME, KEY_FILE_NAME, BlobNotFoundError, FeatureCache
-from agent.cache_keys import FileKeyStore
-from agent.learning.errors import ModelFileError
-from agent.learning.export import pack_exported, unpack_exported
-from agent.records import FrameRecord
-from security.envelope import RecordKind
-from security.errors import IntegrityError, ValidationError
+from fedfer.agent.cache import DB_NAME, KEY_FILE_NAME, BlobNotFoundError, FeatureCache
+from fedfer.agent.cache_keys import FileKeyStore
+from fedfer.agent.learning.errors import ModelFileError
+from fedfer.agent.learning.export import pack_exported, unpack_exported
+from fedfer.agent.records import FrameRecord
+from fedfer.security.envelope import RecordKind
+from fedfer.security.errors import IntegrityError, ValidationError
 from tests.agent.test_cache import make_records, same
 from tests.agent.test_cache_shredding import disk_bytes, restore_copy
 

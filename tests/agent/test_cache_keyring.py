@@ -14,10 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from agent.cache import KEY_FILE_NAME, FeatureCache
-from agent.cache_keys import FileKeyStore, KeyringKeyStore, KeyStoreError, default_key_store, key_store_for
-from security.envelope import KeyEncryptionKey
-from security.errors import ValidationError
+from fedfer.agent.cache import KEY_FILE_NAME, FeatureCache
+from fedfer.agent.cache_keys import (
+    FileKeyStore,
+    KeyringKeyStore,
+    KeyStoreError,
+    default_key_store,
+    key_store_for,
+)
+from fedfer.security.envelope import KeyEncryptionKey
+from fedfer.security.errors import ValidationError
 from tests.agent.test_cache import make_records, same
 
 
@@ -152,8 +158,8 @@ def test_auto_picks_the_keyring_for_a_new_cache_and_keeps_an_existing_key_file(
 
 
 def test_open_cache_uses_the_configured_key_store(keyring: FakeKeyring, tmp_path: Path) -> None:
-    from agent.config import config_from_dict
-    from agent.service import open_cache
+    from fedfer.agent.config import config_from_dict
+    from fedfer.agent.service import open_cache
 
     assert config_from_dict({}).cache.key_store == "auto"
     for mode, in_keyring in (("auto", True), ("file", False), ("keyring", True)):

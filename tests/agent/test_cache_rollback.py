@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.cache import DB_NAME, KEY_FILE_NAME, FeatureCache
-from agent.cache_keys import FileKeyStore
-from security.errors import IntegrityError
+from fedfer.agent.cache import DB_NAME, KEY_FILE_NAME, FeatureCache
+from fedfer.agent.cache_keys import FileKeyStore
+from fedfer.security.errors import IntegrityError
 from tests.agent.test_cache import make_records, same
 from tests.agent.test_cache_shredding import cache_id_of, cannot_decrypt, session_secrets
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.cache import KEY_FILE_NAME, FeatureCache, SessionNotFoundError
-from agent.cache_keys import FileKeyStore, InsecureKeyFileError
-from security.envelope import DataKey, KeyEncryptionKey
-from security.errors import FedferError
+from fedfer.agent.cache import KEY_FILE_NAME, FeatureCache, SessionNotFoundError
+from fedfer.agent.cache_keys import FileKeyStore, InsecureKeyFileError
+from fedfer.security.envelope import DataKey, KeyEncryptionKey
+from fedfer.security.errors import FedferError
 from tests.agent.test_cache import make_records
 
 

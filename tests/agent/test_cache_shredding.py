@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.cache import DB_NAME, KEY_FILE_NAME, FeatureCache, SessionNotFoundError
-from agent.cache_keys import FileKeyStore
-from security.envelope import KeyEncryptionKey, RecordKind
-from security.errors import IntegrityError
+from fedfer.agent.cache import DB_NAME, KEY_FILE_NAME, FeatureCache, SessionNotFoundError
+from fedfer.agent.cache_keys import FileKeyStore
+from fedfer.security.envelope import KeyEncryptionKey, RecordKind
+from fedfer.security.errors import IntegrityError
 from tests.agent.test_cache import make_records, same
 
 

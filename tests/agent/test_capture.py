@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.capture import (
+from fedfer.agent.capture import (
     CaptureError,
     Frame,
     SourceUnavailableError,
     TruncatedSourceError,
     VideoSource,
 )
-from security.errors import FedferError, ValidationError
+from fedfer.security.errors import FedferError, ValidationError
 from tests.agent import vision_support as vs
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import (
+from fedfer.agent.config import (
     AgentConfig,
     CaptureSection,
     ConfigError,

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import zmq
 
-from agent.control import ControlClient, ControlError, parse_request
-from agent.lock import AgentLockedError, InsecurePathError, StateDirLock, ensure_private_dir
+from fedfer.agent.control import ControlClient, ControlError, parse_request
+from fedfer.agent.lock import AgentLockedError, InsecurePathError, StateDirLock, ensure_private_dir
 from tests.agent.daemon_harness import Agent, write_config
 
 
@@ -166,7 +166,7 @@ def test_control_socket_is_private(live: Agent) -> None:
 @pytest.mark.slow
 def test_cli_status_human_and_json(live: Agent) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEDFER_")}
-    base = [sys.executable, "-m", "agent.cli"]
+    base = [sys.executable, "-m", "fedfer.agent.cli"]
     human = subprocess.run(
         [*base, "status", "--state-dir", str(live.state_dir)],
         capture_output=True,
@@ -205,7 +205,7 @@ def test_cli_status_human_and_json(live: Agent) -> None:
 def test_cli_without_agent_fails_clearly(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEDFER_")}
     out = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "status", "--state-dir", str(tmp_path / "none")],
+        [sys.executable, "-m", "fedfer.agent.cli", "status", "--state-dir", str(tmp_path / "none")],
         capture_output=True,
         text=True,
         env=env,
@@ -215,8 +215,8 @@ def test_cli_without_agent_fails_clearly(tmp_path: Path) -> None:
 
 
 def test_supervisor_refuses_a_state_dir_others_can_reach(tmp_path: Path) -> None:
-    from agent.config import AgentConfig, apply_path_overrides
-    from agent.supervisor import Supervisor
+    from fedfer.agent.config import AgentConfig, apply_path_overrides
+    from fedfer.agent.supervisor import Supervisor
 
     state = tmp_path / "state"
     state.mkdir(mode=0o755)

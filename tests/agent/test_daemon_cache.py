@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import zmq
 
-from agent.cache import FeatureCache, SessionNotFoundError, _key_binding
-from agent.cache_keys import FileKeyStore
-from agent.config import apply_path_overrides, parse_config
-from agent.control import ControlError
-from agent.records import FrameRecord
-from agent.service import (
+from fedfer.agent.cache import FeatureCache, SessionNotFoundError, _key_binding
+from fedfer.agent.cache_keys import FileKeyStore
+from fedfer.agent.config import apply_path_overrides, parse_config
+from fedfer.agent.control import ControlError
+from fedfer.agent.records import FrameRecord
+from fedfer.agent.service import (
     CacheSink,
     FileEnd,
     FileOrigin,
@@ -30,7 +30,7 @@ from agent.service import (
     encode_record,
     open_cache,
 )
-from security.errors import IntegrityError
+from fedfer.security.errors import IntegrityError
 from tests.agent.daemon_harness import Agent, wait_gone, write_config
 
 

@@ -9,8 +9,8 @@ from typing import Any
 
 import zmq
 
-from agent.config import apply_path_overrides, parse_config
-from agent.workers import Worker, endpoint
+from fedfer.agent.config import apply_path_overrides, parse_config
+from fedfer.agent.workers import Worker, endpoint
 
 
 class _Idle(Worker):

@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.config import apply_path_overrides, parse_config
-from agent.federation.enroll import enroll
-from agent.federation.state import DeviceState
-from agent.learning.export import load_exported
-from agent.models import VideoModel, to_named_arrays
-from agent.records import FrameRecord
-from agent.service import open_cache
+from fedfer.agent.config import apply_path_overrides, parse_config
+from fedfer.agent.federation.enroll import enroll
+from fedfer.agent.federation.state import DeviceState
+from fedfer.agent.learning.export import load_exported
+from fedfer.agent.models import VideoModel, to_named_arrays
+from fedfer.agent.records import FrameRecord
+from fedfer.agent.service import open_cache
 from tests.agent.daemon_harness import Agent, cached_features, wait_gone, write_config
 from tests.integration.federation_harness import Deployment
 

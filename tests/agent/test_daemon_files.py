@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.config import apply_path_overrides, parse_config
-from agent.ledger import ProcessedFiles
-from agent.records import FrameRecord
-from agent.service import (
+from fedfer.agent.config import apply_path_overrides, parse_config
+from fedfer.agent.ledger import ProcessedFiles
+from fedfer.agent.records import FrameRecord
+from fedfer.agent.service import (
     PROCESSED_FILE,
     CacheSink,
     FileEnd,
@@ -190,7 +190,7 @@ def _reference(config, clips: Path) -> list[tuple[float, ...]]:  # type: ignore[
     The vision stage makes a record exactly for each frame the detector finds a face in (at the frame's
     timestamp), so the detector alone (real MediaPipe, the daemon's settings) gives what must be cached.
     """
-    from agent.faces import FaceDetector
+    from fedfer.agent.faces import FaceDetector
 
     vision = config.vision
     detector = FaceDetector(

@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.capture import CaptureError, SourceUnavailableError
-from agent.config import apply_path_overrides, parse_config
-from agent.federation.enroll import enroll
-from agent.models import VideoModel, to_named_arrays
-from agent.records import FrameRecord
-from agent.service import SourceSequence, open_cache
+from fedfer.agent.capture import CaptureError, SourceUnavailableError
+from fedfer.agent.config import apply_path_overrides, parse_config
+from fedfer.agent.federation.enroll import enroll
+from fedfer.agent.models import VideoModel, to_named_arrays
+from fedfer.agent.records import FrameRecord
+from fedfer.agent.service import SourceSequence, open_cache
 from tests.agent.daemon_harness import Agent, wait_gone, write_config
 from tests.integration.federation_harness import Deployment
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.config import apply_path_overrides, parse_config
-from agent.control import ControlError
-from agent.records import FrameRecord
-from agent.service import load_personal_model, open_cache
+from fedfer.agent.config import apply_path_overrides, parse_config
+from fedfer.agent.control import ControlError
+from fedfer.agent.records import FrameRecord
+from fedfer.agent.service import load_personal_model, open_cache
 from tests.agent.daemon_harness import Agent, write_config
 
 pytestmark = pytest.mark.slow
@@ -54,7 +54,7 @@ def _clip(label: int, frames: int) -> list[FrameRecord]:
 def _cli_wait(agent: Agent, command: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEDFER_")}
     return subprocess.run(
-        [sys.executable, "-m", "agent.cli", command, "--wait", "--state-dir", str(agent.state_dir)],
+        [sys.executable, "-m", "fedfer.agent.cli", command, "--wait", "--state-dir", str(agent.state_dir)],
         capture_output=True,
         text=True,
         env=env,

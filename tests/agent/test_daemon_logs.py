@@ -10,8 +10,8 @@ import os
 import numpy as np
 import pytest
 
-from agent.logs import REDACTED, JsonFormatter, RedactingFilter, configure_logging, redact
-from agent.records import FrameRecord
+from fedfer.agent.logs import REDACTED, JsonFormatter, RedactingFilter, configure_logging, redact
+from fedfer.agent.records import FrameRecord
 
 
 @pytest.fixture()

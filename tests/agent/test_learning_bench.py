@@ -26,7 +26,7 @@ def test_bench_learning_smoke_prints_the_required_keys(assets: Path, tmp_path: P
     args += ["--timing-clips", str(TIMING_CLIPS), "--v-clips-per-class", "4", "--v-epochs", "1"]
     args += ["--plot", str(tmp_path / "subjects.png"), "--ifer6"]
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.cli", "learning", *args],
+        [sys.executable, "-m", "fedfer.bench.cli", "learning", *args],
         capture_output=True,
         text=True,
         env=env,

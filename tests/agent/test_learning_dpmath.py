@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from security.dp import (
+from fedfer.security.dp import (
     GaussianAccountant,
     clip_by_l2,
     gaussian_epsilon,
@@ -15,7 +15,7 @@ from security.dp import (
     noise_share_std,
     privatize_update,
 )
-from security.errors import ValidationError
+from fedfer.security.errors import ValidationError
 
 
 def test_clip_by_l2_scales_only_large_updates() -> None:

@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.cli import main
-from agent.learning.crema import corpus_features
-from agent.learning.errors import DatasetError, ModelFileError
-from agent.learning.export import load_exported
-from agent.learning.ifer import FaceNet, load_backbone, load_ifer, prefix_activations
-from agent.learning.vfer import save_vfer
-from agent.models import CLASS_SETS, VideoModel
+from fedfer.agent.cli import main
+from fedfer.agent.learning.crema import corpus_features
+from fedfer.agent.learning.errors import DatasetError, ModelFileError
+from fedfer.agent.learning.export import load_exported
+from fedfer.agent.learning.ifer import FaceNet, load_backbone, load_ifer, prefix_activations
+from fedfer.agent.learning.vfer import save_vfer
+from fedfer.agent.models import CLASS_SETS, VideoModel
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def test_eval_ifer_json_on_real_test_images(
 def test_prefix_activations_are_cached_by_content(
     assets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from agent.learning.data import list_image_folder
+    from fedfer.agent.learning.data import list_image_folder
 
     monkeypatch.setenv("FEDFER_CACHE", str(tmp_path))
     backbone, norm = load_backbone(
@@ -178,7 +178,7 @@ def test_cli_rejects_bad_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert rc == 2
     assert "manifest" in capsys.readouterr().err
     with pytest.raises(DatasetError):
-        from agent.learning.data import list_image_folder
+        from fedfer.agent.learning.data import list_image_folder
 
         list_image_folder(tmp_path, 6)
 
@@ -204,7 +204,7 @@ def test_train_ifer_recipe_trains_once_then_loads_by_content_hash(
 
 
 def test_dev_split_is_a_reproducible_disjoint_tenth(assets: Path) -> None:
-    from agent.learning.data import dev_split, hash_order, list_image_folder
+    from fedfer.agent.learning.data import dev_split, hash_order, list_image_folder
 
     items = list_image_folder(assets / "data" / "fer2013" / "train", 6)[::50]
     dev, train = dev_split(items)

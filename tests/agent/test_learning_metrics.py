@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.learning.errors import ModelFileError
-from agent.learning.export import load_exported, save_exported
-from agent.learning.metrics import (
+from fedfer.agent.learning.errors import ModelFileError
+from fedfer.agent.learning.export import load_exported, save_exported
+from fedfer.agent.learning.metrics import (
     ClassReport,
     classification_report,
     format_report,
@@ -18,9 +18,9 @@ from agent.learning.metrics import (
     plot_subject_deltas,
     subject_deltas,
 )
-from agent.learning.vfer import load_vfer, save_vfer, soft_targets
-from agent.models import VideoModel, to_named_arrays
-from security.errors import ValidationError
+from fedfer.agent.learning.vfer import load_vfer, save_vfer, soft_targets
+from fedfer.agent.models import VideoModel, to_named_arrays
+from fedfer.security.errors import ValidationError
 
 
 def test_report_matches_hand_computed_scores() -> None:
@@ -82,7 +82,7 @@ def test_soft_targets_mask_zero_votes() -> None:
     t = soft_targets(np.array([[3, 0, 1], [0, 2, 0]]))
     assert t[0, 1] == 0.0 and t[1].tolist() == [0.0, 1.0, 0.0]
     assert t[0, 0] == pytest.approx(np.exp(3) / (np.exp(3) + np.exp(1)))
-    from agent.learning.errors import DatasetError
+    from fedfer.agent.learning.errors import DatasetError
 
     with pytest.raises(DatasetError):
         soft_targets(np.array([[0, 0]]))

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from agent.learning.dp import DPConfig, PrivacyBudget
-from agent.learning.errors import DatasetError, PrivacyBudgetExceededError
-from agent.learning.personalize import (
+from fedfer.agent.learning.dp import DPConfig, PrivacyBudget
+from fedfer.agent.learning.errors import DatasetError, PrivacyBudgetExceededError
+from fedfer.agent.learning.personalize import (
     PersonalizeConfig,
     finetune_v,
     pad_clips,
@@ -19,7 +19,7 @@ from agent.learning.personalize import (
     pseudo_labels,
     select_clips,
 )
-from agent.models import VideoModel, to_named_arrays
+from fedfer.agent.models import VideoModel, to_named_arrays
 
 
 def test_pseudo_label_is_argmax_of_the_mean_of_frame_probabilities() -> None:
@@ -138,7 +138,7 @@ def test_config_validation() -> None:
         PersonalizeConfig(per_class=0)
     with pytest.raises(DatasetError):
         PersonalizeConfig(p_threshold=1.5)
-    from security.errors import ValidationError
+    from fedfer.security.errors import ValidationError
 
     with pytest.raises(ValidationError):
         DPConfig(target_epsilon=8.0, noise_multiplier=1.0)
@@ -154,7 +154,7 @@ def test_target_epsilon_calibration_is_opacus_own_and_memoized() -> None:
     from opacus.accountants import RDPAccountant
     from torch.utils.data import DataLoader, TensorDataset
 
-    from agent.learning.dp import noise_for_target, rdp_epsilon
+    from fedfer.agent.learning.dp import noise_for_target, rdp_epsilon
 
     loader = DataLoader(TensorDataset(torch.zeros(40, 3), torch.zeros(40, dtype=torch.long)), batch_size=8)
     model = torch.nn.Linear(3, 2)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from agent.config import ConfigError, parse_config
-from security.dp import gaussian_epsilon
+from fedfer.agent.config import ConfigError, parse_config
+from fedfer.security.dp import gaussian_epsilon
 
 
 def test_defaults_keep_round_dp_off_and_dp_sgd_on_by_target_epsilon() -> None:

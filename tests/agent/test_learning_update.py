@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.learning.errors import PrivacyBudgetExceededError
-from agent.learning.update import (
+from fedfer.agent.learning.errors import PrivacyBudgetExceededError
+from fedfer.agent.learning.update import (
     RoundBudget,
     RoundDPConfig,
     apply_update,
@@ -18,9 +18,9 @@ from agent.learning.update import (
     private_delta,
     round_contribution,
 )
-from agent.models import VideoModel, to_named_arrays
-from security.dp import GaussianAccountant, gaussian_epsilon
-from security.errors import ValidationError
+from fedfer.agent.models import VideoModel, to_named_arrays
+from fedfer.security.dp import GaussianAccountant, gaussian_epsilon
+from fedfer.security.errors import ValidationError
 
 
 def test_delta_clip_noise_and_apply() -> None:

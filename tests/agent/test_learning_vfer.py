@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from agent.cli import main
-from agent.learning.crema import corpus_split
-from agent.learning.data import crema_vote_labels, read_crema_summary
-from agent.learning.export import load_exported
-from agent.learning.ifer import FaceNet, load_backbone, save_ifer
-from agent.learning.vfer import load_vfer
-from agent.models import CLASS_SETS
+from fedfer.agent.cli import main
+from fedfer.agent.learning.crema import corpus_split
+from fedfer.agent.learning.data import crema_vote_labels, read_crema_summary
+from fedfer.agent.learning.export import load_exported
+from fedfer.agent.learning.ifer import FaceNet, load_backbone, save_ifer
+from fedfer.agent.learning.vfer import load_vfer
+from fedfer.agent.models import CLASS_SETS
 from tests.agent.crema_layout import build_crema_layout
 
 

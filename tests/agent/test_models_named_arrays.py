@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from agent.models import VideoModel, from_named_arrays, to_named_arrays
-from security.errors import ValidationError
+from fedfer.agent.models import VideoModel, from_named_arrays, to_named_arrays
+from fedfer.security.errors import ValidationError
 
 
 def test_named_arrays_are_the_same_with_and_without_dp() -> None:

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from agent.cache import FeatureCache
-from agent.capture import Frame, TruncatedSourceError, VideoSource
-from agent.faces import FaceDetector
-from agent.models import IferHead
-from agent.pipeline import IferModel, VisionPipeline, load_frame_model
-from agent.records import FrameRecord
-from security.errors import ValidationError
+from fedfer.agent.cache import FeatureCache
+from fedfer.agent.capture import Frame, TruncatedSourceError, VideoSource
+from fedfer.agent.faces import FaceDetector
+from fedfer.agent.models import IferHead
+from fedfer.agent.pipeline import IferModel, VisionPipeline, load_frame_model
+from fedfer.agent.records import FrameRecord
+from fedfer.security.errors import ValidationError
 from tests.agent import vision_support as vs
 
 
@@ -135,7 +135,7 @@ def test_truncated_file_keeps_what_was_decoded(assets: Path, tmp_path: Path) -> 
 
 
 def test_exported_ifer_model_plugs_in(assets: Path, tmp_path: Path) -> None:
-    from agent.learning.ifer import FaceNet, save_ifer
+    from fedfer.agent.learning.ifer import FaceNet, save_ifer
 
     fx = vs.tflite_extractor(assets)
     backbone = type(fx.model)(tf_padding=True)
@@ -173,7 +173,7 @@ def test_edge_benchmark_prints_the_issue_figures(assets: Path, tmp_path: Path) -
         "TMPDIR": str(tmp_path),
     }
     done = subprocess.run(
-        [sys.executable, "-m", "bench.cli", "edge", "--video", str(_hap(assets)), "--seconds", "0.5",
+        [sys.executable, "-m", "fedfer.bench.cli", "edge", "--video", str(_hap(assets)), "--seconds", "0.5",
          "--repeats", "2", "--assets", str(assets), "--emulate-quantization"],
         capture_output=True, text=True, env=env, timeout=300, cwd=Path(__file__).resolve().parents[2],
     )  # fmt: skip

@@ -13,17 +13,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.cache import FeatureCache
-from agent.capture import VideoSource
-from agent.pipeline import VisionPipeline
-from agent.records import FrameRecord
+from fedfer.agent.cache import FeatureCache
+from fedfer.agent.capture import VideoSource
+from fedfer.agent.pipeline import VisionPipeline
+from fedfer.agent.records import FrameRecord
 from tests.agent import vision_support as vs
 
 
 def _agent(args: list[str], assets: Path, cache: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "FEDFER_ASSETS": str(assets), "FEDFER_CACHE_DIR": str(cache)}
     return subprocess.run(
-        [sys.executable, "-m", "agent.cli", *args], capture_output=True, text=True, env=env, timeout=300
+        [sys.executable, "-m", "fedfer.agent.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
 
 
@@ -54,8 +58,8 @@ def test_extract_missing_video_is_a_clear_error(assets: Path, tmp_path: Path) ->
 
 
 def test_daemon_stage_from_config(assets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from agent.config import config_from_dict
-    from agent.pipeline import daemon_stage
+    from fedfer.agent.config import config_from_dict
+    from fedfer.agent.pipeline import daemon_stage
 
     config = config_from_dict({"agent": {"state_dir": str(tmp_path / "state"), "assets_dir": str(assets)}})
     monkeypatch.setenv("FEDFER_CACHE_DIR", str(vs.cache_dir()))
@@ -75,9 +79,9 @@ def _stage_records(stage: VisionPipeline, assets: Path, *, frames: int) -> list[
 def test_daemon_stage_downloads_a_missing_detector(
     assets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from agent.config import config_from_dict
-    from agent.pipeline import daemon_stage
-    from agent.weights import MEDIAPIPE_FACE_DETECTOR
+    from fedfer.agent.config import config_from_dict
+    from fedfer.agent.pipeline import daemon_stage
+    from fedfer.agent.weights import MEDIAPIPE_FACE_DETECTOR
 
     www = tmp_path / "www"
     www.mkdir()
@@ -112,9 +116,9 @@ def test_daemon_stage_downloads_a_missing_detector(
 def test_daemon_stage_refuses_a_wrong_download_and_an_unpinned_detector(
     assets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from agent.config import ConfigError, config_from_dict
-    from agent.pipeline import daemon_stage
-    from agent.service import ComponentUnavailableError
+    from fedfer.agent.config import ConfigError, config_from_dict
+    from fedfer.agent.pipeline import daemon_stage
+    from fedfer.agent.service import ComponentUnavailableError
 
     www = tmp_path / "www"
     www.mkdir()
@@ -140,9 +144,9 @@ def test_daemon_stage_refuses_a_wrong_download_and_an_unpinned_detector(
 def test_fidelity_mode_reaches_f_from_the_cli_and_the_config(
     assets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from agent.cli import main
-    from agent.config import config_from_dict
-    from agent.pipeline import IferModel, daemon_stage
+    from fedfer.agent.cli import main
+    from fedfer.agent.config import config_from_dict
+    from fedfer.agent.pipeline import IferModel, daemon_stage
 
     monkeypatch.setenv("FEDFER_CACHE_DIR", str(vs.cache_dir()))
     monkeypatch.setenv("FEDFER_ASSETS", str(assets))

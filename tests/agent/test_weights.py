@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from agent.capture import VideoSource
-from agent.faces import FaceDetector, detector_model_file
-from agent.mobilenet import IMAGENET_NORMALIZATION, MobileNetV2, WeightsError, load_feature_extractor
-from agent.weights import (
+from fedfer.agent.capture import VideoSource
+from fedfer.agent.faces import FaceDetector, detector_model_file
+from fedfer.agent.mobilenet import IMAGENET_NORMALIZATION, MobileNetV2, WeightsError, load_feature_extractor
+from fedfer.agent.weights import (
     MEDIAPIPE_FACE_DETECTOR,
     TORCHVISION_MOBILENET_V2,
     PinnedFile,
@@ -22,7 +22,7 @@ from agent.weights import (
     sha256_file,
     verify_sha256,
 )
-from security.errors import ValidationError
+from fedfer.security.errors import ValidationError
 from tests.agent import vision_support as vs
 
 

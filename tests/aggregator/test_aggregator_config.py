@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from aggregator.config import (
+from fedfer.aggregator.config import (
     AggregatorConfig,
     ConfigError,
     RoundConfig,
@@ -22,17 +22,17 @@ from aggregator.config import (
     read_certificate_authority,
     read_server_tls,
 )
-from aggregator.enrollment import EnrollmentService
-from aggregator.secret_files import (
+from fedfer.aggregator.enrollment import EnrollmentService
+from fedfer.aggregator.secret_files import (
     InsecureFileError,
     ensure_private_dir,
     read_secret_file,
     write_public_file,
     write_secret_file,
 )
-from aggregator.storage import open_storage
-from security import pki
-from security.errors import ValidationError
+from fedfer.aggregator.storage import open_storage
+from fedfer.security import pki
+from fedfer.security.errors import ValidationError
 
 NOW = dt.datetime(2026, 11, 22, 3, 0, tzinfo=dt.UTC)
 

@@ -9,8 +9,8 @@ from typing import Any
 
 import yaml
 
-from aggregator.cli import build_parser
-from aggregator.server import FEDERATION_SERVICE
+from fedfer.aggregator.cli import build_parser
+from fedfer.aggregator.server import FEDERATION_SERVICE
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 

@@ -10,16 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from aggregator.enrollment import (
+from fedfer.aggregator.enrollment import (
     AuthenticationError,
     EnrollmentResult,
     EnrollmentService,
     TokenRejectedError,
     issue_token,
 )
-from aggregator.storage import NotFoundError, Storage, open_storage
-from security import pki
-from security.errors import IntegrityError, ValidationError
+from fedfer.aggregator.storage import NotFoundError, Storage, open_storage
+from fedfer.security import pki
+from fedfer.security.errors import IntegrityError, ValidationError
 
 DAY = dt.timedelta(days=1)
 START = dt.datetime(2026, 11, 22, 3, 0, tzinfo=dt.UTC)

@@ -18,12 +18,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from agent.federation.client import FederationClient
-from agent.federation.enroll import enroll
-from aggregator.enrollment import issue_token
-from aggregator.rounds import RoundSettings
-from aggregator.server import FEDERATION_SERVICE, SERVICE_NAMES
-from protos.fedfer.v1 import federation_pb2, federation_pb2_grpc
+from fedfer.agent.federation.client import FederationClient
+from fedfer.agent.federation.enroll import enroll
+from fedfer.aggregator.enrollment import issue_token
+from fedfer.aggregator.rounds import RoundSettings
+from fedfer.aggregator.server import FEDERATION_SERVICE, SERVICE_NAMES
+from fedfer.v1 import federation_pb2, federation_pb2_grpc
 from tests.integration.federation_harness import Harness, start, start_replica
 
 SERVING = health_pb2.HealthCheckResponse.SERVING

@@ -20,9 +20,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from aggregator.enrollment import AuthenticationError, EnrollmentService
-from aggregator.storage import open_storage
-from security import pki
+from fedfer.aggregator.enrollment import AuthenticationError, EnrollmentService
+from fedfer.aggregator.storage import open_storage
+from fedfer.security import pki
 
 NOW = dt.datetime.now(dt.UTC)
 DAY = dt.timedelta(days=1)

@@ -10,9 +10,9 @@ import numpy as np
 import psycopg
 import pytest
 
-from aggregator.registry import ModelRegistry
-from aggregator.storage import ConflictError, NotFoundError, Storage, open_storage
-from security.errors import IntegrityError, ValidationError
+from fedfer.aggregator.registry import ModelRegistry
+from fedfer.aggregator.storage import ConflictError, NotFoundError, Storage, open_storage
+from fedfer.security.errors import IntegrityError, ValidationError
 
 NOW = dt.datetime(2026, 11, 22, 3, 0, tzinfo=dt.UTC)
 

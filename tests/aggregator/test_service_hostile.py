@@ -19,31 +19,31 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from agent.federation.client import FederationClient
-from agent.federation.enroll import enroll
-from agent.federation.retry import RetryPolicy
-from agent.federation.state import DeviceState
-from aggregator.enrollment import issue_token
-from aggregator.registry import ModelRegistry
-from aggregator.rounds import RoundSettings
-from protos.fedfer.v1 import (
-    common_pb2,
-    enrollment_pb2,
-    enrollment_pb2_grpc,
-    federation_pb2,
-    federation_pb2_grpc,
-)
-from security import pki
-from security.secagg.client import SecAggClient
-from security.secagg.graph import NeighbourGraph
-from security.secagg.messages import (
+from fedfer.agent.federation.client import FederationClient
+from fedfer.agent.federation.enroll import enroll
+from fedfer.agent.federation.retry import RetryPolicy
+from fedfer.agent.federation.state import DeviceState
+from fedfer.aggregator.enrollment import issue_token
+from fedfer.aggregator.registry import ModelRegistry
+from fedfer.aggregator.rounds import RoundSettings
+from fedfer.security import pki
+from fedfer.security.secagg.client import SecAggClient
+from fedfer.security.secagg.graph import NeighbourGraph
+from fedfer.security.secagg.messages import (
     AdvertiseKeys,
     ConsistencyRequest,
     KeysBroadcast,
     SharesBroadcast,
     UnmaskRequest,
 )
-from security.secagg.params import SecAggParams
+from fedfer.security.secagg.params import SecAggParams
+from fedfer.v1 import (
+    common_pb2,
+    enrollment_pb2,
+    enrollment_pb2_grpc,
+    federation_pb2,
+    federation_pb2_grpc,
+)
 from tests.integration.federation_harness import DIM, Harness
 from tests.integration.federation_harness import run_in_process as run
 

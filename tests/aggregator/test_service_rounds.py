@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from aggregator.enrollment import EnrollmentService, issue_token
-from aggregator.leader import LeadershipLostError
-from aggregator.registry import ModelRegistry
-from aggregator.rounds import (
+from fedfer.aggregator.enrollment import EnrollmentService, issue_token
+from fedfer.aggregator.leader import LeadershipLostError
+from fedfer.aggregator.registry import ModelRegistry
+from fedfer.aggregator.rounds import (
     DuplicateSubmissionError,
     NotLeaderError,
     NotParticipantError,
@@ -32,19 +32,19 @@ from aggregator.rounds import (
     StageError,
     StaleRoundError,
 )
-from aggregator.storage import RoundStatus, Storage, open_storage
-from aggregator.storage.sqlite import SqliteStorage
-from security import pki
-from security.errors import ProtocolError, RoundAbortedError
-from security.secagg.client import SecAggClient
-from security.secagg.messages import (
+from fedfer.aggregator.storage import RoundStatus, Storage, open_storage
+from fedfer.aggregator.storage.sqlite import SqliteStorage
+from fedfer.security import pki
+from fedfer.security.errors import ProtocolError, RoundAbortedError
+from fedfer.security.secagg.client import SecAggClient
+from fedfer.security.secagg.messages import (
     AdvertiseKeys,
     ConsistencyRequest,
     KeysBroadcast,
     SharesBroadcast,
     UnmaskRequest,
 )
-from security.secagg.params import SecAggParams
+from fedfer.security.secagg.params import SecAggParams
 
 DIM = 50
 NOW = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
@@ -294,7 +294,7 @@ def test_check_in_waits_for_min_clients_and_restart_aborts_the_open_round(storag
 
 
 def test_settings_are_validated() -> None:
-    from security.errors import ValidationError
+    from fedfer.security.errors import ValidationError
 
     for bad in (
         {"min_clients": 1},
@@ -315,8 +315,9 @@ def test_settings_are_validated() -> None:
 
 def test_aggregator_never_imports_torch_or_the_agent() -> None:
     code = (
-        "import sys, aggregator.cli, aggregator.server, aggregator.service, aggregator.rounds; "
-        "bad = [m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'agent'))]; "
+        "import sys, fedfer.aggregator.cli, fedfer.aggregator.server, fedfer.aggregator.service, "
+        "fedfer.aggregator.rounds; "
+        "bad = [m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'fedfer.agent'))]; "
         "print(bad); raise SystemExit(1 if bad else 0)"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

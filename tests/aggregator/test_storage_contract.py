@@ -16,7 +16,7 @@ from typing import TypeVar
 import psycopg
 import pytest
 
-from aggregator.storage import (
+from fedfer.aggregator.storage import (
     ConflictError,
     DeviceRecord,
     LeaseRecord,
@@ -29,8 +29,8 @@ from aggregator.storage import (
     open_storage,
     redact_url,
 )
-from aggregator.storage.sql import SCHEMA_VERSION
-from aggregator.storage.sqlite import SqliteStorage
+from fedfer.aggregator.storage.sql import SCHEMA_VERSION
+from fedfer.aggregator.storage.sqlite import SqliteStorage
 from tests.postgres import PostgresServer
 
 T = TypeVar("T")
@@ -546,7 +546,7 @@ def test_racing_round_creation_and_updates(storage_url: str) -> None:
 
 _WRITER = """
 import datetime as dt, sys
-from aggregator.storage import open_storage, TokenRecord, DeviceRecord, RoundStatus
+from fedfer.aggregator.storage import open_storage, TokenRecord, DeviceRecord, RoundStatus
 now = dt.datetime(2026, 11, 22, tzinfo=dt.UTC)
 s = open_storage(sys.argv[1], now=now)
 for i in range(1, 100000):
@@ -618,7 +618,7 @@ def test_postgres_reconnects_after_the_server_drops_the_connection(postgres_serv
 
 _CONTENDER = """
 import datetime as dt, sys
-from aggregator.storage import open_storage, ConflictError, RoundStatus
+from fedfer.aggregator.storage import open_storage, ConflictError, RoundStatus
 now = dt.datetime(2026, 11, 22, tzinfo=dt.UTC)
 worker = int(sys.argv[2])
 s = open_storage(sys.argv[1], now=now)

@@ -26,23 +26,23 @@ from typing import IO, Any
 import numpy as np
 import numpy.typing as npt
 
-from agent.federation.enroll import enroll
-from agent.federation.state import DeviceState
-from aggregator.config import (
+from fedfer.agent.federation.enroll import enroll
+from fedfer.agent.federation.state import DeviceState
+from fedfer.aggregator.config import (
     create_enrollment_token,
     init_deployment,
     load_config,
     read_certificate_authority,
     read_server_tls,
 )
-from aggregator.enrollment import EnrollmentService, issue_token
-from aggregator.leader import LeaderLease
-from aggregator.registry import ModelRegistry
-from aggregator.rounds import RoundCoordinator, RoundSettings
-from aggregator.server import RunningServer, ServerTls, build_server
-from aggregator.service import EdgeLimits
-from aggregator.storage import RoundStatus, Storage, open_storage
-from security.quantize import FixedPointCodec
+from fedfer.aggregator.enrollment import EnrollmentService, issue_token
+from fedfer.aggregator.leader import LeaderLease
+from fedfer.aggregator.registry import ModelRegistry
+from fedfer.aggregator.rounds import RoundCoordinator, RoundSettings
+from fedfer.aggregator.server import RunningServer, ServerTls, build_server
+from fedfer.aggregator.service import EdgeLimits
+from fedfer.aggregator.storage import RoundStatus, Storage, open_storage
+from fedfer.security.quantize import FixedPointCodec
 
 BIN = Path(sys.executable).parent
 DIM = 1000

@@ -16,8 +16,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from agent import cli
-from agent.federation import client as federation_client
+from fedfer.agent import cli
+from fedfer.agent.federation import client as federation_client
 
 STAGES = ("advertise_keys", "share_keys", "masked_input", "consistency_check", "unmask")
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.cli import main as agent_main
-from aggregator.enrollment import issue_token
-from aggregator.rounds import RoundSettings
+from fedfer.agent.cli import main as agent_main
+from fedfer.aggregator.enrollment import issue_token
+from fedfer.aggregator.rounds import RoundSettings
 from tests.integration.federation_harness import Harness, run_in_process
 
 AGENT = str(Path(sys.executable).parent / "fedfer-agent")

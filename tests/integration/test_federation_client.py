@@ -20,18 +20,18 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from agent.federation.client import FederationClient, WireCounter, _assemble
-from agent.federation.enroll import enroll
-from agent.federation.retry import RetryPolicy, call_with_retry
-from agent.federation.state import DeviceState, StateError
-from aggregator.enrollment import issue_token
-from aggregator.registry import ModelRegistry
-from aggregator.rounds import RoundSettings
-from aggregator.service import model_manifest
-from bench.tcp_proxy import TcpProxy
-from protos.fedfer.v1 import enrollment_pb2, enrollment_pb2_grpc, models_pb2
-from security import pki
-from security.errors import IntegrityError, ValidationError
+from fedfer.agent.federation.client import FederationClient, WireCounter, _assemble
+from fedfer.agent.federation.enroll import enroll
+from fedfer.agent.federation.retry import RetryPolicy, call_with_retry
+from fedfer.agent.federation.state import DeviceState, StateError
+from fedfer.aggregator.enrollment import issue_token
+from fedfer.aggregator.registry import ModelRegistry
+from fedfer.aggregator.rounds import RoundSettings
+from fedfer.aggregator.service import model_manifest
+from fedfer.bench.tcp_proxy import TcpProxy
+from fedfer.security import pki
+from fedfer.security.errors import IntegrityError, ValidationError
+from fedfer.v1 import enrollment_pb2, enrollment_pb2_grpc, models_pb2
 from tests.integration.federation_harness import DIM, Harness, run_in_process
 
 
@@ -224,10 +224,10 @@ def test_secagg_identity_comes_from_the_supported_pki_conversion() -> None:
     """One home for the key bridge: the hand PKCS#8 parser is gone; ``to_signing_handle`` signs verifiably."""
     import importlib
 
-    from security import pki
+    from fedfer.security import pki
 
     with pytest.raises(ModuleNotFoundError):
-        importlib.import_module("agent.federation.identity")
+        importlib.import_module("fedfer.agent.federation.identity")
     stored = pki.IdentityKey.from_pem(pki.IdentityKey.generate().unsafe_export_pem())
     handle = stored.to_signing_handle()
     assert handle.public_bytes() == stored.public_bytes()
@@ -242,7 +242,7 @@ def test_the_wire_counter_agrees_with_bytes_counted_on_the_wire(tmp_path: Path) 
     which it guesses at a fixed 120 bytes (HPACK makes real ones smaller after the first call). The stated
     tolerance: the two agree within that guess per call (the one part the counter does not compute).
     """
-    from bench.federation import connection_setup_bytes
+    from fedfer.bench.federation import connection_setup_bytes
 
     settings = RoundSettings(min_clients=2, max_clients=2, degree=0, rounds=1)
     rng = np.random.default_rng(4)

@@ -18,8 +18,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from agent.federation.state import DeviceState
-from bench.tcp_proxy import TcpProxy, Upstream
+from fedfer.agent.federation.state import DeviceState
+from fedfer.bench.tcp_proxy import TcpProxy, Upstream
 from tests.integration.federation_harness import Aggregator, Deployment, assert_published, random_updates
 from tests.postgres import PostgresServer
 

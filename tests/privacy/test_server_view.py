@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from agent.attacks import (
+from fedfer.agent.attacks import (
     GradientInversion,
     frame_similarity,
     label_overlap,
@@ -39,10 +39,10 @@ from agent.attacks import (
     split_flat,
     update_to_gradient,
 )
-from security.errors import FedferError, ValidationError
-from security.keys import AgreementKey, IdentityKey
-from security.quantize import working_dtype
-from security.secagg import (
+from fedfer.security.errors import FedferError, ValidationError
+from fedfer.security.keys import AgreementKey, IdentityKey
+from fedfer.security.quantize import working_dtype
+from fedfer.security.secagg import (
     ConsistencyRequest,
     NeighbourGraph,
     SecAggClient,
@@ -52,9 +52,9 @@ from security.secagg import (
     UnmaskRequest,
     decode_message,
 )
-from security.secagg._derive import MaskApplier, pairwise_info, pairwise_sign, self_mask_key
-from security.secagg.messages import consistency_payload
-from security.shamir import reconstruct_secret
+from fedfer.security.secagg._derive import MaskApplier, pairwise_info, pairwise_sign, self_mask_key
+from fedfer.security.secagg.messages import consistency_payload
+from fedfer.security.shamir import reconstruct_secret
 from tests.privacy.conftest import CLIP_LEN, NUM_CLASSES, Population
 
 LR = 0.01

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agent.attacks import (
+from fedfer.agent.attacks import (
     GradientInversion,
     frame_similarity,
     label_overlap,
@@ -29,9 +29,9 @@ from agent.attacks import (
     train_video_model,
     update_to_gradient,
 )
-from agent.models import VideoModel, to_named_arrays
-from security.keys import IdentityKey
-from security.secagg import SecAggClient, SecAggParams, SecAggServer, decode_message
+from fedfer.agent.models import VideoModel, to_named_arrays
+from fedfer.security.keys import IdentityKey
+from fedfer.security.secagg import SecAggClient, SecAggParams, SecAggServer, decode_message
 from tests.privacy.conftest import CLIP_LEN, NUM_CLASSES, FeatureBank
 
 LR = 0.01  # the clients' local learning rate (known to the aggregator)

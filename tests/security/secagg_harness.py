@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from security.errors import FedferError
-from security.keys import IdentityKey
-from security.secagg import (
+from fedfer.security.errors import FedferError
+from fedfer.security.keys import IdentityKey
+from fedfer.security.secagg import (
     AggregateResult,
     ClientStage,
     NeighbourGraph,
@@ -20,7 +20,7 @@ from security.secagg import (
     SecAggServer,
     decode_message,
 )
-from security.secagg.messages import Message
+from fedfer.security.secagg.messages import Message
 
 STAGES = ("advertise", "share", "masked", "consistency", "unmask")
 

@@ -7,9 +7,9 @@ import pickle
 
 import pytest
 
-from security.crypto import Keystream, aead_decrypt, aead_encrypt, hkdf_sha256, sha256
-from security.errors import IntegrityError, ValidationError
-from security.keys import AgreementKey, IdentityKey, verify_signature
+from fedfer.security.crypto import Keystream, aead_decrypt, aead_encrypt, hkdf_sha256, sha256
+from fedfer.security.errors import IntegrityError, ValidationError
+from fedfer.security.keys import AgreementKey, IdentityKey, verify_signature
 
 
 def test_hkdf_rfc5869_test_case_1():

@@ -11,16 +11,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from security import envelope
-from security.crypto import aead_decrypt
-from security.envelope import (
+from fedfer.security import envelope
+from fedfer.security.crypto import aead_decrypt
+from fedfer.security.envelope import (
     RECORD_OVERHEAD,
     WRAPPED_KEY_BYTES,
     DataKey,
     KeyEncryptionKey,
     RecordKind,
 )
-from security.errors import IntegrityError, ValidationError
+from fedfer.security.errors import IntegrityError, ValidationError
 
 CACHE = b"\x11" * 16
 SESSION = b"0123456789abcdef0123456789abcdef"

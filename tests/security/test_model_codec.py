@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from security.errors import IntegrityError, ValidationError
-from security.model_codec import decode_model, encode_model, model_digest
+from fedfer.security.errors import IntegrityError, ValidationError
+from fedfer.security.model_codec import decode_model, encode_model, model_digest
 
 VFER_SHAPES = {  # agent.models.VideoModel (K=6): FC 1280->128, FC 128->64, LSTM(64), linear to 6
     "fc1.weight": (128, 1280),

@@ -14,8 +14,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from security import keys, pki
-from security.errors import IntegrityError, ValidationError
+from fedfer.security import keys, pki
+from fedfer.security.errors import IntegrityError, ValidationError
 
 NOW = dt.datetime(2026, 11, 22, 3, 0, tzinfo=dt.UTC)
 DAY = dt.timedelta(days=1)

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from security.errors import ValidationError
-from security.quantize import FixedPointCodec, working_dtype
+from fedfer.security.errors import ValidationError
+from fedfer.security.quantize import FixedPointCodec, working_dtype
 
 
 def _sum_mod(codec: FixedPointCodec, vectors: list[np.ndarray]) -> np.ndarray:

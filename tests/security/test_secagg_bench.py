@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from bench.cli import main
+from fedfer.bench.cli import main
 
 FAST = ["--measure-seconds", "0.05"]
 FIELDS = {
@@ -49,7 +49,7 @@ def test_aborted_round_exits_non_zero():
         [
             sys.executable,
             "-m",
-            "bench.cli",
+            "fedfer.bench.cli",
             "secagg",
             "--clients",
             "6",

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from security.errors import ProtocolError, ValidationError
-from security.secagg import (
+from fedfer.security.errors import ProtocolError, ValidationError
+from fedfer.security.secagg import (
     AdvertiseKeys,
     ConsistencyRequest,
     ConsistencySignature,
@@ -27,7 +27,7 @@ from security.secagg import (
     UnmaskResponse,
     decode_message,
 )
-from security.secagg.messages import SHARE_CIPHERTEXT_BYTES, pack_vector, unpack_vector
+from fedfer.security.secagg.messages import SHARE_CIPHERTEXT_BYTES, pack_vector, unpack_vector
 
 RID = b"R" * 32
 

@@ -8,9 +8,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-from security.errors import IntegrityError, ProtocolError, RoundAbortedError, ValidationError
-from security.keys import IdentityKey
-from security.secagg import (
+from fedfer.security.errors import IntegrityError, ProtocolError, RoundAbortedError, ValidationError
+from fedfer.security.keys import IdentityKey
+from fedfer.security.secagg import (
     AdvertiseKeys,
     ClientStage,
     ConsistencyRequest,
@@ -26,7 +26,7 @@ from security.secagg import (
     UnmaskRequest,
     UnmaskResponse,
 )
-from security.secagg.messages import signed_keys_payload
+from fedfer.security.secagg.messages import signed_keys_payload
 from tests.security.secagg_harness import make_round, oracle, random_inputs, run_round, wire
 
 N, DIM = 6, 5
@@ -483,7 +483,7 @@ def test_corrupted_key_share_is_detected_at_reconstruction(rnd, inputs):
 
 
 def _other_set_payload(rnd, survivors):
-    from security.secagg.messages import consistency_payload
+    from fedfer.security.secagg.messages import consistency_payload
 
     return consistency_payload(rnd.params.digest, survivors)
 

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from security.errors import RoundAbortedError
-from security.secagg import ServerStage
+from fedfer.security.errors import RoundAbortedError
+from fedfer.security.secagg import ServerStage
 from tests.security.secagg_harness import (
     STAGES,
     expected_outcome,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from security.errors import ProtocolError, RoundAbortedError, ValidationError
-from security.secagg import (
+from fedfer.security.errors import ProtocolError, RoundAbortedError, ValidationError
+from fedfer.security.secagg import (
     ClientStage,
     MaskedInput,
     NeighbourGraph,
@@ -274,9 +274,9 @@ def test_client_refuses_serialization_and_hides_secrets_in_repr():
 
 
 def test_random_seam_makes_a_whole_round_reproducible():
-    from security.crypto import hkdf_sha256
-    from security.keys import IdentityKey
-    from security.secagg import SecAggClient
+    from fedfer.security.crypto import hkdf_sha256
+    from fedfer.security.keys import IdentityKey
+    from fedfer.security.secagg import SecAggClient
 
     def seeded(label: bytes):
         counter = 0

@@ -9,8 +9,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from security.errors import IntegrityError, ValidationError
-from security.shamir import FIELD_PRIME, SHARE_BYTES, lagrange_at_zero, reconstruct_secret, split_secret
+from fedfer.security.errors import IntegrityError, ValidationError
+from fedfer.security.shamir import (
+    FIELD_PRIME,
+    SHARE_BYTES,
+    lagrange_at_zero,
+    reconstruct_secret,
+    split_secret,
+)
 
 
 def _interpolate_at(points: dict[int, int], x: int) -> int:

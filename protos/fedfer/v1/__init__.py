@@ -1,3 +1,3 @@
-"""``fedfer.v1`` protocol buffers and their generated Python (``python -m protos.generate`` rewrites them)."""
+"""``fedfer.v1`` protocol buffers and their generated Python (``python protos/generate.py`` rewrites them)."""
 
 __all__: list[str] = []

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos.fedfer.v1 import enrollment_pb2 as protos_dot_fedfer_dot_v1_dot_enrollment__pb2
+from fedfer.v1 import enrollment_pb2 as fedfer_dot_v1_dot_enrollment__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/fedfer/v1/enrollment_pb2_grpc.py depends on'
+        + ' but the generated code in fedfer/v1/enrollment_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,8 +36,8 @@ class EnrollmentStub:
         """
         self.Enroll = channel.unary_unary(
                 '/fedfer.v1.Enrollment/Enroll',
-                request_serializer=protos_dot_fedfer_dot_v1_dot_enrollment__pb2.EnrollRequest.SerializeToString,
-                response_deserializer=protos_dot_fedfer_dot_v1_dot_enrollment__pb2.EnrollResponse.FromString,
+                request_serializer=fedfer_dot_v1_dot_enrollment__pb2.EnrollRequest.SerializeToString,
+                response_deserializer=fedfer_dot_v1_dot_enrollment__pb2.EnrollResponse.FromString,
                 _registered_method=True)
 
 
@@ -56,8 +56,8 @@ def add_EnrollmentServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Enroll': grpc.unary_unary_rpc_method_handler(
                     servicer.Enroll,
-                    request_deserializer=protos_dot_fedfer_dot_v1_dot_enrollment__pb2.EnrollRequest.FromString,
-                    response_serializer=protos_dot_fedfer_dot_v1_dot_enrollment__pb2.EnrollResponse.SerializeToString,
+                    request_deserializer=fedfer_dot_v1_dot_enrollment__pb2.EnrollRequest.FromString,
+                    response_serializer=fedfer_dot_v1_dot_enrollment__pb2.EnrollResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -85,8 +85,8 @@ class Enrollment:
             request,
             target,
             '/fedfer.v1.Enrollment/Enroll',
-            protos_dot_fedfer_dot_v1_dot_enrollment__pb2.EnrollRequest.SerializeToString,
-            protos_dot_fedfer_dot_v1_dot_enrollment__pb2.EnrollResponse.FromString,
+            fedfer_dot_v1_dot_enrollment__pb2.EnrollRequest.SerializeToString,
+            fedfer_dot_v1_dot_enrollment__pb2.EnrollResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -3,8 +3,8 @@
 import grpc
 import warnings
 
-from protos.fedfer.v1 import common_pb2 as protos_dot_fedfer_dot_v1_dot_common__pb2
-from protos.fedfer.v1 import federation_pb2 as protos_dot_fedfer_dot_v1_dot_federation__pb2
+from fedfer.v1 import common_pb2 as fedfer_dot_v1_dot_common__pb2
+from fedfer.v1 import federation_pb2 as fedfer_dot_v1_dot_federation__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -19,7 +19,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/fedfer/v1/federation_pb2_grpc.py depends on'
+        + ' but the generated code in fedfer/v1/federation_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,43 +37,43 @@ class FederationStub:
         """
         self.GetRound = channel.unary_unary(
                 '/fedfer.v1.Federation/GetRound',
-                request_serializer=protos_dot_fedfer_dot_v1_dot_federation__pb2.GetRoundRequest.SerializeToString,
-                response_deserializer=protos_dot_fedfer_dot_v1_dot_federation__pb2.RoundStatus.FromString,
+                request_serializer=fedfer_dot_v1_dot_federation__pb2.GetRoundRequest.SerializeToString,
+                response_deserializer=fedfer_dot_v1_dot_federation__pb2.RoundStatus.FromString,
                 _registered_method=True)
         self.JoinRound = channel.unary_unary(
                 '/fedfer.v1.Federation/JoinRound',
-                request_serializer=protos_dot_fedfer_dot_v1_dot_federation__pb2.JoinRoundRequest.SerializeToString,
-                response_deserializer=protos_dot_fedfer_dot_v1_dot_federation__pb2.RoundStatus.FromString,
+                request_serializer=fedfer_dot_v1_dot_federation__pb2.JoinRoundRequest.SerializeToString,
+                response_deserializer=fedfer_dot_v1_dot_federation__pb2.RoundStatus.FromString,
                 _registered_method=True)
         self.AdvertiseKeys = channel.unary_unary(
                 '/fedfer.v1.Federation/AdvertiseKeys',
-                request_serializer=protos_dot_fedfer_dot_v1_dot_federation__pb2.StageMessage.SerializeToString,
-                response_deserializer=protos_dot_fedfer_dot_v1_dot_common__pb2.StageAck.FromString,
+                request_serializer=fedfer_dot_v1_dot_federation__pb2.StageMessage.SerializeToString,
+                response_deserializer=fedfer_dot_v1_dot_common__pb2.StageAck.FromString,
                 _registered_method=True)
         self.ShareKeys = channel.unary_unary(
                 '/fedfer.v1.Federation/ShareKeys',
-                request_serializer=protos_dot_fedfer_dot_v1_dot_federation__pb2.StageMessage.SerializeToString,
-                response_deserializer=protos_dot_fedfer_dot_v1_dot_common__pb2.StageAck.FromString,
+                request_serializer=fedfer_dot_v1_dot_federation__pb2.StageMessage.SerializeToString,
+                response_deserializer=fedfer_dot_v1_dot_common__pb2.StageAck.FromString,
                 _registered_method=True)
         self.UploadMaskedInput = channel.stream_unary(
                 '/fedfer.v1.Federation/UploadMaskedInput',
-                request_serializer=protos_dot_fedfer_dot_v1_dot_federation__pb2.MaskedInputChunk.SerializeToString,
-                response_deserializer=protos_dot_fedfer_dot_v1_dot_common__pb2.StageAck.FromString,
+                request_serializer=fedfer_dot_v1_dot_federation__pb2.MaskedInputChunk.SerializeToString,
+                response_deserializer=fedfer_dot_v1_dot_common__pb2.StageAck.FromString,
                 _registered_method=True)
         self.ConsistencyCheck = channel.unary_unary(
                 '/fedfer.v1.Federation/ConsistencyCheck',
-                request_serializer=protos_dot_fedfer_dot_v1_dot_federation__pb2.StageMessage.SerializeToString,
-                response_deserializer=protos_dot_fedfer_dot_v1_dot_common__pb2.StageAck.FromString,
+                request_serializer=fedfer_dot_v1_dot_federation__pb2.StageMessage.SerializeToString,
+                response_deserializer=fedfer_dot_v1_dot_common__pb2.StageAck.FromString,
                 _registered_method=True)
         self.Unmask = channel.unary_unary(
                 '/fedfer.v1.Federation/Unmask',
-                request_serializer=protos_dot_fedfer_dot_v1_dot_federation__pb2.StageMessage.SerializeToString,
-                response_deserializer=protos_dot_fedfer_dot_v1_dot_common__pb2.StageAck.FromString,
+                request_serializer=fedfer_dot_v1_dot_federation__pb2.StageMessage.SerializeToString,
+                response_deserializer=fedfer_dot_v1_dot_common__pb2.StageAck.FromString,
                 _registered_method=True)
         self.GetStageResult = channel.unary_unary(
                 '/fedfer.v1.Federation/GetStageResult',
-                request_serializer=protos_dot_fedfer_dot_v1_dot_federation__pb2.StageResultRequest.SerializeToString,
-                response_deserializer=protos_dot_fedfer_dot_v1_dot_federation__pb2.StageResult.FromString,
+                request_serializer=fedfer_dot_v1_dot_federation__pb2.StageResultRequest.SerializeToString,
+                response_deserializer=fedfer_dot_v1_dot_federation__pb2.StageResult.FromString,
                 _registered_method=True)
 
 
@@ -143,43 +143,43 @@ def add_FederationServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'GetRound': grpc.unary_unary_rpc_method_handler(
                     servicer.GetRound,
-                    request_deserializer=protos_dot_fedfer_dot_v1_dot_federation__pb2.GetRoundRequest.FromString,
-                    response_serializer=protos_dot_fedfer_dot_v1_dot_federation__pb2.RoundStatus.SerializeToString,
+                    request_deserializer=fedfer_dot_v1_dot_federation__pb2.GetRoundRequest.FromString,
+                    response_serializer=fedfer_dot_v1_dot_federation__pb2.RoundStatus.SerializeToString,
             ),
             'JoinRound': grpc.unary_unary_rpc_method_handler(
                     servicer.JoinRound,
-                    request_deserializer=protos_dot_fedfer_dot_v1_dot_federation__pb2.JoinRoundRequest.FromString,
-                    response_serializer=protos_dot_fedfer_dot_v1_dot_federation__pb2.RoundStatus.SerializeToString,
+                    request_deserializer=fedfer_dot_v1_dot_federation__pb2.JoinRoundRequest.FromString,
+                    response_serializer=fedfer_dot_v1_dot_federation__pb2.RoundStatus.SerializeToString,
             ),
             'AdvertiseKeys': grpc.unary_unary_rpc_method_handler(
                     servicer.AdvertiseKeys,
-                    request_deserializer=protos_dot_fedfer_dot_v1_dot_federation__pb2.StageMessage.FromString,
-                    response_serializer=protos_dot_fedfer_dot_v1_dot_common__pb2.StageAck.SerializeToString,
+                    request_deserializer=fedfer_dot_v1_dot_federation__pb2.StageMessage.FromString,
+                    response_serializer=fedfer_dot_v1_dot_common__pb2.StageAck.SerializeToString,
             ),
             'ShareKeys': grpc.unary_unary_rpc_method_handler(
                     servicer.ShareKeys,
-                    request_deserializer=protos_dot_fedfer_dot_v1_dot_federation__pb2.StageMessage.FromString,
-                    response_serializer=protos_dot_fedfer_dot_v1_dot_common__pb2.StageAck.SerializeToString,
+                    request_deserializer=fedfer_dot_v1_dot_federation__pb2.StageMessage.FromString,
+                    response_serializer=fedfer_dot_v1_dot_common__pb2.StageAck.SerializeToString,
             ),
             'UploadMaskedInput': grpc.stream_unary_rpc_method_handler(
                     servicer.UploadMaskedInput,
-                    request_deserializer=protos_dot_fedfer_dot_v1_dot_federation__pb2.MaskedInputChunk.FromString,
-                    response_serializer=protos_dot_fedfer_dot_v1_dot_common__pb2.StageAck.SerializeToString,
+                    request_deserializer=fedfer_dot_v1_dot_federation__pb2.MaskedInputChunk.FromString,
+                    response_serializer=fedfer_dot_v1_dot_common__pb2.StageAck.SerializeToString,
             ),
             'ConsistencyCheck': grpc.unary_unary_rpc_method_handler(
                     servicer.ConsistencyCheck,
-                    request_deserializer=protos_dot_fedfer_dot_v1_dot_federation__pb2.StageMessage.FromString,
-                    response_serializer=protos_dot_fedfer_dot_v1_dot_common__pb2.StageAck.SerializeToString,
+                    request_deserializer=fedfer_dot_v1_dot_federation__pb2.StageMessage.FromString,
+                    response_serializer=fedfer_dot_v1_dot_common__pb2.StageAck.SerializeToString,
             ),
             'Unmask': grpc.unary_unary_rpc_method_handler(
                     servicer.Unmask,
-                    request_deserializer=protos_dot_fedfer_dot_v1_dot_federation__pb2.StageMessage.FromString,
-                    response_serializer=protos_dot_fedfer_dot_v1_dot_common__pb2.StageAck.SerializeToString,
+                    request_deserializer=fedfer_dot_v1_dot_federation__pb2.StageMessage.FromString,
+                    response_serializer=fedfer_dot_v1_dot_common__pb2.StageAck.SerializeToString,
             ),
             'GetStageResult': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStageResult,
-                    request_deserializer=protos_dot_fedfer_dot_v1_dot_federation__pb2.StageResultRequest.FromString,
-                    response_serializer=protos_dot_fedfer_dot_v1_dot_federation__pb2.StageResult.SerializeToString,
+                    request_deserializer=fedfer_dot_v1_dot_federation__pb2.StageResultRequest.FromString,
+                    response_serializer=fedfer_dot_v1_dot_federation__pb2.StageResult.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -207,8 +207,8 @@ class Federation:
             request,
             target,
             '/fedfer.v1.Federation/GetRound',
-            protos_dot_fedfer_dot_v1_dot_federation__pb2.GetRoundRequest.SerializeToString,
-            protos_dot_fedfer_dot_v1_dot_federation__pb2.RoundStatus.FromString,
+            fedfer_dot_v1_dot_federation__pb2.GetRoundRequest.SerializeToString,
+            fedfer_dot_v1_dot_federation__pb2.RoundStatus.FromString,
             options,
             channel_credentials,
             insecure,
@@ -234,8 +234,8 @@ class Federation:
             request,
             target,
             '/fedfer.v1.Federation/JoinRound',
-            protos_dot_fedfer_dot_v1_dot_federation__pb2.JoinRoundRequest.SerializeToString,
-            protos_dot_fedfer_dot_v1_dot_federation__pb2.RoundStatus.FromString,
+            fedfer_dot_v1_dot_federation__pb2.JoinRoundRequest.SerializeToString,
+            fedfer_dot_v1_dot_federation__pb2.RoundStatus.FromString,
             options,
             channel_credentials,
             insecure,
@@ -261,8 +261,8 @@ class Federation:
             request,
             target,
             '/fedfer.v1.Federation/AdvertiseKeys',
-            protos_dot_fedfer_dot_v1_dot_federation__pb2.StageMessage.SerializeToString,
-            protos_dot_fedfer_dot_v1_dot_common__pb2.StageAck.FromString,
+            fedfer_dot_v1_dot_federation__pb2.StageMessage.SerializeToString,
+            fedfer_dot_v1_dot_common__pb2.StageAck.FromString,
             options,
             channel_credentials,
             insecure,
@@ -288,8 +288,8 @@ class Federation:
             request,
             target,
             '/fedfer.v1.Federation/ShareKeys',
-            protos_dot_fedfer_dot_v1_dot_federation__pb2.StageMessage.SerializeToString,
-            protos_dot_fedfer_dot_v1_dot_common__pb2.StageAck.FromString,
+            fedfer_dot_v1_dot_federation__pb2.StageMessage.SerializeToString,
+            fedfer_dot_v1_dot_common__pb2.StageAck.FromString,
             options,
             channel_credentials,
             insecure,
@@ -315,8 +315,8 @@ class Federation:
             request_iterator,
             target,
             '/fedfer.v1.Federation/UploadMaskedInput',
-            protos_dot_fedfer_dot_v1_dot_federation__pb2.MaskedInputChunk.SerializeToString,
-            protos_dot_fedfer_dot_v1_dot_common__pb2.StageAck.FromString,
+            fedfer_dot_v1_dot_federation__pb2.MaskedInputChunk.SerializeToString,
+            fedfer_dot_v1_dot_common__pb2.StageAck.FromString,
             options,
             channel_credentials,
             insecure,
@@ -342,8 +342,8 @@ class Federation:
             request,
             target,
             '/fedfer.v1.Federation/ConsistencyCheck',
-            protos_dot_fedfer_dot_v1_dot_federation__pb2.StageMessage.SerializeToString,
-            protos_dot_fedfer_dot_v1_dot_common__pb2.StageAck.FromString,
+            fedfer_dot_v1_dot_federation__pb2.StageMessage.SerializeToString,
+            fedfer_dot_v1_dot_common__pb2.StageAck.FromString,
             options,
             channel_credentials,
             insecure,
@@ -369,8 +369,8 @@ class Federation:
             request,
             target,
             '/fedfer.v1.Federation/Unmask',
-            protos_dot_fedfer_dot_v1_dot_federation__pb2.StageMessage.SerializeToString,
-            protos_dot_fedfer_dot_v1_dot_common__pb2.StageAck.FromString,
+            fedfer_dot_v1_dot_federation__pb2.StageMessage.SerializeToString,
+            fedfer_dot_v1_dot_common__pb2.StageAck.FromString,
             options,
             channel_credentials,
             insecure,
@@ -396,8 +396,8 @@ class Federation:
             request,
             target,
             '/fedfer.v1.Federation/GetStageResult',
-            protos_dot_fedfer_dot_v1_dot_federation__pb2.StageResultRequest.SerializeToString,
-            protos_dot_fedfer_dot_v1_dot_federation__pb2.StageResult.FromString,
+            fedfer_dot_v1_dot_federation__pb2.StageResultRequest.SerializeToString,
+            fedfer_dot_v1_dot_federation__pb2.StageResult.FromString,
             options,
             channel_credentials,
             insecure,

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos.fedfer.v1 import models_pb2 as protos_dot_fedfer_dot_v1_dot_models__pb2
+from fedfer.v1 import models_pb2 as fedfer_dot_v1_dot_models__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/fedfer/v1/models_pb2_grpc.py depends on'
+        + ' but the generated code in fedfer/v1/models_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,13 +36,13 @@ class ModelsStub:
         """
         self.GetManifest = channel.unary_unary(
                 '/fedfer.v1.Models/GetManifest',
-                request_serializer=protos_dot_fedfer_dot_v1_dot_models__pb2.ModelRequest.SerializeToString,
-                response_deserializer=protos_dot_fedfer_dot_v1_dot_models__pb2.ModelManifest.FromString,
+                request_serializer=fedfer_dot_v1_dot_models__pb2.ModelRequest.SerializeToString,
+                response_deserializer=fedfer_dot_v1_dot_models__pb2.ModelManifest.FromString,
                 _registered_method=True)
         self.DownloadModel = channel.unary_stream(
                 '/fedfer.v1.Models/DownloadModel',
-                request_serializer=protos_dot_fedfer_dot_v1_dot_models__pb2.ModelRequest.SerializeToString,
-                response_deserializer=protos_dot_fedfer_dot_v1_dot_models__pb2.ModelChunk.FromString,
+                request_serializer=fedfer_dot_v1_dot_models__pb2.ModelRequest.SerializeToString,
+                response_deserializer=fedfer_dot_v1_dot_models__pb2.ModelChunk.FromString,
                 _registered_method=True)
 
 
@@ -68,13 +68,13 @@ def add_ModelsServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'GetManifest': grpc.unary_unary_rpc_method_handler(
                     servicer.GetManifest,
-                    request_deserializer=protos_dot_fedfer_dot_v1_dot_models__pb2.ModelRequest.FromString,
-                    response_serializer=protos_dot_fedfer_dot_v1_dot_models__pb2.ModelManifest.SerializeToString,
+                    request_deserializer=fedfer_dot_v1_dot_models__pb2.ModelRequest.FromString,
+                    response_serializer=fedfer_dot_v1_dot_models__pb2.ModelManifest.SerializeToString,
             ),
             'DownloadModel': grpc.unary_stream_rpc_method_handler(
                     servicer.DownloadModel,
-                    request_deserializer=protos_dot_fedfer_dot_v1_dot_models__pb2.ModelRequest.FromString,
-                    response_serializer=protos_dot_fedfer_dot_v1_dot_models__pb2.ModelChunk.SerializeToString,
+                    request_deserializer=fedfer_dot_v1_dot_models__pb2.ModelRequest.FromString,
+                    response_serializer=fedfer_dot_v1_dot_models__pb2.ModelChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -102,8 +102,8 @@ class Models:
             request,
             target,
             '/fedfer.v1.Models/GetManifest',
-            protos_dot_fedfer_dot_v1_dot_models__pb2.ModelRequest.SerializeToString,
-            protos_dot_fedfer_dot_v1_dot_models__pb2.ModelManifest.FromString,
+            fedfer_dot_v1_dot_models__pb2.ModelRequest.SerializeToString,
+            fedfer_dot_v1_dot_models__pb2.ModelManifest.FromString,
             options,
             channel_credentials,
             insecure,
@@ -129,8 +129,8 @@ class Models:
             request,
             target,
             '/fedfer.v1.Models/DownloadModel',
-            protos_dot_fedfer_dot_v1_dot_models__pb2.ModelRequest.SerializeToString,
-            protos_dot_fedfer_dot_v1_dot_models__pb2.ModelChunk.FromString,
+            fedfer_dot_v1_dot_models__pb2.ModelRequest.SerializeToString,
+            fedfer_dot_v1_dot_models__pb2.ModelChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,3 +1,0 @@
-"""Protocol buffer definitions (``protos/fedfer/v1/*.proto``) and their committed generated Python."""
-
-__all__: list[str] = []
