@@ -40,7 +40,7 @@ system-deps:
 setup: $(BIN)/activate
 
 demo: setup
-	$(BIN)/python -m fedfer.agent.demo $(DEMO_ARGS)
+	$(BIN)/python -m fedfer.bench.demo $(DEMO_ARGS)
 
 lint: setup links
 	$(BIN)/ruff check .

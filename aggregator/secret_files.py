@@ -1,18 +1,19 @@
 """Files that hold secrets: written atomically with mode 0600, read only if nobody else can read them.
 
-A private key is never visible half-written or with loose permissions: the data goes to a fresh 0600
-temporary file in the target directory, is flushed to disk, then renamed over the target, and the directory
-entry is flushed too. Readers refuse key files that group or others could read (as OpenSSH does).
+A private key is never visible half-written or with loose permissions: it is written by
+:func:`fedfer.security.files.write_atomic` (a fresh 0600 temporary file in the target directory, flushed to
+disk, renamed over the target, the directory entry flushed too). Readers refuse key files that group or others
+could read (as OpenSSH does).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import stat
 from pathlib import Path
 
 from fedfer.security.errors import ValidationError
+from fedfer.security.files import write_atomic
 
 __all__ = [
     "InsecureFileError",
@@ -29,56 +30,18 @@ class InsecureFileError(ValidationError):
     """A secret file or its directory is accessible to other users."""
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes, mode: int) -> None:
-    if not isinstance(data, bytes):
-        raise ValidationError("file contents must be bytes")
-    path = Path(path)
-    directory = path.parent
-    if not directory.is_dir():
-        raise ValidationError(f"directory {directory} does not exist")
-    tmp = directory / f".{path.name}.{os.urandom(6).hex()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
-    try:
-        os.fchmod(fd, mode)  # the umask may have narrowed it; make it exactly `mode`
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    os.close(fd)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    _fsync_dir(directory)
-
-
 def write_secret_file(path: str | os.PathLike[str], data: bytes) -> None:
     """Atomically write ``data`` to ``path`` with mode 0600 (replacing any existing file).
 
     Raises:
         ValidationError: ``data`` is not bytes or the directory does not exist.
     """
-    _atomic_write(Path(path), data, 0o600)
+    write_atomic(path, data, mode=0o600)
 
 
 def write_public_file(path: str | os.PathLike[str], data: bytes) -> None:
     """Atomically write non-secret ``data`` (a certificate, say) to ``path`` with mode 0644."""
-    _atomic_write(Path(path), data, 0o644)
+    write_atomic(path, data, mode=0o644)
 
 
 def ensure_private_dir(path: str | os.PathLike[str]) -> Path:

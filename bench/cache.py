@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from fedfer.agent.atrest_scan import scan_paths
-from fedfer.agent.cache import DB_NAME, FeatureCache
 from fedfer.agent.records import FrameRecord
+from fedfer.agent.store.cache import DB_NAME, FeatureCache
+from fedfer.bench.atrest import scan_paths
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedfer.agent.control import ControlClient, ControlError
+from fedfer.agent.daemon.control import ControlClient, ControlError
+from fedfer.agent.files import assets_dir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,7 +53,7 @@ def _wait(client: ControlClient, predicate: Any, timeout: float) -> dict[str, An
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the benchmark; returns the JSON-able result."""
-    assets = Path(os.environ.get("FEDFER_ASSETS", Path(__file__).resolve().parents[2] / "shared"))
+    assets = assets_dir()
     clips = args.clips or assets / "data" / "crema-d-sample"
     with tempfile.TemporaryDirectory(prefix="fedfer-bench-daemon-") as tmp:
         root = Path(tmp)

@@ -29,15 +29,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from fedfer.agent.capture import Frame, VideoSource
-
-_TFLITE = "models/mobilenet_v2_tflite/mobilenet_v2_1.0_224_quant.tflite"
-_DETECTOR = "models/mediapipe/face_detection_short_range.tflite"
+from fedfer.agent.capture.video import Frame, VideoSource
+from fedfer.agent.files import DETECTOR_MODEL, MOBILENET_TFLITE, assets_dir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the benchmark's options."""
-    default_assets = os.environ.get("FEDFER_ASSETS", str(Path(__file__).resolve().parents[2] / "shared"))
+    default_assets = str(assets_dir())
     parser.add_argument("--video", required=True, type=Path, help="video file (e.g. a CREMA-D clip)")
     parser.add_argument(
         "--seconds",
@@ -101,13 +99,13 @@ def _decoded(args: argparse.Namespace, clock: list[float]) -> Iterator[Frame]:
 
 
 def _run_once(args: argparse.Namespace, *, optimized: bool, state: Path) -> dict[str, Any]:
-    from fedfer.agent.cache import RESERVE_NAME, FeatureCache
-    from fedfer.agent.faces import FaceDetector
-    from fedfer.agent.pipeline import VisionPipeline, load_frame_model
+    from fedfer.agent.store.cache import RESERVE_NAME, FeatureCache
+    from fedfer.agent.vision.faces import FaceDetector
+    from fedfer.agent.vision.pipeline import VisionPipeline, load_frame_model
 
     batch = args.batch_size if optimized else 1
     model = load_frame_model(
-        feature_weights=None if args.ifer else args.assets / _TFLITE,
+        feature_weights=None if args.ifer else args.assets / MOBILENET_TFLITE,
         ifer=args.ifer,
         channels_last=optimized,
         batch_size=batch,
@@ -117,7 +115,7 @@ def _run_once(args: argparse.Namespace, *, optimized: bool, state: Path) -> dict
     # Warm-up (first-call allocations, MediaPipe graph start) outside the timing, with nothing stored.
     warm_args = argparse.Namespace(**{**vars(args), "seconds": None})
     with VisionPipeline(
-        detector=FaceDetector(model_path=args.assets / _DETECTOR),
+        detector=FaceDetector(model_path=args.assets / DETECTOR_MODEL),
         model=model,
         batch_size=batch,
         keep_records=False,
@@ -127,7 +125,7 @@ def _run_once(args: argparse.Namespace, *, optimized: bool, state: Path) -> dict
     with (
         FeatureCache(state / ("cache-opt" if optimized else "cache-base")) as cache,
         VisionPipeline(
-            detector=FaceDetector(model_path=args.assets / _DETECTOR),
+            detector=FaceDetector(model_path=args.assets / DETECTOR_MODEL),
             model=model,
             sink=cache,
             batch_size=batch,

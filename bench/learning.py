@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import tempfile
 import time
@@ -41,13 +40,14 @@ from typing import Any
 
 import numpy as np
 
-_TFLITE = Path("models/mobilenet_v2_tflite/mobilenet_v2_1.0_224_quant.tflite")
+from fedfer.agent.files import DETECTOR_MODEL, MOBILENET_TFLITE, assets_dir
+
 _SAMPLE = Path("data/crema-d-sample")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of this benchmark."""
-    default_assets = os.environ.get("FEDFER_ASSETS", str(Path(__file__).resolve().parents[2] / "shared"))
+    default_assets = str(assets_dir())
     parser.add_argument("--assets", type=Path, default=Path(default_assets))
     parser.add_argument("--input-size", type=int, default=64, help="IFER input side (the device's too)")
     parser.add_argument(
@@ -111,11 +111,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the experiment and return the JSON-able result."""
     import torch
 
-    from fedfer.agent.learning.data import dev_split, hash_order, list_image_folder
-    from fedfer.agent.learning.ifer import load_images
-    from fedfer.agent.learning.metrics import classification_report
-    from fedfer.agent.learning.recipe import IferRecipe, calibrate_or_load, train_or_load_ifer
-    from fedfer.agent.models import CLASS_SETS
+    from fedfer.agent.records import CLASS_SETS
+    from fedfer.agent.training.data import dev_split, hash_order, list_image_folder
+    from fedfer.agent.training.ifer import load_images
+    from fedfer.agent.training.metrics import classification_report
+    from fedfer.agent.training.recipe import IferRecipe, calibrate_or_load, train_or_load_ifer
 
     torch.set_num_threads(max(1, args.threads))
     t_start = time.perf_counter()
@@ -146,7 +146,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             warmup_epochs=min(base.train.warmup_epochs, args.epochs / 4),
         ),
     )
-    weights = assets / _TFLITE
+    weights = assets / MOBILENET_TFLITE
     net, info = train_or_load_ifer(
         recipe, weights=weights, train_items=fit_items, dev_items=dev_items, progress=_epoch("ifer")
     )
@@ -176,7 +176,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rep7 = classification_report(test_labels, probs7.argmax(1), seven)
     is6 = np.array([seven[y] in six for y in test_labels])
     y6 = np.array([six.index(seven[y]) for y in test_labels[is6]])
-    from fedfer.agent.learning.ifer import restrict_probs
+    from fedfer.agent.training.ifer import restrict_probs
 
     rep6 = classification_report(y6, restrict_probs(probs7[is6], seven, six).argmax(1), six)
     # The model as trained, for comparison: calibration only rescaled its probabilities by exp(bias).
@@ -239,8 +239,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out.update(_device_speed(args, net, peer, test_faces[0], cal.manifest))
 
     # ---- central v (6 classes) on jittered clips of dev faces ------------------------------------------
-    from fedfer.agent.learning.vfer import VferTrainConfig, train_vfer
-    from fedfer.agent.models import to_named_arrays
+    from fedfer.agent.models.video import to_named_arrays
+    from fedfer.agent.training.vfer import VferTrainConfig, train_vfer
 
     clips = _ClipFeatures(net, args.frames)
     t0 = time.perf_counter()
@@ -269,7 +269,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("not enough FER2013 test faces for that many simulated subjects")
     if not 1 <= args.timing_clips <= args.adapt_clips:
         raise SystemExit("--timing-clips must lie in [1, --adapt-clips]")
-    from fedfer.agent.learning.simulate import make_styles
+    from fedfer.agent.training.simulate import make_styles
 
     def subjects(first: int, count: int, style_seed: int, render_seed: int) -> list[_Subject]:
         made = []
@@ -298,7 +298,7 @@ def _peer_probs(assets: Path, faces: np.ndarray, classes: tuple[str, ...]) -> tu
     import cv2
     import torch
 
-    from fedfer.agent.learning.peer import PEER_CLASSES, load_peer, peer_preprocess
+    from fedfer.agent.training.peer import PEER_CLASSES, load_peer, peer_preprocess
 
     peer = load_peer(assets / "models" / "fer_minixception" / "emotion_model.hdf5")
     names = {"anger": "angry", "happiness": "happy", "sadness": "sad"}
@@ -328,13 +328,13 @@ def _device_speed(
     import cv2
     import torch
 
-    from fedfer.agent.learning.peer import peer_preprocess
-    from fedfer.agent.pipeline import ExportedIferModel, load_frame_model
+    from fedfer.agent.training.peer import peer_preprocess
+    from fedfer.agent.vision.pipeline import ExportedIferModel, load_frame_model
 
     # The pipeline hands the frame model 224x224 RGB crops (agent.faces); one crop per call, as a camera.
     crop = np.ascontiguousarray(np.repeat(cv2.resize(face, (224, 224))[None, :, :, None], 3, axis=3))
     device = ExportedIferModel(net)
-    paper = load_frame_model(feature_weights=args.assets / _TFLITE, num_classes=6)  # f at 224 + g
+    paper = load_frame_model(feature_weights=args.assets / MOBILENET_TFLITE, num_classes=6)  # f at 224 + g
     res: dict[str, Any] = {}
     models: dict[str, Any] = {"ifer_device": device, "f224": paper}
     for name, model in models.items():
@@ -376,11 +376,12 @@ class _ClipFeatures:
         self.model_id = net.weights_digest()
 
     def __call__(self, items: list[Any], style: Any, seed: int) -> tuple[np.ndarray, np.ndarray]:
-        from fedfer.agent.learning.data import read_gray
-        from fedfer.agent.learning.features import cached_arrays, content_key, files_digest
-        from fedfer.agent.learning.ifer import restrict_probs
-        from fedfer.agent.learning.simulate import render_clips
-        from fedfer.agent.models import CLASS_SETS
+        from fedfer.agent.models.export import content_key
+        from fedfer.agent.records import CLASS_SETS
+        from fedfer.agent.training.cached import cached_arrays, files_digest
+        from fedfer.agent.training.data import read_gray
+        from fedfer.agent.training.ifer import restrict_probs
+        from fedfer.agent.training.simulate import render_clips
 
         key = content_key(
             "bench-clips/2",
@@ -427,7 +428,8 @@ def _timing(
     args: argparse.Namespace, v_arrays: dict[str, np.ndarray], subjects: list[_Subject]
 ) -> dict[str, Any]:
     """The device-side step at the worst case: exactly ``--timing-clips`` selected clips, plain and DP."""
-    from fedfer.agent.learning.dp import DPConfig, PrivacyBudget
+    from fedfer.agent.learning.dp import DPConfig
+    from fedfer.agent.learning.ledger import PrivacyBudget
     from fedfer.agent.learning.personalize import PersonalizeConfig, personalize
 
     # The timed runs keep every one of their clips (P = all, no threshold): exactly --timing-clips selected.
@@ -492,7 +494,7 @@ def _adapt(
         pseudo_labels,
         select_clips,
     )
-    from fedfer.agent.models import VideoModel, from_named_arrays
+    from fedfer.agent.models.video import VideoModel, from_named_arrays
 
     feats, probs = s.feats[s.adapt], s.probs[s.adapt]
     if oracle:
@@ -544,9 +546,10 @@ def _personalization(
     args: argparse.Namespace, v_model: Any, v_arrays: dict[str, np.ndarray], subjects: list[_Subject]
 ) -> dict[str, Any]:
     """The reported subjects with the paper's defaults: plain, DP-SGD, and the oracle; diagnostics."""
-    from fedfer.agent.learning.dp import DPConfig, PrivacyBudget
-    from fedfer.agent.learning.metrics import plot_subject_deltas, subject_deltas
+    from fedfer.agent.learning.dp import DPConfig
+    from fedfer.agent.learning.ledger import PrivacyBudget
     from fedfer.agent.learning.personalize import PersonalizeConfig
+    from fedfer.agent.training.metrics import plot_subject_deltas, subject_deltas
 
     pcfg = PersonalizeConfig()
     before, ifer_clip, after, after_dp, oracle = {}, {}, {}, {}, {}
@@ -609,8 +612,8 @@ def _tuning(
     reported: list[_Subject],
 ) -> dict[str, Any]:
     """Compare personalization settings on the tuning subjects; report the best one on the main subjects."""
-    from fedfer.agent.learning.metrics import subject_deltas
     from fedfer.agent.learning.personalize import PersonalizeConfig
+    from fedfer.agent.training.metrics import subject_deltas
 
     grid: dict[str, tuple[Any, bool]] = {
         "paper lr1e-3 ep2": (PersonalizeConfig(), False),
@@ -654,13 +657,13 @@ def _crema_sample(args: argparse.Namespace, net: Any, v: Any) -> dict[str, Any]:
     Pseudo labels (argmax of mean IFER probabilities per clip) against the crowd's face-only plurality
     (FaceVote), then the per-subject protocol on the one actor: 3 clips adapt, 3 clips test.
     """
-    from fedfer.agent.learning.crema import corpus_features, personalize_subjects
     from fedfer.agent.learning.personalize import PersonalizeConfig, pseudo_labels
-    from fedfer.agent.models import CLASS_SETS
+    from fedfer.agent.records import CLASS_SETS
+    from fedfer.agent.training.crema import corpus_features, personalize_subjects
 
     six = CLASS_SETS[6]
     root = args.assets / _SAMPLE
-    detector = args.assets / "models" / "mediapipe" / "face_detection_short_range.tflite"
+    detector = args.assets / DETECTOR_MODEL
     t0 = time.perf_counter()
     data = corpus_features(root, net, detector=detector, num_classes=6, fps=10.0)
     labels, confidence = pseudo_labels([c.probs for c in data])

@@ -17,9 +17,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedfer.agent.paths import write_atomic
 from fedfer.security import pki
 from fedfer.security.errors import FedferError, ValidationError
+from fedfer.security.files import write_atomic
 
 __all__ = ["DeviceState", "StateError", "parse_target", "write_private_file", "write_public_file"]
 
@@ -32,12 +32,12 @@ class StateError(FedferError):
 
 def write_private_file(path: Path, data: bytes) -> None:
     """Atomically write a secret file readable only by its owner (0600)."""
-    write_atomic(path, data, 0o600)
+    write_atomic(path, data, mode=0o600)
 
 
 def write_public_file(path: Path, data: bytes) -> None:
     """Atomically write a non-secret file (0644)."""
-    write_atomic(path, data, 0o644)
+    write_atomic(path, data, mode=0o644)
 
 
 @dataclass(frozen=True, repr=False)

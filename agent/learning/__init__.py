@@ -1,12 +1,12 @@
-"""Learning on top of ``f``: IFER ``g`` and VFER ``v`` training, unsupervised personalization, DP-SGD,
-the published peer (mini-Xception) and evaluation in the paper's table format.
+"""Learning on the device: the personalized ``v`` and what a device contributes to a round.
 
-Modules: ``data`` (ImageFolder and CREMA-D readers, splits), ``features`` (content-hash cache), ``ifer``,
-``vfer``, ``personalize``, ``dp`` (Opacus wrapper and per-device budget), ``peer``, ``simulate`` (simulated
-subjects), ``clips`` and ``crema`` (the clip path), ``metrics``, ``export`` (named arrays + manifest).
-Import the submodules directly; this package only re-exports the error types (importing torch is deferred).
+* :mod:`~fedfer.agent.learning.personalize`: unsupervised personalization of ``v`` on IFER pseudo labels
+  (PAPERS.md), optionally under DP-SGD;
+* :mod:`~fedfer.agent.learning.dp`: DP-SGD settings and Opacus' RDP arithmetic;
+* :mod:`~fedfer.agent.learning.update`: the round update ``Δv``, with optional user-level DP;
+* :mod:`~fedfer.agent.learning.ledger`: the privacy ledger that refuses what the budget cannot pay for.
+
+Central (offline) training is :mod:`fedfer.agent.training`.
 """
 
-from fedfer.agent.learning.errors import DatasetError, ModelFileError, PrivacyBudgetExceededError
-
-__all__ = ["DatasetError", "ModelFileError", "PrivacyBudgetExceededError"]
+__all__: list[str] = []

@@ -17,9 +17,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedfer.agent.learning.dp import DPConfig, PrivacyBudget, noise_for_target, rdp_epsilon
-from fedfer.agent.learning.errors import DatasetError
-from fedfer.agent.models import FEATURE_DIM, VideoModel, from_named_arrays, to_named_arrays
+from fedfer.agent.errors import DatasetError
+from fedfer.agent.learning.dp import DPConfig, noise_for_target, rdp_epsilon
+from fedfer.agent.learning.ledger import PrivacyBudget
+from fedfer.agent.models.video import VideoModel, from_named_arrays, to_named_arrays
+from fedfer.agent.records import FEATURE_DIM
 
 __all__ = [
     "PersonalizeConfig",

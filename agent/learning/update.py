@@ -2,10 +2,11 @@
 
 ``Δv = v_personal - v_central`` over the named arrays; with user-level DP the device clips Δv in L2 (over all
 arrays together) and adds its share ``sigma * C / sqrt(n)`` of Gaussian noise from the OS CSPRNG
-(:func:`security.dp.privatize_update`), so the sum secure aggregation reveals carries ``N(0, (sigma C)^2)``
-when ``n`` devices contribute (distributed DP, Kairouz et al. 2021; user-level DP for FedAvg, McMahan et al.
-2018). The per-round and cumulative epsilon come from :class:`security.dp.GaussianAccountant`;
-:class:`RoundBudget` keeps them per device in a JSON file and refuses a round once the budget is spent.
+(:func:`fedfer.security.dp.privatize_update`), so the sum secure aggregation reveals carries
+``N(0, (sigma C)^2)`` when ``n`` devices contribute (distributed DP, Kairouz et al. 2021; user-level DP for
+FedAvg, McMahan et al. 2018). The per-round and cumulative epsilon come from
+:class:`fedfer.security.dp.GaussianAccountant`; :class:`fedfer.agent.learning.ledger.RoundBudget` keeps them
+per device and refuses a round once the budget is spent.
 
 Limits of the guarantee, stated where they matter:
 
@@ -20,23 +21,18 @@ Limits of the guarantee, stated where they matter:
 
 from __future__ import annotations
 
-import json
 import math
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fedfer.agent.learning.errors import PrivacyBudgetExceededError
-from fedfer.agent.learning.export import atomic_write
-from fedfer.security.dp import GaussianAccountant, gaussian_epsilon, noise_share_std, privatize_update
+from fedfer.agent.learning.ledger import RoundBudget
+from fedfer.security.dp import gaussian_epsilon, noise_share_std, privatize_update
 from fedfer.security.errors import ValidationError
 
 __all__ = [
-    "RoundBudget",
     "RoundDPConfig",
     "apply_update",
     "model_delta",
@@ -156,102 +152,6 @@ class RoundDPConfig:
     def round_epsilon(self) -> float:
         """Epsilon of one round with these settings."""
         return gaussian_epsilon(self.noise_multiplier, 1, self.delta)
-
-
-class RoundBudget:
-    """A device's user-level DP budget over federated rounds, persisted as JSON at ``path``.
-
-    The file lists every round's noise multiplier (and its epsilon); the cumulative epsilon is recomputed
-    from them by RDP composition (:class:`security.dp.GaussianAccountant`).
-
-    Args:
-        path: the budget file (created on the first recorded round).
-        epsilon_limit: total epsilon the device may spend on rounds.
-        delta: the delta every epsilon is reported at (the file must have been kept at the same delta).
-
-    Raises:
-        ValidationError: bad limits, or an unreadable budget file (it is never silently reset).
-    """
-
-    def __init__(self, *, path: Path, epsilon_limit: float, delta: float = 1e-5) -> None:
-        if (
-            isinstance(epsilon_limit, bool)
-            or not isinstance(epsilon_limit, int | float)
-            or not 0 < epsilon_limit < math.inf
-        ):
-            raise ValidationError("epsilon_limit must be a positive finite number")
-        GaussianAccountant(delta=delta)  # validates delta
-        self.path = Path(path)
-        self.epsilon_limit = float(epsilon_limit)
-        self.delta = delta
-        self.rounds: list[dict[str, Any]] = []
-        if self.path.is_file():
-            self._load()
-
-    def _load(self) -> None:
-        try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-            rounds = [dict(r) for r in data["rounds"]]
-            for r in rounds:
-                float(r["noise_multiplier"])
-            kept_at = float(data["delta"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ValidationError("round privacy budget file is unreadable") from exc
-        if kept_at != self.delta:
-            raise ValidationError("round privacy budget file was kept at a different delta")
-        self.rounds = rounds
-
-    def _total(self, sigmas: list[float]) -> float:
-        acc = GaussianAccountant(delta=self.delta)
-        for s in sigmas:
-            acc.step(s)
-        return acc.epsilon()
-
-    def spent(self) -> float:
-        """Cumulative epsilon of every recorded round."""
-        return self._total([float(r["noise_multiplier"]) for r in self.rounds])
-
-    def check(self, noise_multiplier: float | None = None) -> float:
-        """Raise if the budget is spent, or would be by one more round at ``noise_multiplier``.
-
-        Returns:
-            The cumulative epsilon after that round (the current one without ``noise_multiplier``).
-
-        Raises:
-            PrivacyBudgetExceededError: no budget left for a round.
-        """
-        sigmas = [float(r["noise_multiplier"]) for r in self.rounds]
-        if sigmas and self._total(sigmas) >= self.epsilon_limit:
-            raise PrivacyBudgetExceededError("the device's round privacy budget is spent; joining refused")
-        if noise_multiplier is None:
-            return self._total(sigmas)
-        after = self._total([*sigmas, float(noise_multiplier)])
-        if after > self.epsilon_limit + 1e-9:
-            raise PrivacyBudgetExceededError(
-                "this round would exceed the device's round privacy budget; refused"
-            )
-        return after
-
-    def record(self, noise_multiplier: float, *, note: str = "") -> tuple[float, float]:
-        """Persist one round (atomically); returns ``(epsilon of this round, cumulative epsilon)``."""
-        sigma = float(noise_multiplier)
-        one = gaussian_epsilon(sigma, 1, self.delta)
-        self.rounds.append({"time": time.time(), "noise_multiplier": sigma, "epsilon": one, "note": note})
-        total = self.spent()
-        data = {
-            "delta": self.delta,
-            "epsilon_limit": self.epsilon_limit,
-            "epsilon_total": total,
-            "rounds": self.rounds,
-        }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.path, json.dumps(data, indent=1).encode("utf-8"))
-        return one, total
-
-    def __repr__(self) -> str:
-        return (
-            f"RoundBudget(rounds={len(self.rounds)}, spent={self.spent():.3f}, limit={self.epsilon_limit:g})"
-        )
 
 
 def round_contribution(

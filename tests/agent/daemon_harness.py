@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 
 from fedfer.agent.config import apply_path_overrides, load_config, parse_config
-from fedfer.agent.control import ControlClient, ControlError
+from fedfer.agent.daemon.control import ControlClient, ControlError
 from fedfer.agent.records import FrameRecord
-from fedfer.agent.service import open_cache
+from fedfer.agent.store.device import open_cache
 
 FAST_DAEMON = """
 [daemon]

@@ -17,7 +17,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedfer.agent.cache import (
+from fedfer.agent.records import FrameRecord
+from fedfer.agent.store.cache import (
     DB_NAME,
     KEY_FILE_NAME,
     CacheError,
@@ -28,14 +29,13 @@ from fedfer.agent.cache import (
     decode_frame,
     encode_frame,
 )
-from fedfer.agent.cache_keys import (
+from fedfer.agent.store.keys import (
     FileKeyStore,
     InsecureKeyFileError,
     KeyringKeyStore,
     KeyStoreError,
     default_key_store,
 )
-from fedfer.agent.records import FrameRecord
 from fedfer.security.envelope import KeyEncryptionKey
 from fedfer.security.errors import IntegrityError, ValidationError
 

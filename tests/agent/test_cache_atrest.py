@@ -10,8 +10,8 @@ import cv2
 import numpy as np
 import pytest
 
-from fedfer.agent.atrest_scan import AtRestScanner, scan_paths
-from fedfer.agent.cache import FeatureCache
+from fedfer.agent.store.cache import FeatureCache
+from fedfer.bench.atrest import AtRestScanner, scan_paths
 from fedfer.security.errors import ValidationError
 from tests.agent.test_cache import make_records
 
@@ -95,7 +95,7 @@ def test_random_bytes_and_source_text_are_clean() -> None:
     scanner = AtRestScanner()
     assert scanner.scan_bytes(noise(1 << 20)) == []
     repo = Path(__file__).resolve().parents[2]
-    mine = ["agent/cache.py", "agent/cache_keys.py", "agent/atrest_scan.py", "security/envelope.py"]
+    mine = ["agent/store/cache.py", "agent/store/keys.py", "bench/atrest.py", "security/envelope.py"]
     source = b"\n".join((repo / name).read_bytes() for name in mine)
     assert len(source) > 50_000
     assert scanner.scan_bytes(source) == []

@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedfer.agent.cache import DB_NAME, KEY_FILE_NAME, BlobNotFoundError, FeatureCache
-from fedfer.agent.cache_keys import FileKeyStore
-from fedfer.agent.learning.errors import ModelFileError
-from fedfer.agent.learning.export import pack_exported, unpack_exported
+from fedfer.agent.errors import ModelFileError
+from fedfer.agent.models.export import pack_exported, unpack_exported
 from fedfer.agent.records import FrameRecord
+from fedfer.agent.store.cache import DB_NAME, KEY_FILE_NAME, BlobNotFoundError, FeatureCache
+from fedfer.agent.store.keys import FileKeyStore
 from fedfer.security.envelope import RecordKind
 from fedfer.security.errors import IntegrityError, ValidationError
 from tests.agent.test_cache import make_records, same

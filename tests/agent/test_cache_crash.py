@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from fedfer.agent.cache import FeatureCache
+from fedfer.agent.store.cache import FeatureCache
 from tests.agent.test_cache import make_records, same
 
 REPO = Path(__file__).resolve().parents[2]
@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 WRITER = textwrap.dedent(
     """
     import sys
-    from fedfer.agent.cache import FeatureCache
+    from fedfer.agent.store.cache import FeatureCache
     from tests.agent.test_cache import make_records
 
     directory, batch, sync = sys.argv[1], int(sys.argv[2]), sys.argv[3]
@@ -41,7 +41,7 @@ WRITER = textwrap.dedent(
 CHURN = textwrap.dedent(
     """
     import sys
-    from fedfer.agent.cache import FeatureCache
+    from fedfer.agent.store.cache import FeatureCache
     from tests.agent.test_cache import make_records
 
     cache = FeatureCache(sys.argv[1], synchronous="NORMAL")

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from fedfer.agent.cache import RESERVE_NAME, CacheFullError, FeatureCache, SessionNotFoundError
 from fedfer.agent.records import FrameRecord
+from fedfer.agent.store.cache import RESERVE_NAME, CacheFullError, FeatureCache, SessionNotFoundError
 from tests.agent.small_disk import mounted_tmpfs
 from tests.agent.test_cache import make_records, same
 

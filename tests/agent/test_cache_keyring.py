@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from fedfer.agent.cache import KEY_FILE_NAME, FeatureCache
-from fedfer.agent.cache_keys import (
+from fedfer.agent.store.cache import KEY_FILE_NAME, FeatureCache
+from fedfer.agent.store.keys import (
     FileKeyStore,
     KeyringKeyStore,
     KeyStoreError,
@@ -159,7 +159,7 @@ def test_auto_picks_the_keyring_for_a_new_cache_and_keeps_an_existing_key_file(
 
 def test_open_cache_uses_the_configured_key_store(keyring: FakeKeyring, tmp_path: Path) -> None:
     from fedfer.agent.config import config_from_dict
-    from fedfer.agent.service import open_cache
+    from fedfer.agent.store.device import open_cache
 
     assert config_from_dict({}).cache.key_store == "auto"
     for mode, in_keyring in (("auto", True), ("file", False), ("keyring", True)):

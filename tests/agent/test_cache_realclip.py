@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedfer.agent.atrest_scan import AtRestScanner
-from fedfer.agent.cache import FeatureCache
-from fedfer.agent.capture import VideoSource
-from fedfer.agent.faces import FaceDetector
-from fedfer.agent.models import IferHead
-from fedfer.agent.pipeline import IferModel, VisionPipeline
+from fedfer.agent.capture.video import VideoSource
+from fedfer.agent.models.ifer import IferHead
+from fedfer.agent.store.cache import FeatureCache
+from fedfer.agent.vision.faces import FaceDetector
+from fedfer.agent.vision.pipeline import IferModel, VisionPipeline
+from fedfer.bench.atrest import AtRestScanner
 from tests.agent.vision_support import CLIPS, DETECTOR, tflite_extractor
 
 CLIP = "1001_DFA_HAP_XX.flv"

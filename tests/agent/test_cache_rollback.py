@@ -5,7 +5,7 @@ the copy back. Every seal, forget, retention drop, purge and explicit rotation r
 store keeps only the current one, so a copy from before the latest of these no longer opens. A copy taken
 after it can only lose what was appended to still-open sessions since; and a rollback of the key store
 together with the index cannot be detected at all. Both limits are in the module docstring of
-agent/cache.py and in docs/privacy.md, and are tested here as documented.
+agent/store/cache.py and in docs/privacy.md, and are tested here as documented.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from fedfer.agent.cache import DB_NAME, KEY_FILE_NAME, FeatureCache
-from fedfer.agent.cache_keys import FileKeyStore
+from fedfer.agent.store.cache import DB_NAME, KEY_FILE_NAME, FeatureCache
+from fedfer.agent.store.keys import FileKeyStore
 from fedfer.security.errors import IntegrityError
 from tests.agent.test_cache import make_records, same
 from tests.agent.test_cache_shredding import cache_id_of, cannot_decrypt, session_secrets

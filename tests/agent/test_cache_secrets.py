@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from fedfer.agent.cache import KEY_FILE_NAME, FeatureCache, SessionNotFoundError
-from fedfer.agent.cache_keys import FileKeyStore, InsecureKeyFileError
+from fedfer.agent.store.cache import KEY_FILE_NAME, FeatureCache, SessionNotFoundError
+from fedfer.agent.store.keys import FileKeyStore, InsecureKeyFileError
 from fedfer.security.envelope import DataKey, KeyEncryptionKey
 from fedfer.security.errors import FedferError
 from tests.agent.test_cache import make_records

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fedfer.agent.cache import DB_NAME, KEY_FILE_NAME, FeatureCache, SessionNotFoundError
-from fedfer.agent.cache_keys import FileKeyStore
+from fedfer.agent.store.cache import DB_NAME, KEY_FILE_NAME, FeatureCache, SessionNotFoundError
+from fedfer.agent.store.keys import FileKeyStore
 from fedfer.security.envelope import KeyEncryptionKey, RecordKind
 from fedfer.security.errors import IntegrityError
 from tests.agent.test_cache import make_records, same

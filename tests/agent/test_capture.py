@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedfer.agent.capture import (
+from fedfer.agent.capture.video import (
     CaptureError,
     Frame,
     SourceUnavailableError,

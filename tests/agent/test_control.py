@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import zmq
 
-from fedfer.agent.control import ControlClient, ControlError, parse_request
-from fedfer.agent.lock import AgentLockedError, InsecurePathError, StateDirLock, ensure_private_dir
+from fedfer.agent.daemon.control import ControlClient, ControlError, parse_request
+from fedfer.agent.daemon.lock import AgentLockedError, StateDirLock
+from fedfer.agent.files import InsecurePathError, ensure_private_dir
 from tests.agent.daemon_harness import Agent, write_config
 
 
@@ -216,7 +217,7 @@ def test_cli_without_agent_fails_clearly(tmp_path: Path) -> None:
 
 def test_supervisor_refuses_a_state_dir_others_can_reach(tmp_path: Path) -> None:
     from fedfer.agent.config import AgentConfig, apply_path_overrides
-    from fedfer.agent.supervisor import Supervisor
+    from fedfer.agent.daemon.supervisor import Supervisor
 
     state = tmp_path / "state"
     state.mkdir(mode=0o755)

@@ -15,21 +15,14 @@ import numpy as np
 import pytest
 import zmq
 
-from fedfer.agent.cache import FeatureCache, SessionNotFoundError, _key_binding
-from fedfer.agent.cache_keys import FileKeyStore
 from fedfer.agent.config import apply_path_overrides, parse_config
-from fedfer.agent.control import ControlError
+from fedfer.agent.daemon.control import ControlError
+from fedfer.agent.daemon.wire import decode_file_end, decode_record, encode_file_end, encode_record
 from fedfer.agent.records import FrameRecord
-from fedfer.agent.service import (
-    CacheSink,
-    FileEnd,
-    FileOrigin,
-    decode_file_end,
-    decode_record,
-    encode_file_end,
-    encode_record,
-    open_cache,
-)
+from fedfer.agent.store.cache import FeatureCache, SessionNotFoundError, _key_binding
+from fedfer.agent.store.device import open_cache
+from fedfer.agent.store.keys import FileKeyStore
+from fedfer.agent.store.sink import CacheSink, FileEnd, FileOrigin
 from fedfer.security.errors import IntegrityError
 from tests.agent.daemon_harness import Agent, wait_gone, write_config
 

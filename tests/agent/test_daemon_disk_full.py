@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from fedfer.agent.control import ControlClient
+from fedfer.agent.daemon.control import ControlClient
 from tests.agent.daemon_harness import Agent
 from tests.agent.small_disk import mounted_tmpfs
 from tests.agent.test_daemon_files import CLIPS, DAEMON, _cached, _clips, _config, _done, _reference

@@ -10,7 +10,8 @@ from typing import Any
 import zmq
 
 from fedfer.agent.config import apply_path_overrides, parse_config
-from fedfer.agent.workers import Worker, endpoint
+from fedfer.agent.daemon.wire import endpoint
+from fedfer.agent.daemon.worker import Worker
 
 
 class _Idle(Worker):

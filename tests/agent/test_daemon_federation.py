@@ -17,10 +17,10 @@ import pytest
 from fedfer.agent.config import apply_path_overrides, parse_config
 from fedfer.agent.federation.enroll import enroll
 from fedfer.agent.federation.state import DeviceState
-from fedfer.agent.learning.export import load_exported
-from fedfer.agent.models import VideoModel, to_named_arrays
+from fedfer.agent.models.export import load_exported
+from fedfer.agent.models.video import VideoModel, to_named_arrays
 from fedfer.agent.records import FrameRecord
-from fedfer.agent.service import open_cache
+from fedfer.agent.store.device import open_cache
 from tests.agent.daemon_harness import Agent, cached_features, wait_gone, write_config
 from tests.integration.federation_harness import Deployment
 

@@ -18,22 +18,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedfer.agent.capture.ledger import ProcessedFiles
+from fedfer.agent.capture.sources import PROCESSED_FILE, SegmentEnd, SourceSequence, open_source
+from fedfer.agent.capture.video import Frame
 from fedfer.agent.config import apply_path_overrides, parse_config
-from fedfer.agent.ledger import ProcessedFiles
 from fedfer.agent.records import FrameRecord
-from fedfer.agent.service import (
-    PROCESSED_FILE,
-    CacheSink,
-    FileEnd,
-    FileOrigin,
-    Frame,
-    SegmentEnd,
-    SessionCutter,
-    SourceSequence,
-    open_cache,
-    open_record_sink,
-    open_source,
-)
+from fedfer.agent.store.device import open_cache
+from fedfer.agent.store.sink import CacheSink, FileEnd, FileOrigin, open_record_sink
+from fedfer.agent.vision.sessions import SessionCutter
 from tests.agent.daemon_harness import Agent, wait_gone
 
 CLIPS = ("1001_DFA_HAP_XX.flv", "1001_DFA_SAD_XX.flv", "1001_DFA_ANG_XX.flv")
@@ -190,7 +182,7 @@ def _reference(config, clips: Path) -> list[tuple[float, ...]]:  # type: ignore[
     The vision stage makes a record exactly for each frame the detector finds a face in (at the frame's
     timestamp), so the detector alone (real MediaPipe, the daemon's settings) gives what must be cached.
     """
-    from fedfer.agent.faces import FaceDetector
+    from fedfer.agent.vision.faces import FaceDetector
 
     vision = config.vision
     detector = FaceDetector(

@@ -15,12 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedfer.agent.capture import CaptureError, SourceUnavailableError
+from fedfer.agent.capture.sources import SourceSequence
+from fedfer.agent.capture.video import CaptureError, SourceUnavailableError
 from fedfer.agent.config import apply_path_overrides, parse_config
 from fedfer.agent.federation.enroll import enroll
-from fedfer.agent.models import VideoModel, to_named_arrays
+from fedfer.agent.models.video import VideoModel, to_named_arrays
 from fedfer.agent.records import FrameRecord
-from fedfer.agent.service import SourceSequence, open_cache
+from fedfer.agent.store.device import open_cache
 from tests.agent.daemon_harness import Agent, wait_gone, write_config
 from tests.integration.federation_harness import Deployment
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from fedfer.agent.config import apply_path_overrides, parse_config
-from fedfer.agent.control import ControlError
+from fedfer.agent.daemon.control import ControlError
 from fedfer.agent.records import FrameRecord
-from fedfer.agent.service import load_personal_model, open_cache
+from fedfer.agent.store.device import load_personal_model, open_cache
 from tests.agent.daemon_harness import Agent, write_config
 
 pytestmark = pytest.mark.slow

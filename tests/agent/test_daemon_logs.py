@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pytest
 
-from fedfer.agent.logs import REDACTED, JsonFormatter, RedactingFilter, configure_logging, redact
+from fedfer.agent.daemon.logs import REDACTED, JsonFormatter, RedactingFilter, configure_logging, redact
 from fedfer.agent.records import FrameRecord
 
 

@@ -230,8 +230,8 @@ def _fake_tools(folder: Path, calls: Path, *, uid: int | None = None) -> Path:
 @pytest.fixture(scope="module")
 def ifer_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real IFER export written by ``save_ifer`` (weights untrained: installation is under test here)."""
-    from fedfer.agent.learning.ifer import FaceNet, save_ifer
-    from fedfer.agent.mobilenet import MobileNetV2, Normalization
+    from fedfer.agent.models.ifer import FaceNet, save_ifer
+    from fedfer.agent.models.mobilenet import MobileNetV2, Normalization
 
     net = FaceNet(
         backbone=MobileNetV2(),
@@ -276,8 +276,8 @@ def test_systemd_install_provisions_verified_models_and_an_ifer_export(
     tmp_path: Path, assets: Path, ifer_export: Path
 ) -> None:
     from fedfer.agent.config import apply_path_overrides, load_config
-    from fedfer.agent.provision import DETECTOR, IFER_DIR, MOBILENET_TFLITE
-    from fedfer.agent.service import ifer_untrained, startup_warnings
+    from fedfer.agent.daemon.preflight import ifer_untrained, startup_warnings
+    from fedfer.agent.models.provision import DETECTOR, IFER_DIR, MOBILENET_TFLITE
 
     calls = tmp_path / "calls.log"
     prefix, conf, units = tmp_path / "opt", tmp_path / "etc", tmp_path / "units"
@@ -315,10 +315,10 @@ def test_systemd_install_provisions_verified_models_and_an_ifer_export(
     )
     assert config.vision.ifer_model == IFER_DIR and not ifer_untrained(config)
     assert startup_warnings(config) == []
-    from fedfer.agent.capture import VideoSource
-    from fedfer.agent.pipeline import daemon_stage
+    from fedfer.agent.capture.video import VideoSource
+    from fedfer.agent.vision.pipeline import open_vision
 
-    stage = daemon_stage(config)
+    stage = open_vision(config)
     try:
         with VideoSource(
             source=next((assets / "data" / "crema-d-sample").glob("*.flv")), max_frames=3
@@ -345,7 +345,7 @@ def test_systemd_install_provisions_verified_models_and_an_ifer_export(
 
 @pytest.mark.slow
 def test_install_refuses_a_model_file_that_fails_its_pinned_digest(tmp_path: Path, assets: Path) -> None:
-    from fedfer.agent.provision import DETECTOR
+    from fedfer.agent.models.provision import DETECTOR
 
     source = tmp_path / "assets"
     bad = source / DETECTOR.relative
@@ -369,7 +369,7 @@ def test_launchd_install_renders_a_user_agent_with_provisioned_models(
     tmp_path: Path, assets: Path, ifer_export: Path
 ) -> None:
     from fedfer.agent.config import load_config
-    from fedfer.agent.provision import DETECTOR, IFER_DIR
+    from fedfer.agent.models.provision import DETECTOR, IFER_DIR
 
     calls = tmp_path / "calls.log"
     home = tmp_path / "home"

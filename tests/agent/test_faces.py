@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedfer.agent.capture import VideoSource
-from fedfer.agent.faces import FaceDetector, square_crop
-from fedfer.agent.mobilenet import WeightsError
+from fedfer.agent.capture.video import VideoSource
+from fedfer.agent.models.weights import WeightsError
+from fedfer.agent.vision.faces import FaceDetector, square_crop
 from fedfer.security.errors import ValidationError
 from tests.agent import vision_support as vs
 
@@ -78,7 +78,7 @@ def test_model_digest_is_enforced(assets: Path, tmp_path: Path) -> None:
     with pytest.raises(WeightsError, match="not readable"):
         FaceDetector(model_path=tmp_path / "missing.tflite")
     # The real detector, but pinned to another model's digest (the MobileNetV2 file's): refused.
-    from fedfer.agent.weights import sha256_file
+    from fedfer.agent.models.weights import sha256_file
 
     with pytest.raises(WeightsError):
         FaceDetector(model_path=assets / vs.DETECTOR, sha256=sha256_file(assets / vs.TFLITE))

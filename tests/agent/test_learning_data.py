@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from fedfer.agent.learning.data import (
+from fedfer.agent.errors import DatasetError
+from fedfer.agent.records import CLASS_SETS
+from fedfer.agent.training.data import (
     crema_label,
     crema_vote_labels,
     list_image_folder,
@@ -16,8 +18,6 @@ from fedfer.agent.learning.data import (
     scan_crema_clips,
     subject_split,
 )
-from fedfer.agent.learning.errors import DatasetError
-from fedfer.agent.models import CLASS_SETS
 
 
 def test_fer2013_test_listing_maps_folders_to_the_class_sets(assets: Path) -> None:
@@ -99,7 +99,7 @@ def test_scan_crema_sample_joins_the_six_real_clips(assets: Path) -> None:
 
 def test_crema_responses_reader_counts_votes_per_modality(tmp_path: Path) -> None:
     # The documented finishedResponses.csv columns (the full corpus file is not on this machine).
-    from fedfer.agent.learning.data import read_crema_responses
+    from fedfer.agent.training.data import read_crema_responses
 
     rows = [
         ("1", "1001_DFA_ANG_XX", "2", "A"),

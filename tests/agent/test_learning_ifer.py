@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 
 from fedfer.agent.cli import main
-from fedfer.agent.learning.crema import corpus_features
-from fedfer.agent.learning.errors import DatasetError, ModelFileError
-from fedfer.agent.learning.export import load_exported
-from fedfer.agent.learning.ifer import FaceNet, load_backbone, load_ifer, prefix_activations
-from fedfer.agent.learning.vfer import save_vfer
-from fedfer.agent.models import CLASS_SETS, VideoModel
+from fedfer.agent.errors import DatasetError, ModelFileError
+from fedfer.agent.models.export import load_exported
+from fedfer.agent.models.ifer import FaceNet, load_backbone, load_ifer
+from fedfer.agent.models.video import VideoModel
+from fedfer.agent.records import CLASS_SETS
+from fedfer.agent.training.crema import corpus_features
+from fedfer.agent.training.ifer import prefix_activations
+from fedfer.agent.training.vfer import save_vfer
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +95,7 @@ def test_eval_ifer_json_on_real_test_images(
 def test_prefix_activations_are_cached_by_content(
     assets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from fedfer.agent.learning.data import list_image_folder
+    from fedfer.agent.training.data import list_image_folder
 
     monkeypatch.setenv("FEDFER_CACHE", str(tmp_path))
     backbone, norm = load_backbone(
@@ -178,7 +180,7 @@ def test_cli_rejects_bad_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert rc == 2
     assert "manifest" in capsys.readouterr().err
     with pytest.raises(DatasetError):
-        from fedfer.agent.learning.data import list_image_folder
+        from fedfer.agent.training.data import list_image_folder
 
         list_image_folder(tmp_path, 6)
 
@@ -204,7 +206,7 @@ def test_train_ifer_recipe_trains_once_then_loads_by_content_hash(
 
 
 def test_dev_split_is_a_reproducible_disjoint_tenth(assets: Path) -> None:
-    from fedfer.agent.learning.data import dev_split, hash_order, list_image_folder
+    from fedfer.agent.training.data import dev_split, hash_order, list_image_folder
 
     items = list_image_folder(assets / "data" / "fer2013" / "train", 6)[::50]
     dev, train = dev_split(items)

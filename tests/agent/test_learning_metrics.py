@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedfer.agent.learning.errors import ModelFileError
-from fedfer.agent.learning.export import load_exported, save_exported
-from fedfer.agent.learning.metrics import (
+from fedfer.agent.errors import ModelFileError
+from fedfer.agent.models.export import load_exported, save_exported
+from fedfer.agent.models.video import VideoModel, to_named_arrays
+from fedfer.agent.training.metrics import (
     ClassReport,
     classification_report,
     format_report,
@@ -18,8 +19,7 @@ from fedfer.agent.learning.metrics import (
     plot_subject_deltas,
     subject_deltas,
 )
-from fedfer.agent.learning.vfer import load_vfer, save_vfer, soft_targets
-from fedfer.agent.models import VideoModel, to_named_arrays
+from fedfer.agent.training.vfer import load_vfer, save_vfer, soft_targets
 from fedfer.security.errors import ValidationError
 
 
@@ -82,7 +82,7 @@ def test_soft_targets_mask_zero_votes() -> None:
     t = soft_targets(np.array([[3, 0, 1], [0, 2, 0]]))
     assert t[0, 1] == 0.0 and t[1].tolist() == [0.0, 1.0, 0.0]
     assert t[0, 0] == pytest.approx(np.exp(3) / (np.exp(3) + np.exp(1)))
-    from fedfer.agent.learning.errors import DatasetError
+    from fedfer.agent.errors import DatasetError
 
     with pytest.raises(DatasetError):
         soft_targets(np.array([[0, 0]]))

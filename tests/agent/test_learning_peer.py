@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from fedfer.agent.learning.data import list_image_folder, read_gray
-from fedfer.agent.learning.errors import ModelFileError
-from fedfer.agent.learning.peer import PEER_CLASSES, load_peer, peer_preprocess
+from fedfer.agent.errors import ModelFileError
+from fedfer.agent.training.data import list_image_folder, read_gray
+from fedfer.agent.training.peer import PEER_CLASSES, load_peer, peer_preprocess
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def test_peer_classifies_real_faces_far_better_than_chance(assets: Path, peer_pa
     items = list_image_folder(assets / "data" / "fer2013" / "test", 7)
     # 25 PublicTest/PrivateTest faces of every class (FER2013 folder order -> the peer's class order).
     ours = ("anger", "disgust", "fear", "happiness", "sadness", "surprise", "neutral")
-    from fedfer.agent.models import CLASS_SETS
+    from fedfer.agent.records import CLASS_SETS
 
     by_class: dict[int, list[Path]] = {}
     for it in items:

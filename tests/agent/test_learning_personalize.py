@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from fedfer.agent.learning.dp import DPConfig, PrivacyBudget
-from fedfer.agent.learning.errors import DatasetError, PrivacyBudgetExceededError
+from fedfer.agent.errors import DatasetError, PrivacyBudgetExceededError
+from fedfer.agent.learning.dp import DPConfig
+from fedfer.agent.learning.ledger import PrivacyBudget
 from fedfer.agent.learning.personalize import (
     PersonalizeConfig,
     finetune_v,
@@ -19,7 +20,7 @@ from fedfer.agent.learning.personalize import (
     pseudo_labels,
     select_clips,
 )
-from fedfer.agent.models import VideoModel, to_named_arrays
+from fedfer.agent.models.video import VideoModel, to_named_arrays
 
 
 def test_pseudo_label_is_argmax_of_the_mean_of_frame_probabilities() -> None:

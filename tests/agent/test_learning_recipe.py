@@ -14,21 +14,22 @@ import pytest
 import torch
 from torch import nn
 
-from fedfer.agent.learning.augment import FaceAugment, augment_faces
-from fedfer.agent.learning.checkpoint import Checkpoint
-from fedfer.agent.learning.data import LabelledImage, list_image_folder
-from fedfer.agent.learning.errors import DatasetError, ModelFileError
-from fedfer.agent.learning.ifer import FaceNet, IferTrainConfig, load_backbone, load_images, train_ifer_images
-from fedfer.agent.learning.metrics import classification_report
-from fedfer.agent.learning.recipe import (
+from fedfer.agent.errors import DatasetError, ModelFileError
+from fedfer.agent.models.ifer import FaceNet, load_backbone
+from fedfer.agent.records import CLASS_SETS
+from fedfer.agent.training.augment import FaceAugment, augment_faces
+from fedfer.agent.training.checkpoint import Checkpoint
+from fedfer.agent.training.data import LabelledImage, list_image_folder
+from fedfer.agent.training.ifer import IferTrainConfig, load_images, train_ifer_images
+from fedfer.agent.training.metrics import classification_report
+from fedfer.agent.training.recipe import (
     CHECKPOINT_NAME,
     IferRecipe,
     initial_digest,
     recipe_key,
     train_or_load_ifer,
 )
-from fedfer.agent.models import CLASS_SETS
-from fedfer.agent.pipeline import ExportedIferModel
+from fedfer.agent.vision.pipeline import ExportedIferModel
 
 CLASS_SETS_7 = CLASS_SETS[7]
 TFLITE = Path("models/mobilenet_v2_tflite/mobilenet_v2_1.0_224_quant.tflite")
@@ -175,7 +176,7 @@ def test_an_interrupted_training_resumes_after_its_last_epoch_and_ends_with_the_
     with pytest.raises(KeyboardInterrupt):
         _resumable_run(assets, items, resumed_at, stop_at=2)
     assert resumed_at.load() is not None and resumed_at.load()["epoch"] == 1  # type: ignore[index]
-    with caplog.at_level("INFO", logger="fedfer.agent.learning.ifer"):
+    with caplog.at_level("INFO", logger="fedfer.agent.training.ifer"):
         resumed, resumed_res = _resumable_run(assets, items, resumed_at)
     assert "resumed after epoch 1 of 3" in caplog.text
     assert resumed.weights_digest() == whole.weights_digest()  # bit for bit the uninterrupted model
@@ -191,7 +192,7 @@ def test_an_interrupted_training_resumes_after_its_last_epoch_and_ends_with_the_
         path = tmp_path / f"{name}.pt"
         path.write_bytes((tmp_path / "cut.pt").read_bytes()[: damage or None])
         caplog.clear()
-        with caplog.at_level("WARNING", logger="fedfer.agent.learning.checkpoint"):
+        with caplog.at_level("WARNING", logger="fedfer.agent.training.checkpoint"):
             again, again_res = _resumable_run(assets, items, Checkpoint(path, "run" if damage else "another"))
         assert "starting over" in caplog.text, name
         assert [int(r["epoch"]) for r in again_res.history] == [1, 2, 3]
@@ -210,7 +211,7 @@ def test_recipe_model_is_cached_by_content_and_reused(
     assert not (first.manifest.parent / CHECKPOINT_NAME).exists()  # removed once the model was saved
     assert first.manifest.parent.name == first.key and len(first.history) == 1
 
-    import fedfer.agent.learning.recipe as recipe_module
+    import fedfer.agent.training.recipe as recipe_module
 
     def no_training(*args: object, **kwargs: object) -> None:
         raise AssertionError("the cached model must be reused, not trained again")
@@ -257,7 +258,7 @@ def test_recipe_model_is_cached_by_content_and_reused(
 
 
 def test_class_bias_undoes_an_over_predicted_class() -> None:
-    from fedfer.agent.learning.calibrate import fit_class_bias
+    from fedfer.agent.training.calibrate import fit_class_bias
 
     classes = CLASS_SETS_7
     rng = np.random.default_rng(0)
@@ -281,7 +282,7 @@ def test_class_bias_undoes_an_over_predicted_class() -> None:
 
 
 def test_apply_class_bias_rescales_probabilities_only(assets: Path, items: list[LabelledImage]) -> None:
-    from fedfer.agent.learning.calibrate import apply_class_bias
+    from fedfer.agent.training.calibrate import apply_class_bias
 
     net = _net(assets, split=17, size=32)
     faces = load_images(items[:6])
@@ -299,7 +300,7 @@ def test_apply_class_bias_rescales_probabilities_only(assets: Path, items: list[
 def test_calibrated_export_is_fitted_on_dev_and_cached(
     assets: Path, items: list[LabelledImage], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from fedfer.agent.learning.recipe import calibrate_or_load
+    from fedfer.agent.training.recipe import calibrate_or_load
 
     monkeypatch.setenv("FEDFER_CACHE", str(tmp_path / "cache"))
     recipe = IferRecipe(input_size=32, split=17, train=dataclasses.replace(TINY, epochs=1), calibration=16)

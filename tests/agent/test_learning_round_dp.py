@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedfer.agent.daemon.jobs import ROUND_BUDGET_FILE
 from fedfer.agent.federation.enroll import enroll
-from fedfer.agent.models import VideoModel, to_named_arrays
-from fedfer.agent.service import ROUND_BUDGET_FILE
+from fedfer.agent.models.video import VideoModel, to_named_arrays
 from fedfer.security.dp import gaussian_epsilon
 from tests.agent.daemon_harness import Agent, fill_cache, write_config
 from tests.integration.federation_harness import Deployment

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedfer.agent.learning.data import list_image_folder, read_gray
-from fedfer.agent.learning.errors import DatasetError
-from fedfer.agent.learning.simulate import make_styles, render_clips
+from fedfer.agent.errors import DatasetError
+from fedfer.agent.training.data import list_image_folder, read_gray
+from fedfer.agent.training.simulate import make_styles, render_clips
 
 
 def test_subject_clips_are_jittered_views_with_a_consistent_shift(assets: Path) -> None:

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedfer.agent.learning.errors import PrivacyBudgetExceededError
+from fedfer.agent.errors import PrivacyBudgetExceededError
+from fedfer.agent.learning.ledger import RoundBudget
 from fedfer.agent.learning.update import (
-    RoundBudget,
     RoundDPConfig,
     apply_update,
     model_delta,
@@ -18,7 +18,7 @@ from fedfer.agent.learning.update import (
     private_delta,
     round_contribution,
 )
-from fedfer.agent.models import VideoModel, to_named_arrays
+from fedfer.agent.models.video import VideoModel, to_named_arrays
 from fedfer.security.dp import GaussianAccountant, gaussian_epsilon
 from fedfer.security.errors import ValidationError
 

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 
 from fedfer.agent.cli import main
-from fedfer.agent.learning.crema import corpus_split
-from fedfer.agent.learning.data import crema_vote_labels, read_crema_summary
-from fedfer.agent.learning.export import load_exported
-from fedfer.agent.learning.ifer import FaceNet, load_backbone, save_ifer
-from fedfer.agent.learning.vfer import load_vfer
-from fedfer.agent.models import CLASS_SETS
+from fedfer.agent.models.export import load_exported
+from fedfer.agent.models.ifer import FaceNet, load_backbone, save_ifer
+from fedfer.agent.records import CLASS_SETS
+from fedfer.agent.training.crema import corpus_split
+from fedfer.agent.training.data import crema_vote_labels, read_crema_summary
+from fedfer.agent.training.vfer import load_vfer
 from tests.agent.crema_layout import build_crema_layout
 
 

@@ -10,15 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from fedfer.agent.mobilenet import (
-    IMAGENET_NORMALIZATION,
-    TF_NORMALIZATION,
-    FeatureExtractor,
-    MobileNetV2,
-    WeightsError,
-    load_feature_extractor,
-)
-from fedfer.agent.tflite_convert import BN_EPS, load_converted
+from fedfer.agent.models.extractor import FeatureExtractor, load_feature_extractor
+from fedfer.agent.models.mobilenet import IMAGENET_NORMALIZATION, TF_NORMALIZATION, MobileNetV2
+from fedfer.agent.models.tflite import BN_EPS, load_converted
+from fedfer.agent.models.weights import WeightsError
 from fedfer.security.errors import ValidationError
 from tests.agent import vision_support as vs
 
@@ -222,7 +217,7 @@ def test_corrupt_cache_entry_is_rebuilt(tmp_path: Path, assets: Path) -> None:
 def test_converted_cache_entry_is_trusted_only_with_its_digest(
     tmp_path: Path, assets: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from fedfer.agent.weights import sha256_file
+    from fedfer.agent.models.weights import sha256_file
 
     cache = tmp_path / "cache"
     genuine = load_converted(assets / vs.TFLITE, cache_dir=cache)
@@ -245,7 +240,7 @@ def test_converted_cache_entry_is_trusted_only_with_its_digest(
     load_converted(assets / vs.TFLITE, cache_dir=cache)
     assert sidecar.read_text().strip() == sha256_file(entry)
     # A verified entry is used without converting (the interpreter is not needed on the device).
-    import fedfer.agent.tflite_convert as tc
+    import fedfer.agent.models.tflite as tc
 
     def no_conversion(path: object) -> None:
         raise AssertionError("converted although a verified entry exists")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedfer.agent.models import VideoModel, from_named_arrays, to_named_arrays
+from fedfer.agent.models.video import VideoModel, from_named_arrays, to_named_arrays
 from fedfer.security.errors import ValidationError
 
 

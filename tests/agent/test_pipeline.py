@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from fedfer.agent.cache import FeatureCache
-from fedfer.agent.capture import Frame, TruncatedSourceError, VideoSource
-from fedfer.agent.faces import FaceDetector
-from fedfer.agent.models import IferHead
-from fedfer.agent.pipeline import IferModel, VisionPipeline, load_frame_model
+from fedfer.agent.capture.video import Frame, TruncatedSourceError, VideoSource
+from fedfer.agent.models.ifer import IferHead
 from fedfer.agent.records import FrameRecord
+from fedfer.agent.store.cache import FeatureCache
+from fedfer.agent.vision.faces import FaceDetector
+from fedfer.agent.vision.pipeline import IferModel, VisionPipeline, load_frame_model
 from fedfer.security.errors import ValidationError
 from tests.agent import vision_support as vs
 
@@ -135,7 +135,7 @@ def test_truncated_file_keeps_what_was_decoded(assets: Path, tmp_path: Path) -> 
 
 
 def test_exported_ifer_model_plugs_in(assets: Path, tmp_path: Path) -> None:
-    from fedfer.agent.learning.ifer import FaceNet, save_ifer
+    from fedfer.agent.models.ifer import FaceNet, save_ifer
 
     fx = vs.tflite_extractor(assets)
     backbone = type(fx.model)(tf_padding=True)

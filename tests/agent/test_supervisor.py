@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 
 from fedfer.agent.config import apply_path_overrides, parse_config
-from fedfer.agent.control import ControlClient, ControlError
+from fedfer.agent.daemon.control import ControlClient, ControlError
 from fedfer.agent.records import FrameRecord
-from fedfer.agent.service import open_cache
+from fedfer.agent.store.device import open_cache
 from tests.agent.daemon_harness import (
     FAST_DAEMON,
     Agent,
@@ -423,7 +423,15 @@ def test_a_worker_whose_supervisor_died_before_it_started_exits_at_once(tmp_path
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait(10)  # a pid that is not this worker's parent
-    run = [sys.executable, "-m", "fedfer.agent.workers", "--role", "learner", "--run-dir", str(tmp_path)]
+    run = [
+        sys.executable,
+        "-m",
+        "fedfer.agent.daemon.workers",
+        "--role",
+        "learner",
+        "--run-dir",
+        str(tmp_path),
+    ]
     proc = subprocess.run([*run, "--supervisor-pid", str(gone.pid)], capture_output=True, timeout=60)
     assert proc.returncode == 1
     # With its real parent's pid it goes on (here to read the missing run configuration, a clear error).

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedfer.agent.cache import FeatureCache
-from fedfer.agent.capture import VideoSource
-from fedfer.agent.pipeline import VisionPipeline
+from fedfer.agent.capture.video import VideoSource
 from fedfer.agent.records import FrameRecord
+from fedfer.agent.store.cache import FeatureCache
+from fedfer.agent.vision.pipeline import VisionPipeline
 from tests.agent import vision_support as vs
 
 
@@ -59,11 +59,11 @@ def test_extract_missing_video_is_a_clear_error(assets: Path, tmp_path: Path) ->
 
 def test_daemon_stage_from_config(assets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from fedfer.agent.config import config_from_dict
-    from fedfer.agent.pipeline import daemon_stage
+    from fedfer.agent.vision.pipeline import open_vision
 
     config = config_from_dict({"agent": {"state_dir": str(tmp_path / "state"), "assets_dir": str(assets)}})
     monkeypatch.setenv("FEDFER_CACHE_DIR", str(vs.cache_dir()))
-    records = _stage_records(daemon_stage(config), assets, frames=2)
+    records = _stage_records(open_vision(config), assets, frames=2)
     assert all(r is not None and r.feature.shape == (1280,) for r in records)
 
 
@@ -80,8 +80,8 @@ def test_daemon_stage_downloads_a_missing_detector(
     assets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from fedfer.agent.config import config_from_dict
-    from fedfer.agent.pipeline import daemon_stage
-    from fedfer.agent.weights import MEDIAPIPE_FACE_DETECTOR
+    from fedfer.agent.models.weights import MEDIAPIPE_FACE_DETECTOR
+    from fedfer.agent.vision.pipeline import open_vision
 
     www = tmp_path / "www"
     www.mkdir()
@@ -101,7 +101,7 @@ def test_daemon_stage_downloads_a_missing_detector(
                 },
             }
         )
-        stage = daemon_stage(config)
+        stage = open_vision(config)
     assert _stage_records(stage, assets, frames=1)[0] is not None
     downloaded = cache / "models" / "face_detection_short_range.tflite"
     assert hashlib.sha256(downloaded.read_bytes()).hexdigest() == MEDIAPIPE_FACE_DETECTOR.sha256
@@ -117,8 +117,8 @@ def test_daemon_stage_refuses_a_wrong_download_and_an_unpinned_detector(
     assets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from fedfer.agent.config import ConfigError, config_from_dict
-    from fedfer.agent.pipeline import daemon_stage
-    from fedfer.agent.service import ComponentUnavailableError
+    from fedfer.agent.errors import ComponentUnavailableError
+    from fedfer.agent.vision.pipeline import open_vision
 
     www = tmp_path / "www"
     www.mkdir()
@@ -132,7 +132,7 @@ def test_daemon_stage_refuses_a_wrong_download_and_an_unpinned_detector(
             }
         )
         with pytest.raises(ComponentUnavailableError, match="does not match the pinned digest"):
-            daemon_stage(config)
+            open_vision(config)
     assert list((tmp_path / "agent-cache" / "models").iterdir()) == []
     # An empty digest no longer means "do not check": the configuration is refused.
     with pytest.raises(ConfigError, match=r"vision\.detector_sha256 must be a 64-character"):
@@ -146,7 +146,7 @@ def test_fidelity_mode_reaches_f_from_the_cli_and_the_config(
 ) -> None:
     from fedfer.agent.cli import main
     from fedfer.agent.config import config_from_dict
-    from fedfer.agent.pipeline import IferModel, daemon_stage
+    from fedfer.agent.vision.pipeline import IferModel, open_vision
 
     monkeypatch.setenv("FEDFER_CACHE_DIR", str(vs.cache_dir()))
     monkeypatch.setenv("FEDFER_ASSETS", str(assets))
@@ -175,7 +175,7 @@ def test_fidelity_mode_reaches_f_from_the_cli_and_the_config(
                 "vision": {"emulate_tflite_quantization": emulate},
             }
         )
-        stage = daemon_stage(config)
+        stage = open_vision(config)
         try:
             assert isinstance(stage.model, IferModel)
             assert stage.model.extractor.model.emulates_quantization is emulate

@@ -11,17 +11,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedfer.agent.capture import VideoSource
-from fedfer.agent.faces import FaceDetector, detector_model_file
-from fedfer.agent.mobilenet import IMAGENET_NORMALIZATION, MobileNetV2, WeightsError, load_feature_extractor
-from fedfer.agent.weights import (
+from fedfer.agent.capture.video import VideoSource
+from fedfer.agent.models.extractor import load_feature_extractor
+from fedfer.agent.models.mobilenet import IMAGENET_NORMALIZATION, MobileNetV2
+from fedfer.agent.models.weights import (
     MEDIAPIPE_FACE_DETECTOR,
     TORCHVISION_MOBILENET_V2,
     PinnedFile,
+    WeightsError,
     ensure_file,
     sha256_file,
     verify_sha256,
 )
+from fedfer.agent.vision.faces import FaceDetector, detector_model_file
 from fedfer.security.errors import ValidationError
 from tests.agent import vision_support as vs
 

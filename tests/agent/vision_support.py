@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import torch
 
-from fedfer.agent.mobilenet import FeatureExtractor, load_feature_extractor
+from fedfer.agent.models.extractor import FeatureExtractor, load_feature_extractor
 
 TFLITE = Path("models/mobilenet_v2_tflite/mobilenet_v2_1.0_224_quant.tflite")
 DETECTOR = Path("models/mediapipe/face_detection_short_range.tflite")

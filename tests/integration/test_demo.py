@@ -22,12 +22,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fedfer.agent.atrest_scan import scan_paths
 from fedfer.agent.config import apply_path_overrides, load_config
-from fedfer.agent.demo import DemoConfig, split_clips
-from fedfer.agent.service import open_cache
+from fedfer.agent.store.device import open_cache
 from fedfer.aggregator.registry import ModelRegistry
 from fedfer.aggregator.storage import RoundStatus, open_storage
+from fedfer.bench.atrest import scan_paths
+from fedfer.bench.demo import DemoConfig, split_clips
 from fedfer.security.errors import ValidationError
 
 pytestmark = pytest.mark.slow
@@ -50,7 +50,7 @@ def _as_from_a_terminal() -> None:
 def _demo(workdir: Path, assets: Path, *extra: str) -> subprocess.Popen[str]:
     env = {**os.environ, "FEDFER_ASSETS": str(assets), "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
-        [sys.executable, "-m", "fedfer.agent.demo", "--workdir", str(workdir), *extra],
+        [sys.executable, "-m", "fedfer.bench.demo", "--workdir", str(workdir), *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -231,7 +231,7 @@ def test_source_option_takes_a_camera_or_video_paths_and_names_itself_in_errors(
     tmp_path: Path, assets: Path
 ) -> None:
     from fedfer.agent.config import parse_config
-    from fedfer.agent.demo import _Agent, _agent_config, _Aggregator, parse_source
+    from fedfer.bench.demo import _Agent, _agent_config, _Aggregator, parse_source
 
     sample = sorted((assets / "data" / "crema-d-sample").glob("*.flv"))
     # Default: the real clips in the assets folder.

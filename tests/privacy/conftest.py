@@ -129,7 +129,7 @@ def feature_bank(assets: Path, audit_report: AuditReport) -> FeatureBank:
     """Real MobileNetV2 features of FER2013 training faces, IMAGES_PER_CLASS per class."""
     import cv2
 
-    from fedfer.agent.mobilenet import load_feature_extractor
+    from fedfer.agent.models.extractor import load_feature_extractor
 
     started = time.perf_counter()
     extractor = load_feature_extractor(
@@ -244,8 +244,8 @@ class Population:
 @pytest.fixture(scope="session")
 def population(feature_bank: FeatureBank) -> Population:
     """A central ``v`` pretrained on 24 clips, and the remaining clips as the pool."""
-    from fedfer.agent.attacks import train_video_model
-    from fedfer.agent.models import to_named_arrays
+    from fedfer.agent.models.video import to_named_arrays
+    from tests.privacy.attacks import train_video_model
 
     clips, labels = feature_bank.clips(seed=3)
     model = train_video_model(clips[:24], labels[:24], num_classes=NUM_CLASSES, epochs=5, seed=1).model

@@ -30,13 +30,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fedfer.agent.atrest_scan import AtRestScanner, ScanReport
-from fedfer.agent.cache import SessionNotFoundError
 from fedfer.agent.config import apply_path_overrides, parse_config
 from fedfer.agent.federation.enroll import enroll
-from fedfer.agent.service import load_personal_model, open_cache
+from fedfer.agent.store.cache import SessionNotFoundError
+from fedfer.agent.store.device import load_personal_model, open_cache
 from fedfer.aggregator.enrollment import issue_token
 from fedfer.aggregator.rounds import RoundSettings
+from fedfer.bench.atrest import AtRestScanner, ScanReport
 from tests.agent.daemon_harness import Agent
 from tests.integration.federation_harness import Harness, run_in_process
 
@@ -73,7 +73,7 @@ MOBILENET = "models/mobilenet_v2_tflite/mobilenet_v2_1.0_224_quant.tflite"
 
 def _is_model_file(path: Path) -> bool:
     """Whether ``path`` holds exactly the named arrays of ``v`` (a model, not features)."""
-    from fedfer.agent.models import VideoModel, to_named_arrays
+    from fedfer.agent.models.video import VideoModel, to_named_arrays
 
     if path.suffix != ".npz":
         return False
@@ -96,7 +96,7 @@ class PublicWeights:
     def __init__(self, assets: Path, scratch: Path) -> None:
         import torch
 
-        from fedfer.agent.tflite_convert import load_converted
+        from fedfer.agent.models.tflite import load_converted
 
         load_converted(assets / MOBILENET, cache_dir=scratch)
         (reference,) = scratch.glob("*.pt")

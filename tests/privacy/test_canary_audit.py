@@ -21,7 +21,8 @@ import math
 import numpy as np
 import pytest
 
-from fedfer.agent.attacks import (
+from fedfer.security.errors import ValidationError
+from tests.privacy.attacks import (
     DPSpec,
     dirac_canaries,
     empirical_epsilon,
@@ -30,7 +31,6 @@ from fedfer.agent.attacks import (
     one_run_p_value,
     train_video_model,
 )
-from fedfer.security.errors import ValidationError
 from tests.privacy.conftest import CLIP_LEN, NUM_CLASSES, Population
 
 M = 1000  # canaries (Dirac canaries need distinct coordinates: at most 1,280)

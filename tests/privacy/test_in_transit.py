@@ -33,18 +33,18 @@ import numpy.typing as npt
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
-from fedfer.agent.attacks import sgd_update
 from fedfer.agent.federation.client import FederationClient
 from fedfer.agent.federation.enroll import enroll
 from fedfer.agent.federation.retry import RetryPolicy
 from fedfer.agent.federation.state import DeviceState
-from fedfer.agent.models import CLASS_SETS
+from fedfer.agent.records import CLASS_SETS
 from fedfer.aggregator.config import load_config, read_certificate_authority
 from fedfer.aggregator.enrollment import issue_token
 from fedfer.aggregator.rounds import RoundSettings
 from fedfer.security import pki
 from fedfer.v1 import federation_pb2, federation_pb2_grpc
 from tests.integration.federation_harness import DIM, Harness, run_in_process
+from tests.privacy.attacks import sgd_update
 from tests.privacy.conftest import Population
 
 DEVICES = 3

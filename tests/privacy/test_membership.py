@@ -38,7 +38,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fedfer.agent.attacks import (
+from fedfer.agent.models.video import to_named_arrays
+from tests.privacy.attacks import (
     DPSpec,
     MembershipAudit,
     check_against_profile,
@@ -47,7 +48,6 @@ from fedfer.agent.attacks import (
     membership_audit,
     train_video_model,
 )
-from fedfer.agent.models import to_named_arrays
 from tests.privacy.conftest import NUM_CLASSES, FeatureBank, SyntheticFeatures
 
 DELTA = 1e-5
@@ -218,8 +218,8 @@ def test_bounds_known_answers() -> None:
     """The confidence bounds, the DP regions and the accountant's profile against known values."""
     from opacus.accountants import RDPAccountant
 
-    from fedfer.agent.attacks import privacy_profile, profile_auc_bound, profile_tpr_bound
-    from fedfer.agent.attacks._stats import clopper_pearson
+    from tests.privacy.attacks import privacy_profile, profile_auc_bound, profile_tpr_bound
+    from tests.privacy.attacks._stats import clopper_pearson
 
     # Clopper-Pearson 95% interval for 5 of 10 (tables: 0.1871, 0.8129); the edges are exact.
     low, high = clopper_pearson(5, 10, alpha=0.025)

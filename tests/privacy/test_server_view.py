@@ -29,16 +29,6 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from fedfer.agent.attacks import (
-    GradientInversion,
-    frame_similarity,
-    label_overlap,
-    mean_probabilities,
-    recover_label_counts,
-    sgd_update,
-    split_flat,
-    update_to_gradient,
-)
 from fedfer.security.errors import FedferError, ValidationError
 from fedfer.security.keys import AgreementKey, IdentityKey
 from fedfer.security.quantize import working_dtype
@@ -55,6 +45,16 @@ from fedfer.security.secagg import (
 from fedfer.security.secagg._derive import MaskApplier, pairwise_info, pairwise_sign, self_mask_key
 from fedfer.security.secagg.messages import consistency_payload
 from fedfer.security.shamir import reconstruct_secret
+from tests.privacy.attacks import (
+    GradientInversion,
+    frame_similarity,
+    label_overlap,
+    mean_probabilities,
+    recover_label_counts,
+    sgd_update,
+    split_flat,
+    update_to_gradient,
+)
 from tests.privacy.conftest import CLIP_LEN, NUM_CLASSES, Population
 
 LR = 0.01

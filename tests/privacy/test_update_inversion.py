@@ -17,7 +17,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedfer.agent.attacks import (
+from fedfer.agent.models.video import VideoModel, to_named_arrays
+from fedfer.security.keys import IdentityKey
+from fedfer.security.secagg import SecAggClient, SecAggParams, SecAggServer, decode_message
+from tests.privacy.attacks import (
     GradientInversion,
     frame_similarity,
     label_overlap,
@@ -29,9 +32,6 @@ from fedfer.agent.attacks import (
     train_video_model,
     update_to_gradient,
 )
-from fedfer.agent.models import VideoModel, to_named_arrays
-from fedfer.security.keys import IdentityKey
-from fedfer.security.secagg import SecAggClient, SecAggParams, SecAggServer, decode_message
 from tests.privacy.conftest import CLIP_LEN, NUM_CLASSES, FeatureBank
 
 LR = 0.01  # the clients' local learning rate (known to the aggregator)
