@@ -198,7 +198,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
             "rounds": [
                 {
                     "round_id": r.round_id,
-                    "status": r.status.value,
+                    "status": r.status.key,
                     "model_version": r.model_version,
                     "participants": list(r.participants),
                 }

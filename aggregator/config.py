@@ -467,9 +467,9 @@ def init_deployment(
     server = ca.issue_server_certificate(
         now=when, validity=server_validity, dns_names=server_dns_names, ip_addresses=server_ip_addresses
     )
-    write_secret_file(config.tls.ca_key, ca.private_key.unsafe_export_pem())
+    write_secret_file(config.tls.ca_key, ca.private_key.dangerously_export_pem())
     write_public_file(config.tls.ca_cert, ca.certificate_pem)
-    write_secret_file(config.tls.server_key, server.private_key.unsafe_export_pem())
+    write_secret_file(config.tls.server_key, server.private_key.dangerously_export_pem())
     write_public_file(config.tls.server_cert, server.certificate_pem)
     with open_storage(config.storage_url, now=when):
         pass  # create and migrate the schema now, so `serve` starts on a ready database

@@ -44,7 +44,6 @@ import asyncio
 import base64
 import contextlib
 import datetime as dt
-import enum
 import hashlib
 import json
 import logging
@@ -53,26 +52,19 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from fedfer.aggregator.leader import LeaderLease, LeadershipLostError
 from fedfer.aggregator.registry import ModelRegistry
-from fedfer.aggregator.storage import ConflictError, RoundRecord, RoundStatus, Storage
+from fedfer.aggregator.storage import ConflictError, RoundRecord, Storage
 from fedfer.security.errors import FedferError, ProtocolError, RoundAbortedError, ValidationError
 from fedfer.security.secagg.graph import NeighbourGraph
-from fedfer.security.secagg.messages import (
-    AdvertiseKeys,
-    ConsistencySignature,
-    MaskedInput,
-    Message,
-    ShareKeys,
-    UnmaskResponse,
-)
+from fedfer.security.secagg.messages import STAGE_MESSAGE, Message
 from fedfer.security.secagg.params import SecAggParams, default_neighbors, default_threshold
 from fedfer.security.secagg.server import SecAggServer
+from fedfer.security.secagg.stage import COLLECTING, Stage
 
 __all__ = [
     "DuplicateSubmissionError",
@@ -80,7 +72,6 @@ __all__ = [
     "NotParticipantError",
     "RoundCoordinator",
     "RoundSettings",
-    "RoundStage",
     "RoundView",
     "StageError",
     "StaleRoundError",
@@ -89,42 +80,12 @@ __all__ = [
 _log = logging.getLogger(__name__)
 
 
-class RoundStage(enum.Enum):
-    """Stages of a round as devices see them."""
-
-    IDLE = "idle"
-    CHECK_IN = "open"
-    ADVERTISE_KEYS = "advertise_keys"
-    SHARE_KEYS = "share_keys"
-    MASKED_INPUT = "masked_input"
-    CONSISTENCY_CHECK = "consistency_check"
-    UNMASK = "unmask"
-    FINISHED = "published"
-    ABORTED = "aborted"
-
-
-_PROTOCOL_STAGES = (
-    RoundStage.ADVERTISE_KEYS,
-    RoundStage.SHARE_KEYS,
-    RoundStage.MASKED_INPUT,
-    RoundStage.CONSISTENCY_CHECK,
-    RoundStage.UNMASK,
-)
-_NEXT = {
-    RoundStage.CHECK_IN: RoundStage.ADVERTISE_KEYS,
-    RoundStage.ADVERTISE_KEYS: RoundStage.SHARE_KEYS,
-    RoundStage.SHARE_KEYS: RoundStage.MASKED_INPUT,
-    RoundStage.MASKED_INPUT: RoundStage.CONSISTENCY_CHECK,
-    RoundStage.CONSISTENCY_CHECK: RoundStage.UNMASK,
-    RoundStage.UNMASK: RoundStage.FINISHED,
-}
-_MESSAGE_TYPE: dict[RoundStage, Any] = {
-    RoundStage.ADVERTISE_KEYS: AdvertiseKeys,
-    RoundStage.SHARE_KEYS: ShareKeys,
-    RoundStage.MASKED_INPUT: MaskedInput,
-    RoundStage.CONSISTENCY_CHECK: ConsistencySignature,
-    RoundStage.UNMASK: UnmaskResponse,
-}
+def _following(stage: Stage) -> Stage:
+    """The stage a round enters when ``stage`` (check-in or a collecting stage) closes."""
+    after = stage.following
+    if after is None:  # pragma: no cover - only open stages close
+        raise ValidationError(f"stage {stage.name} does not close")
+    return after
 
 
 _STATE_FORMAT = "fedfer-round-state/v1"
@@ -247,14 +208,14 @@ class RoundSettings:
         t = self.threshold if isinstance(self.threshold, int) else math.ceil(self.threshold * holders)
         return max(2, min(holders, t))
 
-    def deadline_s(self, stage: RoundStage) -> float:
+    def deadline_s(self, stage: Stage) -> float:
         """The deadline of a protocol stage, in seconds."""
         return {
-            RoundStage.ADVERTISE_KEYS: self.advertise_s,
-            RoundStage.SHARE_KEYS: self.share_s,
-            RoundStage.MASKED_INPUT: self.masked_s,
-            RoundStage.CONSISTENCY_CHECK: self.consistency_s,
-            RoundStage.UNMASK: self.unmask_s,
+            Stage.ADVERTISE_KEYS: self.advertise_s,
+            Stage.SHARE_KEYS: self.share_s,
+            Stage.MASKED_INPUT: self.masked_s,
+            Stage.CONSISTENCY_CHECK: self.consistency_s,
+            Stage.UNMASK: self.unmask_s,
         }[stage]
 
 
@@ -278,13 +239,13 @@ class RoundView:
     """
 
     round_id: int
-    stage: RoundStage
+    stage: Stage
     model_version: str = ""
     dim: int = 0
     deadline_unix_ms: int = 0
     participant: bool = False
     client_index: int = 0
-    completed: tuple[RoundStage, ...] = ()
+    completed: tuple[Stage, ...] = ()
     parameters: bytes = b""
     latest_model_version: str = ""
     detail: str = ""
@@ -296,14 +257,14 @@ class _Round:
     version: int  # storage compare-and-set version
     base_version: int
     dim: int
-    stage: RoundStage = RoundStage.CHECK_IN
+    stage: Stage = Stage.CHECK_IN
     deadline: float = 0.0
     indices: dict[str, int] = field(default_factory=dict)
     certificates: dict[int, bytes] = field(default_factory=dict)
     identity_keys: dict[int, bytes] = field(default_factory=dict)
-    accepted: dict[RoundStage, dict[str, bytes]] = field(default_factory=dict)
-    results: dict[RoundStage, Mapping[int, Message]] = field(default_factory=dict)
-    unusable: set[tuple[RoundStage, str]] = field(default_factory=set)  # stored messages not replayed
+    accepted: dict[Stage, dict[str, bytes]] = field(default_factory=dict)
+    results: dict[Stage, Mapping[int, Message]] = field(default_factory=dict)
+    unusable: set[tuple[Stage, str]] = field(default_factory=set)  # stored messages not replayed
     params: SecAggParams | None = None
     server: SecAggServer | None = None
     graph: NeighbourGraph | None = None
@@ -314,7 +275,7 @@ class _Round:
 
 @dataclass(frozen=True)
 class _Outcome:
-    stage: RoundStage
+    stage: Stage
     model_version: str
     detail: str
     participants: frozenset[str]
@@ -444,14 +405,14 @@ class RoundCoordinator:
                         _log.warning(
                             "round %d was interrupted (restart or takeover): resuming in stage %s",
                             record.round_id,
-                            rnd.stage.value,
+                            rnd.stage.key,
                         )
                         break
                 self._storage.update_round(
                     record.round_id,
                     expected_version=record.version,
                     now=self._now(),
-                    status=RoundStatus.ABORTED,
+                    status=Stage.ABORTED,
                 )
             except ConflictError:
                 continue
@@ -523,7 +484,7 @@ class RoundCoordinator:
             self.recover()
             return
         rnd = _Round(round_id=record.round_id, version=record.version, base_version=base, dim=dim)
-        rnd.accepted = {s: {} for s in _PROTOCOL_STAGES}
+        rnd.accepted = {s: {} for s in COLLECTING}
         _log.info("round %d open for check-in on model version %d (dim %d)", rnd.round_id, base, dim)
         await self._drive(rnd, model.arrays, resume=False)
 
@@ -534,7 +495,7 @@ class RoundCoordinator:
         try:
             if not resume:
                 await self._check_in(rnd)
-            for stage in _PROTOCOL_STAGES[_PROTOCOL_STAGES.index(rnd.stage) :]:
+            for stage in COLLECTING[COLLECTING.index(rnd.stage) :]:
                 await self._collect(rnd, stage)
             result = rnd.server.result() if rnd.server is not None else None
             if result is None:  # pragma: no cover - _collect always builds the server
@@ -554,7 +515,7 @@ class RoundCoordinator:
             _log.warning("round %d: no longer the coordinator (%s)", rnd.round_id, type(exc).__name__)
             raise LeadershipLostError("lost the coordinator lease") from None
         except _HandedOver:
-            _log.warning("round %d left in stage %s for the next leader", rnd.round_id, rnd.stage.value)
+            _log.warning("round %d left in stage %s for the next leader", rnd.round_id, rnd.stage.key)
         except RoundAbortedError as exc:
             self._abort(rnd, "aggregator stopping" if self._stopped else "too few surviving devices", exc)
         except FedferError as exc:
@@ -594,10 +555,10 @@ class RoundCoordinator:
         )
         rnd.server = SecAggServer(params=rnd.params, identity_keys=rnd.identity_keys)
         rnd.graph = rnd.server.graph
-        self._enter(rnd, RoundStage.ADVERTISE_KEYS)
+        self._enter(rnd, Stage.ADVERTISE_KEYS)
         _log.info("round %d: %d devices, degree %d, threshold %d", rnd.round_id, n, k, rnd.params.threshold)
 
-    async def _collect(self, rnd: _Round, stage: RoundStage) -> None:
+    async def _collect(self, rnd: _Round, stage: Stage) -> None:
         server = rnd.server
         if server is None:  # pragma: no cover - built at check-in
             raise RoundAbortedError("no protocol server")
@@ -608,17 +569,17 @@ class RoundCoordinator:
             self._replay_stored(rnd, stage)
         dropped = len(server.pending())
         if dropped:
-            _log.info("round %d %s: %d devices dropped out", rnd.round_id, stage.value, dropped)
+            _log.info("round %d %s: %d devices dropped out", rnd.round_id, stage.key, dropped)
         rnd.results[stage] = server.close_stage()
-        self._enter(rnd, _NEXT[stage])
+        self._enter(rnd, _following(stage))
 
-    def _enter(self, rnd: _Round, stage: RoundStage) -> None:
-        if stage is not RoundStage.FINISHED:
+    def _enter(self, rnd: _Round, stage: Stage) -> None:
+        if stage is not Stage.FINISHED:
             updated = self._storage.update_round(
                 rnd.round_id,
                 expected_version=rnd.version,
                 now=self._now(),
-                status=RoundStatus(stage.value),
+                status=stage,
                 state=self._persisted_state(rnd, stage),
             )
             rnd.version = updated.version
@@ -628,7 +589,7 @@ class RoundCoordinator:
 
     # -- persistence across restarts --------------------------------------------------------------------
 
-    def _persisted_state(self, rnd: _Round, stage: RoundStage) -> bytes:
+    def _persisted_state(self, rnd: _Round, stage: Stage) -> bytes:
         """What a restarted aggregator needs to resume ``rnd`` at the start of ``stage``.
 
         Only what the aggregator may see anyway: public parameters, the device/index map, device certificates
@@ -640,7 +601,7 @@ class RoundCoordinator:
             return b""
         doc = {
             "format": _STATE_FORMAT,
-            "stage": stage.value,
+            "stage": stage.key,
             "base_version": rnd.base_version,
             "dim": rnd.dim,
             "indices": rnd.indices,
@@ -655,12 +616,12 @@ class RoundCoordinator:
         doc = json.loads(record.state)
         if doc["format"] != _STATE_FORMAT:
             raise ValidationError("unknown round state format")
-        stage = RoundStage(doc["stage"])
-        if stage not in _PROTOCOL_STAGES or record.status is not RoundStatus(stage.value):
+        stage = Stage.from_key(doc["stage"])
+        if stage not in COLLECTING or record.status is not stage:
             raise ValidationError("round state does not match the round's status")
         identity_keys = {int(i): _unb64(k) for i, k in doc["identity_keys"].items()}
         server = SecAggServer.restore(_unb64(doc["snapshot"]), identity_keys=identity_keys)
-        if server.stage.name != stage.name:
+        if server.stage is not stage:
             raise ValidationError("protocol snapshot is in another stage")
         indices = {str(d): int(i) for d, i in doc["indices"].items()}
         rnd = _Round(
@@ -677,23 +638,19 @@ class RoundCoordinator:
             server=server,
             graph=server.graph,
         )
-        rnd.accepted = {s: {} for s in _PROTOCOL_STAGES}
+        rnd.accepted = {s: {} for s in COLLECTING}
         # A device eligible now completed every earlier stage. Digests are compared only within the current
         # stage (an earlier stage's message is refused as out of stage), so these need none.
         survivors = [d for d, i in indices.items() if i in server.eligible()]
-        for earlier in _PROTOCOL_STAGES[: _PROTOCOL_STAGES.index(stage)]:
+        for earlier in COLLECTING[: COLLECTING.index(stage)]:
             rnd.accepted[earlier] = dict.fromkeys(survivors, b"")
-        previous = (
-            _PROTOCOL_STAGES[_PROTOCOL_STAGES.index(stage) - 1]
-            if stage is not RoundStage.ADVERTISE_KEYS
-            else None
-        )
+        previous = COLLECTING[COLLECTING.index(stage) - 1] if stage is not Stage.ADVERTISE_KEYS else None
         if previous is not None:
             rnd.results[previous] = {i: server.message_for(i) for i in server.eligible()}
         self._replay_stored(rnd, stage)
         return rnd
 
-    def _replay_stored(self, rnd: _Round, stage: RoundStage) -> None:
+    def _replay_stored(self, rnd: _Round, stage: Stage) -> None:
         """Feed the protocol server the messages of ``stage`` that storage holds but it has not seen.
 
         Empty in the normal flow. After a restart or takeover these are the messages accepted (and
@@ -704,7 +661,7 @@ class RoundCoordinator:
         server = rnd.server
         if server is None:
             return
-        status = RoundStatus(stage.value)
+        status = stage
         missing = [
             d
             for d in self._storage.round_message_senders(rnd.round_id, stage=status)
@@ -716,7 +673,7 @@ class RoundCoordinator:
             self._storage.round_messages(rnd.round_id, stage=status, device_ids=missing).items()
         ):
             try:
-                message = _MESSAGE_TYPE[stage].from_bytes(payload)
+                message = STAGE_MESSAGE[stage].from_bytes(payload)
                 if message.sender != rnd.indices[device_id] or message.sender not in server.eligible():
                     raise NotParticipantError("stored message of a device that is not eligible")
                 server.receive(message)
@@ -725,7 +682,7 @@ class RoundCoordinator:
                 _log.warning(
                     "round %d: stored %s message not replayed (%s)",
                     rnd.round_id,
-                    stage.value,
+                    stage.key,
                     type(exc).__name__,
                 )
                 continue
@@ -759,9 +716,7 @@ class RoundCoordinator:
             participants=participants,
         )
         version = model.version
-        self._outcomes[rnd.round_id] = _Outcome(
-            RoundStage.FINISHED, str(version), "", frozenset(participants)
-        )
+        self._outcomes[rnd.round_id] = _Outcome(Stage.FINISHED, str(version), "", frozenset(participants))
         return version
 
     def _abort(self, rnd: _Round, detail: str, exc: BaseException) -> None:
@@ -769,9 +724,9 @@ class RoundCoordinator:
         self.aborted_rounds += 1
         with contextlib.suppress(FedferError):
             self._storage.update_round(
-                rnd.round_id, expected_version=rnd.version, now=self._now(), status=RoundStatus.ABORTED
+                rnd.round_id, expected_version=rnd.version, now=self._now(), status=Stage.ABORTED
             )
-        self._outcomes[rnd.round_id] = _Outcome(RoundStage.ABORTED, "", detail, frozenset(rnd.indices))
+        self._outcomes[rnd.round_id] = _Outcome(Stage.ABORTED, "", detail, frozenset(rnd.indices))
 
     # -- requests from devices ----------------------------------------------------------------------------
 
@@ -784,7 +739,7 @@ class RoundCoordinator:
         """
         rnd = self._current(round_id)
         if device_id not in rnd.indices:
-            if rnd.stage is not RoundStage.CHECK_IN:
+            if rnd.stage is not Stage.CHECK_IN:
                 raise StageError("check-in is closed")
             if len(rnd.indices) < self._settings.max_clients:
                 record = self._storage.get_device(device_id)
@@ -797,9 +752,7 @@ class RoundCoordinator:
                 self._wake.set()
         return self.view(device_id)
 
-    def view(
-        self, device_id: str, *, known_round_id: int = 0, known_stage: RoundStage | None = None
-    ) -> RoundView:
+    def view(self, device_id: str, *, known_round_id: int = 0, known_stage: Stage | None = None) -> RoundView:
         """The round as ``device_id`` sees it: ``known_round_id`` if that is over, else the current round.
 
         A caller that already knows how round ``known_round_id`` ended (``known_stage`` is its outcome) gets
@@ -813,9 +766,9 @@ class RoundCoordinator:
             if known_stage is None or past.stage is not known_stage:
                 return past
         if rnd is None:
-            return RoundView(round_id=0, stage=RoundStage.IDLE, latest_model_version=latest)
+            return RoundView(round_id=0, stage=Stage.IDLE, latest_model_version=latest)
         index = rnd.indices.get(device_id, 0)
-        participant = index > 0 and (rnd.stage is RoundStage.CHECK_IN or index in rnd.eligible())
+        participant = index > 0 and (rnd.stage is Stage.CHECK_IN or index in rnd.eligible())
         return RoundView(
             round_id=rnd.round_id,
             stage=rnd.stage,
@@ -824,7 +777,7 @@ class RoundCoordinator:
             deadline_unix_ms=int(rnd.deadline * 1000),
             participant=participant,
             client_index=index,
-            completed=tuple(s for s in _PROTOCOL_STAGES if device_id in rnd.accepted[s]),
+            completed=tuple(s for s in COLLECTING if device_id in rnd.accepted[s]),
             parameters=rnd.params.to_bytes() if rnd.params is not None else b"",
             latest_model_version=latest,
         )
@@ -835,9 +788,9 @@ class RoundCoordinator:
             record = self._storage.get_round(round_id)
             if record is None or record.cohort != self._settings.cohort or not record.status.terminal:
                 raise StaleRoundError("unknown round")
-            finished = record.status is RoundStatus.PUBLISHED
+            finished = record.status is Stage.FINISHED
             outcome = _Outcome(
-                RoundStage.FINISHED if finished else RoundStage.ABORTED,
+                Stage.FINISHED if finished else Stage.ABORTED,
                 str(record.model_version) if finished and record.model_version is not None else "",
                 "" if finished else "round aborted",
                 frozenset(record.participants),
@@ -851,19 +804,19 @@ class RoundCoordinator:
             detail=outcome.detail,
         )
 
-    async def wait_for_change(self, *, round_id: int, stage: RoundStage, timeout_s: float) -> None:
+    async def wait_for_change(self, *, round_id: int, stage: Stage, timeout_s: float) -> None:
         """Return once the current (round, stage) is not (``round_id``, ``stage``), or at the timeout."""
         deadline = self._clock() + timeout_s
         while True:
             rnd = self._round
-            current = (rnd.round_id, rnd.stage) if rnd is not None else (0, RoundStage.IDLE)
+            current = (rnd.round_id, rnd.stage) if rnd is not None else (0, Stage.IDLE)
             remaining = deadline - self._clock()
             if current != (round_id, stage) or remaining <= 0:
                 return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), timeout=remaining)
 
-    def submit(self, *, device_id: str, round_id: int, stage: RoundStage, payload: bytes) -> None:
+    def submit(self, *, device_id: str, round_id: int, stage: Stage, payload: bytes) -> None:
         """Accept one device's message for one protocol stage of the current round.
 
         A repeat of an accepted message is accepted again (harmless); anything else out of place raises and
@@ -891,26 +844,24 @@ class RoundCoordinator:
             # A retry: make sure the message is stored (the first attempt may have failed right there).
             self._storage.put_round_message(
                 round_id,
-                stage=RoundStatus(stage.value),
+                stage=stage,
                 device_id=device_id,
                 payload=payload,
                 now=self._now(),
             )
             return
-        message = _MESSAGE_TYPE[stage].from_bytes(payload)
+        message = STAGE_MESSAGE[stage].from_bytes(payload)
         if message.sender != index:
             raise NotParticipantError("message names another sender")
         rnd.server.receive(message)
         rnd.accepted[stage][device_id] = digest
         self._storage.put_round_message(
-            round_id, stage=RoundStatus(stage.value), device_id=device_id, payload=payload, now=self._now()
+            round_id, stage=stage, device_id=device_id, payload=payload, now=self._now()
         )
         if rnd.server.all_received():
             self._wake.set()
 
-    def stage_result(
-        self, *, device_id: str, round_id: int, stage: RoundStage
-    ) -> tuple[bytes, dict[int, bytes]]:
+    def stage_result(self, *, device_id: str, round_id: int, stage: Stage) -> tuple[bytes, dict[int, bytes]]:
         """What the aggregator sent ``device_id`` when ``stage`` closed, and (check-in) peer certificates.
 
         Raises:
@@ -920,7 +871,7 @@ class RoundCoordinator:
         """
         rnd = self._current(round_id)
         index = rnd.indices.get(device_id, 0)
-        if stage is RoundStage.CHECK_IN:
+        if stage is Stage.CHECK_IN:
             if rnd.graph is None:
                 raise StageError("check-in has not closed")
             if index == 0:
@@ -952,9 +903,9 @@ class RoundCoordinator:
             outcome = self._outcomes.get(round_id)
             if outcome is None and 0 < round_id <= 2**63 - 1:
                 record = self._storage.get_round(round_id)
-                if record is not None and record.status is RoundStatus.ABORTED:
+                if record is not None and record.status is Stage.ABORTED:
                     raise RoundAbortedError("round aborted")
-            if outcome is not None and outcome.stage is RoundStage.ABORTED:
+            if outcome is not None and outcome.stage is Stage.ABORTED:
                 raise RoundAbortedError("round aborted")
             raise StaleRoundError("not the current round")
         return rnd

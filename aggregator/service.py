@@ -15,7 +15,7 @@ import hashlib
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, NoReturn, TypeAlias, TypeVar
+from typing import Any, NoReturn, TypeAlias, TypeVar, cast
 
 import grpc
 
@@ -30,7 +30,6 @@ from fedfer.aggregator.rounds import (
     NotLeaderError,
     NotParticipantError,
     RoundCoordinator,
-    RoundStage,
     RoundView,
     StageError,
     StaleRoundError,
@@ -44,6 +43,7 @@ from fedfer.security.errors import (
     ValidationError,
 )
 from fedfer.security.secagg.server import DuplicateMessageError
+from fedfer.security.secagg.stage import Stage
 from fedfer.v1 import (
     common_pb2,
     enrollment_pb2,
@@ -75,27 +75,8 @@ _MAX_WAIT_MS = 30_000
 _MAX_TOKEN = 256
 _MAX_CSR = 16 * 1024
 
-_FROM_PROTO = {
-    common_pb2.STAGE_CHECK_IN: RoundStage.CHECK_IN,
-    common_pb2.STAGE_ADVERTISE_KEYS: RoundStage.ADVERTISE_KEYS,
-    common_pb2.STAGE_SHARE_KEYS: RoundStage.SHARE_KEYS,
-    common_pb2.STAGE_MASKED_INPUT: RoundStage.MASKED_INPUT,
-    common_pb2.STAGE_CONSISTENCY_CHECK: RoundStage.CONSISTENCY_CHECK,
-    common_pb2.STAGE_UNMASK: RoundStage.UNMASK,
-    common_pb2.STAGE_IDLE: RoundStage.IDLE,
-    common_pb2.STAGE_FINISHED: RoundStage.FINISHED,
-    common_pb2.STAGE_ABORTED: RoundStage.ABORTED,
-}
-_TO_PROTO = {stage: number for number, stage in _FROM_PROTO.items()}
-_RESULT_STAGES = frozenset(
-    {
-        RoundStage.CHECK_IN,
-        RoundStage.ADVERTISE_KEYS,
-        RoundStage.SHARE_KEYS,
-        RoundStage.MASKED_INPUT,
-        RoundStage.CONSISTENCY_CHECK,
-    }
-)
+# Stages whose close gives a device something to fetch (the round goes on with a collecting stage).
+_RESULT_STAGES = frozenset(s for s in Stage if s.following is not None and s.following.collecting)
 
 Context: TypeAlias = Any
 """``grpc.aio.ServicerContext`` (grpc ships no type information)."""
@@ -248,15 +229,20 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+def _wire(stage: Stage) -> common_pb2.Stage:
+    """``stage`` as the generated code types it: its value is its ``fedfer.v1.Stage`` number."""
+    return cast(common_pb2.Stage, stage.value)
+
+
 def _round_status(view: RoundView) -> federation_pb2.RoundStatus:
     return federation_pb2.RoundStatus(
         round_id=view.round_id,
-        stage=_TO_PROTO[view.stage],
+        stage=_wire(view.stage),
         model_version=view.model_version,
         dim=view.dim,
         stage_deadline_unix_ms=view.deadline_unix_ms,
         participant=view.participant,
-        completed=[_TO_PROTO[s] for s in view.completed],
+        completed=[_wire(s) for s in view.completed],
         parameters=view.parameters,
         latest_model_version=view.latest_model_version,
         detail=view.detail,
@@ -306,7 +292,7 @@ class FederationRpc(federation_pb2_grpc.FederationServicer):  # type: ignore[mis
             device_id, _ = self._caller(context)
             if request.known_round_id > _MAX_ROUND_ID or request.wait_ms > _MAX_WAIT_MS:
                 raise ValidationError("bad poll parameters")
-            known_stage = _FROM_PROTO.get(request.known_stage)
+            known_stage = Stage.from_wire(request.known_stage)
             if request.wait_ms and known_stage is not None:
                 await self._coordinator.wait_for_change(
                     round_id=request.known_round_id, stage=known_stage, timeout_s=request.wait_ms / 1000
@@ -336,7 +322,7 @@ class FederationRpc(federation_pb2_grpc.FederationServicer):  # type: ignore[mis
         return await _guard(context, work)
 
     async def _stage_message(
-        self, stage: RoundStage, request: federation_pb2.StageMessage, context: Context
+        self, stage: Stage, request: federation_pb2.StageMessage, context: Context
     ) -> common_pb2.StageAck:
         async def work() -> common_pb2.StageAck:
             device_id, _ = self._caller(context)
@@ -351,15 +337,15 @@ class FederationRpc(federation_pb2_grpc.FederationServicer):  # type: ignore[mis
         return await _guard(context, work)
 
     def _idempotent(
-        self, device_id: str, stage: RoundStage, request_id: str, round_id: int, payload: bytes
+        self, device_id: str, stage: Stage, request_id: str, round_id: int, payload: bytes
     ) -> common_pb2.StageAck:
         if not self._coordinator.is_leader:  # the lease may have gone while a long upload streamed in
             raise NotLeaderError("standby")
         # A message of an earlier round is refused even when its request id has a stored answer: replaying
         # it while a later round runs must not look accepted.
         self._coordinator.check_round(round_id)
-        scope = f"{device_id}/{stage.value}"
-        digest = _digest(stage.value.encode(), round_id.to_bytes(8, "big"), payload)
+        scope = f"{device_id}/{stage.key}"
+        digest = _digest(stage.key.encode(), round_id.to_bytes(8, "big"), payload)
         stored = self._storage.get_response(scope=scope, request_id=request_id)
         if stored is not None:
             if stored.request_digest != digest:
@@ -368,7 +354,7 @@ class FederationRpc(federation_pb2_grpc.FederationServicer):  # type: ignore[mis
             ack.replayed = True
             return ack
         self._coordinator.submit(device_id=device_id, round_id=round_id, stage=stage, payload=payload)
-        ack = common_pb2.StageAck(request_id=request_id, round_id=round_id, stage=_TO_PROTO[stage])
+        ack = common_pb2.StageAck(request_id=request_id, round_id=round_id, stage=_wire(stage))
         record = self._storage.record_response(
             scope=scope,
             request_id=request_id,
@@ -382,21 +368,21 @@ class FederationRpc(federation_pb2_grpc.FederationServicer):  # type: ignore[mis
         self, request: federation_pb2.StageMessage, context: Context
     ) -> common_pb2.StageAck:
         """Accept the device's signed round public keys."""
-        return await self._stage_message(RoundStage.ADVERTISE_KEYS, request, context)
+        return await self._stage_message(Stage.ADVERTISE_KEYS, request, context)
 
     async def ShareKeys(self, request: federation_pb2.StageMessage, context: Context) -> common_pb2.StageAck:
         """Accept the device's encrypted shares."""
-        return await self._stage_message(RoundStage.SHARE_KEYS, request, context)
+        return await self._stage_message(Stage.SHARE_KEYS, request, context)
 
     async def ConsistencyCheck(
         self, request: federation_pb2.StageMessage, context: Context
     ) -> common_pb2.StageAck:
         """Accept the device's signature over the announced survivor set."""
-        return await self._stage_message(RoundStage.CONSISTENCY_CHECK, request, context)
+        return await self._stage_message(Stage.CONSISTENCY_CHECK, request, context)
 
     async def Unmask(self, request: federation_pb2.StageMessage, context: Context) -> common_pb2.StageAck:
         """Accept the device's unmasking shares."""
-        return await self._stage_message(RoundStage.UNMASK, request, context)
+        return await self._stage_message(Stage.UNMASK, request, context)
 
     async def UploadMaskedInput(
         self, request_iterator: AsyncIterator[federation_pb2.MaskedInputChunk], context: Context
@@ -435,7 +421,7 @@ class FederationRpc(federation_pb2_grpc.FederationServicer):  # type: ignore[mis
             if first is None or len(parts) != first.count or received != first.total_bytes:
                 raise ValidationError("incomplete upload")
             return self._idempotent(
-                device_id, RoundStage.MASKED_INPUT, first.request_id, first.round_id, b"".join(parts)
+                device_id, Stage.MASKED_INPUT, first.request_id, first.round_id, b"".join(parts)
             )
 
         return await _guard(context, work)
@@ -448,7 +434,7 @@ class FederationRpc(federation_pb2_grpc.FederationServicer):  # type: ignore[mis
         async def work() -> federation_pb2.StageResult:
             device_id, _ = self._caller(context)
             _check_round_id(request.round_id)
-            stage = _FROM_PROTO.get(request.stage)
+            stage = Stage.from_wire(request.stage)
             if stage not in _RESULT_STAGES:
                 raise ValidationError("no results for this stage")
             payload, certificates = self._coordinator.stage_result(

@@ -721,16 +721,17 @@ def _registry_models(agg_dir: Path) -> dict[int, dict[str, np.ndarray]]:
 
 def _uploads(agg_dir: Path, round_ids: Sequence[int]) -> dict[int, dict[str, dict[str, int]]]:
     """Bytes the aggregator received and stored, per round, device and protocol stage."""
-    from fedfer.aggregator.storage import RoundStatus, open_storage
+    from fedfer.aggregator.storage import open_storage
+    from fedfer.security.secagg.stage import COLLECTING
 
-    stages = [s for s in RoundStatus if s is not RoundStatus.OPEN and not s.terminal]  # the protocol stages
+    stages = COLLECTING  # the protocol stages
     out: dict[int, dict[str, dict[str, int]]] = {}
     with open_storage(f"sqlite://{agg_dir / 'aggregator.db'}") as storage:
         for rid in round_ids:
             per_device: dict[str, dict[str, int]] = {}
             for stage in stages:
                 for device, payload in storage.round_messages(rid, stage=stage).items():
-                    per_device.setdefault(device, {})[stage.value] = len(payload)
+                    per_device.setdefault(device, {})[stage.key] = len(payload)
             out[rid] = per_device
     return out
 

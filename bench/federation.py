@@ -101,7 +101,7 @@ def _worker(spec: dict[str, Any]) -> list[dict[str, Any]]:
     from fedfer.agent.federation.retry import RetryPolicy
     from fedfer.agent.federation.state import DeviceState
     from fedfer.bench.tcp_proxy import TcpProxy
-    from fedfer.v1 import common_pb2
+    from fedfer.security.secagg.stage import Stage
 
     async def device(state_dir: str, index: int, drop: bool) -> dict[str, Any]:
         update, weight = _update(spec["seed"], index, spec["dim"], spec["max_weight"])
@@ -142,7 +142,7 @@ def _worker(spec: dict[str, Any]) -> list[dict[str, Any]]:
                     estimated_up=client.counter.total,
                     payload_up=client.counter.payload,
                     calls=client.counter.calls,
-                    masked_deadline=client.stage_deadlines.get(common_pb2.STAGE_MASKED_INPUT, 0) / 1000,
+                    masked_deadline=client.stage_deadlines.get(Stage.MASKED_INPUT, 0) / 1000,
                 )
         finally:
             await proxy.close()

@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from fedfer.aggregator.registry import ModelRegistry
-from fedfer.aggregator.storage import DeviceRecord, RoundStatus, TokenRecord, open_storage, redact_url
+from fedfer.aggregator.storage import DeviceRecord, TokenRecord, open_storage, redact_url
+from fedfer.security.secagg.stage import Stage
 
 # agent.models.VideoModel with K=6 (205,894 float32 parameters); the aggregator never imports torch.
 _V_SHAPES = {
@@ -95,7 +96,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
             while (active := store.active_round()) is not None:
                 store.update_round(
-                    active.round_id, expected_version=active.version, now=now, status=RoundStatus.ABORTED
+                    active.round_id, expected_version=active.version, now=now, status=Stage.ABORTED
                 )
             rnd = store.create_round(params={"bench": True}, now=now)
             versions = [rnd.version]
@@ -106,9 +107,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 ).version
 
             cas_t = _time(args.ops, advance)
-            store.update_round(
-                rnd.round_id, expected_version=versions[0], now=now, status=RoundStatus.ABORTED
-            )
+            store.update_round(rnd.round_id, expected_version=versions[0], now=now, status=Stage.ABORTED)
             rng = np.random.default_rng(0)  # benchmark data, not secret
             arrays = {k: rng.standard_normal(s).astype(np.float32) for k, s in _V_SHAPES.items()}
             registry = ModelRegistry(store)

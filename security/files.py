@@ -17,10 +17,11 @@ from pathlib import Path
 
 from fedfer.security.errors import ValidationError
 
-__all__ = ["write_atomic"]
+__all__ = ["fsync_dir", "write_atomic"]
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: str | os.PathLike[str]) -> None:
+    """Flush ``directory``'s entries to disk (after a file in it was renamed, created or removed)."""
     fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fsync(fd)
@@ -61,4 +62,4 @@ def write_atomic(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o600
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(directory)
+    fsync_dir(directory)

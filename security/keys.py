@@ -1,12 +1,14 @@
 """Key handles: private keys you can use but not casually see, copy, pickle or print.
 
 Modelled on Tink's ``KeysetHandle``: handles have no public constructor from raw bytes (use
-:meth:`IdentityKey.generate` / :meth:`AgreementKey.generate`, or the loudly named ``*_DANGEROUS`` loaders),
-refuse pickling and copying, and have a redacted ``repr``. The only plaintext export is
-``export_private_bytes_DANGEROUS``: grep for ``DANGEROUS`` to audit every place key material leaves a handle.
+:meth:`IdentityKey.generate` / :meth:`AgreementKey.generate`, :meth:`IdentityKey.from_pem`, or the loudly
+named ``dangerously_import_*`` loaders), refuse pickling and copying, and have a redacted ``repr``. Key
+material leaves a handle only through a method named ``dangerously_export_*`` (the one spelling fedfer uses
+for every plaintext key export, :mod:`fedfer.security.envelope` and :mod:`fedfer.security.pki` included):
+grep for ``dangerously_`` to audit each place.
 
 - :class:`IdentityKey` is a device's long-lived Ed25519 signing key (its public half is in the device
-  certificate / registry).
+  certificate / registry): it signs round keys and the enrollment binding, and is stored as PKCS#8 PEM.
 - :class:`AgreementKey` is an ephemeral X25519 key for one round; :meth:`AgreementKey.derive` runs the
   Diffie-Hellman exchange and feeds the shared secret straight into HKDF, so the raw shared secret is never
   returned.
@@ -18,7 +20,9 @@ import os
 from typing import Any, NoReturn
 
 from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from fedfer.security.crypto import RandomBytes, hkdf_sha256
@@ -30,6 +34,7 @@ __all__ = [
     "SIGNATURE_BYTES",
     "AgreementKey",
     "IdentityKey",
+    "load_pem_private_key",
     "verify_signature",
 ]
 
@@ -37,6 +42,21 @@ PUBLIC_KEY_BYTES = 32
 PRIVATE_KEY_BYTES = 32
 SIGNATURE_BYTES = 64
 _TOKEN = object()
+_MAX_PEM = 64 * 1024
+
+
+def load_pem_private_key(data: object, *, what: str) -> PrivateKeyTypes:
+    """The private key in unencrypted PKCS#8 ``data`` (at most 64 KiB), for the handles that wrap one.
+
+    Raises:
+        ValidationError: ``data`` is not PEM bytes of a private key (the message names ``what``).
+    """
+    if not isinstance(data, bytes) or len(data) > _MAX_PEM:
+        raise ValidationError(f"{what} must be PEM bytes")
+    try:
+        return serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        raise ValidationError(f"{what} is not a readable PEM private key") from exc
 
 
 def _raw_private(raw: object, what: str) -> bytes:
@@ -74,14 +94,15 @@ class _Handle:
 class IdentityKey(_Handle):
     """A device's Ed25519 identity (signing) key handle.
 
-    Construct with :meth:`generate` or :meth:`from_private_bytes_DANGEROUS`; direct construction is refused.
+    Construct with :meth:`generate`, :meth:`from_pem` or :meth:`dangerously_import_private_bytes`; direct
+    construction is refused.
     """
 
     __slots__ = ("_key", "_public")
 
     def __init__(self, key: Ed25519PrivateKey, token: object) -> None:
         if token is not _TOKEN or not isinstance(key, Ed25519PrivateKey):
-            raise TypeError("use IdentityKey.generate() or IdentityKey.from_private_bytes_DANGEROUS()")
+            raise TypeError("use IdentityKey.generate() or IdentityKey.from_pem()")
         self._key = key
         self._public = key.public_key().public_bytes_raw()
 
@@ -98,7 +119,7 @@ class IdentityKey(_Handle):
         return cls(Ed25519PrivateKey.from_private_bytes(_random_private(_random_bytes)), _TOKEN)
 
     @classmethod
-    def from_private_bytes_DANGEROUS(cls, raw: bytes) -> IdentityKey:
+    def dangerously_import_private_bytes(cls, raw: bytes) -> IdentityKey:
         """Load a handle from a raw 32-byte Ed25519 seed (for key storage code only).
 
         Args:
@@ -112,9 +133,27 @@ class IdentityKey(_Handle):
         """
         return cls(Ed25519PrivateKey.from_private_bytes(_raw_private(raw, "Ed25519")), _TOKEN)
 
-    def export_private_bytes_DANGEROUS(self) -> bytes:
+    @classmethod
+    def from_pem(cls, data: bytes) -> IdentityKey:
+        """Load an unencrypted PKCS#8 PEM Ed25519 private key (as :meth:`dangerously_export_pem` writes it).
+
+        Raises:
+            ValidationError: not a PEM Ed25519 private key.
+        """
+        key = load_pem_private_key(data, what="identity key")
+        if not isinstance(key, Ed25519PrivateKey):
+            raise ValidationError("identity key must be Ed25519")
+        return cls(key, _TOKEN)
+
+    def dangerously_export_private_bytes(self) -> bytes:
         """Return the raw 32-byte private seed. Only for sealing into encrypted storage."""
         return self._key.private_bytes_raw()
+
+    def dangerously_export_pem(self) -> bytes:
+        """Return the private key as UNENCRYPTED PKCS#8 PEM. Write it only to a 0600 file."""
+        return self._key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
 
     def public_bytes(self) -> bytes:
         """The 32-byte Ed25519 public key."""
@@ -140,14 +179,15 @@ class IdentityKey(_Handle):
 class AgreementKey(_Handle):
     """An X25519 key-agreement handle (ephemeral, one per purpose per round).
 
-    Construct with :meth:`generate` or :meth:`from_private_bytes_DANGEROUS`; direct construction is refused.
+    Construct with :meth:`generate` or :meth:`dangerously_import_private_bytes`; direct construction is
+    refused.
     """
 
     __slots__ = ("_key", "_public")
 
     def __init__(self, key: X25519PrivateKey, token: object) -> None:
         if token is not _TOKEN or not isinstance(key, X25519PrivateKey):
-            raise TypeError("use AgreementKey.generate() or AgreementKey.from_private_bytes_DANGEROUS()")
+            raise TypeError("use AgreementKey.generate() or AgreementKey.dangerously_import_private_bytes()")
         self._key = key
         self._public = key.public_key().public_bytes_raw()
 
@@ -164,7 +204,7 @@ class AgreementKey(_Handle):
         return cls(X25519PrivateKey.from_private_bytes(_random_private(_random_bytes)), _TOKEN)
 
     @classmethod
-    def from_private_bytes_DANGEROUS(cls, raw: bytes) -> AgreementKey:
+    def dangerously_import_private_bytes(cls, raw: bytes) -> AgreementKey:
         """Load a handle from raw X25519 private bytes (used when a dropped client's key is reconstructed).
 
         Args:
@@ -178,7 +218,7 @@ class AgreementKey(_Handle):
         """
         return cls(X25519PrivateKey.from_private_bytes(_raw_private(raw, "X25519")), _TOKEN)
 
-    def export_private_bytes_DANGEROUS(self) -> bytes:
+    def dangerously_export_private_bytes(self) -> bytes:
         """Return the raw 32 private bytes (secure aggregation secret-shares them; nothing else should)."""
         return self._key.private_bytes_raw()
 

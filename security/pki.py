@@ -31,14 +31,13 @@ from dataclasses import dataclass, field
 from typing import NoReturn
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509 import verification
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedfer.security import keys as _keys
 from fedfer.security.errors import IntegrityError, ValidationError
+from fedfer.security.keys import IdentityKey, load_pem_private_key, verify_signature
 
 __all__ = [
     "DEVICE_ID_PATTERN",
@@ -50,7 +49,6 @@ __all__ = [
     "DeviceCertificate",
     "DeviceCsr",
     "DeviceIdentity",
-    "IdentityKey",
     "ServerCredentials",
     "TlsPrivateKey",
     "certificate_fingerprint",
@@ -62,7 +60,6 @@ __all__ = [
     "parse_device_csr",
     "validate_device_id",
     "verify_device_certificate",
-    "verify_identity_signature",
 ]
 
 DEVICE_ID_PATTERN = re.compile(r"[a-z0-9-]{3,64}")
@@ -103,7 +100,7 @@ class TlsPrivateKey:
     """Handle to an ECDSA P-256 private key used for TLS and certificate signing.
 
     Create with :meth:`generate` or :meth:`from_pem`. The key never appears in ``repr`` and cannot be
-    pickled; :meth:`unsafe_export_pem` is the only plaintext export (callers must write it 0600).
+    pickled; :meth:`dangerously_export_pem` is the only plaintext export (callers must write it 0600).
     """
 
     __slots__ = ("_key",)
@@ -125,12 +122,7 @@ class TlsPrivateKey:
         Raises:
             ValidationError: Not a PEM P-256 private key.
         """
-        if not isinstance(data, bytes) or len(data) > _MAX_PEM:
-            raise ValidationError("TLS private key must be PEM bytes")
-        try:
-            key = serialization.load_pem_private_key(data, password=None)
-        except (ValueError, TypeError) as exc:
-            raise ValidationError("TLS private key is not a readable PEM private key") from exc
+        key = load_pem_private_key(data, what="TLS private key")
         if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
             raise ValidationError("TLS private key must be ECDSA P-256")
         return cls(key, _token=_CREATE)
@@ -141,7 +133,7 @@ class TlsPrivateKey:
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         )
 
-    def unsafe_export_pem(self) -> bytes:
+    def dangerously_export_pem(self) -> bytes:
         """Return the private key as UNENCRYPTED PKCS#8 PEM. Write it only to a 0600 file."""
         return self._key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -152,81 +144,6 @@ class TlsPrivateKey:
 
     def __reduce__(self) -> NoReturn:
         raise TypeError("TlsPrivateKey cannot be pickled")
-
-
-class IdentityKey:
-    """Handle to a device's Ed25519 identity key (signs round keys and the enrollment binding).
-
-    Create with :meth:`generate` or :meth:`from_pem`. Redacted ``repr``, not picklable; the only plaintext
-    export is :meth:`unsafe_export_pem`.
-    """
-
-    __slots__ = ("_key",)
-
-    def __init__(self, key: ed25519.Ed25519PrivateKey, *, _token: object = None) -> None:
-        if _token is not _CREATE:
-            raise TypeError("use IdentityKey.generate() or IdentityKey.from_pem()")
-        self._key = key
-
-    @classmethod
-    def generate(cls) -> IdentityKey:
-        """Create a fresh Ed25519 key from the OS CSPRNG."""
-        return cls(ed25519.Ed25519PrivateKey.generate(), _token=_CREATE)
-
-    @classmethod
-    def from_pem(cls, data: bytes) -> IdentityKey:
-        """Load an unencrypted PKCS#8 PEM Ed25519 private key.
-
-        Raises:
-            ValidationError: Not a PEM Ed25519 private key.
-        """
-        if not isinstance(data, bytes) or len(data) > _MAX_PEM:
-            raise ValidationError("identity key must be PEM bytes")
-        try:
-            key = serialization.load_pem_private_key(data, password=None)
-        except (ValueError, TypeError) as exc:
-            raise ValidationError("identity key is not a readable PEM private key") from exc
-        if not isinstance(key, ed25519.Ed25519PrivateKey):
-            raise ValidationError("identity key must be Ed25519")
-        return cls(key, _token=_CREATE)
-
-    def public_bytes(self) -> bytes:
-        """Return the raw 32-byte public key."""
-        return self._key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-
-    def sign(self, message: bytes) -> bytes:
-        """Return the 64-byte Ed25519 signature of ``message``."""
-        return self._key.sign(message)
-
-    def unsafe_export_pem(self) -> bytes:
-        """Return the private key as UNENCRYPTED PKCS#8 PEM. Write it only to a 0600 file."""
-        return self._key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-
-    def to_signing_handle(self) -> _keys.IdentityKey:
-        """Return this key as the :class:`security.keys.IdentityKey` handle ``security.secagg`` uses."""
-        return _keys.IdentityKey.from_private_bytes_DANGEROUS(self._key.private_bytes_raw())
-
-    def __repr__(self) -> str:
-        return "IdentityKey(Ed25519, <redacted>)"
-
-    def __reduce__(self) -> NoReturn:
-        raise TypeError("IdentityKey cannot be pickled")
-
-
-def verify_identity_signature(public_key: bytes, message: bytes, signature: bytes) -> None:
-    """Check an Ed25519 signature made by a device identity key.
-
-    Raises:
-        CertificateError: Malformed key or signature, or the signature does not verify.
-    """
-    if type(public_key) is not bytes or len(public_key) != 32 or type(signature) is not bytes:
-        _fail()
-    try:
-        ed25519.Ed25519PublicKey.from_public_bytes(public_key).verify(signature, message)
-    except (InvalidSignature, ValueError):
-        _fail()
 
 
 # -- small helpers ----------------------------------------------------------------------------------------
@@ -668,23 +585,19 @@ class CertificateAuthority:
 # -- device side: CSR -------------------------------------------------------------------------------------
 
 
-def create_device_csr(
-    *, device_id: str, tls_key: TlsPrivateKey, identity_key: IdentityKey | _keys.IdentityKey
-) -> bytes:
+def create_device_csr(*, device_id: str, tls_key: TlsPrivateKey, identity_key: IdentityKey) -> bytes:
     """Build a device's certificate request (PEM), binding its TLS key, identity key and id.
 
     Args:
         device_id: The id to request (``[a-z0-9-]{3,64}``).
         tls_key: The device's P-256 TLS key.
-        identity_key: Its Ed25519 identity key, as this module's handle or ``security.keys.IdentityKey``.
+        identity_key: Its Ed25519 identity key (:class:`fedfer.security.keys.IdentityKey`).
 
     Raises:
         ValidationError: Bad device id or key handles.
     """
     device_id = validate_device_id(device_id)
-    if not isinstance(tls_key, TlsPrivateKey) or not isinstance(
-        identity_key, IdentityKey | _keys.IdentityKey
-    ):
+    if not isinstance(tls_key, TlsPrivateKey) or not isinstance(identity_key, IdentityKey):
         raise ValidationError("keys must be TlsPrivateKey and IdentityKey handles")
     proof = identity_key.sign(_binding_message(device_id, tls_key.public_key_der()))
     csr = (
@@ -740,8 +653,8 @@ def parse_device_csr(csr_pem: bytes) -> DeviceCsr:
     proof = _read_octet_string(ext.value.value, 64)
     tls_der = _spki(public)
     try:
-        verify_identity_signature(identity, _binding_message(device_id, tls_der), proof)
-    except CertificateError as exc:
+        verify_signature(identity, _binding_message(device_id, tls_der), proof)
+    except IntegrityError as exc:
         raise IntegrityError("identity proof does not verify") from exc
     return DeviceCsr(
         device_id=device_id, identity_public_key=identity, tls_public_key_der=tls_der, csr_pem=csr_pem

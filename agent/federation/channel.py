@@ -53,7 +53,7 @@ def federation_channel(state: DeviceState, *, interceptors: Interceptors = ()) -
     """
     creds = grpc.ssl_channel_credentials(
         root_certificates=state.server_pem(),
-        private_key=state.tls_key().unsafe_export_pem(),
+        private_key=state.tls_key().dangerously_export_pem(),
         certificate_chain=state.certificate_pem(),
     )
     return grpc.aio.secure_channel(

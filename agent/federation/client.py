@@ -20,7 +20,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 import numpy as np
@@ -30,12 +30,19 @@ from fedfer.agent.federation.channel import Interceptors, federation_channel
 from fedfer.agent.federation.retry import RetryPolicy, call_with_retry
 from fedfer.agent.federation.state import DeviceState
 from fedfer.security import pki
-from fedfer.security.errors import FedferError, IntegrityError, RoundAbortedError, ValidationError
+from fedfer.security.errors import (
+    FedferError,
+    IntegrityError,
+    ProtocolError,
+    RoundAbortedError,
+    ValidationError,
+)
 from fedfer.security.model_codec import decode_model
 from fedfer.security.secagg.client import SecAggClient
 from fedfer.security.secagg.graph import NeighbourGraph
 from fedfer.security.secagg.messages import ConsistencyRequest, KeysBroadcast, SharesBroadcast, UnmaskRequest
 from fedfer.security.secagg.params import SecAggParams
+from fedfer.security.secagg.stage import Stage
 from fedfer.v1 import common_pb2, federation_pb2, federation_pb2_grpc, models_pb2, models_pb2_grpc
 
 __all__ = ["CentralModel", "FederationClient", "RoundOutcome", "WireCounter"]
@@ -43,23 +50,23 @@ __all__ = ["CentralModel", "FederationClient", "RoundOutcome", "WireCounter"]
 _log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_ORDER = {
-    common_pb2.STAGE_IDLE: 0,
-    common_pb2.STAGE_CHECK_IN: 1,
-    common_pb2.STAGE_ADVERTISE_KEYS: 2,
-    common_pb2.STAGE_SHARE_KEYS: 3,
-    common_pb2.STAGE_MASKED_INPUT: 4,
-    common_pb2.STAGE_CONSISTENCY_CHECK: 5,
-    common_pb2.STAGE_UNMASK: 6,
-    common_pb2.STAGE_FINISHED: 7,
-    common_pb2.STAGE_ABORTED: 7,
-}
-_TERMINAL = (common_pb2.STAGE_FINISHED, common_pb2.STAGE_ABORTED)
 _LEFT_BEHIND = frozenset(
     {grpc.StatusCode.ABORTED, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.PERMISSION_DENIED}
 )
 _HTTP2_FRAME = 16_384
 _TLS_RECORD = 16_384
+
+
+def _stage(status: Any) -> Stage:
+    """The stage a ``RoundStatus`` names.
+
+    Raises:
+        ProtocolError: the aggregator named no stage this device knows.
+    """
+    stage = Stage.from_wire(status.stage)
+    if stage is None:
+        raise ProtocolError("the aggregator sent an unknown round stage")
+    return stage
 
 
 class WireCounter:
@@ -183,8 +190,8 @@ class FederationClient:
         self.counter = counter or WireCounter()
         self._hooks = dict(hooks or {})
         self._interceptors = tuple(interceptors)
-        self.stage_deadlines: dict[common_pb2.Stage, int] = {}
-        """Deadline (unix ms) the aggregator announced for each stage this client saw, by proto stage."""
+        self.stage_deadlines: dict[Stage, int] = {}
+        """Deadline (unix ms) the aggregator announced for each stage this client saw."""
         self._channel: grpc.aio.Channel | None = None
         self._fed: federation_pb2_grpc.FederationStub | None = None
         self._models: models_pb2_grpc.ModelsStub | None = None
@@ -230,23 +237,25 @@ class FederationClient:
             "status", self._stub.GetRound, request, timeout=self._timeout + wait_ms / 1000
         )
 
-    async def _wait_stage(self, round_id: int, at_least: common_pb2.Stage, *, until: float) -> Any:
+    async def _wait_stage(self, round_id: int, at_least: Stage, *, until: float) -> Any:
         """Long-poll until round ``round_id`` reaches stage ``at_least`` (or ends)."""
         known = common_pb2.STAGE_UNSPECIFIED
         while True:
             status = await self.status(round_id=round_id, stage=known, wait_ms=self._poll_ms)
             if status.round_id != round_id:
                 raise RoundAbortedError("round is over")
+            stage = _stage(status)
             if status.stage_deadline_unix_ms:
-                self.stage_deadlines[status.stage] = status.stage_deadline_unix_ms
-            if status.stage in _TERMINAL or _ORDER[status.stage] >= _ORDER[at_least]:
+                self.stage_deadlines[stage] = status.stage_deadline_unix_ms
+            if stage.terminal or stage.order >= at_least.order:
                 return status
             if time.monotonic() > until:
                 raise RoundAbortedError("gave up waiting for the round to progress")
             known = status.stage
 
-    async def _result(self, round_id: int, stage: common_pb2.Stage) -> Any:
-        request = federation_pb2.StageResultRequest(round_id=round_id, stage=stage)
+    async def _result(self, round_id: int, stage: Stage) -> Any:
+        wire_stage = cast(common_pb2.Stage, stage.value)  # the enum's value is its fedfer.v1.Stage number
+        request = federation_pb2.StageResultRequest(round_id=round_id, stage=wire_stage)
         return await self._unary("stage result", self._stub.GetStageResult, request)
 
     async def _send(self, what: str, method: Any, round_id: int, payload: bytes) -> None:
@@ -359,18 +368,18 @@ class FederationClient:
                 joined = None  # check-in closed (or the round ended) before this device got in
             if joined is None or not joined.participant:
                 with contextlib.suppress(RoundAbortedError, grpc.aio.AioRpcError):
-                    await self._wait_stage(status.round_id, common_pb2.STAGE_FINISHED, until=until)
+                    await self._wait_stage(status.round_id, Stage.FINISHED, until=until)
                 continue
             return await self._take_part(joined, update_fn, until)
         raise RoundAbortedError("could not join a round")
 
     async def _wait_for_open_round(self, until: float) -> Any:
         status = await self.status()
-        while status.stage != common_pb2.STAGE_CHECK_IN:
+        while _stage(status) is not Stage.CHECK_IN:
             if time.monotonic() > until:
                 raise RoundAbortedError("no round opened in time")
             status = await self.status(round_id=status.round_id, stage=status.stage, wait_ms=self._poll_ms)
-            if status.stage in _TERMINAL:  # the round we watched ended; look at the current one
+            if _stage(status).terminal:  # the round we watched ended; look at the current one
                 status = await self.status()
         return status
 
@@ -380,8 +389,8 @@ class FederationClient:
         base = joined.model_version
         try:
             update, weight = await update_fn(base, joined.dim)
-            status = await self._wait_stage(round_id, common_pb2.STAGE_ADVERTISE_KEYS, until=until)
-            if status.stage != common_pb2.STAGE_ADVERTISE_KEYS or not status.participant:
+            status = await self._wait_stage(round_id, Stage.ADVERTISE_KEYS, until=until)
+            if _stage(status) is not Stage.ADVERTISE_KEYS or not status.participant:
                 raise _Dropped("not admitted to key advertisement")
             params = SecAggParams.from_bytes(status.parameters)
             if params.dim != joined.dim or status.client_index != index:
@@ -392,24 +401,20 @@ class FederationClient:
             )
             await self._hook("advertise_keys")
 
-            await self._wait_stage(round_id, common_pb2.STAGE_SHARE_KEYS, until=until)
-            keys = KeysBroadcast.from_bytes(
-                (await self._result(round_id, common_pb2.STAGE_ADVERTISE_KEYS)).payload
-            )
+            await self._wait_stage(round_id, Stage.SHARE_KEYS, until=until)
+            keys = KeysBroadcast.from_bytes((await self._result(round_id, Stage.ADVERTISE_KEYS)).payload)
             await self._send("share keys", self._stub.ShareKeys, round_id, client.share_keys(keys).to_bytes())
             await self._hook("share_keys")
 
-            await self._wait_stage(round_id, common_pb2.STAGE_MASKED_INPUT, until=until)
-            shares = SharesBroadcast.from_bytes(
-                (await self._result(round_id, common_pb2.STAGE_SHARE_KEYS)).payload
-            )
+            await self._wait_stage(round_id, Stage.MASKED_INPUT, until=until)
+            shares = SharesBroadcast.from_bytes((await self._result(round_id, Stage.SHARE_KEYS)).payload)
             masked = client.masked_input(shares, update=update, weight=weight)
             await self._upload(round_id, masked.to_bytes())
             await self._hook("masked_input")
 
-            await self._wait_stage(round_id, common_pb2.STAGE_CONSISTENCY_CHECK, until=until)
+            await self._wait_stage(round_id, Stage.CONSISTENCY_CHECK, until=until)
             announced = ConsistencyRequest.from_bytes(
-                (await self._result(round_id, common_pb2.STAGE_MASKED_INPUT)).payload
+                (await self._result(round_id, Stage.MASKED_INPUT)).payload
             )
             await self._send(
                 "consistency check",
@@ -419,9 +424,9 @@ class FederationClient:
             )
             await self._hook("consistency_check")
 
-            await self._wait_stage(round_id, common_pb2.STAGE_UNMASK, until=until)
+            await self._wait_stage(round_id, Stage.UNMASK, until=until)
             request = UnmaskRequest.from_bytes(
-                (await self._result(round_id, common_pb2.STAGE_CONSISTENCY_CHECK)).payload
+                (await self._result(round_id, Stage.CONSISTENCY_CHECK)).payload
             )
             await self._send("unmask", self._stub.Unmask, round_id, client.unmask(request).to_bytes())
             await self._hook("unmask")
@@ -434,8 +439,8 @@ class FederationClient:
             _log.info("device left round %d (%s)", round_id, exc.code().name)
         except RoundAbortedError:
             _log.info("round %d aborted", round_id)
-        final = await self._wait_stage(round_id, common_pb2.STAGE_FINISHED, until=until)
-        if final.stage == common_pb2.STAGE_ABORTED:
+        final = await self._wait_stage(round_id, Stage.FINISHED, until=until)
+        if _stage(final) is Stage.ABORTED:
             status_text = "aborted"
         else:
             status_text = "published" if final.participant else "dropped"
@@ -443,7 +448,7 @@ class FederationClient:
 
     async def _secagg_client(self, round_id: int, params: SecAggParams, index: int) -> SecAggClient:
         """Build the protocol client, with peer identity keys taken from CA-verified device certificates."""
-        result = await self._result(round_id, common_pb2.STAGE_CHECK_IN)
+        result = await self._result(round_id, Stage.CHECK_IN)
         ca = self._state.ca_pem()
         now = dt.datetime.now(dt.UTC)
         holders = NeighbourGraph(params).holders(index)
@@ -460,7 +465,7 @@ class FederationClient:
             identity_keys[peer] = identity.identity_public_key
         if pki.device_id_from_certificate(result.peer_certificates[index]) != self._state.device_id:
             raise IntegrityError("aggregator assigned this device's index to another device")
-        identity_key = self._state.identity_key().to_signing_handle()
+        identity_key = self._state.identity_key()
         return SecAggClient(
             params=params, client_id=index, identity_key=identity_key, identity_keys=identity_keys
         )

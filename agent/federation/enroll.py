@@ -27,6 +27,7 @@ from fedfer.agent.federation.state import (
 )
 from fedfer.security import pki
 from fedfer.security.errors import IntegrityError
+from fedfer.security.keys import IdentityKey
 from fedfer.v1 import enrollment_pb2, enrollment_pb2_grpc
 
 __all__ = ["enroll", "new_device_id"]
@@ -39,16 +40,14 @@ def new_device_id() -> str:
     return "dev-" + secrets.token_hex(8)
 
 
-def _load_or_create_keys(directory: Path) -> tuple[pki.TlsPrivateKey, pki.IdentityKey]:
+def _load_or_create_keys(directory: Path) -> tuple[pki.TlsPrivateKey, IdentityKey]:
     """Keys are written before the token is spent, so a crash mid-enrollment can retry with the same keys."""
     tls_path, id_path = (directory / n for n in _PENDING_KEYS)
     if tls_path.is_file() and id_path.is_file():
-        return pki.TlsPrivateKey.from_pem(tls_path.read_bytes()), pki.IdentityKey.from_pem(
-            id_path.read_bytes()
-        )
-    tls_key, identity_key = pki.TlsPrivateKey.generate(), pki.IdentityKey.generate()
-    write_private_file(tls_path, tls_key.unsafe_export_pem())
-    write_private_file(id_path, identity_key.unsafe_export_pem())
+        return pki.TlsPrivateKey.from_pem(tls_path.read_bytes()), IdentityKey.from_pem(id_path.read_bytes())
+    tls_key, identity_key = pki.TlsPrivateKey.generate(), IdentityKey.generate()
+    write_private_file(tls_path, tls_key.dangerously_export_pem())
+    write_private_file(id_path, identity_key.dangerously_export_pem())
     return tls_key, identity_key
 
 

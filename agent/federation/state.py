@@ -20,6 +20,7 @@ from pathlib import Path
 from fedfer.security import pki
 from fedfer.security.errors import FedferError, ValidationError
 from fedfer.security.files import write_atomic
+from fedfer.security.keys import IdentityKey
 
 __all__ = ["DeviceState", "StateError", "parse_target", "write_private_file", "write_public_file"]
 
@@ -82,9 +83,9 @@ class DeviceState:
         """Handle of the device's TLS private key."""
         return pki.TlsPrivateKey.from_pem(self._read("tls_key.pem"))
 
-    def identity_key(self) -> pki.IdentityKey:
+    def identity_key(self) -> IdentityKey:
         """Handle of the device's Ed25519 identity key."""
-        return pki.IdentityKey.from_pem(self._read("identity_key.pem"))
+        return IdentityKey.from_pem(self._read("identity_key.pem"))
 
     def _read(self, name: str) -> bytes:
         try:

@@ -8,9 +8,10 @@ A store holds one to two KEKs: normally one; two only for the short window of a 
 that a crash at any point leaves the store holding the key the database was last committed under. The cache
 picks the key whose fingerprint the database names.
 
-The file format is ``b"FEDFERKEK1" || count(1) || count * 32 key bytes``. The file is created with mode 0600
-atomically (written to a fresh ``O_EXCL`` temporary file, fsynced, then renamed), and a key file that group or
-others may read or write, that is not a regular file, or that another user owns is refused.
+The file format is ``b"FEDFERKEK1" || count(1) || count * 32 key bytes``. The file is written with mode 0600
+atomically (:func:`fedfer.security.files.write_atomic`: a fresh ``O_EXCL`` temporary file, fsynced, renamed,
+the directory fsynced), and a key file that group or others may read or write, that is not a regular file, or
+that another user owns is refused.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any, Final, Protocol
 
 from fedfer.security.envelope import KEY_BYTES, KeyEncryptionKey
 from fedfer.security.errors import FedferError, ValidationError
+from fedfer.security.files import fsync_dir, write_atomic
 
 __all__ = [
     "KEY_FILE",
@@ -137,31 +139,23 @@ class FileKeyStore:
             return fh.read(len(_MAGIC) + 1 + _MAX_KEYS * KEY_BYTES + 1)
 
     def save(self, keys: list[KeyEncryptionKey]) -> None:
-        """Atomically replace the key file: a fresh 0600 ``O_EXCL`` temporary, fsync, rename, fsync dir."""
+        """Atomically replace the key file (0600, :func:`fedfer.security.files.write_atomic`).
+
+        Then the replaced file's inode is wiped (best effort; see :meth:`destroy`). A failed write keeps the
+        old file as it was.
+        """
         _check_count(keys)
         payload = _MAGIC + bytes([len(keys)]) + b"".join(k.dangerously_export_plaintext() for k in keys)
-        directory = self._path.parent
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp = directory / f".{self._path.name}.{os.urandom(8).hex()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            os.fchmod(fd, 0o600)  # the umask can only remove bits; make the mode exact anyway
-            view = memoryview(payload)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise
-        os.close(fd)
+        self._path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         old = self._open_existing()
         try:
-            os.replace(tmp, self._path)
-            _fsync_dir(directory)
-        finally:
-            if old is not None:  # wipe the replaced key's inode (best effort; see destroy())
-                _wipe(old)
+            write_atomic(self._path, payload, mode=0o600)
+        except BaseException:
+            if old is not None:
+                os.close(old)
+            raise
+        if old is not None:
+            _wipe(old)
 
     def destroy(self) -> None:
         """Overwrite the key file with zeros, fsync, and unlink it.
@@ -175,7 +169,7 @@ class FileKeyStore:
         try:
             with contextlib.suppress(FileNotFoundError):
                 self._path.unlink()
-                _fsync_dir(self._path.parent)
+                fsync_dir(self._path.parent)
         finally:
             _wipe(old)
 
@@ -191,14 +185,6 @@ def _wipe(fd: int) -> None:
     try:
         size = os.fstat(fd).st_size
         os.pwrite(fd, b"\0" * size, 0)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -1,24 +1,25 @@
 """Per-epoch training checkpoints, so an interrupted central training run resumes instead of starting over.
 
-A checkpoint is one file written atomically after every epoch (a temporary file and a rename: a run killed
-while writing leaves the previous checkpoint). It holds what the next epoch needs to continue exactly where
-the run stopped: the model, optimizer and schedule state, the best epoch's weights, the history, and the
-torch and NumPy random states. It is read with ``torch.load(weights_only=True)`` (no code runs from the
-file) and carries the key of the run it belongs to; a checkpoint of another run, or one that cannot be read,
-is ignored with a warning and the training starts from the beginning (it never fails a run).
+A checkpoint is one file written atomically after every epoch (:func:`fedfer.security.files.write_atomic`: a
+run killed while writing leaves the previous checkpoint). It holds what the next epoch needs to continue
+exactly where the run stopped: the model, optimizer and schedule state, the best epoch's weights, the history,
+and the torch and NumPy random states. It is read with ``torch.load(weights_only=True)`` (no code runs from
+the file) and carries the key of the run it belongs to; a checkpoint of another run, or one that cannot be
+read, is ignored with a warning and the training starts from the beginning (it never fails a run).
 """
 
 from __future__ import annotations
 
+import io
 import logging
-import os
 import pickle
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from fedfer.security.files import write_atomic
 
 __all__ = ["Checkpoint"]
 
@@ -58,16 +59,9 @@ class Checkpoint:
     def save(self, state: dict[str, Any]) -> None:
         """Write ``state`` (tensors, numbers, strings, lists and dicts of them) atomically."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                torch.save({**state, "format": _FORMAT, "key": self.key}, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        buffer = io.BytesIO()
+        torch.save({**state, "format": _FORMAT, "key": self.key}, buffer)
+        write_atomic(self.path, buffer.getvalue())
 
     def remove(self) -> None:
         """Delete the checkpoint (once the finished model is saved)."""

@@ -5,7 +5,6 @@ or ``postgresql://user@host:port/dbname``.
 """
 
 from fedfer.aggregator.storage.base import (
-    ACTIVE_STATUSES,
     ConflictError,
     DeviceRecord,
     LeaseRecord,
@@ -13,7 +12,6 @@ from fedfer.aggregator.storage.base import (
     NotFoundError,
     ResponseRecord,
     RoundRecord,
-    RoundStatus,
     Storage,
     StorageError,
     TokenRecord,
@@ -21,7 +19,6 @@ from fedfer.aggregator.storage.base import (
 from fedfer.aggregator.storage.factory import open_storage, redact_url
 
 __all__ = [
-    "ACTIVE_STATUSES",
     "ConflictError",
     "DeviceRecord",
     "LeaseRecord",
@@ -29,7 +26,6 @@ __all__ = [
     "NotFoundError",
     "ResponseRecord",
     "RoundRecord",
-    "RoundStatus",
     "Storage",
     "StorageError",
     "TokenRecord",

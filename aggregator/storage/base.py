@@ -21,15 +21,14 @@ from __future__ import annotations
 
 import abc
 import datetime as dt
-import enum
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from fedfer.security.errors import FedferError
+from fedfer.security.secagg.stage import Stage
 
 __all__ = [
-    "ACTIVE_STATUSES",
     "ConflictError",
     "DeviceRecord",
     "JsonValue",
@@ -38,7 +37,6 @@ __all__ = [
     "NotFoundError",
     "ResponseRecord",
     "RoundRecord",
-    "RoundStatus",
     "Storage",
     "StorageError",
     "TokenRecord",
@@ -58,35 +56,6 @@ class ConflictError(StorageError):
 
 class NotFoundError(StorageError):
     """The addressed record does not exist."""
-
-
-class RoundStatus(enum.Enum):
-    """Life cycle of a secure-aggregation round.
-
-    ``OPEN`` → ``ADVERTISE_KEYS`` → ``SHARE_KEYS`` → ``MASKED_INPUT`` → ``CONSISTENCY_CHECK`` → ``UNMASK`` →
-    ``PUBLISHED``; any
-    non-terminal status may go to ``ABORTED``. The collecting statuses double as stage names for
-    :meth:`Storage.put_round_message`. The storage layer does not enforce the order (the orchestrator does);
-    it enforces that a round is changed only by the holder of its current version.
-    """
-
-    OPEN = "open"
-    ADVERTISE_KEYS = "advertise_keys"
-    SHARE_KEYS = "share_keys"
-    MASKED_INPUT = "masked_input"
-    CONSISTENCY_CHECK = "consistency_check"
-    UNMASK = "unmask"
-    PUBLISHED = "published"
-    ABORTED = "aborted"
-
-    @property
-    def terminal(self) -> bool:
-        """True for ``PUBLISHED`` and ``ABORTED``."""
-        return self in (RoundStatus.PUBLISHED, RoundStatus.ABORTED)
-
-
-ACTIVE_STATUSES: frozenset[RoundStatus] = frozenset(s for s in RoundStatus if not s.terminal)
-"""Statuses of a round that is still running (at most one per cohort)."""
 
 
 @dataclass(frozen=True)
@@ -143,7 +112,11 @@ class RoundRecord:
     Attributes:
         round_id: Increasing integer id (unique, not necessarily contiguous).
         cohort: Population the round belongs to; at most one active round per cohort.
-        status: Current :class:`RoundStatus`.
+        status: The round's :class:`~fedfer.security.secagg.stage.Stage` (never ``IDLE``): ``CHECK_IN`` →
+            the five collecting stages → ``FINISHED`` (published); any stage before ``FINISHED`` may go to
+            ``ABORTED``. The collecting stages also name a message's stage in
+            :meth:`Storage.put_round_message`. The storage layer does not enforce the order (the orchestrator
+            does); it enforces that a round is changed only by the holder of its current version.
         params: Round parameters as JSON (min clients, threshold, deadlines, ...).
         created_at: When the round was opened.
         updated_at: Last change of status, state or participants.
@@ -156,7 +129,7 @@ class RoundRecord:
 
     round_id: int
     cohort: str
-    status: RoundStatus
+    status: Stage
     params: Mapping[str, JsonValue]
     created_at: dt.datetime
     updated_at: dt.datetime
@@ -346,7 +319,7 @@ class Storage(abc.ABC):
         *,
         expected_version: int,
         now: dt.datetime,
-        status: RoundStatus | None = None,
+        status: Stage | None = None,
         state: bytes | None = None,
         participants: Sequence[str] | None = None,
         model_version: int | None = None,
@@ -384,7 +357,7 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     def put_round_message(
-        self, round_id: int, *, stage: RoundStatus, device_id: str, payload: bytes, now: dt.datetime
+        self, round_id: int, *, stage: Stage, device_id: str, payload: bytes, now: dt.datetime
     ) -> bool:
         """Store one device's message for one stage of a round, first write wins.
 
@@ -398,7 +371,7 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     def round_messages(
-        self, round_id: int, *, stage: RoundStatus, device_ids: Collection[str] | None = None
+        self, round_id: int, *, stage: Stage, device_ids: Collection[str] | None = None
     ) -> dict[str, bytes]:
         """Return ``{device_id: payload}`` of the messages stored for one stage of a round.
 
@@ -409,7 +382,7 @@ class Storage(abc.ABC):
         """
 
     @abc.abstractmethod
-    def round_message_senders(self, round_id: int, *, stage: RoundStatus) -> frozenset[str]:
+    def round_message_senders(self, round_id: int, *, stage: Stage) -> frozenset[str]:
         """Return the ids of the devices that have a message stored for one stage of a round (no payloads)."""
 
     # -- idempotency --------------------------------------------------------------------------------------

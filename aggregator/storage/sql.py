@@ -26,16 +26,16 @@ from fedfer.aggregator.storage.base import (
     NotFoundError,
     ResponseRecord,
     RoundRecord,
-    RoundStatus,
     Storage,
     StorageError,
     TokenRecord,
 )
+from fedfer.security.secagg.stage import Stage
 
 __all__ = ["SCHEMA_VERSION", "Cursor", "SqlStorage"]
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-_TERMINAL = ("published", "aborted")
+_TERMINAL = tuple(stage.key for stage in Stage if stage.terminal)
 _MAX_TEXT = 256
 _IN_BATCH = 500  # values per IN (...) list, well below every SQLite build's bound-parameter limit
 
@@ -187,7 +187,7 @@ def _round(row: Sequence[Any]) -> RoundRecord:
     return RoundRecord(
         round_id=int(row[0]),
         cohort=row[1],
-        status=RoundStatus(row[2]),
+        status=Stage.from_key(row[2]),
         params=json.loads(row[3]),
         created_at=_from_db_time(row[4]),
         updated_at=_from_db_time(row[5]),
@@ -242,7 +242,7 @@ def _model_row(model: object) -> tuple[Any, ...]:
 def _round_change(
     *,
     now: dt.datetime,
-    status: RoundStatus | None = None,
+    status: Stage | None = None,
     state: bytes | None = None,
     participants: Sequence[str] | None = None,
     model_version: int | None = None,
@@ -251,10 +251,10 @@ def _round_change(
     sets = ["version = version + 1", "updated_at = ?"]
     values: list[Any] = [_to_db_time(now)]
     if status is not None:
-        if not isinstance(status, RoundStatus):
-            raise StorageError("status must be a RoundStatus")
+        if not isinstance(status, Stage) or status is Stage.IDLE:
+            raise StorageError("status must be the Stage of a round")
         sets.append("status = ?")
-        values.append(status.value)
+        values.append(status.key)
         if status.terminal:
             sets.append("finished_at = ?")
             values.append(_to_db_time(now))
@@ -558,7 +558,7 @@ class SqlStorage(Storage):
         *,
         expected_version: int,
         now: dt.datetime,
-        status: RoundStatus | None = None,
+        status: Stage | None = None,
         state: bytes | None = None,
         participants: Sequence[str] | None = None,
         model_version: int | None = None,
@@ -582,7 +582,7 @@ class SqlStorage(Storage):
         """In one transaction: store ``model`` as a new version and mark the round ``PUBLISHED`` with it."""
         row = _model_row(model)
         change = _round_change(
-            now=now, status=RoundStatus.PUBLISHED, participants=participants, model_version=model.version
+            now=now, status=Stage.FINISHED, participants=participants, model_version=model.version
         )
         try:
             with self._tx() as cur:
@@ -598,12 +598,12 @@ class SqlStorage(Storage):
             raise
 
     def put_round_message(
-        self, round_id: int, *, stage: RoundStatus, device_id: str, payload: bytes, now: dt.datetime
+        self, round_id: int, *, stage: Stage, device_id: str, payload: bytes, now: dt.datetime
     ) -> bool:
         """Store one device's message for one stage of a round, first write wins."""
-        if not isinstance(stage, RoundStatus) or stage.terminal or stage is RoundStatus.OPEN:
-            raise StorageError("stage must be a collecting RoundStatus")
-        key = (_int(round_id, "round id"), stage.value, _text(device_id, "device id"))
+        if not isinstance(stage, Stage) or not stage.collecting:
+            raise StorageError("stage must be a collecting Stage")
+        key = (_int(round_id, "round id"), stage.key, _text(device_id, "device id"))
         payload = _blob(payload, "payload")
         with self._tx() as cur:
             cur.execute("SELECT status FROM rounds WHERE round_id = ?", (round_id,))
@@ -628,12 +628,12 @@ class SqlStorage(Storage):
         return False
 
     def round_messages(
-        self, round_id: int, *, stage: RoundStatus, device_ids: Collection[str] | None = None
+        self, round_id: int, *, stage: Stage, device_ids: Collection[str] | None = None
     ) -> dict[str, bytes]:
         """Return ``{device_id: payload}`` of the messages stored for one stage of a round."""
-        if not isinstance(stage, RoundStatus):
-            raise StorageError("stage must be a RoundStatus")
-        key = (_int(round_id, "round id"), stage.value)
+        if not isinstance(stage, Stage):
+            raise StorageError("stage must be a Stage")
+        key = (_int(round_id, "round id"), stage.key)
         if device_ids is None:
             with self._tx(write=False) as cur:
                 cur.execute(
@@ -657,14 +657,14 @@ class SqlStorage(Storage):
                 found.update((r[0], bytes(r[1])) for r in cur.fetchall())
         return found
 
-    def round_message_senders(self, round_id: int, *, stage: RoundStatus) -> frozenset[str]:
+    def round_message_senders(self, round_id: int, *, stage: Stage) -> frozenset[str]:
         """Return the ids of the devices that have a message stored for one stage of a round."""
-        if not isinstance(stage, RoundStatus):
-            raise StorageError("stage must be a RoundStatus")
+        if not isinstance(stage, Stage):
+            raise StorageError("stage must be a Stage")
         with self._tx(write=False) as cur:
             cur.execute(
                 "SELECT device_id FROM round_messages WHERE round_id = ? AND stage = ?",
-                (_int(round_id, "round id"), stage.value),
+                (_int(round_id, "round id"), stage.key),
             )
             return frozenset(r[0] for r in cur.fetchall())
 

@@ -32,13 +32,16 @@ scale for which n clients cannot wrap mod 2^k), then rounded. The decoded mean d
 mean of the clipped updates by at most ``m * 0.5 / (s * W_tot)`` per coordinate for m survivors of total
 weight W_tot (<= 0.5 / s); :attr:`AggregateResult.error_bound` reports it for each round.
 
-Drive it with :class:`SecAggServer` and one :class:`SecAggClient` per device; both are pure state machines.
+Drive it with :class:`SecAggServer` and one :class:`SecAggClient` per device; both are pure state machines,
+moving through the round's :class:`Stage` (:mod:`fedfer.security.secagg.stage`, the one stage enum of every
+layer).
 """
 
 from fedfer.security.secagg._wire import MalformedMessageError
-from fedfer.security.secagg.client import ClientStage, SecAggClient
+from fedfer.security.secagg.client import SecAggClient
 from fedfer.security.secagg.graph import NeighbourGraph
 from fedfer.security.secagg.messages import (
+    STAGE_MESSAGE,
     AdvertiseKeys,
     ConsistencyRequest,
     ConsistencySignature,
@@ -60,12 +63,14 @@ from fedfer.security.secagg.params import (
     default_threshold,
     threshold_for_colluders,
 )
-from fedfer.security.secagg.server import AggregateResult, DuplicateMessageError, SecAggServer, ServerStage
+from fedfer.security.secagg.server import AggregateResult, DuplicateMessageError, SecAggServer
+from fedfer.security.secagg.stage import COLLECTING, Stage
 
 __all__ = [
+    "COLLECTING",
+    "STAGE_MESSAGE",
     "AdvertiseKeys",
     "AggregateResult",
-    "ClientStage",
     "ConsistencyRequest",
     "ConsistencySignature",
     "DuplicateMessageError",
@@ -79,10 +84,10 @@ __all__ = [
     "SecAggClient",
     "SecAggParams",
     "SecAggServer",
-    "ServerStage",
     "ShareKeys",
     "SharesBroadcast",
     "SignedSurvivors",
+    "Stage",
     "UnmaskRequest",
     "UnmaskResponse",
     "decode_message",

@@ -8,7 +8,6 @@ malicious server can at worst make the client stop, never make it reveal more.
 
 from __future__ import annotations
 
-import enum
 import os
 from collections.abc import Mapping
 from typing import Any, NoReturn
@@ -46,23 +45,12 @@ from fedfer.security.secagg.messages import (
     signed_keys_payload,
 )
 from fedfer.security.secagg.params import SecAggParams
+from fedfer.security.secagg.stage import Stage
 from fedfer.security.shamir import SHARE_BYTES, split_secret
 
-__all__ = ["ClientStage", "SecAggClient"]
+__all__ = ["SecAggClient"]
 
 _SEED_BYTES = 32
-
-
-class ClientStage(enum.Enum):
-    """Where a client is in the round: the next method it expects to be called."""
-
-    ADVERTISE_KEYS = "advertise_keys"
-    SHARE_KEYS = "share_keys"
-    MASKED_INPUT = "masked_input"
-    CONSISTENCY_CHECK = "consistency_check"
-    UNMASK = "unmask"
-    DONE = "done"
-    ABORTED = "aborted"
 
 
 class SecAggClient:
@@ -112,7 +100,7 @@ class SecAggClient:
         self._roster = roster
         self._neighbors = graph.neighbors(client_id)
         self._random = _random_bytes
-        self._stage = ClientStage.ADVERTISE_KEYS
+        self._stage = Stage.ADVERTISE_KEYS
         self._enc_key: AgreementKey | None = None
         self._mask_key: AgreementKey | None = None
         self._advertised: AdvertiseKeys | None = None
@@ -130,12 +118,12 @@ class SecAggClient:
         return self._id
 
     @property
-    def stage(self) -> ClientStage:
+    def stage(self) -> Stage:
         """The stage the client is in."""
         return self._stage
 
     def __repr__(self) -> str:
-        return f"SecAggClient(client_id={self._id}, stage={self._stage.value})"
+        return f"SecAggClient(client_id={self._id}, stage={self._stage.key})"
 
     def __reduce__(self) -> NoReturn:
         # The client holds key handles and other clients' shares: never serialize it.
@@ -146,12 +134,12 @@ class SecAggClient:
 
     # -- helpers -----------------------------------------------------------------------------------------
 
-    def _expect(self, stage: ClientStage, message: object, message_type: type, addressee: object) -> None:
+    def _expect(self, stage: Stage, message: object, message_type: type, addressee: object) -> None:
         """Cheap checks that reject a message without changing any state."""
-        if self._stage is ClientStage.ABORTED:
+        if self._stage is Stage.ABORTED:
             raise RoundAbortedError("this client has aborted the round")
         if self._stage is not stage:
-            raise ProtocolError(f"client is in stage {self._stage.value}, not {stage.value}")
+            raise ProtocolError(f"client is in stage {self._stage.key}, not {stage.key}")
         if type(message) is not message_type:
             raise ProtocolError(f"expected a {message_type.__name__} message")
         if getattr(message, "round_id", None) != self._params.round_id:
@@ -160,7 +148,7 @@ class SecAggClient:
             raise ProtocolError("message is addressed to another client")
 
     def _abort(self) -> None:
-        self._stage = ClientStage.ABORTED
+        self._stage = Stage.ABORTED
         self._wipe()
 
     def _check_quorum(self, request: UnmaskRequest, signed: tuple[int, ...]) -> None:
@@ -191,7 +179,7 @@ class SecAggClient:
         try:
             return fn(*args, **kwargs)
         except (ProtocolError, IntegrityError, RoundAbortedError, ValidationError):
-            if self._stage is not ClientStage.ABORTED:
+            if self._stage is not Stage.ABORTED:
                 self._abort()
             raise
 
@@ -206,15 +194,15 @@ class SecAggClient:
         Raises:
             ProtocolError: if called out of order.
         """
-        if self._stage is not ClientStage.ADVERTISE_KEYS:
-            raise ProtocolError(f"client is in stage {self._stage.value}, not advertise_keys")
+        if self._stage is not Stage.ADVERTISE_KEYS:
+            raise ProtocolError(f"client is in stage {self._stage.key}, not advertise_keys")
         self._enc_key = AgreementKey.generate(_random_bytes=self._random)
         self._mask_key = AgreementKey.generate(_random_bytes=self._random)
         enc_pk = self._enc_key.public_bytes()
         mask_pk = self._mask_key.public_bytes()
         signature = self._identity.sign(signed_keys_payload(self._params.digest, self._id, enc_pk, mask_pk))
         self._advertised = AdvertiseKeys(self._params.round_id, self._id, enc_pk, mask_pk, signature)
-        self._stage = ClientStage.SHARE_KEYS
+        self._stage = Stage.SHARE_KEYS
         return self._advertised
 
     # -- stage 2 -----------------------------------------------------------------------------------------
@@ -233,7 +221,7 @@ class SecAggClient:
             IntegrityError: a neighbour's keys are not signed by its identity key, or keys were altered.
             RoundAbortedError: fewer than t share holders advertised keys.
         """
-        self._expect(ClientStage.SHARE_KEYS, broadcast, KeysBroadcast, getattr(broadcast, "receiver", None))
+        self._expect(Stage.SHARE_KEYS, broadcast, KeysBroadcast, getattr(broadcast, "receiver", None))
         return self._guarded(self._share_keys, broadcast)  # type: ignore[no-any-return]
 
     def _share_keys(self, broadcast: KeysBroadcast) -> ShareKeys:
@@ -267,7 +255,7 @@ class SecAggClient:
         t = self._params.threshold
         seed_shares = split_secret(self._seed, threshold=t, points=points, _random_bytes=self._random)
         key_shares = split_secret(
-            self._mask_key.export_private_bytes_DANGEROUS(),
+            self._mask_key.dangerously_export_private_bytes(),
             threshold=t,
             points=points,
             _random_bytes=self._random,
@@ -291,7 +279,7 @@ class SecAggClient:
             )
             out.append(EncryptedShare(self._id, peer, ciphertext))
         self._enc_key = None  # only the derived per-peer AEAD keys are needed from here on
-        self._stage = ClientStage.MASKED_INPUT
+        self._stage = Stage.MASKED_INPUT
         return ShareKeys(self._params.round_id, self._id, tuple(out))
 
     # -- stage 3 -----------------------------------------------------------------------------------------
@@ -315,9 +303,7 @@ class SecAggClient:
             RoundAbortedError: fewer than t share holders (this client included) remain.
             ValidationError: on a malformed update or weight.
         """
-        self._expect(
-            ClientStage.MASKED_INPUT, broadcast, SharesBroadcast, getattr(broadcast, "receiver", None)
-        )
+        self._expect(Stage.MASKED_INPUT, broadcast, SharesBroadcast, getattr(broadcast, "receiver", None))
         encoded = self._params.codec().encode(update, weight)  # a bad local input does not abort the round
         return self._guarded(self._masked_input, broadcast, encoded)  # type: ignore[no-any-return]
 
@@ -360,7 +346,7 @@ class SecAggClient:
         self._mask_key = None
         self._seed = None
         self._aead_keys.clear()
-        self._stage = ClientStage.CONSISTENCY_CHECK
+        self._stage = Stage.CONSISTENCY_CHECK
         return MaskedInput(params.round_id, self._id, params.modulus_bits, encoded)
 
     # -- stage 4: consistency check ----------------------------------------------------------------------
@@ -383,9 +369,7 @@ class SecAggClient:
                 neighbour that never shared keys with this client.
             RoundAbortedError: fewer than t of this client's holders are in U3.
         """
-        self._expect(
-            ClientStage.CONSISTENCY_CHECK, request, ConsistencyRequest, getattr(request, "receiver", None)
-        )
+        self._expect(Stage.CONSISTENCY_CHECK, request, ConsistencyRequest, getattr(request, "receiver", None))
         return self._guarded(self._consistency_check, request)  # type: ignore[no-any-return]
 
     def _consistency_check(self, request: ConsistencyRequest) -> ConsistencySignature:
@@ -401,7 +385,7 @@ class SecAggClient:
             raise RoundAbortedError("fewer surviving share holders than the threshold")
         signature = self._identity.sign(consistency_payload(self._params.digest, survivors))
         self._signed_survivors = survivors
-        self._stage = ClientStage.UNMASK
+        self._stage = Stage.UNMASK
         return ConsistencySignature(self._params.round_id, self._id, signature)
 
     # -- stage 5 -----------------------------------------------------------------------------------------
@@ -425,7 +409,7 @@ class SecAggClient:
             IntegrityError: a forwarded signature is not valid for the signed set.
             RoundAbortedError: fewer than t holders vouch for the signed set.
         """
-        self._expect(ClientStage.UNMASK, request, UnmaskRequest, getattr(request, "receiver", None))
+        self._expect(Stage.UNMASK, request, UnmaskRequest, getattr(request, "receiver", None))
         return self._guarded(self._unmask, request)  # type: ignore[no-any-return]
 
     def _unmask(self, request: UnmaskRequest) -> UnmaskResponse:
@@ -441,5 +425,5 @@ class SecAggClient:
         seed_shares = tuple(RevealedShare(u, self._held[u][0]) for u in sorted(survivors))
         key_shares = tuple(RevealedShare(u, self._held[u][1]) for u in sorted(dropped))
         self._wipe()
-        self._stage = ClientStage.DONE
+        self._stage = Stage.FINISHED
         return UnmaskResponse(self._params.round_id, self._id, seed_shares, key_shares)

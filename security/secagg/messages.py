@@ -36,12 +36,15 @@ from fedfer.security.keys import PUBLIC_KEY_BYTES, SIGNATURE_BYTES
 from fedfer.security.quantize import working_dtype
 from fedfer.security.secagg._wire import MAX_ITEMS, MalformedMessageError, Reader, Writer, peek_kind
 from fedfer.security.secagg.params import MAX_CLIENTS
+from fedfer.security.secagg.stage import Stage
 from fedfer.security.shamir import SHARE_BYTES
 
 __all__ = [
     "SHARE_CIPHERTEXT_BYTES",
     "SHARE_PLAINTEXT_BYTES",
+    "STAGE_MESSAGE",
     "AdvertiseKeys",
+    "ClientMessage",
     "ConsistencyRequest",
     "ConsistencySignature",
     "EncryptedShare",
@@ -642,6 +645,9 @@ Message: TypeAlias = (
 )
 """Any top-level secure-aggregation message."""
 
+ClientMessage: TypeAlias = AdvertiseKeys | ShareKeys | MaskedInput | ConsistencySignature | UnmaskResponse
+"""A message a client sends to the server (one per collecting stage, :data:`STAGE_MESSAGE`)."""
+
 _BY_KIND: dict[int, Callable[[bytes], Message]] = {
     cls.KIND: cls.from_bytes
     for cls in (
@@ -675,3 +681,13 @@ def decode_message(data: bytes) -> Message:
     if parser is None:
         raise MalformedMessageError("unknown message kind")
     return parser(data)
+
+
+#: The message a client sends in each collecting stage (what the server and the aggregator accept in it).
+STAGE_MESSAGE: dict[Stage, type[ClientMessage]] = {
+    Stage.ADVERTISE_KEYS: AdvertiseKeys,
+    Stage.SHARE_KEYS: ShareKeys,
+    Stage.MASKED_INPUT: MaskedInput,
+    Stage.CONSISTENCY_CHECK: ConsistencySignature,
+    Stage.UNMASK: UnmaskResponse,
+}

@@ -24,7 +24,6 @@ All conditions are checked before any secret is reconstructed, so an aborted rou
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +44,7 @@ from fedfer.security.secagg._derive import (
 from fedfer.security.secagg._wire import MalformedMessageError, Reader, Writer
 from fedfer.security.secagg.graph import NeighbourGraph
 from fedfer.security.secagg.messages import (
+    STAGE_MESSAGE,
     AdvertiseKeys,
     ConsistencyRequest,
     ConsistencySignature,
@@ -63,9 +63,10 @@ from fedfer.security.secagg.messages import (
     unpack_vector,
 )
 from fedfer.security.secagg.params import SecAggParams
+from fedfer.security.secagg.stage import Stage
 from fedfer.security.shamir import reconstruct_secret
 
-__all__ = ["AggregateResult", "DuplicateMessageError", "SecAggServer", "ServerStage"]
+__all__ = ["AggregateResult", "DuplicateMessageError", "SecAggServer"]
 
 _SEED_BYTES = 32
 _KEY_BYTES = 32
@@ -76,27 +77,7 @@ class DuplicateMessageError(ProtocolError):
     """A client sent a second message in one stage; the first one stands (a retry can be treated as done)."""
 
 
-class ServerStage(enum.Enum):
-    """The stage whose client messages the server is collecting."""
-
-    ADVERTISE_KEYS = 1
-    SHARE_KEYS = 2
-    MASKED_INPUT = 3
-    CONSISTENCY_CHECK = 4
-    UNMASK = 5
-    DONE = 6
-    ABORTED = 7
-
-
-_EXPECTED_TYPE: dict[ServerStage, type] = {
-    ServerStage.ADVERTISE_KEYS: AdvertiseKeys,
-    ServerStage.SHARE_KEYS: ShareKeys,
-    ServerStage.MASKED_INPUT: MaskedInput,
-    ServerStage.CONSISTENCY_CHECK: ConsistencySignature,
-    ServerStage.UNMASK: UnmaskResponse,
-}
-
-_AFTER_MASKED_INPUT = frozenset({ServerStage.CONSISTENCY_CHECK, ServerStage.UNMASK})
+_AFTER_MASKED_INPUT = frozenset({Stage.CONSISTENCY_CHECK, Stage.UNMASK})
 
 
 @dataclass(frozen=True, eq=False)
@@ -144,7 +125,7 @@ class SecAggServer:
         self._params = params
         self._roster = roster
         self._graph = NeighbourGraph(params)
-        self._stage = ServerStage.ADVERTISE_KEYS
+        self._stage = Stage.ADVERTISE_KEYS
         self._eligible: frozenset[int] = frozenset(roster)
         self._received: set[int] = set()
         self._keys: dict[int, AdvertiseKeys] = {}
@@ -168,7 +149,7 @@ class SecAggServer:
         return self._params
 
     @property
-    def stage(self) -> ServerStage:
+    def stage(self) -> Stage:
         """The stage being collected."""
         return self._stage
 
@@ -215,16 +196,16 @@ class SecAggServer:
                 malformed share routing, or a repeated sender (:class:`DuplicateMessageError`).
             IntegrityError: an advertised key set is not signed by the sender's identity key.
         """
-        if self._stage is ServerStage.ABORTED:
+        if self._stage is Stage.ABORTED:
             raise RoundAbortedError("the round has aborted")
-        if self._stage is ServerStage.DONE:
+        if self._stage is Stage.FINISHED:
             raise ProtocolError("the round is finished")
-        expected = _EXPECTED_TYPE[self._stage]
+        expected = STAGE_MESSAGE[self._stage]
         if type(message) is not expected:
             raise ProtocolError(f"stage {self._stage.name} accepts only {expected.__name__} messages")
         if message.round_id != self._params.round_id:
             raise ProtocolError("message belongs to another round")
-        sender = message.sender  # type: ignore[union-attr]
+        sender = message.sender
         if sender not in self._eligible:
             raise ProtocolError("sender is not a participant of this stage")
         if sender in self._received:
@@ -283,7 +264,7 @@ class SecAggServer:
     # -- closing stages ----------------------------------------------------------------------------------
 
     def _abort(self, reason: str) -> RoundAbortedError:
-        self._stage = ServerStage.ABORTED
+        self._stage = Stage.ABORTED
         self._sum = None
         self._responses.clear()
         self._signatures.clear()
@@ -314,15 +295,15 @@ class SecAggServer:
             IntegrityError: reconstructed secrets do not match the advertised keys (corrupt shares); the
                 round is aborted.
         """
-        if self._stage is ServerStage.ABORTED:
+        if self._stage is Stage.ABORTED:
             raise RoundAbortedError("the round has aborted")
-        if self._stage is ServerStage.DONE:
+        if self._stage is Stage.FINISHED:
             raise ProtocolError("the round is finished")
         active = frozenset(self._received)
         t = self._params.threshold
         if len(active) < t:
             raise self._abort("fewer clients than the threshold remain")
-        if self._stage is ServerStage.ADVERTISE_KEYS:
+        if self._stage is Stage.ADVERTISE_KEYS:
             if not self._check_holders(active, active, include_self=True):
                 raise self._abort("a client has fewer than t neighbours with keys")
             self._u1 = active
@@ -334,8 +315,8 @@ class SecAggServer:
                 )
                 for u in sorted(active)
             }
-            self._next(ServerStage.SHARE_KEYS, active)
-        elif self._stage is ServerStage.SHARE_KEYS:
+            self._next(Stage.SHARE_KEYS, active)
+        elif self._stage is Stage.SHARE_KEYS:
             if not self._check_holders(active, active, include_self=True):
                 raise self._abort("a client has fewer than t neighbours holding its shares")
             self._u2 = active
@@ -348,8 +329,8 @@ class SecAggServer:
                 v: SharesBroadcast(self._params.round_id, v, tuple(items))
                 for v, items in sorted(inbox.items())
             }
-            self._next(ServerStage.MASKED_INPUT, active)
-        elif self._stage is ServerStage.MASKED_INPUT:
+            self._next(Stage.MASKED_INPUT, active)
+        elif self._stage is Stage.MASKED_INPUT:
             if not self._masks_removable(active):
                 raise self._abort("too few survivors to remove every mask")
             self._u3 = active
@@ -357,8 +338,8 @@ class SecAggServer:
             self._outgoing = {
                 v: ConsistencyRequest(self._params.round_id, v, self._u3_ids) for v in self._u3_ids
             }
-            self._next(ServerStage.CONSISTENCY_CHECK, active)
-        elif self._stage is ServerStage.CONSISTENCY_CHECK:
+            self._next(Stage.CONSISTENCY_CHECK, active)
+        elif self._stage is Stage.CONSISTENCY_CHECK:
             vouched = frozenset(v for v in active if len(active & self._graph.holders(v)) >= t)
             if len(vouched) < t or not self._masks_removable(vouched):
                 raise self._abort("too few survivors vouch for the survivor set to remove every mask")
@@ -376,7 +357,7 @@ class SecAggServer:
                 )
                 for v in sorted(vouched)
             }
-            self._next(ServerStage.UNMASK, vouched)
+            self._next(Stage.UNMASK, vouched)
         else:
             if not self._masks_removable(active):
                 raise self._abort("too few clients revealed shares to remove every mask")
@@ -385,7 +366,7 @@ class SecAggServer:
             except (IntegrityError, ValidationError) as exc:
                 raise self._abort("reconstruction failed") from exc
             self._outgoing = {}
-            self._next(ServerStage.DONE, frozenset())
+            self._next(Stage.FINISHED, frozenset())
         return dict(self._outgoing)
 
     def _masks_removable(self, active: frozenset[int]) -> bool:
@@ -396,7 +377,7 @@ class SecAggServer:
             active, dropped_in_sum, include_self=False
         )
 
-    def _next(self, stage: ServerStage, eligible: frozenset[int]) -> None:
+    def _next(self, stage: Stage, eligible: frozenset[int]) -> None:
         self._stage = stage
         self._eligible = eligible
         self._received = set()
@@ -425,7 +406,7 @@ class SecAggServer:
             if not peers:
                 continue
             raw = reconstruct_secret(key_shares[u], threshold=t, secret_len=_KEY_BYTES)
-            key = AgreementKey.from_private_bytes_DANGEROUS(raw)
+            key = AgreementKey.dangerously_import_private_bytes(raw)
             if key.public_bytes() != self._keys[u].mask_key:
                 raise IntegrityError("reconstructed mask key does not match the advertised key")
             for v in sorted(peers):
@@ -464,7 +445,7 @@ class SecAggServer:
             RoundAbortedError: the round aborted.
             ProtocolError: the round has not finished.
         """
-        if self._stage is ServerStage.ABORTED:
+        if self._stage is Stage.ABORTED:
             raise RoundAbortedError("the round has aborted")
         if self._result is None:
             raise ProtocolError("the round has not finished")
@@ -484,17 +465,17 @@ class SecAggServer:
         Raises:
             ProtocolError: the round is finished (persist :meth:`result` instead).
         """
-        if self._stage is ServerStage.DONE:
+        if self._stage is Stage.FINISHED:
             raise ProtocolError("the round is finished; persist its result instead")
         w = Writer(_KIND_SNAPSHOT)
         w.blob(self._params.to_bytes())
-        w.u8(self._stage.value)
-        if self._stage is ServerStage.ABORTED:
+        w.u8(self._stage.order)
+        if self._stage is Stage.ABORTED:
             return w.finish()
         self._write_msgs(w, [self._keys[u] for u in sorted(self._keys)])
         w.u32(len(self._u1))
         self._write_msgs(w, [self._share_msgs[u] for u in sorted(self._share_msgs)])
-        masked_ids = sorted(self._received) if self._stage is ServerStage.MASKED_INPUT else sorted(self._u3)
+        masked_ids = sorted(self._received) if self._stage is Stage.MASKED_INPUT else sorted(self._u3)
         w.u32(len(masked_ids))
         for u in masked_ids:
             w.u32(u)
@@ -534,12 +515,11 @@ class SecAggServer:
         """
         r = Reader(data, _KIND_SNAPSHOT)
         params = SecAggParams.from_bytes(r.blob())
-        try:
-            stage = ServerStage(r.u8())
-        except ValueError:
-            raise MalformedMessageError("unknown stage in snapshot") from None
+        stage = Stage.from_order(r.u8())
+        if stage is None or stage.order < Stage.ADVERTISE_KEYS.order:
+            raise MalformedMessageError("unknown stage in snapshot")
         server = cls(params=params, identity_keys=identity_keys)
-        if stage is ServerStage.ABORTED:
+        if stage is Stage.ABORTED:
             r.end()
             server._abort("restored an aborted round")
             return server
@@ -553,13 +533,13 @@ class SecAggServer:
         r.end()
         for m in keys:
             server.receive(m)
-        if stage.value > ServerStage.ADVERTISE_KEYS.value:
+        if stage.order > Stage.ADVERTISE_KEYS.order:
             server.close_stage()
             if len(server._u1) != n_u1:
                 raise MalformedMessageError("snapshot is inconsistent")
             for s in shares:
                 server.receive(s)
-        if stage.value > ServerStage.SHARE_KEYS.value:
+        if stage.order > Stage.SHARE_KEYS.order:
             server.close_stage()
             if not masked_ids <= server._eligible:
                 raise MalformedMessageError("snapshot is inconsistent")
@@ -569,11 +549,11 @@ class SecAggServer:
                     raise MalformedMessageError("snapshot is inconsistent")
                 server._sum = vec.astype(working_dtype(params.modulus_bits), copy=True)
             server._received = set(masked_ids)
-        if stage.value > ServerStage.MASKED_INPUT.value:
+        if stage.order > Stage.MASKED_INPUT.order:
             server.close_stage()
             for sig in signatures:
                 server.receive(sig)
-        if stage.value > ServerStage.CONSISTENCY_CHECK.value:
+        if stage.order > Stage.CONSISTENCY_CHECK.order:
             server.close_stage()
             for resp in responses:
                 server.receive(resp)

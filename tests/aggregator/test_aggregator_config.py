@@ -33,6 +33,7 @@ from fedfer.aggregator.secret_files import (
 from fedfer.aggregator.storage import open_storage
 from fedfer.security import pki
 from fedfer.security.errors import ValidationError
+from fedfer.security.keys import IdentityKey
 
 NOW = dt.datetime(2026, 11, 22, 3, 0, tzinfo=dt.UTC)
 
@@ -78,7 +79,7 @@ def test_init_deployment_pki_works(deployment: AggregatorConfig) -> None:
     with open_storage(deployment.storage_url) as storage:
         service = EnrollmentService(storage=storage, ca=ca, clock=lambda: NOW)
         csr = pki.create_device_csr(
-            device_id="dev-1", tls_key=pki.TlsPrivateKey.generate(), identity_key=pki.IdentityKey.generate()
+            device_id="dev-1", tls_key=pki.TlsPrivateKey.generate(), identity_key=IdentityKey.generate()
         )
         result = service.enroll(token=issued.token, csr_pem=csr)
     identity = pki.verify_device_certificate(result.certificate_pem, ca_certificate_pem=ca_pem, now=NOW)

@@ -20,6 +20,7 @@ from fedfer.aggregator.enrollment import (
 from fedfer.aggregator.storage import NotFoundError, Storage, open_storage
 from fedfer.security import pki
 from fedfer.security.errors import IntegrityError, ValidationError
+from fedfer.security.keys import IdentityKey
 
 DAY = dt.timedelta(days=1)
 START = dt.datetime(2026, 11, 22, 3, 0, tzinfo=dt.UTC)
@@ -54,8 +55,8 @@ def service(store: Storage, ca: pki.CertificateAuthority, clock: Clock) -> Enrol
     return EnrollmentService(storage=store, ca=ca, certificate_validity=30 * DAY, clock=clock)
 
 
-def csr(device_id: str) -> tuple[bytes, pki.IdentityKey]:
-    identity = pki.IdentityKey.generate()
+def csr(device_id: str) -> tuple[bytes, IdentityKey]:
+    identity = IdentityKey.generate()
     return pki.create_device_csr(
         device_id=device_id, tls_key=pki.TlsPrivateKey.generate(), identity_key=identity
     ), identity

@@ -91,7 +91,7 @@ def test_leader_serves_federation_standby_does_not_and_takes_over_when_the_leade
                 assert (await client.fetch_model()).version == "1"
             creds = grpc.ssl_channel_credentials(
                 root_certificates=state.ca_pem(),
-                private_key=state.tls_key().unsafe_export_pem(),
+                private_key=state.tls_key().dangerously_export_pem(),
                 certificate_chain=state.certificate_pem(),
             )
             async with grpc.aio.secure_channel(state.target, creds) as channel:
@@ -102,7 +102,7 @@ def test_leader_serves_federation_standby_does_not_and_takes_over_when_the_leade
                 assert info.value.details() == "not the active aggregator, retry"
             # The standby left the leader's round alone.
             active = standby.storage.active_round()
-            assert active is not None and active.status.value == "open"
+            assert active is not None and active.status.key == "open"
 
             # The leader drains: NOT_SERVING everywhere (Check and an open Watch) before its ports close.
             async with grpc.aio.insecure_channel(health(leader)) as channel:

@@ -23,6 +23,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from fedfer.aggregator.enrollment import AuthenticationError, EnrollmentService
 from fedfer.aggregator.storage import open_storage
 from fedfer.security import pki
+from fedfer.security.keys import IdentityKey
 
 NOW = dt.datetime.now(dt.UTC)
 DAY = dt.timedelta(days=1)
@@ -31,16 +32,16 @@ METHOD = "/fedfer.test.Who/Am"
 
 def new_device(ca: pki.CertificateAuthority, name: str = "dev-1") -> tuple[bytes, bytes]:
     tls = pki.TlsPrivateKey.generate()
-    csr = pki.create_device_csr(device_id=name, tls_key=tls, identity_key=pki.IdentityKey.generate())
+    csr = pki.create_device_csr(device_id=name, tls_key=tls, identity_key=IdentityKey.generate())
     cert = ca.issue_device_certificate(pki.parse_device_csr(csr), now=NOW, validity=DAY)
-    return tls.unsafe_export_pem(), cert.certificate_pem
+    return tls.dangerously_export_pem(), cert.certificate_pem
 
 
 def ed25519_device(ca: pki.CertificateAuthority) -> tuple[bytes, bytes]:
     """A client certificate with an Ed25519 key, signed by our CA (only used to show grpcio refuses it)."""
     key = ed25519.Ed25519PrivateKey.generate()
     ca_cert = x509.load_pem_x509_certificate(ca.certificate_pem)
-    ca_key = serialization.load_pem_private_key(ca.private_key.unsafe_export_pem(), password=None)
+    ca_key = serialization.load_pem_private_key(ca.private_key.dangerously_export_pem(), password=None)
     assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
     cert = (
         x509.CertificateBuilder()
@@ -77,7 +78,7 @@ async def serve_and_call(
     port = server.add_secure_port(
         "127.0.0.1:0",
         grpc.ssl_server_credentials(
-            [(server_creds.private_key.unsafe_export_pem(), server_creds.certificate_pem)],
+            [(server_creds.private_key.dangerously_export_pem(), server_creds.certificate_pem)],
             root_certificates=ca.certificate_pem,
             require_client_auth=True,
         ),
@@ -145,7 +146,7 @@ def test_peer_certificate_authenticates_only_registered_devices(tmp_path: Path) 
         tls_keys = {name: pki.TlsPrivateKey.generate() for name in ("dev-a", "dev-b")}
         certs = {}
         for name, tls in tls_keys.items():
-            csr = pki.create_device_csr(device_id=name, tls_key=tls, identity_key=pki.IdentityKey.generate())
+            csr = pki.create_device_csr(device_id=name, tls_key=tls, identity_key=IdentityKey.generate())
             certs[name] = service.enroll(token=service.create_token().token, csr_pem=csr).certificate_pem
         service.revoke("dev-b")
         # Signed by the right CA but never registered (as if enrollment had failed after issuing).
@@ -166,8 +167,8 @@ def test_peer_certificate_authenticates_only_registered_devices(tmp_path: Path) 
                 ca,
                 whoami,
                 [
-                    ("127.0.0.1", creds(tls_keys["dev-a"].unsafe_export_pem(), certs["dev-a"])),
-                    ("127.0.0.1", creds(tls_keys["dev-b"].unsafe_export_pem(), certs["dev-b"])),
+                    ("127.0.0.1", creds(tls_keys["dev-a"].dangerously_export_pem(), certs["dev-a"])),
+                    ("127.0.0.1", creds(tls_keys["dev-b"].dangerously_export_pem(), certs["dev-b"])),
                     ("127.0.0.1", creds(stray_key, stray_cert)),
                 ],
             )

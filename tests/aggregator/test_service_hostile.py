@@ -27,6 +27,7 @@ from fedfer.aggregator.enrollment import issue_token
 from fedfer.aggregator.registry import ModelRegistry
 from fedfer.aggregator.rounds import RoundSettings
 from fedfer.security import pki
+from fedfer.security.keys import IdentityKey
 from fedfer.security.secagg.client import SecAggClient
 from fedfer.security.secagg.graph import NeighbourGraph
 from fedfer.security.secagg.messages import (
@@ -77,7 +78,7 @@ async def expect(code: grpc.StatusCode, call: Awaitable[Any]) -> str:
 def mtls_channel(state: DeviceState, *, cert_pem: bytes | None = None, key_pem: bytes | None = None) -> Any:
     creds = grpc.ssl_channel_credentials(
         root_certificates=state.ca_pem(),
-        private_key=key_pem if key_pem is not None else state.tls_key().unsafe_export_pem(),
+        private_key=key_pem if key_pem is not None else state.tls_key().dangerously_export_pem(),
         certificate_chain=cert_pem if cert_pem is not None else state.certificate_pem(),
     )
     return grpc.aio.secure_channel(state.target, creds)
@@ -123,13 +124,13 @@ async def refused_transports(h: Harness, state: DeviceState) -> None:
     # A certificate for the same device id from a foreign CA fails the handshake.
     now = dt.datetime.now(dt.UTC)
     foreign = pki.CertificateAuthority.create(common_name="foreign", now=now, validity=dt.timedelta(days=1))
-    tls_key, identity = pki.TlsPrivateKey.generate(), pki.IdentityKey.generate()
+    tls_key, identity = pki.TlsPrivateKey.generate(), IdentityKey.generate()
     csr = pki.parse_device_csr(
         pki.create_device_csr(device_id=state.device_id, tls_key=tls_key, identity_key=identity)
     )
     forged = foreign.issue_device_certificate(csr, now=now, validity=dt.timedelta(days=1))
     async with mtls_channel(
-        state, cert_pem=forged.certificate_pem, key_pem=tls_key.unsafe_export_pem()
+        state, cert_pem=forged.certificate_pem, key_pem=tls_key.dangerously_export_pem()
     ) as ch:
         await expect(
             grpc.StatusCode.UNAVAILABLE,
@@ -238,7 +239,7 @@ def test_hostile_participant_is_rejected_and_honest_round_completes(tmp_path: Pa
             client = SecAggClient(
                 params=params,
                 client_id=index,
-                identity_key=attacker.identity_key().to_signing_handle(),
+                identity_key=attacker.identity_key(),
                 identity_keys=keys,
             )
             other = next(i for i in holders if i != index)
@@ -440,7 +441,7 @@ def test_transport_rejections_and_a_revocation_mid_round_leave_the_honest_round_
             "device is not authorized",
         )
         (record,) = h.storage.list_rounds()
-        assert record.status.value == "published" and list(record.participants) == sorted(
+        assert record.status.key == "published" and list(record.participants) == sorted(
             s.device_id for s in honest
         )
         _oracle_published(h, 2, updates[:3], weights[:3])
@@ -514,7 +515,7 @@ class RawDevice:
         client = SecAggClient(
             params=params,
             client_id=index,
-            identity_key=self.state.identity_key().to_signing_handle(),
+            identity_key=self.state.identity_key(),
             identity_keys=keys,
         )
         build = {
@@ -611,7 +612,7 @@ def test_replays_of_an_earlier_round_are_refused_while_a_later_round_runs(tmp_pa
         assert [[o.status for o in device] for device in outcomes] == [["published"] * 2] * 2
         for round_id, version in ((first, 2), (second, 3)):
             record = h.storage.get_round(round_id)
-            assert record is not None and (record.status.value, record.model_version) == (
+            assert record is not None and (record.status.key, record.model_version) == (
                 "published",
                 version,
             )
@@ -629,7 +630,7 @@ def test_enrolling_a_taken_id_is_answered_like_a_bad_token_and_spends_the_token(
             csr = pki.create_device_csr(
                 device_id=device_id,
                 tls_key=pki.TlsPrivateKey.generate(),
-                identity_key=pki.IdentityKey.generate(),
+                identity_key=IdentityKey.generate(),
             )
             return enrollment_pb2.EnrollRequest(request_id=rid(), token=token, csr_pem=csr)
 

@@ -28,14 +28,15 @@ from fedfer.aggregator.rounds import (
     NotParticipantError,
     RoundCoordinator,
     RoundSettings,
-    RoundStage,
     StageError,
     StaleRoundError,
 )
-from fedfer.aggregator.storage import RoundStatus, Storage, open_storage
+from fedfer.aggregator.storage import Storage, open_storage
 from fedfer.aggregator.storage.sqlite import SqliteStorage
 from fedfer.security import pki
 from fedfer.security.errors import ProtocolError, RoundAbortedError
+from fedfer.security.keys import IdentityKey
+from fedfer.security.secagg import Stage
 from fedfer.security.secagg.client import SecAggClient
 from fedfer.security.secagg.messages import (
     AdvertiseKeys,
@@ -64,7 +65,7 @@ class Clock:
 class Dev:
     device_id: str
     cert: bytes
-    identity: pki.IdentityKey
+    identity: IdentityKey
     ca_pem: bytes
 
 
@@ -79,7 +80,7 @@ def make_devices(storage: Storage, count: int) -> list[Dev]:
     service = EnrollmentService(storage=storage, ca=ca, clock=lambda: NOW)
     devices = []
     for i in range(count):
-        tls, identity = pki.TlsPrivateKey.generate(), pki.IdentityKey.generate()
+        tls, identity = pki.TlsPrivateKey.generate(), IdentityKey.generate()
         csr = pki.create_device_csr(device_id=f"dev-{i:03d}", tls_key=tls, identity_key=identity)
         token = issue_token(storage, now=NOW).token
         result = service.enroll(token=token, csr_pem=csr)
@@ -110,7 +111,7 @@ def run(body: Callable[[], Awaitable[None]]) -> None:
 def client_for(coord: RoundCoordinator, dev: Dev, round_id: int) -> SecAggClient:
     view = coord.view(dev.device_id)
     params = SecAggParams.from_bytes(view.parameters)
-    _, certs = coord.stage_result(device_id=dev.device_id, round_id=round_id, stage=RoundStage.CHECK_IN)
+    _, certs = coord.stage_result(device_id=dev.device_id, round_id=round_id, stage=Stage.CHECK_IN)
     keys = {
         i: pki.verify_device_certificate(pem, ca_certificate_pem=dev.ca_pem, now=NOW).identity_public_key
         for i, pem in certs.items()
@@ -118,7 +119,7 @@ def client_for(coord: RoundCoordinator, dev: Dev, round_id: int) -> SecAggClient
     return SecAggClient(
         params=params,
         client_id=view.client_index,
-        identity_key=dev.identity.to_signing_handle(),
+        identity_key=dev.identity,
         identity_keys=keys,
     )
 
@@ -133,71 +134,71 @@ def test_deadline_turns_straggler_into_dropout_and_mean_matches_oracle(storage: 
     async def body() -> None:
         coord = coordinator_for(storage, clock, min_clients=3, max_clients=4)
         task = asyncio.create_task(coord.run())
-        await until(lambda: coord.view(devices[0].device_id).stage is RoundStage.CHECK_IN, "check-in")
+        await until(lambda: coord.view(devices[0].device_id).stage is Stage.CHECK_IN, "check-in")
         round_id = coord.view(devices[0].device_id).round_id
         for d in devices:
             coord.join(device_id=d.device_id, round_id=round_id, certificate_pem=d.cert)
-        await until(lambda: coord.view(devices[0].device_id).stage is RoundStage.ADVERTISE_KEYS, "advertise")
+        await until(lambda: coord.view(devices[0].device_id).stage is Stage.ADVERTISE_KEYS, "advertise")
         clients = {d.device_id: client_for(coord, d, round_id) for d in devices}
         straggler = devices[3]
         for d in devices[:3]:
             coord.submit(
                 device_id=d.device_id,
                 round_id=round_id,
-                stage=RoundStage.ADVERTISE_KEYS,
+                stage=Stage.ADVERTISE_KEYS,
                 payload=clients[d.device_id].advertise_keys().to_bytes(),
             )
         await asyncio.sleep(0.2)
-        assert coord.view(devices[0].device_id).stage is RoundStage.ADVERTISE_KEYS  # waits for the straggler
+        assert coord.view(devices[0].device_id).stage is Stage.ADVERTISE_KEYS  # waits for the straggler
         clock.t += coord.settings.advertise_s + 1
-        await until(lambda: coord.view(devices[0].device_id).stage is RoundStage.SHARE_KEYS, "share keys")
+        await until(lambda: coord.view(devices[0].device_id).stage is Stage.SHARE_KEYS, "share keys")
         assert not coord.view(straggler.device_id).participant
         with pytest.raises(NotParticipantError):
             coord.submit(
                 device_id=straggler.device_id,
                 round_id=round_id,
-                stage=RoundStage.SHARE_KEYS,
+                stage=Stage.SHARE_KEYS,
                 payload=b"\x00",
             )
         alive = devices[:3]
         for stage, follow in (
-            (RoundStage.ADVERTISE_KEYS, RoundStage.MASKED_INPUT),
-            (RoundStage.SHARE_KEYS, RoundStage.CONSISTENCY_CHECK),
-            (RoundStage.MASKED_INPUT, RoundStage.UNMASK),
-            (RoundStage.CONSISTENCY_CHECK, RoundStage.FINISHED),
+            (Stage.ADVERTISE_KEYS, Stage.MASKED_INPUT),
+            (Stage.SHARE_KEYS, Stage.CONSISTENCY_CHECK),
+            (Stage.MASKED_INPUT, Stage.UNMASK),
+            (Stage.CONSISTENCY_CHECK, Stage.FINISHED),
         ):
             for d in alive:
                 payload, _ = coord.stage_result(device_id=d.device_id, round_id=round_id, stage=stage)
                 c = clients[d.device_id]
                 msg: Any
-                if stage is RoundStage.ADVERTISE_KEYS:
+                if stage is Stage.ADVERTISE_KEYS:
                     msg = c.share_keys(KeysBroadcast.from_bytes(payload))
-                elif stage is RoundStage.SHARE_KEYS:
+                elif stage is Stage.SHARE_KEYS:
                     msg = c.masked_input(
                         SharesBroadcast.from_bytes(payload),
                         update=updates[d.device_id],
                         weight=weights[d.device_id],
                     )
-                elif stage is RoundStage.MASKED_INPUT:
+                elif stage is Stage.MASKED_INPUT:
                     msg = c.consistency_check(ConsistencyRequest.from_bytes(payload))
                 else:
                     msg = c.unmask(UnmaskRequest.from_bytes(payload))
                 submit_stage = {
-                    RoundStage.ADVERTISE_KEYS: RoundStage.SHARE_KEYS,
-                    RoundStage.SHARE_KEYS: RoundStage.MASKED_INPUT,
-                    RoundStage.MASKED_INPUT: RoundStage.CONSISTENCY_CHECK,
-                    RoundStage.CONSISTENCY_CHECK: RoundStage.UNMASK,
+                    Stage.ADVERTISE_KEYS: Stage.SHARE_KEYS,
+                    Stage.SHARE_KEYS: Stage.MASKED_INPUT,
+                    Stage.MASKED_INPUT: Stage.CONSISTENCY_CHECK,
+                    Stage.CONSISTENCY_CHECK: Stage.UNMASK,
                 }[stage]
                 coord.submit(
                     device_id=d.device_id, round_id=round_id, stage=submit_stage, payload=msg.to_bytes()
                 )
-            if follow is not RoundStage.FINISHED:
-                await until(lambda f=follow: coord.view(alive[0].device_id).stage is f, follow.value)  # type: ignore[misc]
+            if follow is not Stage.FINISHED:
+                await until(lambda f=follow: coord.view(alive[0].device_id).stage is f, follow.key)  # type: ignore[misc]
         await asyncio.wait_for(task, timeout=20)
         final = coord.view(alive[0].device_id, known_round_id=round_id)
-        assert final.stage is RoundStage.FINISHED and final.model_version == "2"
+        assert final.stage is Stage.FINISHED and final.model_version == "2"
         record = storage.get_round(round_id)
-        assert record is not None and record.status is RoundStatus.PUBLISHED
+        assert record is not None and record.status is Stage.FINISHED
         assert list(record.participants) == sorted(d.device_id for d in alive)
         registry = ModelRegistry(storage)
         got = registry.get(2).arrays["w"].astype(np.float64) - registry.get(1).arrays["w"].astype(np.float64)
@@ -215,13 +216,13 @@ def test_out_of_place_messages_are_refused_without_changing_state(storage: Stora
     async def body() -> None:
         coord = coordinator_for(storage, clock, min_clients=3, max_clients=3)
         task = asyncio.create_task(coord.run())
-        await until(lambda: coord.view(devices[0].device_id).stage is RoundStage.CHECK_IN, "check-in")
+        await until(lambda: coord.view(devices[0].device_id).stage is Stage.CHECK_IN, "check-in")
         round_id = coord.view(devices[0].device_id).round_id
         with pytest.raises(StaleRoundError):
             coord.join(device_id=devices[0].device_id, round_id=round_id + 1, certificate_pem=devices[0].cert)
         for d in devices[:3]:
             coord.join(device_id=d.device_id, round_id=round_id, certificate_pem=d.cert)
-        await until(lambda: coord.view(devices[0].device_id).stage is RoundStage.ADVERTISE_KEYS, "advertise")
+        await until(lambda: coord.view(devices[0].device_id).stage is Stage.ADVERTISE_KEYS, "advertise")
         late = devices[3]
         with pytest.raises(StageError):
             coord.join(device_id=late.device_id, round_id=round_id, certificate_pem=late.cert)
@@ -229,33 +230,29 @@ def test_out_of_place_messages_are_refused_without_changing_state(storage: Stora
         first = clients[0].advertise_keys().to_bytes()
         a, b = devices[0].device_id, devices[1].device_id
         with pytest.raises(StageError):
-            coord.submit(device_id=a, round_id=round_id, stage=RoundStage.SHARE_KEYS, payload=first)
+            coord.submit(device_id=a, round_id=round_id, stage=Stage.SHARE_KEYS, payload=first)
         with pytest.raises(NotParticipantError):  # b sending a's message: it names another sender
-            coord.submit(device_id=b, round_id=round_id, stage=RoundStage.ADVERTISE_KEYS, payload=first)
+            coord.submit(device_id=b, round_id=round_id, stage=Stage.ADVERTISE_KEYS, payload=first)
         with pytest.raises(NotParticipantError):
             coord.submit(
-                device_id=late.device_id, round_id=round_id, stage=RoundStage.ADVERTISE_KEYS, payload=first
+                device_id=late.device_id, round_id=round_id, stage=Stage.ADVERTISE_KEYS, payload=first
             )
-        coord.submit(device_id=a, round_id=round_id, stage=RoundStage.ADVERTISE_KEYS, payload=first)
-        coord.submit(
-            device_id=a, round_id=round_id, stage=RoundStage.ADVERTISE_KEYS, payload=first
-        )  # a retry
+        coord.submit(device_id=a, round_id=round_id, stage=Stage.ADVERTISE_KEYS, payload=first)
+        coord.submit(device_id=a, round_id=round_id, stage=Stage.ADVERTISE_KEYS, payload=first)  # a retry
         params = SecAggParams.from_bytes(coord.view(a).parameters)
         other = AdvertiseKeys(params.round_id, 1, b"\x01" * 32, b"\x02" * 32, b"\x03" * 64)
         with pytest.raises(DuplicateSubmissionError):
-            coord.submit(
-                device_id=a, round_id=round_id, stage=RoundStage.ADVERTISE_KEYS, payload=other.to_bytes()
-            )
-        assert coord.view(a).completed == (RoundStage.ADVERTISE_KEYS,)
+            coord.submit(device_id=a, round_id=round_id, stage=Stage.ADVERTISE_KEYS, payload=other.to_bytes())
+        assert coord.view(a).completed == (Stage.ADVERTISE_KEYS,)
         assert coord.view(b).completed == ()
         # Stop mid-round: the round is aborted and nothing is published.
         coord.stop()
         await asyncio.wait_for(task, timeout=10)
         record = storage.get_round(round_id)
-        assert record is not None and record.status is RoundStatus.ABORTED
+        assert record is not None and record.status is Stage.ABORTED
         assert storage.list_model_versions() == [1]
         with pytest.raises(RoundAbortedError):
-            coord.submit(device_id=a, round_id=round_id, stage=RoundStage.ADVERTISE_KEYS, payload=first)
+            coord.submit(device_id=a, round_id=round_id, stage=Stage.ADVERTISE_KEYS, payload=first)
 
     run(body)
 
@@ -267,13 +264,13 @@ def test_check_in_waits_for_min_clients_and_restart_aborts_the_open_round(storag
     async def body() -> None:
         coord = coordinator_for(storage, clock, min_clients=3, max_clients=5)
         task = asyncio.create_task(coord.run())
-        await until(lambda: coord.view(devices[0].device_id).stage is RoundStage.CHECK_IN, "check-in")
+        await until(lambda: coord.view(devices[0].device_id).stage is Stage.CHECK_IN, "check-in")
         round_id = coord.view(devices[0].device_id).round_id
         for d in devices:
             coord.join(device_id=d.device_id, round_id=round_id, certificate_pem=d.cert)
         clock.t += 3600  # far past every deadline: still waiting, nobody has committed anything
         await asyncio.sleep(1.2)
-        assert coord.view(devices[0].device_id).stage is RoundStage.CHECK_IN
+        assert coord.view(devices[0].device_id).stage is Stage.CHECK_IN
         task.cancel()  # the process dies without cleaning up
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -288,7 +285,7 @@ def test_check_in_waits_for_min_clients_and_restart_aborts_the_open_round(storag
         assert restarted.recover() == [round_id]
         assert storage.active_round() is None
         view = restarted.view(devices[0].device_id, known_round_id=round_id)
-        assert view.stage is RoundStage.ABORTED and view.detail == "round aborted"
+        assert view.stage is Stage.ABORTED and view.detail == "round aborted"
 
     run(body)
 
@@ -331,16 +328,16 @@ def test_restart_resumes_a_persisted_round_and_aborts_a_corrupt_one(storage: Sto
     async def body() -> None:
         coord = coordinator_for(storage, clock, min_clients=3, max_clients=3)
         task = asyncio.create_task(coord.run())
-        await until(lambda: coord.view(devices[0].device_id).stage is RoundStage.CHECK_IN, "check-in")
+        await until(lambda: coord.view(devices[0].device_id).stage is Stage.CHECK_IN, "check-in")
         round_id = coord.view(devices[0].device_id).round_id
         for d in devices:
             coord.join(device_id=d.device_id, round_id=round_id, certificate_pem=d.cert)
-        await until(lambda: coord.view(devices[0].device_id).stage is RoundStage.ADVERTISE_KEYS, "advertise")
+        await until(lambda: coord.view(devices[0].device_id).stage is Stage.ADVERTISE_KEYS, "advertise")
         clients = [client_for(coord, d, round_id) for d in devices]
         for d, c in zip(devices[:2], clients[:2], strict=True):
             payload = c.advertise_keys().to_bytes()
             coord.submit(
-                device_id=d.device_id, round_id=round_id, stage=RoundStage.ADVERTISE_KEYS, payload=payload
+                device_id=d.device_id, round_id=round_id, stage=Stage.ADVERTISE_KEYS, payload=payload
             )
         task.cancel()  # the process dies
         with pytest.raises(asyncio.CancelledError):
@@ -350,10 +347,10 @@ def test_restart_resumes_a_persisted_round_and_aborts_a_corrupt_one(storage: Sto
         clock.t += coord.lease.ttl_s  # the dead process's lease runs out
         assert resumed.recover() == []
         views = [resumed.view(d.device_id) for d in devices]
-        assert all(v.round_id == round_id and v.stage is RoundStage.ADVERTISE_KEYS for v in views)
+        assert all(v.round_id == round_id and v.stage is Stage.ADVERTISE_KEYS for v in views)
         assert [v.completed for v in views] == [
-            (RoundStage.ADVERTISE_KEYS,),
-            (RoundStage.ADVERTISE_KEYS,),
+            (Stage.ADVERTISE_KEYS,),
+            (Stage.ADVERTISE_KEYS,),
             (),
         ]
         # The third device's advertisement completes the stage on the resumed aggregator.
@@ -362,12 +359,12 @@ def test_restart_resumes_a_persisted_round_and_aborts_a_corrupt_one(storage: Sto
         resumed.submit(
             device_id=devices[2].device_id,
             round_id=round_id,
-            stage=RoundStage.ADVERTISE_KEYS,
+            stage=Stage.ADVERTISE_KEYS,
             payload=payload,
         )
-        await until(lambda: resumed.view(devices[0].device_id).stage is RoundStage.SHARE_KEYS, "share keys")
+        await until(lambda: resumed.view(devices[0].device_id).stage is Stage.SHARE_KEYS, "share keys")
         broadcast, _ = resumed.stage_result(
-            device_id=devices[0].device_id, round_id=round_id, stage=RoundStage.ADVERTISE_KEYS
+            device_id=devices[0].device_id, round_id=round_id, stage=Stage.ADVERTISE_KEYS
         )
         assert len(KeysBroadcast.from_bytes(broadcast).entries) == 3
         run_task.cancel()
@@ -381,34 +378,34 @@ def test_restart_resumes_a_persisted_round_and_aborts_a_corrupt_one(storage: Sto
         clock.t += resumed.lease.ttl_s
         assert again.recover() == [round_id]
         final = storage.get_round(round_id)
-        assert final is not None and final.status is RoundStatus.ABORTED
+        assert final is not None and final.status is Stage.ABORTED
         assert storage.list_model_versions() == [1]
 
     run(body)
 
 
 _BUILT_FROM = {  # the stage result a device needs to build its message for a stage
-    RoundStage.SHARE_KEYS: RoundStage.ADVERTISE_KEYS,
-    RoundStage.MASKED_INPUT: RoundStage.SHARE_KEYS,
-    RoundStage.CONSISTENCY_CHECK: RoundStage.MASKED_INPUT,
-    RoundStage.UNMASK: RoundStage.CONSISTENCY_CHECK,
+    Stage.SHARE_KEYS: Stage.ADVERTISE_KEYS,
+    Stage.MASKED_INPUT: Stage.SHARE_KEYS,
+    Stage.CONSISTENCY_CHECK: Stage.MASKED_INPUT,
+    Stage.UNMASK: Stage.CONSISTENCY_CHECK,
 }
-PROTOCOL_STAGES = (RoundStage.ADVERTISE_KEYS, *_BUILT_FROM)
+PROTOCOL_STAGES = (Stage.ADVERTISE_KEYS, *_BUILT_FROM)
 
 
 def _message(
-    coord: RoundCoordinator, dev: Dev, client: SecAggClient, round_id: int, stage: RoundStage, update: Any
+    coord: RoundCoordinator, dev: Dev, client: SecAggClient, round_id: int, stage: Stage, update: Any
 ) -> bytes:
     """What ``dev`` sends in ``stage``, built from what the coordinator gave it when the previous closed."""
-    if stage is RoundStage.ADVERTISE_KEYS:
+    if stage is Stage.ADVERTISE_KEYS:
         return client.advertise_keys().to_bytes()
     payload, _ = coord.stage_result(device_id=dev.device_id, round_id=round_id, stage=_BUILT_FROM[stage])
     msg: Any
-    if stage is RoundStage.SHARE_KEYS:
+    if stage is Stage.SHARE_KEYS:
         msg = client.share_keys(KeysBroadcast.from_bytes(payload))
-    elif stage is RoundStage.MASKED_INPUT:
+    elif stage is Stage.MASKED_INPUT:
         msg = client.masked_input(SharesBroadcast.from_bytes(payload), update=update[0], weight=update[1])
-    elif stage is RoundStage.CONSISTENCY_CHECK:
+    elif stage is Stage.CONSISTENCY_CHECK:
         msg = client.consistency_check(ConsistencyRequest.from_bytes(payload))
     else:
         msg = client.unmask(UnmaskRequest.from_bytes(payload))
@@ -422,13 +419,13 @@ async def _finish_round(
     round_id: int,
     *,
     updates: dict[str, tuple[Any, int]] | None = None,
-    stages: tuple[RoundStage, ...] = PROTOCOL_STAGES,
-) -> dict[RoundStage, dict[str, bytes]]:
+    stages: tuple[Stage, ...] = PROTOCOL_STAGES,
+) -> dict[Stage, dict[str, bytes]]:
     """Drive the devices through ``stages``: once the coordinator is in a stage, every device that has not
     completed it sends its message. Returns what each device sent, by stage."""
-    sent: dict[RoundStage, dict[str, bytes]] = {}
+    sent: dict[Stage, dict[str, bytes]] = {}
     for stage in stages:
-        await until(lambda s=stage: coord.view(devices[0].device_id).stage is s, stage.value)  # type: ignore[misc]
+        await until(lambda s=stage: coord.view(devices[0].device_id).stage is s, stage.key)  # type: ignore[misc]
         for d in devices:
             if stage in coord.view(d.device_id).completed:
                 continue
@@ -442,7 +439,7 @@ async def _finish_round(
 async def _complete_round(coord: RoundCoordinator, devices: list[Dev], round_id: int) -> dict[str, bytes]:
     """Drive every device through one round; return each device's advertise payload."""
     clients = {d.device_id: client_for(coord, d, round_id) for d in devices}
-    return (await _finish_round(coord, devices, clients, round_id))[RoundStage.ADVERTISE_KEYS]
+    return (await _finish_round(coord, devices, clients, round_id))[Stage.ADVERTISE_KEYS]
 
 
 def test_messages_replayed_from_an_earlier_round_are_refused(storage: Storage) -> None:
@@ -454,24 +451,22 @@ def test_messages_replayed_from_an_earlier_round_are_refused(storage: Storage) -
         task = asyncio.create_task(coord.run())
         old: dict[str, bytes] = {}
         for expected_round in (1, 2):
-            await until(lambda: coord.view(devices[0].device_id).stage is RoundStage.CHECK_IN, "check-in")
+            await until(lambda: coord.view(devices[0].device_id).stage is Stage.CHECK_IN, "check-in")
             round_id = coord.view(devices[0].device_id).round_id
             assert round_id == expected_round
             for d in devices:
                 coord.join(device_id=d.device_id, round_id=round_id, certificate_pem=d.cert)
-            await until(
-                lambda: coord.view(devices[0].device_id).stage is RoundStage.ADVERTISE_KEYS, "advertise"
-            )
+            await until(lambda: coord.view(devices[0].device_id).stage is Stage.ADVERTISE_KEYS, "advertise")
             if expected_round == 1:
                 old = await _complete_round(coord, devices, round_id)
                 continue
             a = devices[0].device_id
             # Round 1's message under round 1's id: that round is over.
             with pytest.raises(StaleRoundError):
-                coord.submit(device_id=a, round_id=1, stage=RoundStage.ADVERTISE_KEYS, payload=old[a])
+                coord.submit(device_id=a, round_id=1, stage=Stage.ADVERTISE_KEYS, payload=old[a])
             # Round 1's message relabelled with the current round id: bound to the old protocol round.
             with pytest.raises(ProtocolError) as info:
-                coord.submit(device_id=a, round_id=round_id, stage=RoundStage.ADVERTISE_KEYS, payload=old[a])
+                coord.submit(device_id=a, round_id=round_id, stage=Stage.ADVERTISE_KEYS, payload=old[a])
             assert not isinstance(info.value, StageError | StaleRoundError | DuplicateSubmissionError)
             assert coord.view(a).completed == ()
             await _complete_round(coord, devices, round_id)
@@ -498,32 +493,32 @@ def test_a_poll_that_knows_how_a_round_ended_is_told_about_the_next_round(storag
         await until(lambda: coord.view(devices[0].device_id).round_id != first, "the next round")
         a = devices[0].device_id
         # Still in the dark about round 1's end: told its outcome.
-        told = coord.view(a, known_round_id=first, known_stage=RoundStage.UNMASK)
-        assert (told.round_id, told.stage, told.model_version) == (first, RoundStage.FINISHED, "2")
+        told = coord.view(a, known_round_id=first, known_stage=Stage.UNMASK)
+        assert (told.round_id, told.stage, told.model_version) == (first, Stage.FINISHED, "2")
         # Knowing the outcome: told about the current round, whichever it is.
-        now = coord.view(a, known_round_id=first, known_stage=RoundStage.FINISHED)
-        assert (now.round_id, now.stage) == (first + 1, RoundStage.CHECK_IN)
+        now = coord.view(a, known_round_id=first, known_stage=Stage.FINISHED)
+        assert (now.round_id, now.stage) == (first + 1, Stage.CHECK_IN)
         # The wrong outcome is no knowledge: the caller is told the real one.
-        wrong = coord.view(a, known_round_id=first, known_stage=RoundStage.ABORTED)
-        assert (wrong.round_id, wrong.stage) == (first, RoundStage.FINISHED)
-        await coord.wait_for_change(round_id=first, stage=RoundStage.FINISHED, timeout_s=5)  # returns at once
+        wrong = coord.view(a, known_round_id=first, known_stage=Stage.ABORTED)
+        assert (wrong.round_id, wrong.stage) == (first, Stage.FINISHED)
+        await coord.wait_for_change(round_id=first, stage=Stage.FINISHED, timeout_s=5)  # returns at once
         second = await _open_and_join(coord, devices)
         assert second == first + 1
         await _complete_round(coord, devices, second)
         await asyncio.wait_for(task, timeout=20)
-        idle = coord.view(a, known_round_id=second, known_stage=RoundStage.FINISHED)
-        assert (idle.round_id, idle.stage) == (0, RoundStage.IDLE)
+        idle = coord.view(a, known_round_id=second, known_stage=Stage.FINISHED)
+        assert (idle.round_id, idle.stage) == (0, Stage.IDLE)
 
     run(body)
 
 
 async def _open_and_join(coord: RoundCoordinator, devices: list[Dev]) -> int:
     """Wait for check-in, let every device join, wait for key advertisement; return the round id."""
-    await until(lambda: coord.view(devices[0].device_id).stage is RoundStage.CHECK_IN, "check-in")
+    await until(lambda: coord.view(devices[0].device_id).stage is Stage.CHECK_IN, "check-in")
     round_id = coord.view(devices[0].device_id).round_id
     for d in devices:
         coord.join(device_id=d.device_id, round_id=round_id, certificate_pem=d.cert)
-    await until(lambda: coord.view(devices[0].device_id).stage is RoundStage.ADVERTISE_KEYS, "advertise")
+    await until(lambda: coord.view(devices[0].device_id).stage is Stage.ADVERTISE_KEYS, "advertise")
     return round_id
 
 
@@ -531,8 +526,8 @@ async def _to_share_keys(coord: RoundCoordinator, devices: list[Dev]) -> tuple[i
     """Open a round, let every device join and advertise keys; return once it shares keys."""
     round_id = await _open_and_join(coord, devices)
     clients = {d.device_id: client_for(coord, d, round_id) for d in devices}
-    await _finish_round(coord, devices, clients, round_id, stages=(RoundStage.ADVERTISE_KEYS,))
-    await until(lambda: coord.view(devices[0].device_id).stage is RoundStage.SHARE_KEYS, "share keys")
+    await _finish_round(coord, devices, clients, round_id, stages=(Stage.ADVERTISE_KEYS,))
+    await until(lambda: coord.view(devices[0].device_id).stage is Stage.SHARE_KEYS, "share keys")
     return round_id, clients
 
 
@@ -541,7 +536,7 @@ def _assert_published(
 ) -> None:
     """The round published ``version`` (the newest) from exactly these devices, and nothing more."""
     record = storage.get_round(round_id)
-    assert record is not None and (record.status, record.model_version) == (RoundStatus.PUBLISHED, version)
+    assert record is not None and (record.status, record.model_version) == (Stage.FINISHED, version)
     assert list(record.participants) == sorted(updates)
     assert storage.list_model_versions() == list(range(1, version + 1))
     _assert_mean(storage, version, updates)
@@ -620,9 +615,9 @@ def test_a_crash_inside_publication_publishes_the_round_exactly_once_after_resta
             await asyncio.wait_for(task, timeout=20)
         # The transaction rolled back: no model version 2, the round still unmasking, its messages stored.
         record = crashing.get_round(round_id)
-        assert record is not None and record.status is RoundStatus.UNMASK and record.model_version is None
+        assert record is not None and record.status is Stage.UNMASK and record.model_version is None
         assert crashing.list_model_versions() == [1]
-        assert crashing.round_message_senders(round_id, stage=RoundStatus.UNMASK) == set(ids)
+        assert crashing.round_message_senders(round_id, stage=Stage.UNMASK) == set(ids)
         crashing.close()
 
         with open_storage(f"sqlite://{path}") as storage:  # the restarted process
@@ -632,7 +627,7 @@ def test_a_crash_inside_publication_publishes_the_round_exactly_once_after_resta
             view = restarted.view(devices[0].device_id)
             assert (view.round_id, view.stage, view.completed) == (
                 round_id,
-                RoundStage.UNMASK,
+                Stage.UNMASK,
                 PROTOCOL_STAGES,
             )
             task = asyncio.create_task(restarted.run())
@@ -660,10 +655,8 @@ def test_restart_during_share_keys_resumes_and_publishes_the_oracle_mean(storage
         task = asyncio.create_task(coord.run())
         round_id, clients = await _to_share_keys(coord, devices)
         for d in devices[:2]:
-            payload = _message(coord, d, clients[d.device_id], round_id, RoundStage.SHARE_KEYS, None)
-            coord.submit(
-                device_id=d.device_id, round_id=round_id, stage=RoundStage.SHARE_KEYS, payload=payload
-            )
+            payload = _message(coord, d, clients[d.device_id], round_id, Stage.SHARE_KEYS, None)
+            coord.submit(device_id=d.device_id, round_id=round_id, stage=Stage.SHARE_KEYS, payload=payload)
         task.cancel()  # the process dies with two of three shares accepted (and stored)
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -671,9 +664,9 @@ def test_restart_during_share_keys_resumes_and_publishes_the_oracle_mean(storage
         clock.t += coord.lease.ttl_s
         resumed = coordinator_for(storage, clock, min_clients=3, max_clients=3)
         assert resumed.recover() == []
-        done = (RoundStage.ADVERTISE_KEYS, RoundStage.SHARE_KEYS)
+        done = (Stage.ADVERTISE_KEYS, Stage.SHARE_KEYS)
         assert [resumed.view(d.device_id).completed for d in devices] == [done, done, done[:1]]
-        assert resumed.view(devices[0].device_id).stage is RoundStage.SHARE_KEYS
+        assert resumed.view(devices[0].device_id).stage is Stage.SHARE_KEYS
         task = asyncio.create_task(resumed.run())
         await _finish_round(resumed, devices, clients, round_id, updates=updates, stages=PROTOCOL_STAGES[1:])
         await asyncio.wait_for(task, timeout=20)
@@ -730,21 +723,21 @@ def test_a_standby_never_touches_the_round_and_a_stale_leader_is_fenced_off(tmp_
         await asyncio.sleep(1.5)  # b asked for the lease more than once meanwhile
         lease = r.store_b.get_lease(b.lease.name)
         assert lease is not None and lease.owner == a.lease.owner != b.lease.owner
-        assert not b.is_leader and b.view(devices[0].device_id).stage is RoundStage.IDLE
+        assert not b.is_leader and b.view(devices[0].device_id).stage is Stage.IDLE
         active = r.store_b.active_round()
-        assert active is not None and (active.round_id, active.status) == (round_id, RoundStatus.SHARE_KEYS)
+        assert active is not None and (active.round_id, active.status) == (round_id, Stage.SHARE_KEYS)
 
         # a's process hangs: its clock (and so its renewals) stop, while b's time passes the lease's expiry.
         clock_b.t += a.lease.ttl_s
         await until(lambda: b.is_leader, "b takes over")
         view = b.view(devices[0].device_id)
-        assert (view.round_id, view.stage) == (round_id, RoundStage.SHARE_KEYS)
+        assert (view.round_id, view.stage) == (round_id, Stage.SHARE_KEYS)
         # a has not noticed yet and accepts the devices' shares; closing the stage is its first round write,
         # which fails because b bumped the round's version when it took over: a steps down, aborting nothing.
         assert a.is_leader
         for d in devices:
-            payload = _message(a, d, r.clients[d.device_id], round_id, RoundStage.SHARE_KEYS, None)
-            a.submit(device_id=d.device_id, round_id=round_id, stage=RoundStage.SHARE_KEYS, payload=payload)
+            payload = _message(a, d, r.clients[d.device_id], round_id, Stage.SHARE_KEYS, None)
+            a.submit(device_id=d.device_id, round_id=round_id, stage=Stage.SHARE_KEYS, payload=payload)
         with pytest.raises(LeadershipLostError):
             await asyncio.wait_for(r.task_a, timeout=10)
         assert not a.is_leader
@@ -766,7 +759,7 @@ def test_a_clean_shutdown_hands_the_round_over_to_the_standby(tmp_path: Path) ->
         r.a.release()
         assert r.store_a.get_lease(r.a.lease.name) is None
         record = r.store_a.active_round()
-        assert record is not None and (record.round_id, record.status) == (r.round_id, RoundStatus.SHARE_KEYS)
+        assert record is not None and (record.round_id, record.status) == (r.round_id, Stage.SHARE_KEYS)
         # The standby takes over at once (no expiry to wait for: the clock does not move) and resumes it.
         await until(lambda: r.b.is_leader, "b takes over")
         assert r.b.view(r.devices[0].device_id).round_id == r.round_id
@@ -792,10 +785,10 @@ def test_a_round_opened_behind_the_leaders_back_is_recovered_not_raised(storage:
         registry.publish(1, {"w": np.zeros(DIM, dtype=np.float32)}, parent=None)
         # Its own create_round loses to the stray round: it recovers that one (aborting it: nothing persisted)
         # and opens its own, instead of crashing out of run().
-        await until(lambda: coord.view("dev-x").stage is RoundStage.CHECK_IN, "its own round")
+        await until(lambda: coord.view("dev-x").stage is Stage.CHECK_IN, "its own round")
         assert coord.view("dev-x").round_id != stray.round_id
         record = storage.get_round(stray.round_id)
-        assert record is not None and record.status is RoundStatus.ABORTED
+        assert record is not None and record.status is Stage.ABORTED
         assert not task.done()
         coord.stop()
         await asyncio.wait_for(task, timeout=10)

@@ -22,7 +22,6 @@ from fedfer.aggregator.storage import (
     LeaseRecord,
     ModelRecord,
     NotFoundError,
-    RoundStatus,
     Storage,
     StorageError,
     TokenRecord,
@@ -31,6 +30,7 @@ from fedfer.aggregator.storage import (
 )
 from fedfer.aggregator.storage.sql import SCHEMA_VERSION
 from fedfer.aggregator.storage.sqlite import SqliteStorage
+from fedfer.security.secagg import Stage
 from tests.postgres import PostgresServer
 
 T = TypeVar("T")
@@ -245,7 +245,7 @@ def test_round_life_cycle(store: Storage) -> None:
     params = {"min_clients": 8, "threshold": 5, "deadlines": {"share_keys": 30.0}, "secagg_plus": True}
     r = store.create_round(params=params, now=NOW, state=b"s0")
     assert (r.status, r.version, r.state, r.participants, r.finished_at) == (
-        RoundStatus.OPEN,
+        Stage.CHECK_IN,
         1,
         b"s0",
         (),
@@ -258,28 +258,28 @@ def test_round_life_cycle(store: Storage) -> None:
     other = store.create_round(params={}, now=NOW, cohort="eu")
     assert other.round_id != r.round_id
     r2 = store.update_round(
-        r.round_id, expected_version=1, now=NOW + HOUR, status=RoundStatus.ADVERTISE_KEYS, state=b"s1"
+        r.round_id, expected_version=1, now=NOW + HOUR, status=Stage.ADVERTISE_KEYS, state=b"s1"
     )
     assert (r2.status, r2.version, r2.state, r2.updated_at) == (
-        RoundStatus.ADVERTISE_KEYS,
+        Stage.ADVERTISE_KEYS,
         2,
         b"s1",
         NOW + HOUR,
     )
     with pytest.raises(ConflictError):
-        store.update_round(r.round_id, expected_version=1, now=NOW, status=RoundStatus.SHARE_KEYS)
+        store.update_round(r.round_id, expected_version=1, now=NOW, status=Stage.SHARE_KEYS)
     done = store.update_round(
         r.round_id,
         expected_version=2,
         now=NOW + 2 * HOUR,
-        status=RoundStatus.PUBLISHED,
+        status=Stage.FINISHED,
         participants=["dev-b", "dev-a", "dev-b"],
         model_version=7,
     )
     assert done.finished_at == NOW + 2 * HOUR and done.participants == ("dev-a", "dev-b")
     assert done.model_version == 7 and done.state == b"s1"
     with pytest.raises(ConflictError):
-        store.update_round(r.round_id, expected_version=3, now=NOW, status=RoundStatus.ABORTED)
+        store.update_round(r.round_id, expected_version=3, now=NOW, status=Stage.ABORTED)
     assert store.active_round() is None
     nxt = store.create_round(params={}, now=NOW + 3 * HOUR)
     assert nxt.round_id > other.round_id > r.round_id
@@ -293,18 +293,18 @@ def test_round_life_cycle(store: Storage) -> None:
 
 def test_round_messages_first_write_wins(store: Storage) -> None:
     r = store.create_round(params={}, now=NOW)
-    stage = RoundStatus.MASKED_INPUT
+    stage = Stage.MASKED_INPUT
     payload = os.urandom(200_000)
     assert store.put_round_message(r.round_id, stage=stage, device_id="dev-1", payload=payload, now=NOW)
     assert not store.put_round_message(r.round_id, stage=stage, device_id="dev-1", payload=payload, now=NOW)
     with pytest.raises(ConflictError):
         store.put_round_message(r.round_id, stage=stage, device_id="dev-1", payload=b"other", now=NOW)
     store.put_round_message(r.round_id, stage=stage, device_id="dev-0", payload=b"x", now=NOW)
-    store.put_round_message(r.round_id, stage=RoundStatus.UNMASK, device_id="dev-0", payload=b"y", now=NOW)
+    store.put_round_message(r.round_id, stage=Stage.UNMASK, device_id="dev-0", payload=b"y", now=NOW)
     assert store.round_messages(r.round_id, stage=stage) == {"dev-0": b"x", "dev-1": payload}
-    assert store.round_messages(r.round_id, stage=RoundStatus.SHARE_KEYS) == {}
+    assert store.round_messages(r.round_id, stage=Stage.SHARE_KEYS) == {}
     assert store.round_message_senders(r.round_id, stage=stage) == {"dev-0", "dev-1"}
-    assert store.round_message_senders(r.round_id, stage=RoundStatus.SHARE_KEYS) == frozenset()
+    assert store.round_message_senders(r.round_id, stage=Stage.SHARE_KEYS) == frozenset()
     assert store.round_messages(r.round_id, stage=stage, device_ids=["dev-1", "dev-9"]) == {"dev-1": payload}
     assert store.round_messages(r.round_id, stage=stage, device_ids=[]) == {}
     many = [f"dev-{i}" for i in range(1200)]  # more than one IN (...) batch
@@ -314,8 +314,8 @@ def test_round_messages_first_write_wins(store: Storage) -> None:
     with pytest.raises(NotFoundError):
         store.put_round_message(999, stage=stage, device_id="dev-1", payload=b"x", now=NOW)
     with pytest.raises(StorageError):
-        store.put_round_message(r.round_id, stage=RoundStatus.PUBLISHED, device_id="d", payload=b"x", now=NOW)
-    store.update_round(r.round_id, expected_version=1, now=NOW, status=RoundStatus.ABORTED)
+        store.put_round_message(r.round_id, stage=Stage.FINISHED, device_id="d", payload=b"x", now=NOW)
+    store.update_round(r.round_id, expected_version=1, now=NOW, status=Stage.ABORTED)
     with pytest.raises(ConflictError, match="finished"):
         store.put_round_message(r.round_id, stage=stage, device_id="dev-2", payload=b"late", now=NOW)
 
@@ -375,7 +375,7 @@ def test_publish_round_stores_the_model_and_finishes_the_round_in_one_transactio
     m2 = ModelRecord(version=2, parent=1, manifest="[]", digest="bb", blob=b"\x01" * 10, created_at=NOW)
     store.put_model(m1)
     r = store.create_round(params={}, now=NOW)
-    r = store.update_round(r.round_id, expected_version=1, now=NOW, status=RoundStatus.UNMASK)
+    r = store.update_round(r.round_id, expected_version=1, now=NOW, status=Stage.UNMASK)
     # A stale version (another coordinator moved the round on): refused, and the model is not stored either.
     with pytest.raises(ConflictError):
         store.publish_round(r.round_id, expected_version=1, now=NOW, model=m2, participants=["dev-a"])
@@ -389,7 +389,7 @@ def test_publish_round_stores_the_model_and_finishes_the_round_in_one_transactio
         r.round_id, expected_version=2, now=NOW + HOUR, model=m2, participants=["dev-b", "dev-a"]
     )
     assert (done.status, done.model_version, done.participants, done.finished_at, done.version) == (
-        RoundStatus.PUBLISHED,
+        Stage.FINISHED,
         2,
         ("dev-a", "dev-b"),
         NOW + HOUR,
@@ -530,7 +530,7 @@ def test_racing_round_creation_and_updates(storage_url: str) -> None:
         moved = race(
             RACERS,
             lambda i: stores[i].update_round(
-                rid, expected_version=1, now=NOW, status=RoundStatus.ADVERTISE_KEYS, state=bytes([i])
+                rid, expected_version=1, now=NOW, status=Stage.ADVERTISE_KEYS, state=bytes([i])
             ),
         )
         ok = [r for r in moved if not isinstance(r, BaseException)]
@@ -546,7 +546,8 @@ def test_racing_round_creation_and_updates(storage_url: str) -> None:
 
 _WRITER = """
 import datetime as dt, sys
-from fedfer.aggregator.storage import open_storage, TokenRecord, DeviceRecord, RoundStatus
+from fedfer.aggregator.storage import open_storage, TokenRecord, DeviceRecord
+from fedfer.security.secagg import Stage
 now = dt.datetime(2026, 11, 22, tzinfo=dt.UTC)
 s = open_storage(sys.argv[1], now=now)
 for i in range(1, 100000):
@@ -556,7 +557,7 @@ for i in range(1, 100000):
         device_id=f"dev-{i}", cert_fingerprint=f"{i:064x}", cert_serial=i,
         identity_public_key=bytes(32), created_at=now))
     r = s.create_round(params={"i": i}, now=now)
-    s.update_round(r.round_id, expected_version=1, now=now, status=RoundStatus.PUBLISHED)
+    s.update_round(r.round_id, expected_version=1, now=now, status=Stage.FINISHED)
     print(i, flush=True)
 """
 
@@ -587,17 +588,15 @@ def test_committed_data_survives_sigkill(storage_url: str) -> None:
         assert len(devices) >= acknowledged
         rounds = s.list_rounds(limit=1000)
         assert len(rounds) in (len(devices) - 1, len(devices))
-        assert all(t.status is RoundStatus.PUBLISHED for t in rounds[1:])
+        assert all(t.status is Stage.FINISHED for t in rounds[1:])
         for i in range(1, acknowledged + 1):
             tok = s.get_token(i.to_bytes(32, "big"))
             assert tok is not None and tok.device_id == f"dev-{i}"
         # The store keeps working after the crash.
         active = s.active_round()
         if active is not None:
-            s.update_round(
-                active.round_id, expected_version=active.version, now=NOW, status=RoundStatus.ABORTED
-            )
-        assert s.create_round(params={}, now=NOW).status is RoundStatus.OPEN
+            s.update_round(active.round_id, expected_version=active.version, now=NOW, status=Stage.ABORTED)
+        assert s.create_round(params={}, now=NOW).status is Stage.CHECK_IN
 
 
 def test_postgres_reconnects_after_the_server_drops_the_connection(postgres_server: PostgresServer) -> None:
@@ -618,7 +617,8 @@ def test_postgres_reconnects_after_the_server_drops_the_connection(postgres_serv
 
 _CONTENDER = """
 import datetime as dt, sys
-from fedfer.aggregator.storage import open_storage, ConflictError, RoundStatus
+from fedfer.aggregator.storage import open_storage, ConflictError
+from fedfer.security.secagg import Stage
 now = dt.datetime(2026, 11, 22, tzinfo=dt.UTC)
 worker = int(sys.argv[2])
 s = open_storage(sys.argv[1], now=now)
@@ -631,7 +631,7 @@ for i in range(25):
     except ConflictError:
         continue
     opened += 1
-    s.update_round(r.round_id, expected_version=1, now=now, status=RoundStatus.ABORTED)
+    s.update_round(r.round_id, expected_version=1, now=now, status=Stage.ABORTED)
 print(opened)
 """
 
@@ -652,7 +652,7 @@ def test_sqlite_is_safe_for_several_processes(tmp_path: Path) -> None:
     opened = sum(int(o) for o in outputs)
     with open_storage(url, now=NOW) as s:
         rounds = s.list_rounds(limit=1000)
-        assert len(rounds) == opened and all(r.status is RoundStatus.ABORTED for r in rounds)
+        assert len(rounds) == opened and all(r.status is Stage.ABORTED for r in rounds)
         answers = {s.get_response(scope="shared", request_id=f"r{i}") for i in range(25)}
         assert None not in answers and len(answers) == 25
 

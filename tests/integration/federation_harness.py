@@ -41,8 +41,9 @@ from fedfer.aggregator.registry import ModelRegistry
 from fedfer.aggregator.rounds import RoundCoordinator, RoundSettings
 from fedfer.aggregator.server import RunningServer, ServerTls, build_server
 from fedfer.aggregator.service import EdgeLimits
-from fedfer.aggregator.storage import RoundStatus, Storage, open_storage
+from fedfer.aggregator.storage import Storage, open_storage
 from fedfer.security.quantize import FixedPointCodec
+from fedfer.security.secagg import Stage
 
 BIN = Path(sys.executable).parent
 DIM = 1000
@@ -324,12 +325,12 @@ class Deployment:
     def stored_messages(self, round_id: int, stage: str) -> int:
         """How many device messages storage holds for one stage of a round."""
         with open_storage(self.storage_url) as storage:
-            return len(storage.round_message_senders(round_id, stage=RoundStatus(stage)))
+            return len(storage.round_message_senders(round_id, stage=Stage.from_key(stage)))
 
     def round_statuses(self) -> list[str]:
         """The status of every round, oldest first (read from storage directly)."""
         with open_storage(self.storage_url) as storage:
-            return [r.status.value for r in reversed(storage.list_rounds(limit=1000))]
+            return [r.status.key for r in reversed(storage.list_rounds(limit=1000))]
 
     def device_ids(self) -> list[str]:
         """Ids of the devices registered in storage."""

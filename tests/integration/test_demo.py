@@ -25,10 +25,11 @@ import pytest
 from fedfer.agent.config import apply_path_overrides, load_config
 from fedfer.agent.store.device import open_cache
 from fedfer.aggregator.registry import ModelRegistry
-from fedfer.aggregator.storage import RoundStatus, open_storage
+from fedfer.aggregator.storage import open_storage
 from fedfer.bench.atrest import scan_paths
 from fedfer.bench.demo import DemoConfig, split_clips
 from fedfer.security.errors import ValidationError
+from fedfer.security.secagg import Stage
 
 pytestmark = pytest.mark.slow
 
@@ -106,8 +107,8 @@ def test_demo_runs_a_real_federation_and_reports_what_left_each_device(short_dir
         stored = {
             rid: {
                 stage: storage.round_messages(rid, stage=stage)
-                for stage in (RoundStatus.ADVERTISE_KEYS, RoundStatus.SHARE_KEYS, RoundStatus.MASKED_INPUT,
-                              RoundStatus.CONSISTENCY_CHECK, RoundStatus.UNMASK)
+                for stage in (Stage.ADVERTISE_KEYS, Stage.SHARE_KEYS, Stage.MASKED_INPUT,
+                              Stage.CONSISTENCY_CHECK, Stage.UNMASK)
             }
             for rid in (r["round_id"] for r in agg["rounds"])
         }  # fmt: skip
@@ -125,7 +126,7 @@ def test_demo_runs_a_real_federation_and_reports_what_left_each_device(short_dir
             assert (dim + 1) * 4 <= masked <= (dim + 1) * 4 + 256
             assert sent["total"] - masked < 8192
             for stage, messages in stored[int(rid)].items():
-                assert len(messages[agent["device_id"]]) == sent["stages"][stage.value]
+                assert len(messages[agent["device_id"]]) == sent["stages"][stage.key]
         # The device's own count of its requests covers what the aggregator stored from it, and exceeds it
         # only by the requests' envelopes and polls.
         for job in agent["rounds"]:

@@ -31,6 +31,7 @@ from fedfer.aggregator.service import model_manifest
 from fedfer.bench.tcp_proxy import TcpProxy
 from fedfer.security import pki
 from fedfer.security.errors import IntegrityError, ValidationError
+from fedfer.security.keys import IdentityKey
 from fedfer.v1 import enrollment_pb2, enrollment_pb2_grpc, models_pb2
 from tests.integration.federation_harness import DIM, Harness, run_in_process
 
@@ -68,7 +69,7 @@ def test_enrollment_writes_private_state_and_pins_the_ca(tmp_path: Path) -> None
             )
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
         # The token was not spent by the refused handshake, and a replayed request id gets the stored answer.
-        tls_key, identity = pki.TlsPrivateKey.generate(), pki.IdentityKey.generate()
+        tls_key, identity = pki.TlsPrivateKey.generate(), IdentityKey.generate()
         csr = pki.create_device_csr(device_id="dev-replay", tls_key=tls_key, identity_key=identity)
         request = enrollment_pb2.EnrollRequest(request_id=str(uuid.uuid4()), token=token, csr_pem=csr)
         creds = grpc.ssl_channel_credentials(h.ca_pem)
@@ -220,17 +221,16 @@ def test_round_resumes_after_every_connection_drops_mid_round(tmp_path: Path) ->
     run_in_process(tmp_path, settings, body)
 
 
-def test_secagg_identity_comes_from_the_supported_pki_conversion() -> None:
-    """One home for the key bridge: the hand PKCS#8 parser is gone; ``to_signing_handle`` signs verifiably."""
+def test_secagg_identity_is_the_stored_identity_key() -> None:
+    """One home for the identity key: the hand PKCS#8 parser is gone; the stored PEM is the signing handle."""
     import importlib
 
-    from fedfer.security import pki
+    from fedfer.security.keys import verify_signature
 
     with pytest.raises(ModuleNotFoundError):
         importlib.import_module("fedfer.agent.federation.identity")
-    stored = pki.IdentityKey.from_pem(pki.IdentityKey.generate().unsafe_export_pem())
-    handle = stored.to_signing_handle()
-    assert handle.public_bytes() == stored.public_bytes()
+    stored = IdentityKey.from_pem(IdentityKey.generate().dangerously_export_pem())
+    verify_signature(stored.public_bytes(), b"round keys", stored.sign(b"round keys"))
 
 
 def test_the_wire_counter_agrees_with_bytes_counted_on_the_wire(tmp_path: Path) -> None:

@@ -42,6 +42,7 @@ from fedfer.aggregator.config import load_config, read_certificate_authority
 from fedfer.aggregator.enrollment import issue_token
 from fedfer.aggregator.rounds import RoundSettings
 from fedfer.security import pki
+from fedfer.security.keys import IdentityKey
 from fedfer.v1 import federation_pb2, federation_pb2_grpc
 from tests.integration.federation_harness import DIM, Harness, run_in_process
 from tests.privacy.attacks import sgd_update
@@ -204,7 +205,7 @@ def test_the_inspection_catches_leaky_requests(population: Population) -> None:
     clips, _ = population.pool
     feature = clips[0, 0]
     update = np.linspace(-0.01, 0.01, DIM)
-    key_pem = pki.TlsPrivateKey.generate().unsafe_export_pem()
+    key_pem = pki.TlsPrivateKey.generate().dangerously_export_pem()
     quiet = federation_pb2.GetRoundRequest()
     leaky = [
         Call("/x", federation_pb2.StageMessage(payload=feature.astype(np.float16).tobytes()), ()),
@@ -321,7 +322,7 @@ async def _impostor(creds: pki.ServerCredentials) -> AsyncIterator[int]:
     server = grpc.aio.server()
     port = server.add_secure_port(
         "127.0.0.1:0",
-        grpc.ssl_server_credentials([(creds.private_key.unsafe_export_pem(), creds.certificate_pem)]),
+        grpc.ssl_server_credentials([(creds.private_key.dangerously_export_pem(), creds.certificate_pem)]),
     )
     federation_pb2_grpc.add_FederationServicer_to_server(federation_pb2_grpc.FederationServicer(), server)
     await server.start()
@@ -348,7 +349,7 @@ async def _ca_only_status_against(state: DeviceState, creds: pki.ServerCredentia
     async with _impostor(creds) as port:
         credentials = grpc.ssl_channel_credentials(
             root_certificates=state.ca_pem(),
-            private_key=state.tls_key().unsafe_export_pem(),
+            private_key=state.tls_key().dangerously_export_pem(),
             certificate_chain=state.certificate_pem(),
         )
         return await _refused_by_aggregator(f"{state.host}:{port}", credentials)
@@ -359,7 +360,7 @@ def _device_certificate(
 ) -> tuple[pki.TlsPrivateKey, pki.DeviceCertificate]:
     """A fresh TLS key and a device certificate for it issued by ``ca`` (valid for a day)."""
     key = pki.TlsPrivateKey.generate()
-    csr = pki.create_device_csr(device_id=device_id, tls_key=key, identity_key=pki.IdentityKey.generate())
+    csr = pki.create_device_csr(device_id=device_id, tls_key=key, identity_key=IdentityKey.generate())
     return key, ca.issue_device_certificate(pki.parse_device_csr(csr), now=now, validity=dt.timedelta(days=1))
 
 
@@ -383,7 +384,7 @@ def test_plaintext_unauthenticated_clients_and_impostors_are_refused(tmp_path: P
             target,
             grpc.ssl_channel_credentials(
                 root_certificates=state.ca_pem(),
-                private_key=stranger_key.unsafe_export_pem(),
+                private_key=stranger_key.dangerously_export_pem(),
                 certificate_chain=stranger.certificate_pem,
             ),
         )

@@ -184,7 +184,7 @@ class RoundView:
     def strip_pairwise(self, target: int, mask_key_shares: dict[int, bytes]) -> np.ndarray:
         """Remove every pairwise mask from ``target``'s upload using its reconstructed mask key."""
         raw = reconstruct_secret(mask_key_shares, threshold=self.params.threshold, secret_len=32)
-        key = AgreementKey.from_private_bytes_DANGEROUS(raw)
+        key = AgreementKey.dangerously_import_private_bytes(raw)
         assert key.public_bytes() == self.advertised[target].mask_key
         vector = self.masked[target].copy()
         applier = MaskApplier(length=self.params.vector_length, dtype=working_dtype(self.params.modulus_bits))

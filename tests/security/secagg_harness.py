@@ -13,11 +13,11 @@ from fedfer.security.errors import FedferError
 from fedfer.security.keys import IdentityKey
 from fedfer.security.secagg import (
     AggregateResult,
-    ClientStage,
     NeighbourGraph,
     SecAggClient,
     SecAggParams,
     SecAggServer,
+    Stage,
     decode_message,
 )
 from fedfer.security.secagg.messages import Message
@@ -198,4 +198,4 @@ def expected_outcome(
 
 def honest_clients_done(rnd: Round, survivors: set[int]) -> bool:
     """Every client that answered the unmask request ended in DONE."""
-    return all(rnd.clients[c].stage is ClientStage.DONE for c in survivors)
+    return all(rnd.clients[c].stage is Stage.FINISHED for c in survivors)

@@ -122,7 +122,7 @@ def test_identity_key_sign_verify_and_errors():
 
 
 def test_rfc8032_ed25519_test_1_via_dangerous_loader():
-    key = IdentityKey.from_private_bytes_DANGEROUS(
+    key = IdentityKey.dangerously_import_private_bytes(
         bytes.fromhex("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60")
     )
     assert key.public_bytes() == bytes.fromhex(
@@ -134,10 +134,10 @@ def test_rfc8032_ed25519_test_1_via_dangerous_loader():
 
 
 def test_rfc7748_x25519_agreement_matches_between_parties():
-    alice = AgreementKey.from_private_bytes_DANGEROUS(
+    alice = AgreementKey.dangerously_import_private_bytes(
         bytes.fromhex("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a")
     )
-    bob = AgreementKey.from_private_bytes_DANGEROUS(
+    bob = AgreementKey.dangerously_import_private_bytes(
         bytes.fromhex("5dab087e624a8a4b79e17f8b83800ee66f3bb1292618b6fd1c2f8b27ff88e0eb")
     )
     assert alice.public_bytes() == bytes.fromhex(
@@ -163,7 +163,7 @@ def test_key_handles_refuse_pickling_copying_and_hide_material(factory):
         copy.copy(key)
     with pytest.raises(TypeError):
         copy.deepcopy(key)
-    raw = key.export_private_bytes_DANGEROUS()
+    raw = key.dangerously_export_private_bytes()
     assert raw.hex() not in repr(key) and "redacted" in repr(key)
     with pytest.raises(TypeError):
         type(key)(None, None)  # no public constructor
@@ -174,6 +174,6 @@ def test_key_generation_seam_and_bad_raw_keys():
     b = IdentityKey.generate(_random_bytes=lambda n: b"\x07" * n)
     assert a.public_bytes() == b.public_bytes()
     with pytest.raises(ValidationError):
-        IdentityKey.from_private_bytes_DANGEROUS(b"short")
+        IdentityKey.dangerously_import_private_bytes(b"short")
     with pytest.raises(ValidationError):
-        AgreementKey.from_private_bytes_DANGEROUS(b"x" * 33)
+        AgreementKey.dangerously_import_private_bytes(b"x" * 33)

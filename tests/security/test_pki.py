@@ -16,6 +16,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedfer.security import keys, pki
 from fedfer.security.errors import IntegrityError, ValidationError
+from fedfer.security.keys import IdentityKey
 
 NOW = dt.datetime(2026, 11, 22, 3, 0, tzinfo=dt.UTC)
 DAY = dt.timedelta(days=1)
@@ -33,8 +34,8 @@ def other_ca() -> pki.CertificateAuthority:
 
 def enroll(
     ca: pki.CertificateAuthority, device_id: str = "dev-1", *, validity: dt.timedelta = 30 * DAY
-) -> tuple[pki.DeviceCertificate, pki.IdentityKey]:
-    identity = pki.IdentityKey.generate()
+) -> tuple[pki.DeviceCertificate, IdentityKey]:
+    identity = IdentityKey.generate()
     csr = pki.create_device_csr(
         device_id=device_id, tls_key=pki.TlsPrivateKey.generate(), identity_key=identity
     )
@@ -46,12 +47,12 @@ def hand_made_csr(
     cn: str = "dev-1",
     uri: str | None = "fedfer://device/dev-1",
     key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | None = None,
-    identity: pki.IdentityKey | None = None,
+    identity: IdentityKey | None = None,
     proof_for: tuple[str, bytes] | None = None,
 ) -> bytes:
     """A CSR built without create_device_csr's own validation, to test what parse_device_csr refuses."""
     key = key if key is not None else ec.generate_private_key(ec.SECP256R1())
-    identity = identity if identity is not None else pki.IdentityKey.generate()
+    identity = identity if identity is not None else IdentityKey.generate()
     spki = key.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
@@ -75,7 +76,7 @@ def hand_made_csr(
 
 
 def test_key_handles_hide_and_refuse_copying() -> None:
-    tls, ident = pki.TlsPrivateKey.generate(), pki.IdentityKey.generate()
+    tls, ident = pki.TlsPrivateKey.generate(), IdentityKey.generate()
     for handle in (tls, ident):
         assert "redacted" in repr(handle)
         assert "PRIVATE" not in repr(handle)
@@ -84,24 +85,23 @@ def test_key_handles_hide_and_refuse_copying() -> None:
                 leak(handle)
     with pytest.raises(TypeError):
         pki.TlsPrivateKey(ec.generate_private_key(ec.SECP256R1()))
-    assert pki.TlsPrivateKey.from_pem(tls.unsafe_export_pem()).public_key_der() == tls.public_key_der()
-    assert pki.IdentityKey.from_pem(ident.unsafe_export_pem()).public_bytes() == ident.public_bytes()
+    assert pki.TlsPrivateKey.from_pem(tls.dangerously_export_pem()).public_key_der() == tls.public_key_der()
+    assert IdentityKey.from_pem(ident.dangerously_export_pem()).public_bytes() == ident.public_bytes()
     with pytest.raises(ValidationError, match="P-256"):
-        pki.TlsPrivateKey.from_pem(ident.unsafe_export_pem())
+        pki.TlsPrivateKey.from_pem(ident.dangerously_export_pem())
     with pytest.raises(ValidationError, match="Ed25519"):
-        pki.IdentityKey.from_pem(tls.unsafe_export_pem())
+        IdentityKey.from_pem(tls.dangerously_export_pem())
     with pytest.raises(ValidationError):
         pki.TlsPrivateKey.from_pem(b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
 
 
-def test_identity_key_bridges_to_the_secagg_handle() -> None:
-    ident = pki.IdentityKey.generate()
-    handle = ident.to_signing_handle()
-    assert isinstance(handle, keys.IdentityKey)
-    assert handle.public_bytes() == ident.public_bytes()
-    keys.verify_signature(ident.public_bytes(), b"m", handle.sign(b"m"))
-    # A CSR can be built from the secagg handle directly.
-    csr = pki.create_device_csr(device_id="dev-7", tls_key=pki.TlsPrivateKey.generate(), identity_key=handle)
+def test_one_identity_key_for_enrollment_and_secagg() -> None:
+    # The key a device stores as PEM at enrollment is the handle secure aggregation signs with.
+    assert {"IdentityKey", "verify_identity_signature"}.isdisjoint(pki.__all__)
+    assert pki.IdentityKey is keys.IdentityKey and pki.verify_signature is keys.verify_signature
+    ident = keys.IdentityKey.from_pem(keys.IdentityKey.generate().dangerously_export_pem())
+    keys.verify_signature(ident.public_bytes(), b"m", ident.sign(b"m"))
+    csr = pki.create_device_csr(device_id="dev-7", tls_key=pki.TlsPrivateKey.generate(), identity_key=ident)
     assert pki.parse_device_csr(csr).identity_public_key == ident.public_bytes()
 
 
@@ -161,7 +161,7 @@ def test_server_certificate_names(ca: pki.CertificateAuthority) -> None:
 
 
 def test_csr_binds_id_tls_key_and_identity_key() -> None:
-    tls, ident = pki.TlsPrivateKey.generate(), pki.IdentityKey.generate()
+    tls, ident = pki.TlsPrivateKey.generate(), IdentityKey.generate()
     req = pki.parse_device_csr(pki.create_device_csr(device_id="dev-01", tls_key=tls, identity_key=ident))
     assert req.device_id == "dev-01"
     assert req.identity_public_key == ident.public_bytes()
@@ -173,7 +173,7 @@ def test_csr_binds_id_tls_key_and_identity_key() -> None:
 def test_create_csr_refuses_bad_device_ids(bad: str) -> None:
     with pytest.raises(ValidationError, match="device id"):
         pki.create_device_csr(
-            device_id=bad, tls_key=pki.TlsPrivateKey.generate(), identity_key=pki.IdentityKey.generate()
+            device_id=bad, tls_key=pki.TlsPrivateKey.generate(), identity_key=IdentityKey.generate()
         )
 
 

@@ -12,17 +12,16 @@ from fedfer.security.errors import IntegrityError, ProtocolError, RoundAbortedEr
 from fedfer.security.keys import IdentityKey
 from fedfer.security.secagg import (
     AdvertiseKeys,
-    ClientStage,
     ConsistencyRequest,
     ConsistencySignature,
     DuplicateMessageError,
     EncryptedShare,
     KeysBroadcast,
     MaskedInput,
-    ServerStage,
     ShareKeys,
     SharesBroadcast,
     SignedSurvivors,
+    Stage,
     UnmaskRequest,
     UnmaskResponse,
 )
@@ -45,18 +44,18 @@ def inputs():
 def _finish_and_check(rnd, updates, weights, survivors):
     """Drive the rest of the round from wherever the server is and compare with the oracle."""
     server = rnd.server
-    if server.stage is ServerStage.ADVERTISE_KEYS:
+    if server.stage is Stage.ADVERTISE_KEYS:
         for cid in sorted(server.pending()):
-            if cid in survivors or rnd.clients[cid].stage is ClientStage.ADVERTISE_KEYS:
+            if cid in survivors or rnd.clients[cid].stage is Stage.ADVERTISE_KEYS:
                 server.receive(wire(rnd.clients[cid].advertise_keys()))
         for cid, m in server.close_stage().items():
             server.receive(wire(rnd.clients[cid].share_keys(wire(m))))
-    if server.stage is ServerStage.SHARE_KEYS:
+    if server.stage is Stage.SHARE_KEYS:
         for cid in sorted(server.pending()):
             server.receive(wire(rnd.clients[cid].share_keys(wire(server.message_for(cid)))))
-    if server.stage is ServerStage.SHARE_KEYS:
+    if server.stage is Stage.SHARE_KEYS:
         server.close_stage()
-    if server.stage is ServerStage.MASKED_INPUT:
+    if server.stage is Stage.MASKED_INPUT:
         for cid in sorted(server.pending()):
             if cid in survivors:
                 m = wire(server.message_for(cid))
@@ -64,7 +63,7 @@ def _finish_and_check(rnd, updates, weights, survivors):
                     wire(rnd.clients[cid].masked_input(m, update=updates[cid], weight=weights[cid]))
                 )
         server.close_stage()
-    if server.stage is ServerStage.CONSISTENCY_CHECK:
+    if server.stage is Stage.CONSISTENCY_CHECK:
         for cid in sorted(server.pending()):
             server.receive(wire(rnd.clients[cid].consistency_check(wire(server.message_for(cid)))))
         server.close_stage()
@@ -106,10 +105,10 @@ def test_wrong_stage_messages_are_rejected_without_changing_state(rnd, inputs):
         rnd.clients[2].masked_input(
             SharesBroadcast(rnd.params.round_id, 2, ()), update=updates[2], weight=weights[2]
         )  # client 2 has not even advertised keys
-    assert rnd.clients[2].stage is ClientStage.ADVERTISE_KEYS  # rejected, not aborted
+    assert rnd.clients[2].stage is Stage.ADVERTISE_KEYS  # rejected, not aborted
     with pytest.raises(ProtocolError):
         rnd.clients[1].advertise_keys()  # twice
-    assert rnd.clients[1].stage is ClientStage.SHARE_KEYS
+    assert rnd.clients[1].stage is Stage.SHARE_KEYS
     _finish_and_check(rnd, updates, weights, set(range(1, N + 1)))
 
 
@@ -235,7 +234,7 @@ def test_wrong_types_are_rejected(rnd, inputs):
         client.masked_input(out2[2], update=updates[2].astype(np.int32), weight=2)
     with pytest.raises(ValidationError):
         client.masked_input(out2[2], update=updates[2][:-1], weight=2)
-    assert client.stage is ClientStage.MASKED_INPUT  # a bad local input does not abort the client
+    assert client.stage is Stage.MASKED_INPUT  # a bad local input does not abort the client
     for cid, m in out2.items():
         rnd2.server.receive(rnd2.clients[cid].masked_input(m, update=updates[cid], weight=weights[cid]))
     _finish_and_check(rnd2, updates, weights, set(range(1, N + 1)))
@@ -264,7 +263,7 @@ def test_tampered_share_ciphertext_aborts_only_that_client(rnd, inputs):
     errors: dict = {}
     result = run_round(rnd, updates, weights, tamper=tamper, client_errors=errors)
     assert set(errors) == {4} and type(errors[4]) is IntegrityError
-    assert rnd.clients[4].stage is ClientStage.ABORTED and _secrets_gone(rnd.clients[4])
+    assert rnd.clients[4].stage is Stage.ABORTED and _secrets_gone(rnd.clients[4])
     mean, _ = oracle(updates, weights, set(range(1, N + 1)) - {4}, 1.0)
     assert 4 not in result.survivors
     assert np.max(np.abs(result.mean() - mean)) <= result.error_bound
@@ -288,7 +287,7 @@ def test_share_redirected_to_another_client_is_detected(rnd, inputs):
     )
     with pytest.raises(IntegrityError):
         rnd.clients[3].masked_input(forged, update=updates[3], weight=weights[3])
-    assert rnd.clients[3].stage is ClientStage.ABORTED and _secrets_gone(rnd.clients[3])
+    assert rnd.clients[3].stage is Stage.ABORTED and _secrets_gone(rnd.clients[3])
     for cid in (1, 2, 4, 5, 6):
         server.receive(rnd.clients[cid].masked_input(out[cid], update=updates[cid], weight=weights[cid]))
     _finish_and_check(rnd, updates, weights, {1, 2, 4, 5, 6})
@@ -313,7 +312,7 @@ def test_share_replayed_from_an_earlier_round_is_detected(inputs):
         new.clients[2].masked_input(replayed, update=updates[2], weight=weights[2])
     with pytest.raises(ProtocolError):
         new.clients[3].masked_input(old_out[3], update=updates[3], weight=weights[3])  # old round id
-    assert new.clients[3].stage is ClientStage.MASKED_INPUT
+    assert new.clients[3].stage is Stage.MASKED_INPUT
     for cid in (1, 3, 4, 5, 6):
         new.server.receive(
             new.clients[cid].masked_input(new_out[cid], update=updates[cid], weight=weights[cid])
@@ -363,7 +362,7 @@ def test_server_substituting_a_neighbours_keys_is_caught_by_the_client(rnd, inpu
     forged = KeysBroadcast(out[1].round_id, 1, (out[1].entries[0], fake_entry, *out[1].entries[2:]))
     with pytest.raises(IntegrityError):
         rnd.clients[1].share_keys(forged)
-    assert rnd.clients[1].stage is ClientStage.ABORTED and _secrets_gone(rnd.clients[1])
+    assert rnd.clients[1].stage is Stage.ABORTED and _secrets_gone(rnd.clients[1])
     # Tampering with the client's own entry is caught too.
     own = out[2].entries[1]
     altered = KeysBroadcast(
@@ -392,7 +391,7 @@ def test_keys_from_a_non_neighbour_are_rejected():
     )
     with pytest.raises(ProtocolError):
         rnd.clients[1].share_keys(forged)
-    assert rnd.clients[1].stage is ClientStage.ABORTED
+    assert rnd.clients[1].stage is Stage.ABORTED
 
 
 def test_too_few_holders_in_a_broadcast_makes_the_client_refuse(rnd):
@@ -440,7 +439,7 @@ def test_inconsistent_unmask_requests_are_refused(rnd, inputs):
         client = rnd.clients[cid]
         with pytest.raises(ProtocolError):
             client.unmask(bad)
-        assert client.stage is ClientStage.ABORTED and _secrets_gone(client)
+        assert client.stage is Stage.ABORTED and _secrets_gone(client)
     # Three of five survivors refused; the two honest answers are below t = 3: the round aborts unrevealed.
     for cid in (4, 5):
         rnd.server.receive(rnd.clients[cid].unmask(out[cid]))
@@ -476,7 +475,7 @@ def test_corrupted_key_share_is_detected_at_reconstruction(rnd, inputs):
         rnd.server.receive(resp)
     with pytest.raises(RoundAbortedError):
         rnd.server.close_stage()
-    assert rnd.server.stage is ServerStage.ABORTED
+    assert rnd.server.stage is Stage.ABORTED
 
 
 # -- consistency check: one survivor set, vouched for by t holders -------------------------------------------
@@ -538,12 +537,12 @@ def test_client_signs_one_survivor_set_and_only_a_plausible_one(inputs):
     for cid, (request, error) in refusals.items():
         with pytest.raises(error):
             rnd.clients[cid].consistency_check(request)
-        assert rnd.clients[cid].stage is ClientStage.ABORTED and _secrets_gone(rnd.clients[cid])
+        assert rnd.clients[cid].stage is Stage.ABORTED and _secrets_gone(rnd.clients[cid])
     signed = rnd.clients[4].consistency_check(out[4])
-    assert rnd.clients[4].stage is ClientStage.UNMASK
+    assert rnd.clients[4].stage is Stage.UNMASK
     with pytest.raises(ProtocolError):  # a second set is never signed
         rnd.clients[4].consistency_check(ConsistencyRequest(rid, 4, (4, 5, 6)))
-    assert rnd.clients[4].stage is ClientStage.UNMASK  # refused for the stage, not aborted
+    assert rnd.clients[4].stage is Stage.UNMASK  # refused for the stage, not aborted
     assert type(signed) is ConsistencySignature
 
 
@@ -570,7 +569,7 @@ def test_client_unmasks_only_with_t_valid_signatures_over_the_set_it_signed(rnd,
         bad = dataclasses.replace(requests[cid], signatures=signatures)
         with pytest.raises(error):
             rnd.clients[cid].unmask(wire(bad))
-        assert rnd.clients[cid].stage is ClientStage.ABORTED and _secrets_gone(rnd.clients[cid])
+        assert rnd.clients[cid].stage is Stage.ABORTED and _secrets_gone(rnd.clients[cid])
     # The one client still honest-and-ready answers, but one response is below t: nothing is revealed.
     rnd.server.receive(rnd.clients[5].unmask(requests[5]))
     with pytest.raises(RoundAbortedError):

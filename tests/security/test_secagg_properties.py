@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from fedfer.security.errors import RoundAbortedError
-from fedfer.security.secagg import ServerStage
+from fedfer.security.secagg import Stage
 from tests.security.secagg_harness import (
     STAGES,
     expected_outcome,
@@ -49,7 +49,7 @@ def test_round_matches_oracle_or_aborts_exactly_when_survivors_below_t(setup):
     if survivors is None:
         with pytest.raises(RoundAbortedError):
             run_round(rnd, updates, weights, drops)
-        assert rnd.server.stage is ServerStage.ABORTED
+        assert rnd.server.stage is Stage.ABORTED
         return
     result = run_round(rnd, updates, weights, drops)
     mean, total_weight = oracle(updates, weights, survivors, clip)

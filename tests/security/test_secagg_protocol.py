@@ -7,12 +7,11 @@ import pytest
 
 from fedfer.security.errors import ProtocolError, RoundAbortedError, ValidationError
 from fedfer.security.secagg import (
-    ClientStage,
     MaskedInput,
     NeighbourGraph,
     SecAggParams,
     SecAggServer,
-    ServerStage,
+    Stage,
     decode_message,
     default_neighbors,
     default_threshold,
@@ -83,7 +82,7 @@ def test_abort_exactly_below_threshold(stage):
     bad = make_round(7, 4, neighbors=6, threshold=4)
     with pytest.raises(RoundAbortedError):
         run_round(bad, updates, weights, dict.fromkeys((1, 2, 3, 4), stage))
-    assert bad.server.stage is ServerStage.ABORTED
+    assert bad.server.stage is Stage.ABORTED
     with pytest.raises(RoundAbortedError):
         bad.server.result()
     with pytest.raises(RoundAbortedError):
@@ -109,7 +108,7 @@ def test_abort_reveals_nothing_and_clients_keep_secrets():
     with pytest.raises(RoundAbortedError):
         server.close_stage()
     assert server._sum is None and not server._responses  # masked sum and shares are dropped
-    assert rnd.clients[3].stage is ClientStage.UNMASK  # the others never revealed anything
+    assert rnd.clients[3].stage is Stage.UNMASK  # the others never revealed anything
 
 
 def test_two_clients_minimum():
@@ -223,7 +222,7 @@ def test_snapshot_of_aborted_round_restores_aborted():
     with pytest.raises(RoundAbortedError):
         rnd.server.close_stage()
     restored = SecAggServer.restore(rnd.server.snapshot(), identity_keys=rnd.roster)
-    assert restored.stage is ServerStage.ABORTED
+    assert restored.stage is Stage.ABORTED
 
 
 def test_masked_input_is_four_bytes_per_element_and_upload_overhead_is_small():
