@@ -185,7 +185,8 @@ class CaptureSection:
         fps: frames per second sampled from the source, in (0, 60].
         realtime: pace file sources at ``fps`` in wall-clock time (a camera is always real time).
         loop: start a file source again when it ends. Without it a file source is finite: nothing is
-            dropped and each file is cached exactly once (see :mod:`agent.ledger`); a looping file is live.
+            dropped and each file is cached exactly once (see :mod:`fedfer.agent.capture.ledger`); a looping
+            file is live.
         max_width: frames wider than this are scaled down before they leave the capture process.
     """
 
@@ -268,7 +269,7 @@ class CacheSection:
 
 @dataclass(frozen=True, kw_only=True)
 class LearningSection:
-    """``[learning]``: unsupervised personalization of ``v`` (PAPERS.md).
+    """``[learning]``: unsupervised personalization of ``v`` (Salman & Busso, ICMI 2022).
 
     Attributes:
         num_classes: 4 or 6 (the class set shared by IFER and VFER).
@@ -307,7 +308,7 @@ class PrivacySection:
         budget: total epsilon this device may spend; training is refused once it is spent.
         max_grad_norm: per-sample gradient clipping bound.
         round_dp: user-level DP for federated rounds: clip Δv in L2, add this device's share of the
-            Gaussian noise, send it with weight 1 (see :mod:`agent.learning.update`).
+            Gaussian noise, send it with weight 1 (see :mod:`fedfer.agent.learning.update`).
         round_clip_norm: L2 bound on a device's whole Δv.
         round_target_epsilon: epsilon of one round (0: give ``round_noise_multiplier`` instead).
         round_noise_multiplier: noise multiplier of the aggregate (0: use ``round_target_epsilon``).

@@ -2,14 +2,14 @@
 
 Any number of replicas may serve one deployment (one database), but the rounds of a cohort live in the memory
 of the process that runs them, so exactly one replica at a time may coordinate them. That replica holds the
-cohort's lease (:meth:`~aggregator.storage.base.Storage.acquire_lease`: an owner id and an expiry) and renews
-it every ``ttl / 3``; the others are standbys that ask for it about once a second and get it only once it
-expired (the leader died or lost the database) or was released (the leader stopped cleanly).
+cohort's lease (:meth:`~fedfer.aggregator.storage.base.Storage.acquire_lease`: an owner id and an expiry) and
+renews it every ``ttl / 3``; the others are standbys that ask for it about once a second and get it only once
+it expired (the leader died or lost the database) or was released (the leader stopped cleanly).
 
 A leader that cannot renew before its own expiry, or finds another owner in the row, has lost the lease and
 must stop coordinating at once. Storage fences a leader that has not noticed yet: every round change is a
 compare-and-set on the round's version, and a new leader bumps that version before it resumes the round, so
-the old leader's next write fails (:class:`~aggregator.storage.base.ConflictError`).
+the old leader's next write fails (:class:`~fedfer.aggregator.storage.base.ConflictError`).
 
 The expiry is compared with each replica's own clock: replicas must keep their clocks in step (NTP) to well
 within the TTL.

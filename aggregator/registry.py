@@ -1,8 +1,8 @@
 """The model registry: versions of the central model ``v`` as named float32 arrays.
 
-Each version is stored in canonical form (:mod:`security.model_codec`: manifest, blob, SHA-256) with its
-parent version. Every read recomputes the digest, so a blob changed behind the registry's back raises
-:class:`~security.errors.IntegrityError` instead of being served to devices.
+Each version is stored in canonical form (:mod:`fedfer.security.model_codec`: manifest, blob, SHA-256) with
+its parent version. Every read recomputes the digest, so a blob changed behind the registry's back raises
+:class:`~fedfer.security.errors.IntegrityError` instead of being served to devices.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class ModelVersion:
 
 
 class ModelRegistry:
-    """Publish and fetch model versions over a :class:`~aggregator.storage.base.Storage`.
+    """Publish and fetch model versions over a :class:`~fedfer.aggregator.storage.base.Storage`.
 
     Args:
         storage: Where versions live.
@@ -107,7 +107,7 @@ class ModelRegistry:
         """Check and encode ``arrays`` as the record of ``version`` without storing it.
 
         For callers that store the version together with other changes in one transaction
-        (:meth:`~aggregator.storage.base.Storage.publish_round`). Raises as :meth:`publish` does.
+        (:meth:`~fedfer.aggregator.storage.base.Storage.publish_round`). Raises as :meth:`publish` does.
         """
         if type(version) is not int or version <= 0:
             raise ValidationError("model version must be a positive int")

@@ -10,7 +10,7 @@ One :class:`RoundCoordinator` runs inside the aggregator's event loop. For each 
 2. **advertise keys, share keys, masked input, consistency check, unmask**: collects one message per eligible
    device and closes
    the stage when all arrived or at the stage's deadline; devices that missed it become dropouts, exactly as
-   :class:`security.secagg.server.SecAggServer` defines;
+   :class:`fedfer.security.secagg.server.SecAggServer` defines;
 3. publishes the weighted mean of the survivors' updates as the next central model version.
 
 **What is averaged.** Devices upload the *delta* ``v_local - v_central`` from the round's base version,
@@ -21,11 +21,12 @@ codec together with an integer weight (example count). The aggregator publishes
 Fewer survivors than the threshold at any stage aborts the round (the protocol reveals nothing) and nothing is
 published.
 
-**Leadership.** Only the replica holding the cohort's lease (:class:`aggregator.leader.LeaderLease`)
+**Leadership.** Only the replica holding the cohort's lease (:class:`fedfer.aggregator.leader.LeaderLease`)
 coordinates: :meth:`RoundCoordinator.run` first waits as a standby until it gets the lease, and the service
 refuses federation calls while :attr:`RoundCoordinator.is_leader` is false. A standby never reads or changes
 the active round. A leader that loses the lease stops at once
-(:class:`~aggregator.leader.LeadershipLostError`) without aborting its round, which the next leader resumes.
+(:class:`~fedfer.aggregator.leader.LeadershipLostError`) without aborting its round, which the next leader
+resumes.
 
 **Restarts and takeovers.** At every stage transition the round's status and its resumable state (public
 parameters, the device/index map, device certificates, identity public keys and the protocol server's

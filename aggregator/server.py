@@ -9,7 +9,7 @@ The server listens on two ports with different TLS credentials:
   peer without a verified client certificate: the others return ``UNAUTHENTICATED``.
 
 gRPC's TLS stack negotiates TLS 1.3 with current clients but would accept TLS 1.2; the servicer edge
-(:func:`aggregator.service.authenticate`) refuses any call whose connection is not TLS 1.3.
+(:func:`fedfer.aggregator.service.authenticate`) refuses any call whose connection is not TLS 1.3.
 
 The standard ``grpc.health.v1`` service reports, per service name:
 

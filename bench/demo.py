@@ -1,8 +1,8 @@
-"""``python -m agent.demo``: a real local federation on one machine, with no setup.
+"""``python -m fedfer.bench.demo`` (``make demo``): a real local federation on one machine, with no setup.
 
 The demo builds everything it needs under ``--workdir`` and runs it as separate processes:
 
-1. the IFER head ``g``: an IFER export found in the model cache (H6's ``fedfer-agent train-ifer`` writes one
+1. the IFER head ``g``: an IFER export found in the model cache (``fedfer-agent train-ifer`` writes one
    there), else a quick ``g`` trained on a small FER2013 subset (f frozen, bounded to about a minute) and
    cached by content hash, so the next run reuses it;
 2. an aggregator deployment (``fedfer-aggregator init``: SQLite, a self-made CA), an initial central ``v``
@@ -340,7 +340,7 @@ def _crowd_labels(assets: Path, names: Sequence[str]) -> dict[str, dict[str, Any
 
 
 def _cached_ifer() -> tuple[Path, float] | None:
-    """The best IFER export H6's ``train-ifer`` left in the model cache (by dev macro F1), if good enough."""
+    """The best IFER export ``train-ifer`` left in the model cache (by dev macro F1), if good enough."""
     from fedfer.agent.files import cache_dir
     from fedfer.agent.records import CLASS_SETS
 
@@ -361,10 +361,10 @@ def _cached_ifer() -> tuple[Path, float] | None:
 
 
 def ensure_ifer(config: DemoConfig, say: Callable[[str], None]) -> dict[str, Any]:
-    """The IFER export the agents use: given, H6's cached one, or a quick ``g`` trained and cached now.
+    """The IFER export the agents use: given, a cached ``train-ifer`` one, or a quick ``g`` trained now.
 
     Returns:
-        ``{"path", "source", ...}`` where source is ``given``, ``cached`` (H6's ``train-ifer`` export, with
+        ``{"path", "source", ...}`` where source is ``given``, ``cached`` (a ``train-ifer`` export, with
         its dev macro F1), ``cached-quick`` or ``trained-quick`` (with dev accuracy and seconds spent).
     """
     if config.ifer is not None:
@@ -444,7 +444,7 @@ def _quick_ifer(config: DemoConfig, say: Callable[[str], None]) -> dict[str, Any
 
 
 def initial_v(seed: int = 0) -> dict[str, np.ndarray]:
-    """The initial central ``v``: :class:`agent.models.VideoModel` initialized from a fixed seed."""
+    """The initial central ``v``: a :class:`fedfer.agent.models.video.VideoModel` from a fixed seed."""
     import torch
 
     from fedfer.agent.models.video import VideoModel, to_named_arrays
@@ -1166,8 +1166,10 @@ def _interrupts_as_exceptions() -> Iterator[None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m agent.demo``."""
-    parser = argparse.ArgumentParser(prog="python -m agent.demo", description=__doc__.split("\n", 1)[0])
+    """Entry point of ``python -m fedfer.bench.demo``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m fedfer.bench.demo", description=__doc__.split("\n", 1)[0]
+    )
     parser.add_argument(
         "--workdir",
         type=Path,

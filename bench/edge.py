@@ -57,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="torch intra-op threads (OpenMP waits passively, so detection's threads are not starved)",
     )
     parser.add_argument(
-        "--ifer", type=Path, default=None, help="IFER export (agent.learning) instead of f + g"
+        "--ifer", type=Path, default=None, help="IFER export (fedfer-agent train-ifer) instead of f + g"
     )
     parser.add_argument(
         "--emulate-quantization",

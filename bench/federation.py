@@ -2,9 +2,10 @@
 
 The aggregator runs as a real ``fedfer-aggregator serve`` subprocess on a fresh deployment (SQLite); the
 devices are enrolled over the enrollment port and then run as asyncio tasks spread over ``--procs`` worker
-processes, each with its own mutual-TLS channel, driving :class:`agent.federation.client.FederationClient`
-exactly as a device would. A ``--dropout`` fraction of devices vanishes after sharing keys (the costly case:
-the aggregator must rebuild their pairwise masks), so the masked-input stage closes at its deadline.
+processes, each with its own mutual-TLS channel, driving
+:class:`fedfer.agent.federation.client.FederationClient` exactly as a device would. A ``--dropout`` fraction
+of devices vanishes after sharing keys (the costly case: the aggregator must rebuild their pairwise masks), so
+the masked-input stage closes at its deadline.
 
 Reported:
 
@@ -13,14 +14,15 @@ Reported:
   (zero without dropouts), and ``round_s_excl_wait`` the rest.
 * ``bytes_up_per_client``: median (the lower middle one) over survivors of the bytes each device put on the
   wire during the round, all stages and status polls included, **measured**: every device's connection goes
-  through its own loopback TCP proxy (:class:`bench.tcp_proxy.TcpProxy`) that counts client-to-server bytes
-  above TCP, i.e. TLS records with the TLS handshake included (``tls_handshake_included``), HTTP/2 frames and
-  gRPC messages; TCP/IP headers are not counted. ``bytes_up_per_client_max`` is the largest device's.
-  ``wire_overhead`` and ``wire_overhead_max`` divide them by the raw float32 size of the update (4 bytes x
-  dim); ``wire_overhead_excl_handshake`` first subtracts each connection's set-up bytes (TLS handshake with
-  the device certificate, HTTP/2 preface and settings: ``connection_setup_bytes_up``, measured on a channel
-  that only connects). ``wire_overhead_estimated`` is the client's own estimate
-  (:class:`agent.federation.client.WireCounter`: serialized requests + framing + a per-call header guess).
+  through its own loopback TCP proxy (:class:`fedfer.bench.tcp_proxy.TcpProxy`) that counts client-to-server
+  bytes above TCP, i.e. TLS records with the TLS handshake included (``tls_handshake_included``), HTTP/2
+  frames and gRPC messages; TCP/IP headers are not counted. ``bytes_up_per_client_max`` is the largest
+  device's. ``wire_overhead`` and ``wire_overhead_max`` divide them by the raw float32 size of the update (4
+  bytes x dim); ``wire_overhead_excl_handshake`` first subtracts each connection's set-up bytes (TLS handshake
+  with the device certificate, HTTP/2 preface and settings: ``connection_setup_bytes_up``, measured on a
+  channel that only connects). ``wire_overhead_estimated`` is the client's own estimate
+  (:class:`fedfer.agent.federation.client.WireCounter`: serialized requests + framing + a per-call header
+  guess).
 * ``server_cpu_s``: user + system CPU time of the aggregator process during the round (from ``/proc``).
 * ``max_abs_error``: published model minus previous model vs. the plaintext FedAvg oracle of the survivors.
 """

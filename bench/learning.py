@@ -1,6 +1,6 @@
 """``fedfer-bench learning``: IFER vs the published peer on FER2013 test, and (simulated) personalization.
 
-1. IFER (:mod:`agent.learning.recipe`): MobileNetV2 (real ImageNet weights) at ``--input-size``, blocks
+1. IFER (:mod:`fedfer.agent.training.recipe`): MobileNetV2 (real ImageNet weights) at ``--input-size``, blocks
    ``>= --split`` fine-tuned centrally on augmented FER2013 train faces (BatchNorm re-parametrized, label
    smoothing, cosine schedule, class-weighted CE) plus g, with 7 classes. The best epoch is chosen on a dev
    split of FER2013 train (the first 10% in a hash order); the test split is used for nothing but the final
@@ -10,7 +10,7 @@
 2. Device cost: the exported IFER model as the agent runs it (``ExportedIferModel``: one backbone gives v's
    1,280-d features and the IFER probabilities) per 224x224 RGB face crop, against the paper's frozen f at
    224 (``IferModel``), both timed here; and the whole edge pipeline (decode, MediaPipe, f, g, encrypted
-   cache) on a real CREMA-D clip with each model (``bench.edge``).
+   cache) on a real CREMA-D clip with each model (``fedfer.bench.edge``).
 3. v: trained centrally on short clips rendered from FER2013 *dev* faces (faces f was not trained on; small
    temporal jitter), features from the same fine-tuned f at the same input size as the device.
 4. Personalization, a SIMULATION: subjects with consistent appearance shifts over FER2013 test faces, an
@@ -161,7 +161,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ifer_cache_key=info.key,
         ifer_recipe=repr(recipe),
     )
-    # g's class biases fitted on the same dev split (agent.learning.calibrate); the test split is not used.
+    # g's class biases fitted on the same dev split (fedfer.agent.training.calibrate); the test split is not
+    # used.
     net, cal = calibrate_or_load(net, info, dev_items=dev_items)
     out.update(
         ifer_class_bias=dict(zip(seven, cal.class_bias, strict=True)),
@@ -331,7 +332,8 @@ def _device_speed(
     from fedfer.agent.training.peer import peer_preprocess
     from fedfer.agent.vision.pipeline import ExportedIferModel, load_frame_model
 
-    # The pipeline hands the frame model 224x224 RGB crops (agent.faces); one crop per call, as a camera.
+    # The pipeline hands the frame model 224x224 RGB crops (fedfer.agent.vision.faces); one crop per call, as
+    # a camera.
     crop = np.ascontiguousarray(np.repeat(cv2.resize(face, (224, 224))[None, :, :, None], 3, axis=3))
     device = ExportedIferModel(net)
     paper = load_frame_model(feature_weights=args.assets / MOBILENET_TFLITE, num_classes=6)  # f at 224 + g

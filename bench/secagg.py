@@ -72,7 +72,8 @@ def _measure_prg(nbytes: int, seconds: float = 0.4) -> dict[str, float]:
 
 
 def _measure_public_key_ops(seconds: float = 0.2) -> tuple[float, float]:
-    """CPU seconds per Ed25519 verification and per X25519 agreement (+HKDF), through ``security.keys``."""
+    """CPU seconds per Ed25519 verification and per X25519 agreement (+HKDF), through
+    ``fedfer.security.keys``."""
     signer = IdentityKey.generate()
     payload = os.urandom(143)
     signature = signer.sign(payload)

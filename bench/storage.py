@@ -22,7 +22,8 @@ from fedfer.aggregator.registry import ModelRegistry
 from fedfer.aggregator.storage import DeviceRecord, TokenRecord, open_storage, redact_url
 from fedfer.security.secagg.stage import Stage
 
-# agent.models.VideoModel with K=6 (205,894 float32 parameters); the aggregator never imports torch.
+# fedfer.agent.models.video.VideoModel with K=6 (205,894 float32 parameters); the aggregator never imports
+# torch.
 _V_SHAPES = {
     "fc1.weight": (128, 1280),
     "fc1.bias": (128,),

@@ -1,9 +1,11 @@
-"""fedfer's pure, I/O-free privacy core.
+"""fedfer's pure privacy core.
 
 Crypto wrappers over the ``cryptography`` package, Shamir secret sharing, fixed-point quantization, the
-secure-aggregation protocol (SecAgg with the SecAgg+ neighbour graph) as client/server state machines,
-differential-privacy helpers, key handles and at-rest envelope encryption. Nothing here imports the rest of
-fedfer, opens a socket, reads a clock or touches a file.
+secure-aggregation protocol (SecAgg with the SecAgg+ neighbour graph) as client/server state machines and the
+round's :class:`~fedfer.security.secagg.stage.Stage`, differential-privacy helpers, key handles and at-rest
+envelope encryption. Nothing here imports the rest of fedfer, opens a socket or reads a clock; the one module
+that touches a file is :mod:`fedfer.security.files` (``write_atomic``, the durable write that the device's and
+the aggregator's secrets and ledgers share).
 """
 
 from fedfer.security.envelope import DataKey, KeyEncryptionKey

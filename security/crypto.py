@@ -2,7 +2,7 @@
 
 Every HKDF call takes a non-empty ``info`` label and every AEAD call takes non-empty associated data: there is
 no way to call them without saying what the key or ciphertext is for. Verification failures raise
-:class:`~security.errors.IntegrityError` and nothing else (no booleans, no reasons).
+:class:`~fedfer.security.errors.IntegrityError` and nothing else (no booleans, no reasons).
 
 The mask PRG is AES-256-CTR with an all-zero initial counter block: each key is derived for exactly one
 keystream (HKDF binds round, parties and purpose), so the counter never repeats under a key. On this machine

@@ -1,17 +1,18 @@
 """Envelope encryption for data at rest: a key-encryption key (KEK) wraps one data key (DEK) per session.
 
 Pure and I/O-free: this module never opens a file or a database. It turns keys into *handles* and bytes into
-authenticated ciphertexts; where the bytes live is the caller's business (``agent/cache.py``).
+authenticated ciphertexts; where the bytes live is the caller's business (``agent/store/cache.py``).
 
 Choices, fixed on purpose:
 
 * AES-256-GCM for both DEK wrapping and records, with a fresh 96-bit nonce from the OS CSPRNG per message,
-  through the project's one AEAD wrapper (:mod:`security.crypto`); this module adds no cipher of its own.
+  through the project's one AEAD wrapper (:mod:`fedfer.security.crypto`); this module adds no cipher of its
+  own.
 * Associated data is mandatory and built here, never by callers: a wrapped DEK is bound to (cache id,
   session id, purpose); a record to (cache id, session id, position, kind, format version). A ciphertext
   therefore cannot be moved to another cache, session or position, nor relabelled as another kind, without
   failing verification.
-* Every verification failure raises the same uninformative :class:`~security.errors.IntegrityError`.
+* Every verification failure raises the same uninformative :class:`~fedfer.security.errors.IntegrityError`.
 * Keys are handles: no public constructor, no pickling or copying, a redacted ``repr``; the only way to see
   a key's bytes is the loudly named :meth:`KeyEncryptionKey.dangerously_export_plaintext`. Data keys have
   no plaintext export at all: they leave a handle only wrapped under a KEK.
@@ -125,7 +126,8 @@ def _record_ad(cache_id: bytes, session_id: bytes, position: int, kind: int) -> 
 def _seal(
     material: bytes, plaintext: bytes, associated_data: bytes, _random_bytes: RandomBytes = os.urandom
 ) -> bytes:
-    """AES-256-GCM through ``security.crypto`` with the version header; ``_random_bytes`` is the test seam."""
+    """AES-256-GCM through ``fedfer.security.crypto`` with the version header; ``_random_bytes`` is the test
+    seam."""
     header = struct.pack(">B", FORMAT_VERSION)
     # The version byte is authenticated: it is part of the associated data as well as the header.
     return header + aead_encrypt(

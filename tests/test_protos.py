@@ -65,4 +65,3 @@ def test_the_one_stage_enum_is_the_wire_enum_and_the_stored_text() -> None:
         walk.append(nxt)
     assert walk == [Stage.CHECK_IN, *COLLECTING, Stage.FINISHED]
     assert {stage for stage in Stage if stage.terminal} == {Stage.FINISHED, Stage.ABORTED}
-

@@ -116,7 +116,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--weights", type=Path, default=None, help="MobileNetV2 weights (.tflite or torchvision .pth)"
     )
-    p.add_argument("--ifer", type=Path, default=None, help="IFER export (manifest) of agent.learning")
+    p.add_argument("--ifer", type=Path, default=None, help="IFER export (manifest): fedfer-agent train-ifer")
     p.add_argument("--head", type=Path, default=None, help="IferHead state dict (with --weights)")
     p.add_argument("--classes", type=int, default=6, choices=(4, 6, 7))
     p.add_argument(

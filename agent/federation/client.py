@@ -1,10 +1,11 @@
 """The device side of federation over gRPC: fetch the central model, take part in secure-aggregation rounds.
 
-:class:`FederationClient` drives the pure :class:`security.secagg.client.SecAggClient` through the stages the
-aggregator announces: it long-polls the round status, fetches each stage's result, feeds it to the state
-machine and sends what comes back. Every mutating request carries a request id chosen once per message, so a
-retry after ``UNAVAILABLE``/``DEADLINE_EXCEEDED`` (with jittered exponential backoff) is harmless; a dropped
-connection is simply re-established and the round resumed where it was. Round secrets stay in memory only.
+:class:`FederationClient` drives the pure :class:`fedfer.security.secagg.client.SecAggClient` through the
+stages the aggregator announces: it long-polls the round status, fetches each stage's result, feeds it to the
+state machine and sends what comes back. Every mutating request carries a request id chosen once per message,
+so a retry after ``UNAVAILABLE``/``DEADLINE_EXCEEDED`` (with jittered exponential backoff) is harmless; a
+dropped connection is simply re-established and the round resumed where it was. Round secrets stay in memory
+only.
 
 The device sends nothing but protocol messages: its join request, its signed round keys, encrypted shares,
 the masked (quantized, weighted) update and its unmasking shares. Peer identity keys are accepted only from

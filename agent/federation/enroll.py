@@ -2,7 +2,7 @@
 
 Enrollment ends by pinning the aggregator's TLS certificate: the device opens one mutual-TLS handshake to the
 federation port (verified against the CA and the aggregator's name) and keeps the certificate it was shown
-as the only trust anchor of every later call (:func:`agent.federation.channel.federation_channel`).
+as the only trust anchor of every later call (:func:`fedfer.agent.federation.channel.federation_channel`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Learning on the device: the personalized ``v`` and what a device contributes to a round.
 
 * :mod:`~fedfer.agent.learning.personalize`: unsupervised personalization of ``v`` on IFER pseudo labels
-  (PAPERS.md), optionally under DP-SGD;
+  (Salman & Busso, ICMI 2022), optionally under DP-SGD;
 * :mod:`~fedfer.agent.learning.dp`: DP-SGD settings and Opacus' RDP arithmetic;
 * :mod:`~fedfer.agent.learning.update`: the round update ``Δv``, with optional user-level DP;
 * :mod:`~fedfer.agent.learning.ledger`: the privacy ledger that refuses what the budget cannot pay for.

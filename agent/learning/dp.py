@@ -9,7 +9,7 @@ any step is taken.
 Limitation: Opacus draws its per-sample Gaussian noise from torch's generator unless ``secure_mode=True``,
 which needs ``torchcsprng`` (not available for this torch build). The noise of on-device DP-SGD is therefore
 not cryptographically unpredictable; the user-level noise added to federated updates
-(:mod:`security.dp`) is, as it comes from the OS CSPRNG.
+(:mod:`fedfer.security.dp`) is, as it comes from the OS CSPRNG.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Unsupervised personalization of ``v`` on the device (PAPERS.md, Salman & Busso 2022).
+"""Unsupervised personalization of ``v`` on the device (Salman & Busso, ICMI 2022).
 
 1. For each unlabelled clip, average IFER's per-frame probabilities: ``VFER^(x) = mean_i IFER(x_i)``.
 2. Pseudo label = argmax of that mean; confidence = its value.
@@ -186,7 +186,7 @@ def _train_dp(
     loader = DataLoader(TensorDataset(x, y), batch_size=config.batch_size, shuffle=True)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     with warnings.catch_warnings():
-        # Opacus warns that secure_mode is off; agent.learning.dp documents that limitation.
+        # Opacus warns that secure_mode is off; fedfer.agent.learning.dp documents that limitation.
         warnings.simplefilter("ignore", UserWarning)
         engine = PrivacyEngine(accountant="rdp", secure_mode=False)
         if dp.target_epsilon is not None:

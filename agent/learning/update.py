@@ -90,7 +90,7 @@ def apply_update(central: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarr
 def noise_for_epsilon(epsilon: float, delta: float) -> float:
     """The smallest noise multiplier whose single Gaussian release costs at most ``epsilon`` at ``delta``.
 
-    Found by bisection on :func:`security.dp.gaussian_epsilon` (monotone in sigma) to a relative 1e-6.
+    Found by bisection on :func:`fedfer.security.dp.gaussian_epsilon` (monotone in sigma) to a relative 1e-6.
 
     Raises:
         ValidationError: ``epsilon`` is not a positive finite number or ``delta`` not in (0, 1).

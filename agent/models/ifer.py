@@ -56,7 +56,8 @@ class IferHead(nn.Module):
 def load_backbone(weights: Path) -> tuple[MobileNetV2, Normalization]:
     """Real ImageNet MobileNetV2 and its input normalization from a weight file (TFLite or torchvision).
 
-    Uses :func:`agent.mobilenet.load_feature_extractor`, which pins the architecture variant to the file.
+    Uses :func:`fedfer.agent.models.extractor.load_feature_extractor`, which pins the architecture variant to
+    the file.
     """
     extractor = load_feature_extractor(weights, channels_last=False)
     model = extractor.model
@@ -249,8 +250,8 @@ class FaceNet(nn.Module):
         """An inference copy (eval mode, channels-last): every BatchNorm folded into its convolution.
 
         Same function up to float rounding, one pass fewer per convolution. What the device runs
-        (:class:`agent.pipeline.ExportedIferModel`) and what :meth:`infer` uses, so v's features on the
-        device are those it was trained and personalized on. Not for training or export (no BN layers).
+        (:class:`fedfer.agent.vision.pipeline.ExportedIferModel`) and what :meth:`infer` uses, so v's features
+        on the device are those it was trained and personalized on. Not for training or export (no BN layers).
         """
         net = FaceNet(
             backbone=fold_batchnorm(self.backbone),

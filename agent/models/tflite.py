@@ -1,4 +1,5 @@
-"""Build real ImageNet weights for :class:`agent.mobilenet.MobileNetV2` from a quantized TFLite MobileNetV2.
+"""Build real ImageNet weights for :class:`fedfer.agent.models.mobilenet.MobileNetV2` from a quantized TFLite
+MobileNetV2.
 
 The TFLite file (``mobilenet_v2_1.0_224_quant.tflite``) holds uint8 weights with batch norm already folded
 into each convolution's weights and int32 bias. The conversion:
@@ -11,14 +12,14 @@ into each convolution's weights and int32 bias. The conversion:
   so TFLite class ``i + 1`` is torchvision class ``i``.
 
 The converted weights must be run with ``MobileNetV2(tf_padding=True)`` (TensorFlow pads stride-2 convolutions
-asymmetrically) and fed ``(pixel - 128) / 128`` (:data:`agent.mobilenet.TF_NORMALIZATION`);
-:func:`agent.mobilenet.load_feature_extractor` does both. Tensors are read with the ``ai_edge_litert``
-interpreter (a development dependency); the result is cached as a plain state dict keyed by the source file's
-SHA-256, so devices and later runs need neither the interpreter nor a second conversion. The cache entry is
-trusted only with its sidecar (``<entry>.sha256``, the entry's own SHA-256, written atomically after it): a
-missing sidecar or a mismatch (a corrupted, truncated or replaced entry, a crash between the two writes)
-means the weights are converted again. This detects damage and a swapped entry, not an attacker who can
-rewrite both files (the folder is the user's private 0700 cache).
+asymmetrically) and fed ``(pixel - 128) / 128`` (:data:`fedfer.agent.models.mobilenet.TF_NORMALIZATION`);
+:func:`fedfer.agent.models.extractor.load_feature_extractor` does both. Tensors are read with the
+``ai_edge_litert`` interpreter (a development dependency); the result is cached as a plain state dict keyed by
+the source file's SHA-256, so devices and later runs need neither the interpreter nor a second conversion. The
+cache entry is trusted only with its sidecar (``<entry>.sha256``, the entry's own SHA-256, written atomically
+after it): a missing sidecar or a mismatch (a corrupted, truncated or replaced entry, a crash between the two
+writes) means the weights are converted again. This detects damage and a swapped entry, not an attacker who
+can rewrite both files (the folder is the user's private 0700 cache).
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ __all__ = [
     "ConvertedWeights",
     "convert_tflite",
     "load_converted",
-    "load_converted_state_dict",
 ]
 
 _log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class ConvertedWeights:
     Attributes:
         state_dict: torchvision-keyed float32 tensors for ``MobileNetV2(tf_padding=True)``.
         activation_quantization: the TFLite graph's uint8 activation ranges, for
-            :meth:`agent.mobilenet.MobileNetV2.set_activation_quantization` (optional replay).
+            :meth:`fedfer.agent.models.mobilenet.MobileNetV2.set_activation_quantization` (optional replay).
     """
 
     state_dict: dict[str, torch.Tensor]
@@ -206,13 +206,6 @@ def _from_cache(blob: Any) -> ConvertedWeights:
             convs=pairs(blob["act_convs"]), adds=pairs(blob["act_adds"]), pool=(float(pool[0]), int(pool[1]))
         ),
     )
-
-
-def load_converted_state_dict(
-    path: str | Path, *, cache_dir: str | Path | None = None
-) -> dict[str, torch.Tensor]:
-    """Shorthand for ``load_converted(path, cache_dir=cache_dir).state_dict``."""
-    return load_converted(path, cache_dir=cache_dir).state_dict
 
 
 def load_converted(path: str | Path, *, cache_dir: str | Path | None = None) -> ConvertedWeights:

@@ -1,5 +1,5 @@
-"""The video model ``v`` (PAPERS.md): per-frame FC 1280→128 → FC 128→64 → LSTM(64), many-to-one, → K-way
-linear, and its framework-free form.
+"""The video model ``v`` (Salman & Busso, ICMI 2022): per-frame FC 1280→128 → FC 128→64 → LSTM(64),
+many-to-one, → K-way linear, and its framework-free form.
 
 Only ``v`` travels in federated rounds; :func:`to_named_arrays` / :func:`from_named_arrays` convert it to the
 named float32 arrays the aggregator handles (it never needs torch).

@@ -2,7 +2,8 @@
 
 Nothing but ciphertext and non-secret bookkeeping (session id, creation time, counts, sizes) reaches disk:
 
-* A key-encryption key (KEK) lives in a :class:`~agent.cache_keys.KeyStore` (a 0600 file, or the OS keyring).
+* A key-encryption key (KEK) lives in a :class:`~fedfer.agent.store.keys.KeyStore` (a 0600 file, or the OS
+  keyring).
 * Each session gets its own data key (DEK), stored only wrapped under the KEK, bound to (cache id, session)
   and to the session's state: an open session's key is bound to its id, a sealed session's key to its id
   and "sealed". The ``sealed`` flag of the index is therefore authenticated: flipping it makes the key fail
@@ -27,15 +28,15 @@ Nothing but ciphertext and non-secret bookkeeping (session id, creation time, co
 
 Rollback. The database names the fingerprint of the KEK it was committed under, and the key store keeps only
 that KEK. Every :meth:`~FeatureCache.end_session`, :meth:`~FeatureCache.forget` (with the default
-``rotate_kek_on_forget``), retention drop, :meth:`~FeatureCache.purge` and
-:meth:`~FeatureCache.rotate_kek` replaces the KEK and re-wraps every data key, so a copy of the index
-(database and WAL, whole or any row of it) taken before the latest of these events no longer opens with the
-stored key: the cache refuses to open (:class:`~security.errors.IntegrityError`), or, for a single row put
-back, that session fails verification. Not detected: a rollback to a copy taken *after* the latest such
-event, which can only lose appends to sessions that are still open and sessions begun since (the same as a
-truncated tail of a never-sealed session, which looks like a writer that stopped early); a rollback of the
-key store together with the database (an attacker holding the old KEK can read what it protected); and,
-with ``rotate_kek_on_forget=False``, a rollback across a :meth:`~FeatureCache.forget`.
+``rotate_kek_on_forget``), retention drop, :meth:`~FeatureCache.purge` and :meth:`~FeatureCache.rotate_kek`
+replaces the KEK and re-wraps every data key, so a copy of the index (database and WAL, whole or any row of
+it) taken before the latest of these events no longer opens with the stored key: the cache refuses to open
+(:class:`~fedfer.security.errors.IntegrityError`), or, for a single row put back, that session fails
+verification. Not detected: a rollback to a copy taken *after* the latest such event, which can only lose
+appends to sessions that are still open and sessions begun since (the same as a truncated tail of a
+never-sealed session, which looks like a writer that stopped early); a rollback of the key store together with
+the database (an attacker holding the old KEK can read what it protected); and, with
+``rotate_kek_on_forget=False``, a rollback across a :meth:`~FeatureCache.forget`.
 
 Crash safety: each append (or batch) is one SQLite transaction in WAL mode, so a process killed mid-write
 loses at most the transaction in flight and the cache opens afterwards.

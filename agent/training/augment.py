@@ -4,7 +4,7 @@ Each face gets a random scale (a random-resized crop), translation, small in-pla
 flip, all folded into ONE ``cv2.warpAffine`` straight to the network's input size (no intermediate resize),
 then brightness/contrast jitter and optionally a cut-out patch. Augmented views cannot come from the cached
 frozen-prefix activations, so training with augmentation runs the whole network on every batch
-(:func:`agent.learning.ifer.train_ifer_images`).
+(:func:`fedfer.agent.training.ifer.train_ifer_images`).
 
 Randomness here shapes training data only (nothing secret), so numpy's seeded generator is appropriate.
 """

@@ -1,11 +1,11 @@
 """Video clip → per-frame face crops → f features and IFER probabilities (the full clip path).
 
 Frames are decoded with OpenCV and sampled to ``fps``; faces are found and cropped by the device's own
-:class:`agent.faces.FaceDetector` (MediaPipe Tasks, SHA-256 pinned; largest face, the same margin and the
-same 224x224 square crop as the vision pipeline), so a model trained or personalized on these clips sees
-the crops the device produces. Crops are kept grayscale (IFER is trained on grayscale faces;
-:meth:`~agent.learning.ifer.FaceNet.preprocess` replicates the channel) and run through
-:class:`~agent.learning.ifer.FaceNet` at its input size. Frames without a face are skipped. Nothing is
+:class:`fedfer.agent.vision.faces.FaceDetector` (MediaPipe Tasks, SHA-256 pinned; largest face, the same
+margin and the same 224x224 square crop as the vision pipeline), so a model trained or personalized on these
+clips sees the crops the device produces. Crops are kept grayscale (IFER is trained on grayscale faces;
+:meth:`~fedfer.agent.models.ifer.FaceNet.preprocess` replicates the channel) and run through
+:class:`~fedfer.agent.models.ifer.FaceNet` at its input size. Frames without a face are skipped. Nothing is
 written to disk.
 """
 

@@ -63,7 +63,7 @@ def corpus_features(
 
     Per-clip results are cached by (model weights, video bytes, fps). IFER and v share the class set: an
     IFER with more classes (7, with surprise) is restricted to the ``num_classes`` set
-    (:func:`~agent.learning.ifer.restrict_probs`).
+    (:func:`~fedfer.agent.training.ifer.restrict_probs`).
 
     Raises:
         DatasetError: tables/clips missing or IFER lacks some of the ``num_classes`` classes.

@@ -40,7 +40,7 @@ __all__ = [
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 
-# Folder names seen in the wild -> the canonical class names of agent.models.CLASS_SETS.
+# Folder names seen in the wild -> the canonical class names of fedfer.agent.records.CLASS_SETS.
 FOLDER_ALIASES: dict[str, str] = {
     "angry": "anger",
     "anger": "anger",
@@ -192,7 +192,7 @@ def read_crema_responses(
 
     Uses the columns ``clipName``, ``queryType`` (1 voice, 2 face, 3 audio-visual) and ``respEmo``
     (A, D, F, H, N, S) as documented with the corpus; responses outside the class set are ignored. These
-    counts feed the partial-label targets of :func:`agent.learning.vfer.soft_targets`.
+    counts feed the partial-label targets of :func:`fedfer.agent.training.vfer.soft_targets`.
 
     Raises:
         DatasetError: the file is missing, lacks the columns, or holds an unknown emotion letter.

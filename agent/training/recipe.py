@@ -1,7 +1,7 @@
 """The central IFER recipe (what ``fedfer-bench learning`` trains) and its content-addressed model cache.
 
 A trained model is stored under ``<cache>/models/<key>/ifer.json`` (an export of
-:func:`agent.learning.ifer.save_ifer`), where ``key`` is a SHA-256 over everything that decides it:
+:func:`fedfer.agent.models.ifer.save_ifer`), where ``key`` is a SHA-256 over everything that decides it:
 
 * the recipe (every setting, nested ones included, through the dataclasses' ``repr``) and
   :data:`RECIPE_VERSION`, which changes whenever the training code would produce a different model from
@@ -11,7 +11,7 @@ A trained model is stored under ``<cache>/models/<key>/ifer.json`` (an export of
 
 So the next run with the same inputs loads the model instead of training it again, and any change to data,
 settings, code version or initial weights trains a new one. While a model trains, the state after every
-epoch is kept in ``<key>/checkpoint.pt`` (:mod:`agent.learning.checkpoint`): a run that was interrupted
+epoch is kept in ``<key>/checkpoint.pt`` (:mod:`fedfer.agent.training.checkpoint`): a run that was interrupted
 resumes after its last finished epoch and ends with the same model.
 """
 
@@ -80,7 +80,7 @@ class IferRecipe:
         train: optimizer, schedule, loss settings.
         augment: training augmentation, or ``None``.
         reparametrize_batchnorm: calibrate the suffix's BatchNorm layers first (see
-            :meth:`agent.learning.ifer.FaceNet.reparametrize_batchnorm`).
+            :meth:`fedfer.agent.models.ifer.FaceNet.reparametrize_batchnorm`).
         calibration: training views used for that calibration.
     """
 
@@ -267,7 +267,7 @@ def calibrate_or_load(
 ) -> tuple[FaceNet, Calibrated]:
     """``net`` (trained by :func:`train_or_load_ifer` as ``run``) with g's class biases fitted on dev.
 
-    See :mod:`agent.learning.calibrate`. The export is cached beside the trained one, under
+    See :mod:`fedfer.agent.training.calibrate`. The export is cached beside the trained one, under
     ``<run.key>-<sha256(CALIBRATION_VERSION, run.key, dev data, min_per_class)>``; ``net`` is left as it is.
     With fewer than ``min_per_class`` dev images of a class the offsets stay zero (nothing to fit them on).
 

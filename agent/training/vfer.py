@@ -1,4 +1,5 @@
-"""Central training of the video model ``v`` (PAPERS.md): per-frame FC layers + LSTM(64), many-to-one.
+"""Central training of the video model ``v`` (Salman & Busso, ICMI 2022): per-frame FC layers + LSTM(64),
+many-to-one.
 
 Whole clips with zero pre-padding, class-weighted cross-entropy, Adam lr 1e-3 halved on a dev plateau, 20
 epochs by default; the weights of the best dev epoch are kept. With partial labels (Daffa et al. 2024) the

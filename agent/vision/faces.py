@@ -6,7 +6,7 @@ to MediaPipe. A device without the model file fetches it with :func:`detector_mo
 pinned SHA-256, into the agent's model folder). Per frame the largest
 face is kept; its box is widened by a margin, made square around its centre, cut out (zero-padded where it
 leaves the frame) and resized to 224x224 RGB ``uint8``. The normalization that belongs to the feature
-extractor's weights is applied later, by :class:`agent.mobilenet.FeatureExtractor`.
+extractor's weights is applied later, by :class:`fedfer.agent.models.extractor.FeatureExtractor`.
 """
 
 from __future__ import annotations
@@ -57,9 +57,9 @@ def detector_model_file(
 
     A device in the field may ship without the model. Then it is fetched from ``url`` (MediaPipe's own by
     default) into ``download_dir`` (default: the agent's model folder ``<cache>/models``) by
-    :func:`agent.weights.ensure_file`, which checks ``sha256`` before renaming the file into place and
-    reuses a verified earlier download. A file that exists is returned as is: :class:`FaceDetector` checks
-    the digest of the bytes it loads.
+    :func:`fedfer.agent.models.weights.ensure_file`, which checks ``sha256`` before renaming the file into
+    place and reuses a verified earlier download. A file that exists is returned as is: :class:`FaceDetector`
+    checks the digest of the bytes it loads.
 
     Raises:
         ValidationError: ``sha256`` is not a full hex digest (an empty one is refused), or ``url``'s scheme is

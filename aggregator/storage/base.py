@@ -1,8 +1,9 @@
 """The aggregator's storage interface: record types, errors and the :class:`Storage` contract.
 
-Every backend (SQLite in :mod:`aggregator.storage.sqlite`, PostgreSQL in :mod:`aggregator.storage.postgres`)
-implements :class:`Storage` and passes one contract test suite. Operations that two aggregator replicas could
-race on are single statements guarded by database constraints, so exactly one caller wins:
+Every backend (SQLite in :mod:`fedfer.aggregator.storage.sqlite`, PostgreSQL in
+:mod:`fedfer.aggregator.storage.postgres`) implements :class:`Storage` and passes one contract test suite.
+Operations that two aggregator replicas could race on are single statements guarded by database constraints,
+so exactly one caller wins:
 
 * claiming an enrollment token (:meth:`Storage.enroll_device`),
 * opening a round while another round of the same cohort is active (:meth:`Storage.create_round`),
@@ -161,7 +162,7 @@ class ResponseRecord:
 
 @dataclass(frozen=True)
 class ModelRecord:
-    """A stored version of the central model, as produced by :mod:`aggregator.registry`.
+    """A stored version of the central model, as produced by :mod:`fedfer.aggregator.registry`.
 
     Attributes:
         version: Positive integer version.
@@ -201,7 +202,7 @@ class Storage(abc.ABC):
     """Durable state of an aggregator deployment.
 
     Implementations are safe to share between threads of one process and between processes (and replicas)
-    using the same database. Obtain one with :func:`aggregator.storage.open_storage`; close it with
+    using the same database. Obtain one with :func:`fedfer.aggregator.storage.open_storage`; close it with
     :meth:`close` or use it as a context manager.
     """
 

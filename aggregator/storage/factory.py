@@ -22,7 +22,7 @@ def open_storage(url: str, *, now: dt.datetime | None = None, timeout_s: float =
     Args:
         url: ``sqlite:///absolute/path.db``, ``sqlite:relative/path.db`` or ``postgresql://...``. SQLite URLs
             accept ``?synchronous=normal`` to trade power-loss durability for write speed (see
-            :class:`~aggregator.storage.sqlite.SqliteStorage`).
+            :class:`~fedfer.aggregator.storage.sqlite.SqliteStorage`).
         now: Time recorded with applied migrations; defaults to the current UTC time.
         timeout_s: SQLite busy timeout or PostgreSQL connect timeout, in seconds.
 

@@ -44,7 +44,7 @@ class _PgCursor:
 
 
 class PostgresStorage(SqlStorage):
-    """:class:`~aggregator.storage.base.Storage` over a PostgreSQL database.
+    """:class:`~fedfer.aggregator.storage.base.Storage` over a PostgreSQL database.
 
     Args:
         url: libpq connection string (``postgresql://user@host:port/dbname``).

@@ -1,5 +1,5 @@
 # ruff: noqa: S608 -- only module constants are interpolated into SQL; values are always bound parameters.
-"""The SQL implementation of :class:`~aggregator.storage.base.Storage` shared by SQLite and PostgreSQL.
+"""The SQL implementation of :class:`~fedfer.aggregator.storage.base.Storage` shared by SQLite and PostgreSQL.
 
 Backends supply a connection, a transaction context manager, the DDL type names and the driver's
 integrity-error classes; every query is written once here with ``?`` placeholders. Races between replicas

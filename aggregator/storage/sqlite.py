@@ -44,7 +44,7 @@ def _enter_wal(conn: sqlite3.Connection, timeout_s: float) -> str:
 
 
 class SqliteStorage(SqlStorage):
-    """:class:`~aggregator.storage.base.Storage` over one SQLite file.
+    """:class:`~fedfer.aggregator.storage.base.Storage` over one SQLite file.
 
     Args:
         path: Database file; its directory must exist. Created 0600 if missing.

@@ -188,7 +188,8 @@ class SecAggServer:
         A rejected message changes nothing.
 
         Args:
-            message: a client message (parse bytes with :func:`~security.secagg.messages.decode_message`).
+            message: a client message (parse bytes with
+                :func:`~fedfer.security.secagg.messages.decode_message`).
 
         Raises:
             RoundAbortedError: the round has aborted.

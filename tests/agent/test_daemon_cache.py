@@ -56,7 +56,7 @@ def _assert_unopenable(snapshot: Path, kek: Path) -> None:
     with contextlib.closing(sqlite3.connect(snapshot / "features.sqlite")) as conn:
         cache_id = bytes(conn.execute("SELECT value FROM meta WHERE name = 'cache_id'").fetchone()[0])
         rows = conn.execute("SELECT public_id, wrapped_dek, sealed FROM sessions")
-        # A sealed session's data key is bound to its id and its seal (agent.cache._key_binding).
+        # A sealed session's data key is bound to its id and its seal (fedfer.agent.store.cache._key_binding).
         wrapped = [(_key_binding(str(p), bool(sealed)), bytes(w)) for p, w, sealed in rows]
         assert conn.execute("SELECT COUNT(*) FROM records").fetchone()[0] > 0  # the ciphertext is all there
     assert wrapped

@@ -1,4 +1,4 @@
-"""security.dp: clipping, CSPRNG Gaussian noise, distributed noise shares and the RDP accountant."""
+"""fedfer.security.dp: clipping, CSPRNG Gaussian noise, distributed noise shares and the RDP accountant."""
 
 from __future__ import annotations
 

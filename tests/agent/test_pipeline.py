@@ -33,7 +33,7 @@ def _single_torch_thread() -> Iterator[None]:
 
 @functools.cache
 def _model(assets: Path) -> IferModel:
-    torch.manual_seed(1234)  # g's weights only need to be fixed here; their training is H6's subject
+    torch.manual_seed(1234)  # g's weights only need to be fixed here (their training: test_learning_ifer.py)
     return IferModel(extractor=vs.tflite_extractor(assets), head=IferHead(num_classes=6))
 
 

@@ -1,4 +1,4 @@
-"""Shared helpers for the vision tests (H4): real assets, converted weights cached once per test process."""
+"""Shared helpers for the vision tests: real assets, converted weights cached once per test process."""
 
 from __future__ import annotations
 

@@ -1,10 +1,11 @@
 """Test only: ``fedfer-agent`` whose device hangs right after one stage's message was accepted.
 
-A device that vanished mid-round, at a precise point: ``python -m tests.integration.stalling_agent
---stall-after STAGE [--stall-round N] join-round ...`` runs the real ``fedfer-agent`` command line, with the
-federation client's per-stage hook (:class:`agent.federation.client.FederationClient` ``hooks``) set to print
-``{"stalled": STAGE}`` and wait forever the N-th time that stage's message is accepted. The test then kills
-the process. Nothing of this ships in the product.
+A device that vanished mid-round, at a precise point:
+``python -m tests.integration.stalling_agent --stall-after STAGE [--stall-round N] join-round ...`` runs the
+real ``fedfer-agent`` command line, with the federation client's per-stage hook
+(:class:`fedfer.agent.federation.client.FederationClient` ``hooks``) set to print ``{"stalled": STAGE}`` and
+wait forever the N-th time that stage's message is accepted. The test then kills the process. Nothing of this
+ships in the product.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The README's main command, ``python -m agent.demo``, run for real on the CREMA-D clips.
+"""The README's main command, ``python -m fedfer.bench.demo`` (``make demo``), run for real on the CREMA-D
+clips.
 
 One aggregator and three ``fedfer-agent run`` daemons as separate processes: real capture, MediaPipe and
 MobileNetV2, encrypted caches, two secure-aggregation rounds over mutual TLS. The summary is checked against

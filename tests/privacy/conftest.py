@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-# FER2013 folder for each class of the project's 6-class set (agent.models.CLASS_SETS[6] order).
+# FER2013 folder for each class of the project's 6-class set (fedfer.agent.records.CLASS_SETS[6] order).
 FER_FOLDERS = ("happy", "angry", "sad", "neutral", "fear", "disgust")
 NUM_CLASSES = 6
 IMAGES_PER_CLASS = 60

@@ -13,7 +13,7 @@ The agent runs for real (``fedfer-agent run``: capture → MediaPipe + MobileNet
 on the real CREMA-D clips, after enrolling with a real aggregator (so its federation keys are on disk too).
 "Written by the agent" means every file under those folders that is new or modified since just before the
 agent started, found by walking them (not by name); key material is found by content (the KEK file's magic,
-PEM private keys). H5's scanner (:mod:`agent.atrest_scan`) also searches for the exact bytes of every feature
+PEM private keys). The scanner (:mod:`fedfer.bench.atrest`) also searches for the exact bytes of every feature
 the agent computed (read back through the cache API while the keys still exist).
 """
 

@@ -3,11 +3,11 @@
 Threat model: an auditor who plants ``m = 1000`` canary clips (each included with probability 1/2), sees the
 trained ``v`` and the ``v`` it started from, and guesses membership for the 100 canaries it is surest are in
 and the 100 it is surest are out. The number of correct guesses is turned into an empirical lower bound on
-epsilon (:func:`agent.attacks.empirical_epsilon`), at 95% confidence. Guarantee: the lower bound never exceeds
-the accountant's epsilon. Teeth: runs whose claim is far below their real privacy loss are caught (lower
-bound above the claim): noise calibrated for epsilon = 20 but claimed as epsilon = 1, noise off, and clipping
-off with the noise of the claimed clipping bound. Training is the device's own fine-tuning
-(``agent.learning.personalize``), except the noise-off run, which the learner refuses to configure.
+epsilon (:func:`tests.privacy.attacks.empirical_epsilon`), at 95% confidence. Guarantee: the lower bound never
+exceeds the accountant's epsilon. Teeth: runs whose claim is far below their real privacy loss are caught
+(lower bound above the claim): noise calibrated for epsilon = 20 but claimed as epsilon = 1, noise off, and
+clipping off with the noise of the claimed clipping bound. Training is the device's own fine-tuning
+(``fedfer.agent.learning.personalize``), except the noise-off run, which the learner refuses to configure.
 
 Limit (asserted below): 200 guesses certify at most epsilon 4.17 at delta = 1e-5, and no number of canaries
 takes a one-run bound much past 8.2 at that delta (the ``2 m delta`` term), so no one-run audit can refute an

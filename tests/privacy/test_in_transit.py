@@ -8,11 +8,11 @@ certificate): the aggregator's certificate is pinned at enrollment. And even the
 terminates TLS, must receive nothing but protocol messages: no field large enough or shaped like a feature,
 no label, no plaintext update, no private key, and no call metadata beyond what the protocol defines (none).
 
-Every outgoing call of real devices (enrollment, model download and a whole SecAgg round, driven by H3's
+Every outgoing call of real devices (enrollment, model download and a whole SecAgg round, driven by the
 ``FederationClient`` and ``enroll``) against a real in-process aggregator over loopback TLS is recorded --
 request messages and call metadata -- by gRPC client interceptors passed through the production channel
-factories' ``interceptors`` seam (:mod:`agent.federation.channel`). The devices' updates are real one-step
-updates of ``v`` whose first coordinates are proportional to the frames' features (the first layer's
+factories' ``interceptors`` seam (:mod:`fedfer.agent.federation.channel`). The devices' updates are real
+one-step updates of ``v`` whose first coordinates are proportional to the frames' features (the first layer's
 gradient is ``delta x^T``).
 """
 

@@ -3,7 +3,7 @@
 Threat model: an adversary with query access to a released ``v`` (a device's personalized model, or the
 central ``v`` after FedAvg of 4 devices), who knows the training recipe and holds data from the same
 distribution, guesses whether a candidate clip was trained on. Attacks: the loss attack and offline LiRA
-(:mod:`agent.attacks.membership`), with shadow models trained by the same recipe on fresh data.
+(:mod:`tests.privacy.attacks.membership`), with shadow models trained by the same recipe on fresh data.
 
 Setting: every device starts from a central ``v`` trained without DP on 1,500 public clips. The target is
 fine-tuned by the device's learner (``finetune_v``, Opacus DP-SGD) on ``N = 1000`` member clips: by one
@@ -15,11 +15,11 @@ MobileNetV2 features (a linear probe scores about the same on both; checked belo
 members.
 
 Guarantee checked, at epsilon about 1 and 8 (delta = 1e-5). The accountant certifies
-``(epsilon(delta), delta)``-DP for every delta at once (:func:`agent.attacks.privacy_profile`), and every
-attack's ROC curve lies under the intersection of those hypothesis-testing regions. (The single pair
+``(epsilon(delta), delta)``-DP for every delta at once (:func:`tests.privacy.attacks.privacy_profile`), and
+every attack's ROC curve lies under the intersection of those hypothesis-testing regions. (The single pair
 ``(8, 1e-5)`` allows an AUC of 0.9997 and a TPR of 1 at 1% FPR, so alone it could never fail; the ε ≈ 8 run's
 profile allows about 0.80 and 0.14.) Each attack must satisfy, at 99.9% confidence per bound
-(:func:`agent.attacks.check_against_profile`):
+(:func:`tests.privacy.attacks.check_against_profile`):
 
 * TPR at 1% FPR: the Clopper-Pearson lower bound on the TPR is at most the profile's TPR at the
   Clopper-Pearson upper bound on the FPR;

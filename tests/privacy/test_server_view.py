@@ -1,11 +1,11 @@
 """What the aggregator sees in secure aggregation: masked uploads, and what collusion and lies add.
 
-Threat model: the server runs the real SecAgg state machines of ``security.secagg`` up to the masked inputs,
-records every message, and from then on is malicious: it writes the consistency-check and unmask requests
-itself, may tell different clients different survivor sets, and colludes with ``c`` of the target's share
-holders, which hand over all their memory (every Shamir share they hold and their identity keys, so the server
-can sign anything in their name). The honest clients run the real client state machine, consistency check
-included. The honest target uploads a real update of ``v`` (one SGD step on real MobileNetV2 features).
+Threat model: the server runs the real SecAgg state machines of ``fedfer.security.secagg`` up to the masked
+inputs, records every message, and from then on is malicious: it writes the consistency-check and unmask
+requests itself, may tell different clients different survivor sets, and colludes with ``c`` of the target's
+share holders, which hand over all their memory (every Shamir share they hold and their identity keys, so the
+server can sign anything in their name). The honest clients run the real client state machine, consistency
+check included. The honest target uploads a real update of ``v`` (one SGD step on real MobileNetV2 features).
 
 Bounds the parameters give (t-of-h sharing, ``h`` = the target's share holders, itself included):
 

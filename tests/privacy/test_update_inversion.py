@@ -1,9 +1,9 @@
 """Update inversion against ``v``: what a curious aggregator could learn from plain updates, and does not.
 
 Threat model: an honest-but-curious aggregator that knows the global ``v``, the local learning rate, batch
-size, number of local steps and clip length, holds public auxiliary clips, and applies analytic label
-recovery plus cosine gradient matching (iDLG/LLG + Inverting Gradients, :mod:`agent.attacks.inversion`) to
-what it receives. Features are real MobileNetV2 features of FER2013 faces.
+size, number of local steps and clip length, holds public auxiliary clips, and applies analytic label recovery
+plus cosine gradient matching (iDLG/LLG + Inverting Gradients, :mod:`tests.privacy.attacks.inversion`) to what
+it receives. Features are real MobileNetV2 features of FER2013 faces.
 
 The audit shows the attack works in its favourable setting -- one *plain* FedSGD update (one SGD step on 2
 clips) -- so it has teeth; that it degrades on the FedAvg aggregate as more clients contribute; what it gets

@@ -11,7 +11,7 @@ import pytest
 from fedfer.security.errors import IntegrityError, ValidationError
 from fedfer.security.model_codec import decode_model, encode_model, model_digest
 
-VFER_SHAPES = {  # agent.models.VideoModel (K=6): FC 1280->128, FC 128->64, LSTM(64), linear to 6
+VFER_SHAPES = {  # fedfer.agent.models.video.VideoModel (K=6): FC 1280->128, FC 128->64, LSTM(64), linear to 6
     "fc1.weight": (128, 1280),
     "fc1.bias": (128,),
     "fc2.weight": (64, 128),

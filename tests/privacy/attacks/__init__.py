@@ -1,8 +1,9 @@
 """Privacy attacks and audits run against fedfer's own models and protocol messages.
 
 These are the adversary's tools, used by ``tests/privacy`` to measure leakage: update inversion against ``v``
-(:mod:`agent.attacks.inversion`), membership inference (:mod:`agent.attacks.membership`) and the one-run DP
-audit with canaries (:mod:`agent.attacks.canary_audit`). Nothing in the agent's data path imports them.
+(:mod:`tests.privacy.attacks.inversion`), membership inference (:mod:`tests.privacy.attacks.membership`) and
+the one-run DP audit with canaries (:mod:`tests.privacy.attacks.canary_audit`). Nothing in the agent's data
+path imports them.
 """
 
 from tests.privacy.attacks.canary_audit import (

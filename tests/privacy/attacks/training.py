@@ -1,13 +1,13 @@
 """Train ``v`` the way a device does, with or without DP-SGD, for attacks that need target and shadow models.
 
-Membership inference and the canary audit need many small, reproducible training runs of the video model
-``v`` (:class:`agent.models.VideoModel`): the target, a handful of shadow models, and one run with canaries.
-:func:`train_video_model` runs, by default, the device's own fine-tuning code
-(:func:`agent.learning.personalize.finetune_v`, plain Adam or its Opacus DP-SGD), so the audits measure the
-shipped learner. ``engine="opacus"`` is this module's own Opacus loop (per-sample clipping + Gaussian noise,
-``DPLSTM`` via ``VideoModel(dp=True)``, Poisson sampling, RDP accountant): it also accepts configurations the
-learner rightly refuses, such as a noise multiplier of 0, which the canary audit needs for its deliberately
-broken runs.
+Membership inference and the canary audit need many small, reproducible training runs of the video model ``v``
+(:class:`fedfer.agent.models.video.VideoModel`): the target, a handful of shadow models, and one run with
+canaries. :func:`train_video_model` runs, by default, the device's own fine-tuning code
+(:func:`fedfer.agent.learning.personalize.finetune_v`, plain Adam or its Opacus DP-SGD), so the audits measure
+the shipped learner. ``engine="opacus"`` is this module's own Opacus loop (per-sample clipping + Gaussian
+noise, ``DPLSTM`` via ``VideoModel(dp=True)``, Poisson sampling, RDP accountant): it also accepts
+configurations the learner rightly refuses, such as a noise multiplier of 0, which the canary audit needs for
+its deliberately broken runs.
 """
 
 from __future__ import annotations
@@ -277,7 +277,7 @@ def _learner_run(
     dp: DPSpec | None,
     seed: int,
 ) -> TrainedModel:
-    """One run of the device's :func:`agent.learning.personalize.finetune_v`."""
+    """One run of the device's :func:`fedfer.agent.learning.personalize.finetune_v`."""
     from fedfer.agent.learning.dp import DPConfig
     from fedfer.agent.learning.personalize import PersonalizeConfig, finetune_v
 
