@@ -164,20 +164,26 @@ def _human_job(job: dict[str, Any]) -> str:
     if job.get("state") != "done":
         return f"{job.get('kind')} failed: {job.get('error')}"
     result = job.get("result") or {}
-    return f"{job.get('kind')} done: " + ", ".join(f"{k} {v}" for k, v in sorted(result.items()))
+    text = f"{job.get('kind')} done: " + ", ".join(f"{k} {v}" for k, v in sorted(result.items()))
+    return text + "".join(f"\n  warning: {w}" for w in _job_warnings(result))
+
+
+def _job_warnings(result: dict[str, Any]) -> list[str]:
+    """What a job's result says went wrong on the way (cached records that failed verification)."""
+    rejected, damaged = result.get("records_rejected", 0), result.get("sessions_damaged", 0)
+    if not damaged:
+        return []
+    return [
+        f"{rejected} cached record(s) of {damaged} damaged session(s) failed verification and were not used "
+        "(see `fedfer-agent sessions`)"
+    ]
 
 
 def _human(command: str, result: dict[str, Any]) -> str:
     if command == "status":
         return _human_status(result)
     if command == "sessions":
-        sessions = result.get("sessions", [])
-        if not sessions:
-            return "no cached sessions"
-        return "\n".join(
-            " ".join(f"{k}={v}" for k, v in sorted(s.items())) if isinstance(s, dict) else str(s)
-            for s in sessions
-        )
+        return _human_sessions(result.get("sessions", []))
     if command in ("personalize", "join"):
         return f"{command} started (job {result.get('job')}); follow it with `fedfer-agent status`"
     if command == "forget":
@@ -187,6 +193,37 @@ def _human(command: str, result: dict[str, Any]) -> str:
     if command in ("pause", "resume"):
         return "capture paused" if result.get("paused") else "capture running"
     return ", ".join(f"{k}: {v}" for k, v in sorted(result.items())) or "done"
+
+
+def _human_sessions(sessions: list[Any]) -> str:
+    """One line per session: id, when, stored and verified frames, sealed or open, and a mark if damaged."""
+    if not sessions:
+        return "no cached sessions"
+    lines = []
+    damaged = rejected = 0
+    for s in sessions:
+        if not isinstance(s, dict):
+            lines.append(str(s))
+            continue
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(s.get("created", 0))))
+        line = (
+            f"{s.get('id')}  {created}  {s.get('frames')} frames stored, {s.get('verified')} verified, "
+            f"{'sealed' if s.get('sealed') else 'open'}, {s.get('bytes')} bytes"
+        )
+        if s.get("damaged"):
+            damaged += 1
+            rejected += int(s.get("rejected", 0))
+            why = (
+                "its data key failed verification"
+                if s.get("key_failed")
+                else f"{s.get('rejected')} record(s) failed verification or are missing"
+            )
+            line += f"  DAMAGED: {why}"
+        lines.append(line)
+    total = f"{len(sessions)} cached session(s)"
+    if damaged:
+        total += f", {damaged} DAMAGED ({rejected} record(s) rejected, never used)"
+    return "\n".join([total, *lines])
 
 
 def _human_status(status: dict[str, Any]) -> str:
@@ -213,4 +250,5 @@ def _human_status(status: dict[str, Any]) -> str:
         lines.append(f"  warning: {warning}")
     for job in status.get("jobs", [])[-3:]:
         lines.append(f"  job {job.get('id')} {job.get('kind')}: {job.get('state')}")
+        lines.extend(f"    warning: {w}" for w in _job_warnings(job.get("result") or {}))
     return "\n".join(lines)

@@ -1,7 +1,8 @@
 """The learner's jobs: ``personalize`` and ``join``, run one at a time and cancelled when the agent stops.
 
 * ``personalize`` fine-tunes ``v`` on the cached sessions (DP-SGD when ``privacy.dp``); the result stays on
-  the device, inside the encrypted cache (:func:`fedfer.agent.store.device.save_personal_model`).
+  the device, inside the encrypted cache (:func:`fedfer.agent.store.device.save_personal_model`). Records
+  that fail verification are left out; the result counts them (``records_rejected``, ``sessions_damaged``).
 * ``join`` takes part in one secure-aggregation round with a freshly personalized ``v``: only the masked
   update leaves the device (:func:`fedfer.agent.learning.update.round_contribution`).
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -29,7 +31,13 @@ from fedfer.agent.federation.state import DeviceState
 from fedfer.agent.learning.dp import DPConfig
 from fedfer.agent.learning.ledger import PrivacyBudget, RoundBudget
 from fedfer.agent.learning.update import RoundDPConfig, round_contribution
-from fedfer.agent.store.device import central_model, open_cache, save_central_model, save_personal_model
+from fedfer.agent.store.device import (
+    central_model,
+    open_cache,
+    save_central_model,
+    save_personal_model,
+    verified_sessions,
+)
 from fedfer.security.errors import FedferError, ValidationError
 
 __all__ = [
@@ -42,6 +50,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+_log = logging.getLogger(__name__)
 
 # Inside the state directory.
 FEDERATION_DIR = "federation"
@@ -148,26 +157,34 @@ class JobRunner:
                     self._computing.discard(thread)
 
 
-def _cached_clips(config: AgentConfig) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Features ``(T, 1280)`` float32 and IFER probabilities ``(T, K)`` of every readable cached session."""
+def _cached_clips(config: AgentConfig) -> tuple[list[np.ndarray], list[np.ndarray], dict[str, int]]:
+    """Features ``(T, 1280)`` float32 and IFER probabilities ``(T, K)`` of every cached session of 2+ verified
+    frames, and what verification rejected (``records_rejected``, ``sessions_damaged``; logged too)."""
     cache = open_cache(config)
     features: list[np.ndarray] = []
     probs: list[np.ndarray] = []
+    rejected = {"records_rejected": 0, "sessions_damaged": 0}
     try:
-        for info in cache.sessions():
-            records = [r for _, r in cache.recover_session(info.session_id).records]
-            if len(records) < 2:
+        for session in verified_sessions(cache):
+            rejected["records_rejected"] += session.rejected
+            rejected["sessions_damaged"] += int(session.damaged)
+            if len(session.records) < 2:
                 continue
-            features.append(np.stack([r.feature for r in records]).astype(np.float32))
-            probs.append(np.stack([r.ifer_probs for r in records]).astype(np.float32))
+            features.append(np.stack([r.feature for r in session.records]).astype(np.float32))
+            probs.append(np.stack([r.ifer_probs for r in session.records]).astype(np.float32))
     finally:
         cache.close()
+    if rejected["sessions_damaged"]:
+        _log.warning("cached records failed verification and are not used for learning", extra=rejected)
     if len(features) < config.learning.min_sessions:
+        damage = ""
+        if rejected["sessions_damaged"]:
+            damage = f" ({rejected['records_rejected']} cached records failed verification)"
         raise ValidationError(
             f"personalization needs at least {config.learning.min_sessions} cached session(s) of 2+ frames; "
-            f"{len(features)} available"
+            f"{len(features)} available{damage}"
         )
-    return features, probs
+    return features, probs, rejected
 
 
 def _personalize_from(
@@ -177,7 +194,7 @@ def _personalize_from(
     from fedfer.agent.learning.personalize import PersonalizeConfig, personalize
     from fedfer.agent.models.video import to_named_arrays
 
-    features, probs = _cached_clips(config)
+    features, probs, rejected = _cached_clips(config)
     privacy = config.privacy
     dp = budget = None
     if privacy.dp:
@@ -213,6 +230,7 @@ def _personalize_from(
         "epsilon": result.epsilon,
         "epsilon_total": result.epsilon_total,
         "seconds": round(float(result.seconds), 3),
+        **rejected,
     }
     return to_named_arrays(model), summary
 

@@ -250,6 +250,9 @@ class Supervisor:
                 self._drain_events()
             if self._control in ready:
                 self._serve_control()
+                # A request can take a while (``sessions`` verifies every record): the heartbeats that came
+                # in meanwhile count before the workers are judged by them.
+                self._drain_events()
             if self._stop_at is None and signal.SIGHUP in self._signals:
                 self._signals.discard(signal.SIGHUP)
                 self._reload()

@@ -645,8 +645,12 @@ class FeatureCache:
     def recover_session(self, session_id: str) -> SessionContents:
         """Read every record of a session that verifies; report the positions that do not.
 
+        Records that fail (and a data key that fails) are logged as a warning: the session's id and how many,
+        never their contents.
+
         Raises:
             SessionNotFoundError: unknown session.
+            IntegrityError: the session's data key failed verification (nothing of the session can be read).
         """
         sid_bytes = _check_session_id(session_id)
         with self._lock, self._read() as conn:
@@ -654,7 +658,14 @@ class FeatureCache:
             rows = conn.execute(
                 "SELECT seq, kind, blob FROM records WHERE sid = ? ORDER BY seq", (sid,)
             ).fetchall()
-            dek, truly_sealed = self._dek(conn, session_id, wrapped, sealed)
+            try:
+                dek, truly_sealed = self._dek(conn, session_id, wrapped, sealed)
+            except IntegrityError:
+                _log.warning(
+                    "cache session %s…: its data key failed verification; nothing of it is read",
+                    session_id[:8],
+                )
+                raise
         good: list[tuple[int, FrameRecord]] = []
         failed: set[int] = set()
         seal_count: int | None = None
@@ -693,6 +704,14 @@ class FeatureCache:
             # tail): report the seal's position, after every frame the index or the rows know of.
             failed.add(seal_count if seal_count is not None else max([frames, *(p + 1 for p in seen)]))
         complete = truly_sealed and seal_count is not None and not failed
+        if failed:
+            _log.warning(
+                "cache session %s…: %d record(s) failed verification or are missing and were left out "
+                "(%d verified)",
+                session_id[:8],
+                len(failed),
+                len(good),
+            )
         return SessionContents(session_id, tuple(good), tuple(sorted(failed)), complete)
 
     # -- forgetting -----------------------------------------------------------------------------------

@@ -2,6 +2,9 @@
 
 * :func:`open_cache` opens the cache in ``<state_dir>/cache`` with the configured retention and key store;
   :func:`cache_sessions`, :func:`cache_forget` and :func:`cache_purge` serve the control plane's commands.
+* :func:`verified_sessions` reads every session through verification, for ``sessions`` and for learning
+  alike: what fails (tampered, swapped, moved or cut records, an altered seal or data key) is left out and
+  counted, never used.
 * The personalized ``v`` is derived from the user's data: it lives only in the cache, as the named blob
   :data:`PERSONAL_BLOB` (:func:`save_personal_model`, :func:`load_personal_model`), and goes with the
   sessions it was trained on. The central ``v`` the device last fetched is public and kept as an exported
@@ -11,6 +14,8 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,15 +24,17 @@ from fedfer.agent.config import AgentConfig
 from fedfer.agent.errors import ComponentUnavailableError
 from fedfer.agent.files import ensure_private_dir
 from fedfer.agent.models.export import load_exported, pack_exported, save_exported, unpack_exported
-from fedfer.agent.store.cache import BlobNotFoundError, FeatureCache
+from fedfer.agent.records import FrameRecord
+from fedfer.agent.store.cache import BlobNotFoundError, FeatureCache, SessionInfo, SessionNotFoundError
 from fedfer.agent.store.keys import key_store_for
-from fedfer.security.errors import FedferError
+from fedfer.security.errors import FedferError, IntegrityError
 
 __all__ = [
     "CACHE_DIR",
     "CENTRAL_MODEL",
     "MODELS_DIR",
     "PERSONAL_BLOB",
+    "VerifiedSession",
     "cache_forget",
     "cache_purge",
     "cache_sessions",
@@ -36,6 +43,7 @@ __all__ = [
     "open_cache",
     "save_central_model",
     "save_personal_model",
+    "verified_sessions",
 ]
 
 # Where the daemon keeps things inside the state directory.
@@ -71,20 +79,74 @@ def open_cache(config: AgentConfig) -> FeatureCache:
     )
 
 
+@dataclass(frozen=True, slots=True, repr=False)
+class VerifiedSession:
+    """One cached session as verification found it.
+
+    Attributes:
+        info: what the index says (``info.frames``: the frames it claims are stored).
+        records: the frame records that verified, in order.
+        rejected: records that failed verification or are missing (frames, and the seal of a sealed
+            session); every stored record when ``key_failed``.
+        key_failed: the session's data key failed verification, so nothing of it can be read.
+    """
+
+    info: SessionInfo
+    records: tuple[FrameRecord, ...]
+    rejected: int
+    key_failed: bool = False
+
+    def __repr__(self) -> str:
+        info = self.info
+        return (
+            f"VerifiedSession({info.session_id}, frames={info.frames}, verified={len(self.records)}, "
+            f"rejected={self.rejected}, key_failed={self.key_failed})"
+        )
+
+    @property
+    def damaged(self) -> bool:
+        """Whether anything of the session failed verification."""
+        return self.key_failed or self.rejected > 0
+
+    def summary(self) -> dict[str, Any]:
+        """The session as ``sessions`` lists it: ids, times, counts, sizes; never its contents."""
+        info = self.info
+        return {
+            "id": info.session_id,
+            "created": info.created,
+            "frames": info.frames,
+            "verified": len(self.records),
+            "rejected": self.rejected,
+            "damaged": self.damaged,
+            "key_failed": self.key_failed,
+            "bytes": info.bytes,
+            "sealed": info.sealed,
+        }
+
+
+def verified_sessions(cache: FeatureCache) -> Iterator[VerifiedSession]:
+    """Every session of ``cache``, oldest first, read through verification (see :class:`VerifiedSession`).
+
+    The cache logs each damaged session (its id and counts, never contents). Verifying costs about 20 µs a
+    record (some 2 s for 100,000 frames) on a small CPU.
+    """
+    for info in cache.sessions():
+        try:
+            contents = cache.recover_session(info.session_id)
+        except SessionNotFoundError:
+            continue  # forgotten meanwhile (another process, retention)
+        except IntegrityError:  # its data key does not open: every stored record is lost
+            yield VerifiedSession(info, (), info.frames, key_failed=True)
+            continue
+        yield VerifiedSession(info, tuple(r for _, r in contents.records), len(contents.failed))
+
+
 def cache_sessions(config: AgentConfig) -> list[dict[str, Any]]:
-    """The cached sessions: ids, creation times, frame counts, sizes; never their contents."""
+    """The cached sessions, verified: ids, creation times, stored and verified frame counts, sizes, whether
+    damaged (:meth:`VerifiedSession.summary`); never their contents."""
     cache = open_cache(config)
     try:
-        return [
-            {
-                "id": info.session_id,
-                "created": info.created,
-                "frames": info.frames,
-                "bytes": info.bytes,
-                "sealed": info.sealed,
-            }
-            for info in cache.sessions()
-        ]
+        return [session.summary() for session in verified_sessions(cache)]
     finally:
         cache.close()
 

@@ -93,6 +93,18 @@ class Agent:
         """The agent's status (JSON over the control socket)."""
         return self.client.request("status")
 
+    def cli(self, *args: str, timeout: float = 60.0) -> str:
+        """Run the real ``fedfer-agent`` command line (``status``, ``sessions``...) here; return its stdout.
+
+        Fails the test when the command fails.
+        """
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FEDFER_")}
+        command = [str(Path(sys.executable).parent / "fedfer-agent"), *args]
+        command += ["--config", str(self.config), "--state-dir", str(self.state_dir)]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+        assert done.returncode == 0, f"{' '.join(args)} exited {done.returncode}: {done.stderr[-2000:]}"
+        return done.stdout
+
     def wait_for(self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 30.0) -> dict[str, Any]:
         """Poll the status until ``predicate`` holds; fail with the last status otherwise."""
         deadline = time.monotonic() + timeout

@@ -137,8 +137,22 @@ def test_cache_survives_kill_9_and_forget_purge_really_remove(tmp_path: Path, as
     try:
         agent.start_paused()
         listed = agent.client.request("sessions")["sessions"]
-        assert {s["id"] for s in listed} == set(records) and all(s["frames"] == 4 for s in listed)
-        assert all(set(s) == {"id", "created", "frames", "bytes", "sealed"} for s in listed)  # no contents
+        assert {s["id"] for s in listed} == set(records) and all(
+            s["frames"] == s["verified"] == 4 for s in listed
+        )
+        counts = {
+            "id",
+            "created",
+            "frames",
+            "verified",
+            "rejected",
+            "damaged",
+            "key_failed",
+            "bytes",
+            "sealed",
+        }
+        assert all(set(s) == counts for s in listed)  # metadata and counts, no contents
+        assert not any(s["damaged"] or s["rejected"] for s in listed)
 
         # kill -9 the learner (the cache writer) and then the supervisor itself.
         learner = agent.worker_pid("learner")
