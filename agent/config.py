@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 import math
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -125,6 +126,19 @@ def _text(*, allow_empty: bool = False, max_len: int = 4096) -> Callable[[Any], 
     return check
 
 
+def _regex(value: Any) -> str | None:
+    phrase = (
+        "must be a regular expression (Python re syntax) of at most 256 characters, with at most one group"
+    )
+    if type(value) is not str or len(value) > 256:
+        return phrase
+    try:
+        groups = re.compile(value).groups
+    except re.error as exc:
+        return f"is not a valid regular expression ({exc})"
+    return phrase if groups > 1 else None
+
+
 def _sha256(value: Any) -> str | None:
     phrase = "must be a 64-character lowercase hex SHA-256 (the file is always verified; empty is refused)"
     if type(value) is not str or len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
@@ -180,14 +194,23 @@ class CaptureSection:
     """``[capture]``: the video source.
 
     Attributes:
-        source: ``camera:N`` (device index), a video file, a folder of video files, or an
-            ``rtsp://``/``http(s)://`` stream URL.
-        fps: frames per second sampled from the source, in (0, 60].
+        source: ``camera:N`` (device index), a video file, an image file, a folder of video files and/or still
+            images (``.jpg .jpeg .png .bmp``; read in name order, see :mod:`fedfer.agent.capture.sources`), or
+            an ``rtsp://``/``http(s)://`` stream URL. A file in a folder that cannot be read is skipped and
+            listed by ``fedfer-agent status``.
+        fps: frames per second sampled from the source, in (0, 60]; a folder's images are frames at this
+            rate (one image each ``1/fps`` seconds).
         realtime: pace file sources at ``fps`` in wall-clock time (a camera is always real time).
         loop: start a file source again when it ends. Without it a file source is finite: nothing is
             dropped and each file is cached exactly once (see :mod:`fedfer.agent.capture.ledger`); a looping
             file is live.
         max_width: frames wider than this are scaled down before they leave the capture process.
+        image_session_key: which images of a folder form one session: a regular expression searched in each
+            image's file name; its first group (or, without a group, the whole match) is the image's session
+            key, and consecutive images (in name order) with the same key are one session (at most 1,000
+            images; a longer run goes on in a new session). A name it does not match has the empty key.
+            Empty (the default): the folder's images are one session. ``^.{5}``: one session per 5-character
+            name prefix. Vision still cuts a session after ``vision.session_gap_s`` without a face.
     """
 
     source: str = _opt(_text(), default="camera:0")
@@ -195,6 +218,7 @@ class CaptureSection:
     realtime: bool = _opt(_boolean, default=True)
     loop: bool = _opt(_boolean, default=False)
     max_width: int = _opt(_integer(64, 4096), default=640)
+    image_session_key: str = _opt(_regex, default="")
 
     def __post_init__(self) -> None:
         _validate("capture", self)

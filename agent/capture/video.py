@@ -6,6 +6,9 @@ kind, never a crash:
 
 * :class:`SourceUnavailableError`: the camera/stream/file cannot be opened, or a live source stops delivering
   frames (a camera unplugged, a stream that drops);
+* :class:`UnreadableFileError` (a :class:`SourceUnavailableError`): a file that exists is not something OpenCV
+  can read (not a video, or no frame of it decodes); a folder source skips it (see
+  :mod:`fedfer.agent.capture.sources`);
 * :class:`TruncatedSourceError`: a file ends well before the frame count its container announces (the frames
   before the cut have already been yielded, so nothing decoded is lost).
 """
@@ -30,7 +33,9 @@ __all__ = [
     "Frame",
     "SourceUnavailableError",
     "TruncatedSourceError",
+    "UnreadableFileError",
     "VideoSource",
+    "to_rgb",
 ]
 
 
@@ -44,6 +49,18 @@ class CaptureError(FedferError):
 
 class SourceUnavailableError(CaptureError):
     """The source cannot be opened, or a live source stopped delivering frames."""
+
+
+class UnreadableFileError(SourceUnavailableError):
+    """A file exists but cannot be read as a video (or image): reading it again as it is would fail again.
+
+    Attributes:
+        reason: why, without the file's name (the message names it).
+    """
+
+    def __init__(self, source: str | Path, reason: str) -> None:
+        super().__init__(f"{_describe(str(source))} {reason}")
+        self.reason = reason
 
 
 class TruncatedSourceError(CaptureError):
@@ -171,6 +188,8 @@ class VideoSource:
         capture = cv2.VideoCapture(self.source)
         if not capture.isOpened():
             capture.release()
+            if not self.live:
+                raise UnreadableFileError(str(self.source), "cannot be opened as a video")
             raise SourceUnavailableError(f"{_describe(self.source)} cannot be opened")
         self._capture = capture
         fps = float(capture.get(cv2.CAP_PROP_FPS))
@@ -217,7 +236,7 @@ class VideoSource:
             ok, bgr = self._capture.retrieve()
             if not ok or bgr is None:
                 break
-            yield Frame(index=index, timestamp=t, image=self._to_rgb(cv2, bgr))
+            yield Frame(index=index, timestamp=t, image=to_rgb(bgr, self.max_width))
             kept += 1
             if self.max_frames is not None and kept >= self.max_frames:
                 return
@@ -231,11 +250,15 @@ class VideoSource:
                 f"{_describe(self.source)} is truncated: {index + 1} of {expected} frames decodable"
             )
         if index < 0:
-            raise SourceUnavailableError(f"{_describe(self.source)} holds no decodable frame")
+            raise UnreadableFileError(str(self.source), "holds no decodable frame")
 
-    def _to_rgb(self, cv2: Any, bgr: np.ndarray) -> np.ndarray:
-        height, width = bgr.shape[:2]
-        if self.max_width is not None and width > self.max_width:
-            size = (self.max_width, max(1, round(height * self.max_width / width)))
-            bgr = cv2.resize(bgr, size, interpolation=cv2.INTER_AREA)
-        return np.ascontiguousarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+
+def to_rgb(bgr: np.ndarray, max_width: int | None) -> np.ndarray:
+    """An OpenCV BGR image as a contiguous RGB array, scaled down (aspect kept) to at most ``max_width``."""
+    import cv2
+
+    height, width = bgr.shape[:2]
+    if max_width is not None and width > max_width:
+        size = (max_width, max(1, round(height * max_width / width)))
+        bgr = cv2.resize(bgr, size, interpolation=cv2.INTER_AREA)
+    return np.ascontiguousarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))

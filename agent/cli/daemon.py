@@ -226,11 +226,25 @@ def _human_sessions(sessions: list[Any]) -> str:
     return "\n".join([total, *lines])
 
 
+def _capture_state(status: dict[str, Any]) -> str:
+    """What capture is doing, in a few words, for the first line of ``status``."""
+    if status.get("paused"):
+        return "paused"
+    capture = status.get("workers", {}).get("capture", {})
+    stats = capture.get("stats", {})
+    if capture.get("state") == "failed":
+        return "capture FAILED (gave up after repeated crashes; `resume` tries again)"
+    if stats.get("source_error"):
+        return "capture WAITING: its source fails (retrying)"
+    if stats.get("source_done"):
+        return "capture finished (every file read)"
+    return "capturing"
+
+
 def _human_status(status: dict[str, Any]) -> str:
     lines = [
         f"fedfer agent pid {status.get('pid')}, up {status.get('uptime_s', 0):.0f} s, "
-        f"{'paused' if status.get('paused') else 'capturing'}, "
-        f"config generation {status.get('config_generation')}",
+        f"{_capture_state(status)}, config generation {status.get('config_generation')}",
     ]
     for role, worker in sorted(status.get("workers", {}).items()):
         stats = worker.get("stats", {})
@@ -241,6 +255,17 @@ def _human_status(status: dict[str, Any]) -> str:
         )
         if "unavailable" in stats:
             lines.append(f"           unavailable: {stats['unavailable']}")
+        if stats.get("source_error"):
+            in_a_row = stats.get("source_failures", 0)
+            lines.append(f"           source error: {stats['source_error']} ({in_a_row} in a row)")
+        failed = stats.get("failed_files") or []
+        if failed:
+            lines.append(
+                f"           files skipped, cannot be read ({stats.get('files_failed', len(failed))}):"
+            )
+            lines.extend(
+                f"             {f.get('file')}: {f.get('reason')}" for f in failed if isinstance(f, dict)
+            )
     drops = status.get("drops", {})
     lines.append(
         f"  dropped: {drops.get('frames', 0)} frames, {drops.get('records', 0)} records, "

@@ -2,7 +2,9 @@
 
 Frames exist only in RAM: the source (:func:`fedfer.agent.capture.sources.open_source`) decodes them, this
 process sends them on ``frames.ipc`` (:func:`fedfer.agent.daemon.wire.encode_frame`) and forgets them. A
-source that fails (a vanished file, an unplugged camera) is retried with backoff; pausing releases a camera.
+source that fails (a vanished file, an unplugged camera) is retried with backoff; a file of a folder that
+cannot be read is skipped (counted, logged once, and named with its reason in ``status``), capture going on
+with the next file; pausing releases a camera.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 
 import zmq
 
-from fedfer.agent.capture.sources import FrameSource, SegmentEnd, file_source, open_source
+from fedfer.agent.capture.sources import FileFailed, FrameSource, SegmentEnd, file_source, open_source
 from fedfer.agent.capture.video import CaptureError, Frame
 from fedfer.agent.daemon.wire import encode_frame, encode_segment_end
 from fedfer.agent.daemon.worker import Worker, wait_ms
@@ -23,6 +25,9 @@ __all__ = ["CaptureWorker"]
 
 _log = logging.getLogger(__name__)
 
+#: How many failed files ``status`` names (the latest; ``files_failed`` counts them all).
+_FAILED_SHOWN = 20
+
 
 class CaptureWorker(Worker):
     """Reads the video source at the configured rate and pushes frames to vision.
@@ -30,6 +35,9 @@ class CaptureWorker(Worker):
     A live source (camera, stream, looping file) never waits for vision: a full queue drops the frame
     (counted). A finite file source loses nothing: the frame waits (a bounded wait per step, so heartbeats and
     commands go on) until the queue has room, and a file read to its end is followed by an end marker.
+
+    Files the source skips as unreadable are in the stats: ``files_failed`` (how many) and ``failed_files``
+    (the latest, ``{"file": name, "reason": why}``).
     """
 
     role = "capture"
@@ -39,8 +47,10 @@ class CaptureWorker(Worker):
         self._out = self.queue_out("frames", linger_ms=1000)
         self._finite = file_source(self.config)
         self._source: FrameSource | None = None
-        self._items: Iterator[Frame | SegmentEnd] | None = None
+        self._items: Iterator[Frame | SegmentEnd | FileFailed] | None = None
         self._pending: Frame | SegmentEnd | None = None
+        self._failed: dict[str, str] = {}  # the latest failed files shown in the stats: name -> reason
+        self._failed_names: set[str] = set()  # every failed file this worker counted
         self._started = self._paused_at = time.monotonic()
         self._retry_at = 0.0
         self._failures = 0
@@ -49,11 +59,13 @@ class CaptureWorker(Worker):
             frames_sent=0,
             frames_dropped=0,
             files_ended=0,
+            files_failed=0,
+            failed_files=[],
             queue_full_waits=0,
             source_done=False,
         )
 
-    def _open(self) -> Iterator[Frame | SegmentEnd]:
+    def _open(self) -> Iterator[Frame | SegmentEnd | FileFailed]:
         self._source = open_source(self.config)
         self._items = iter(self._source)
         self._started = time.monotonic()
@@ -98,9 +110,15 @@ class CaptureWorker(Worker):
                 self.stats["source_done"] = True
                 self._release()
                 return 0.0
+            if self._failures:  # the source works again: the error is history
+                self._failures = 0
+                self.stats.pop("source_error", None)
+                self.stats["source_failures"] = 0
+            if isinstance(item, FileFailed):
+                self._file_failed(item)
+                return 0.0
             if isinstance(item, Frame):
                 self.stats["frames_read"] += 1
-            self._failures = 0
             self._pending = item
         pending = self._pending
         if self.config.capture.realtime and isinstance(pending, Frame):
@@ -115,8 +133,28 @@ class CaptureWorker(Worker):
             self.state = "blocked"
         return 0.0
 
+    def _file_failed(self, failed: FileFailed) -> None:
+        """A file the source skipped as unreadable: counted, named in the stats, logged the first time."""
+        if failed.name in self._failed_names:
+            return
+        self._failed_names.add(failed.name)
+        self._failed[failed.name] = failed.reason
+        while len(self._failed) > _FAILED_SHOWN:
+            del self._failed[next(iter(self._failed))]
+        self.stats["files_failed"] += 1
+        self.stats["failed_files"] = [{"file": n, "reason": r} for n, r in self._failed.items()]
+        _log.warning(
+            "a file of the capture source cannot be read; skipped"
+            + (" (as before: unchanged since it failed)" if failed.known else ""),
+            extra={"file": failed.name, "reason": failed.reason},
+        )
+
     def _source_failed(self, exc: CaptureError) -> float:
-        """A source failure (vanished file, unplugged camera) is reported; the worker retries with backoff."""
+        """A source failure (vanished file, unplugged camera) is reported and retried with backoff.
+
+        ``source_error`` (the last error) and ``source_failures`` (failures in a row) are in the stats until
+        the source delivers again.
+        """
         self._release()
         self._failures += 1
         backoff = float(

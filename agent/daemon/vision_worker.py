@@ -189,6 +189,7 @@ class VisionWorker(Worker):
             reading=end.reading,
             complete=reading is not None and reading.complete and reading.next_index == end.frames,
             records=reading.records if reading is not None else 0,
+            members=end.members,
         )
         self._backlog.append((encode_file_end(account), False))
 

@@ -16,10 +16,12 @@ Pipeline messages are multipart, the first part a JSON header (at most :data:`MA
 
 * ``frame``: ``[header, RGB uint8 pixels]``; the header names the segment, timestamp and shape, and for a
   finite file source the file, reading and index (:class:`~fedfer.agent.capture.video.Frame`);
-* ``segment_end``: ``[header]``, a file read to its end (:class:`~fedfer.agent.capture.sources.SegmentEnd`);
+* ``segment_end``: ``[header, member keys]``, a file (or run of images) read to its end
+  (:class:`~fedfer.agent.capture.sources.SegmentEnd`); the second part is the run's image keys, 32 bytes
+  each (empty for a video file);
 * ``record``: ``[header, feature float16 x 1280, probabilities float32 x K]``, one face record with its
   session tag and, for a file source, its :class:`~fedfer.agent.store.sink.FileOrigin`;
-* ``file_end``: ``[header]``, vision's account of one reading of a file
+* ``file_end``: ``[header, member keys]``, vision's account of one reading of a file or run
   (:class:`~fedfer.agent.store.sink.FileEnd`).
 
 Supervisor-link messages are one JSON object each (:func:`encode_link`, :func:`decode_link`): events carry
@@ -37,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from fedfer.agent.capture.images import MAX_RUN_IMAGES
 from fedfer.agent.capture.sources import SegmentEnd
 from fedfer.agent.capture.video import Frame
 from fedfer.agent.records import FEATURE_DIM, MAX_CLASSES, FrameRecord
@@ -114,6 +117,16 @@ def kind_of(parts: Sequence[bytes]) -> str | None:
     return kind if isinstance(kind, str) else None
 
 
+def _members(keys: tuple[str, ...]) -> bytes:
+    return b"".join(bytes.fromhex(k) for k in keys)
+
+
+def _read_members(part: bytes) -> tuple[str, ...] | None:
+    if len(part) % 32 or len(part) > 32 * MAX_RUN_IMAGES:
+        return None
+    return tuple(part[i : i + 32].hex() for i in range(0, len(part), 32))
+
+
 def _origin_fields(origin: FileOrigin | None) -> dict[str, Any]:
     return {} if origin is None else {"file": origin.file, "reading": origin.reading}
 
@@ -173,12 +186,12 @@ def decode_frame(parts: Sequence[bytes]) -> Frame | None:
 def encode_segment_end(end: SegmentEnd) -> list[bytes]:
     """Wire form of the end of one reading of a file."""
     fields = {"segment": end.segment, "file": end.file, "reading": end.reading, "frames": end.frames}
-    return [_header(SEGMENT_END, **fields)]
+    return [_header(SEGMENT_END, **fields), _members(end.members)]
 
 
 def decode_segment_end(parts: Sequence[bytes]) -> SegmentEnd | None:
     """Inverse of :func:`encode_segment_end`; ``None`` for anything else."""
-    header = _read_header(parts, SEGMENT_END, 1)
+    header = _read_header(parts, SEGMENT_END, 2)
     if header is None:
         return None
     try:
@@ -186,9 +199,10 @@ def decode_segment_end(parts: Sequence[bytes]) -> SegmentEnd | None:
         segment, frames = header["segment"], header["frames"]
     except (KeyError, TypeError, ValueError):
         return None
-    if origin is None or not isinstance(segment, str) or type(frames) is not int:
+    members = _read_members(parts[1])
+    if origin is None or members is None or not isinstance(segment, str) or type(frames) is not int:
         return None
-    return SegmentEnd(segment, origin.file, origin.reading, frames)
+    return SegmentEnd(segment, origin.file, origin.reading, frames, members)
 
 
 # -- vision -> learner ----------------------------------------------------------------------------------
@@ -239,12 +253,13 @@ def decode_record(parts: Sequence[bytes]) -> tuple[str, FrameRecord, FileOrigin 
 def encode_file_end(end: FileEnd) -> list[bytes]:
     """Wire form of a :class:`~fedfer.agent.store.sink.FileEnd`."""
     origin = _origin_fields(FileOrigin(end.file, end.reading))
-    return [_header(FILE_END, complete=end.complete, records=end.records, **origin)]
+    header = _header(FILE_END, complete=end.complete, records=end.records, **origin)
+    return [header, _members(end.members)]
 
 
 def decode_file_end(parts: Sequence[bytes]) -> FileEnd | None:
     """Inverse of :func:`encode_file_end`; ``None`` for anything else."""
-    header = _read_header(parts, FILE_END, 1)
+    header = _read_header(parts, FILE_END, 2)
     if header is None:
         return None
     try:
@@ -252,9 +267,10 @@ def decode_file_end(parts: Sequence[bytes]) -> FileEnd | None:
         complete, records = header["complete"], header["records"]
     except (ValueError, TypeError, KeyError):
         return None
-    if origin is None or type(complete) is not bool or type(records) is not int:
+    members = _read_members(parts[1])
+    if origin is None or members is None or type(complete) is not bool or type(records) is not int:
         return None
-    return FileEnd(origin.file, origin.reading, complete, records)
+    return FileEnd(origin.file, origin.reading, complete, records, members)
 
 
 # -- worker <-> supervisor ------------------------------------------------------------------------------

@@ -46,12 +46,14 @@ class FileEnd:
         complete: vision received frames ``0 .. n-1`` of the reading (``n`` as capture counted them) and ran
             the vision stage on every one.
         records: records vision sent for the reading.
+        members: for a run of images, the ledger keys of its images (marked done instead of ``file``).
     """
 
     file: str
     reading: int
     complete: bool
     records: int
+    members: tuple[str, ...] = ()
 
 
 class RecordSink(Protocol):
@@ -192,7 +194,7 @@ class CacheSink:
         if self._ledger is not None:
             self._readings[end.file] = end.reading
             self._forget_older_readings(origin)
-            self._ledger.mark_done(end.file)
+            self._ledger.mark_done(end.file, end.members)
         return True
 
     def idle(self, now: float) -> None:

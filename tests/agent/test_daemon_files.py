@@ -27,6 +27,7 @@ from fedfer.agent.store.device import open_cache
 from fedfer.agent.store.sink import CacheSink, FileEnd, FileOrigin, open_record_sink
 from fedfer.agent.vision.sessions import SessionCutter
 from tests.agent.daemon_harness import Agent, wait_gone
+from tests.agent.folder_sources import config_detector
 
 CLIPS = ("1001_DFA_HAP_XX.flv", "1001_DFA_SAD_XX.flv", "1001_DFA_ANG_XX.flv")
 
@@ -182,16 +183,8 @@ def _reference(config, clips: Path) -> list[tuple[float, ...]]:  # type: ignore[
     The vision stage makes a record exactly for each frame the detector finds a face in (at the frame's
     timestamp), so the detector alone (real MediaPipe, the daemon's settings) gives what must be cached.
     """
-    from fedfer.agent.vision.faces import FaceDetector
-
-    vision = config.vision
-    detector = FaceDetector(
-        model_path=config.model_path(vision.detector_model),
-        sha256=vision.detector_sha256,
-        min_confidence=vision.min_score,
-        margin=vision.margin,
-    )
-    cutter = SessionCutter(gap_s=vision.session_gap_s)
+    detector = config_detector(config)
+    cutter = SessionCutter(gap_s=config.vision.session_gap_s)
     sessions: dict[str, list[float]] = {}
     try:
         source = SourceSequence(source=str(clips), fps=config.capture.fps, max_width=640, loop=False)
