@@ -49,7 +49,7 @@ from fedfer.security.secagg.messages import (
     KeysBroadcast,
     MaskedInput,
     Message,
-    RevealedShare,
+    RevealedKey,
     ShareKeys,
     SharesBroadcast,
     SignedSurvivors,
@@ -63,7 +63,14 @@ from fedfer.security.secagg.params import (
     default_threshold,
     threshold_for_colluders,
 )
-from fedfer.security.secagg.server import AggregateResult, DuplicateMessageError, SecAggServer
+from fedfer.security.secagg.server import (
+    AggregateResult,
+    DuplicateMessageError,
+    InvalidAggregateError,
+    MisbehaviourError,
+    SecAggServer,
+    ShareVerificationError,
+)
 from fedfer.security.secagg.stage import COLLECTING, Stage
 
 __all__ = [
@@ -75,16 +82,19 @@ __all__ = [
     "ConsistencySignature",
     "DuplicateMessageError",
     "EncryptedShare",
+    "InvalidAggregateError",
     "KeysBroadcast",
     "MalformedMessageError",
     "MaskedInput",
     "Message",
+    "MisbehaviourError",
     "NeighbourGraph",
-    "RevealedShare",
+    "RevealedKey",
     "SecAggClient",
     "SecAggParams",
     "SecAggServer",
     "ShareKeys",
+    "ShareVerificationError",
     "SharesBroadcast",
     "SignedSurvivors",
     "Stage",

@@ -11,12 +11,23 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from fedfer.security.crypto import Keystream, hkdf_sha256
+from fedfer.security.crypto import Keystream, hkdf_sha256, sha256
 
-_ENC = b"fedfer/secagg/v1/share-encryption"
+_ENC = b"fedfer/secagg/v2/share-encryption"
+_SHARE_KEYS = b"fedfer/secagg/v2/share-keys"
 _PAIR = b"fedfer/secagg/v1/pairwise-mask"
 _SELF = b"fedfer/secagg/v1/self-mask"
-_AD = b"fedfer/secagg/v1/share"
+_AD = b"fedfer/secagg/v2/share"
+_COMMIT = b"fedfer/secagg/v2/seed-commitment"
+
+SEED_BYTES = 32
+"""Length of a client's self-mask seed."""
+OPENING_BYTES = 64
+"""Length of the secret a client shares for its self mask: a fresh commitment nonce followed by the seed."""
+SEED_SHARE = 1
+"""Kind byte of the ciphertext that carries a share of the sender's seed opening."""
+KEY_SHARE = 2
+"""Kind byte of the ciphertext that carries a share of the sender's mask private key."""
 
 
 def _pair(a: int, b: int) -> bytes:
@@ -25,8 +36,34 @@ def _pair(a: int, b: int) -> bytes:
 
 
 def encryption_info(a: int, b: int) -> bytes:
-    """HKDF info for the AEAD key shared by clients a and b."""
+    """HKDF info for the secret that clients a and b agree from their encryption keys (either order)."""
     return _ENC + _pair(a, b)
+
+
+def share_keys(pair_secret: bytes, digest: bytes, *, sender: int, receiver: int) -> tuple[bytes, bytes]:
+    """The single-use AEAD keys of the shares ``sender`` sends ``receiver``: (seed-share key, key-share key).
+
+    Expanded from the pair's agreed secret with HKDF bound to the round, the direction and the purpose, so a
+    receiver that reveals one of them (to let the server open exactly that ciphertext) reveals nothing about
+    the other, about the shares going the other way, or about the pair's secret.
+    """
+    info = _SHARE_KEYS + sender.to_bytes(4, "little") + receiver.to_bytes(4, "little")
+    both = hkdf_sha256(pair_secret, info=info, salt=digest, length=64)
+    return both[:32], both[32:]
+
+
+def seed_commitment(digest: bytes, sender: int, opening: bytes) -> bytes:
+    """SHA-256 commitment to a client's seed opening (``nonce || seed``), bound to the round and the client.
+
+    Hiding because the opening holds a fresh 32-byte nonce beside the 32-byte seed (the server never sees the
+    opening of a client that dropped); binding because SHA-256 is collision resistant.
+    """
+    return sha256(_COMMIT + digest + sender.to_bytes(4, "little") + opening)
+
+
+def seed_of(opening: bytes) -> bytes:
+    """The self-mask seed inside a seed opening (``nonce || seed``)."""
+    return opening[OPENING_BYTES - SEED_BYTES :]
 
 
 def pairwise_info(a: int, b: int) -> bytes:
@@ -39,9 +76,9 @@ def self_mask_key(seed: bytes, digest: bytes) -> bytes:
     return hkdf_sha256(seed, info=_SELF, salt=digest)
 
 
-def share_ad(digest: bytes, sender: int, receiver: int) -> bytes:
-    """AEAD associated data binding an encrypted share to the round, its sender and its receiver."""
-    return _AD + digest + sender.to_bytes(4, "little") + receiver.to_bytes(4, "little")
+def share_ad(digest: bytes, sender: int, receiver: int, kind: int) -> bytes:
+    """AEAD associated data binding an encrypted share to the round, its sender, its receiver and its kind."""
+    return _AD + digest + sender.to_bytes(4, "little") + receiver.to_bytes(4, "little") + bytes([kind])
 
 
 def pairwise_sign(owner: int, peer: int) -> int:

@@ -13,7 +13,7 @@ from typing import Any
 from fedfer.security.errors import ProtocolError, ValidationError
 
 MAGIC = b"FSA"
-WIRE_VERSION = 2
+WIRE_VERSION = 3
 _U8 = struct.Struct("<B")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")

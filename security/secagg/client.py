@@ -20,13 +20,19 @@ from fedfer.security.errors import IntegrityError, ProtocolError, RoundAbortedEr
 from fedfer.security.keys import PUBLIC_KEY_BYTES, AgreementKey, IdentityKey, verify_signature
 from fedfer.security.quantize import working_dtype
 from fedfer.security.secagg._derive import (
+    KEY_SHARE,
+    OPENING_BYTES,
+    SEED_SHARE,
     MaskApplier,
     encryption_info,
     pairwise_info,
     pairwise_sign,
     reduce_mod,
+    seed_commitment,
+    seed_of,
     self_mask_key,
     share_ad,
+    share_keys,
 )
 from fedfer.security.secagg.graph import NeighbourGraph
 from fedfer.security.secagg.messages import (
@@ -36,7 +42,7 @@ from fedfer.security.secagg.messages import (
     EncryptedShare,
     KeysBroadcast,
     MaskedInput,
-    RevealedShare,
+    RevealedKey,
     ShareKeys,
     SharesBroadcast,
     UnmaskRequest,
@@ -46,11 +52,9 @@ from fedfer.security.secagg.messages import (
 )
 from fedfer.security.secagg.params import SecAggParams
 from fedfer.security.secagg.stage import Stage
-from fedfer.security.shamir import SHARE_BYTES, split_secret
+from fedfer.security.shamir import split_secret
 
 __all__ = ["SecAggClient"]
-
-_SEED_BYTES = 32
 
 
 class SecAggClient:
@@ -105,9 +109,10 @@ class SecAggClient:
         self._mask_key: AgreementKey | None = None
         self._advertised: AdvertiseKeys | None = None
         self._peer_keys: dict[int, AdvertiseKeys] = {}
-        self._aead_keys: dict[int, bytes] = {}
-        self._seed: bytes | None = None
-        self._held: dict[int, tuple[bytes, bytes]] = {}
+        self._pair_secrets: dict[int, bytes] = {}
+        self._opening: bytes | None = None  # nonce || self-mask seed, committed to in the advertisement
+        self._own_shares: tuple[bytes, bytes] | None = None  # this client's share of each of its secrets
+        self._held: dict[int, tuple[bytes, bytes]] = {}  # per neighbour: keys opening its two ciphertexts
         self._share_peers: frozenset[int] = frozenset()
         self._signed_survivors: tuple[int, ...] | None = None
         self.mask_bytes_generated = 0
@@ -170,8 +175,9 @@ class SecAggClient:
     def _wipe(self) -> None:
         self._enc_key = None
         self._mask_key = None
-        self._seed = None
-        self._aead_keys.clear()
+        self._opening = None
+        self._own_shares = None
+        self._pair_secrets.clear()
         self._held.clear()
         self._signed_survivors = None
 
@@ -186,7 +192,8 @@ class SecAggClient:
     # -- stage 1 -----------------------------------------------------------------------------------------
 
     def advertise_keys(self) -> AdvertiseKeys:
-        """Generate the round's two X25519 key pairs and return their public halves, signed.
+        """Generate the round's two X25519 key pairs and the self-mask seed; return the public keys and a
+        commitment to the seed (with a fresh nonce), signed.
 
         Returns:
             The :class:`AdvertiseKeys` message for the server.
@@ -198,10 +205,18 @@ class SecAggClient:
             raise ProtocolError(f"client is in stage {self._stage.key}, not advertise_keys")
         self._enc_key = AgreementKey.generate(_random_bytes=self._random)
         self._mask_key = AgreementKey.generate(_random_bytes=self._random)
+        opening = self._random(OPENING_BYTES)
+        if type(opening) is not bytes or len(opening) != OPENING_BYTES:
+            raise ValidationError("random source returned malformed bytes")
+        self._opening = opening
         enc_pk = self._enc_key.public_bytes()
         mask_pk = self._mask_key.public_bytes()
-        signature = self._identity.sign(signed_keys_payload(self._params.digest, self._id, enc_pk, mask_pk))
-        self._advertised = AdvertiseKeys(self._params.round_id, self._id, enc_pk, mask_pk, signature)
+        digest = self._params.digest
+        commitment = seed_commitment(digest, self._id, opening)
+        signature = self._identity.sign(signed_keys_payload(digest, self._id, enc_pk, mask_pk, commitment))
+        self._advertised = AdvertiseKeys(
+            self._params.round_id, self._id, enc_pk, mask_pk, commitment, signature
+        )
         self._stage = Stage.SHARE_KEYS
         return self._advertised
 
@@ -225,7 +240,12 @@ class SecAggClient:
         return self._guarded(self._share_keys, broadcast)  # type: ignore[no-any-return]
 
     def _share_keys(self, broadcast: KeysBroadcast) -> ShareKeys:
-        if self._enc_key is None or self._mask_key is None or self._advertised is None:
+        if (
+            self._enc_key is None
+            or self._mask_key is None
+            or self._advertised is None
+            or self._opening is None
+        ):
             raise ProtocolError("client state is incomplete")  # unreachable: the stage guarantees it
         entries = {e.sender: e for e in broadcast.entries}
         if entries.get(self._id) != self._advertised:
@@ -244,16 +264,15 @@ class SecAggClient:
             if sender != self._id:
                 verify_signature(
                     self._roster[sender],
-                    signed_keys_payload(digest, sender, entry.encryption_key, entry.mask_key),
+                    signed_keys_payload(
+                        digest, sender, entry.encryption_key, entry.mask_key, entry.seed_commitment
+                    ),
                     entry.signature,
                 )
         self._peer_keys = {s: e for s, e in entries.items() if s != self._id}
-        self._seed = self._random(_SEED_BYTES)
-        if type(self._seed) is not bytes or len(self._seed) != _SEED_BYTES:
-            raise ValidationError("random source returned malformed bytes")
         points = sorted(entries)
         t = self._params.threshold
-        seed_shares = split_secret(self._seed, threshold=t, points=points, _random_bytes=self._random)
+        seed_shares = split_secret(self._opening, threshold=t, points=points, _random_bytes=self._random)
         key_shares = split_secret(
             self._mask_key.dangerously_export_private_bytes(),
             threshold=t,
@@ -261,24 +280,29 @@ class SecAggClient:
             _random_bytes=self._random,
         )
         out: list[EncryptedShare] = []
-        me = self._id.to_bytes(4, "little")
         for peer in points:
             if peer == self._id:
-                self._held[self._id] = (seed_shares[peer], key_shares[peer])
+                self._own_shares = (seed_shares[peer], key_shares[peer])
                 continue
-            aead_key = self._enc_key.derive(
+            pair = self._enc_key.derive(
                 self._peer_keys[peer].encryption_key, info=encryption_info(self._id, peer), salt=digest
             )
-            self._aead_keys[peer] = aead_key
-            plaintext = me + peer.to_bytes(4, "little") + seed_shares[peer] + key_shares[peer]
-            ciphertext = aead_encrypt(
-                aead_key,
-                plaintext,
-                associated_data=share_ad(digest, self._id, peer),
-                _random_bytes=self._random,
-            )
-            out.append(EncryptedShare(self._id, peer, ciphertext))
-        self._enc_key = None  # only the derived per-peer AEAD keys are needed from here on
+            self._pair_secrets[peer] = pair
+            seed_key, mask_key = share_keys(pair, digest, sender=self._id, receiver=peer)
+            sealed = [
+                aead_encrypt(
+                    key,
+                    share,
+                    associated_data=share_ad(digest, self._id, peer, kind),
+                    _random_bytes=self._random,
+                )
+                for key, share, kind in (
+                    (seed_key, seed_shares[peer], SEED_SHARE),
+                    (mask_key, key_shares[peer], KEY_SHARE),
+                )
+            ]
+            out.append(EncryptedShare(self._id, peer, sealed[0], sealed[1]))
+        self._enc_key = None  # only the agreed per-peer secrets are needed from here on
         self._stage = Stage.MASKED_INPUT
         return ShareKeys(self._params.round_id, self._id, tuple(out))
 
@@ -310,7 +334,7 @@ class SecAggClient:
     def _masked_input(
         self, broadcast: SharesBroadcast, encoded: npt.NDArray[np.unsignedinteger[Any]]
     ) -> MaskedInput:
-        if self._mask_key is None or self._seed is None:
+        if self._mask_key is None or self._opening is None:
             raise ProtocolError("client state is incomplete")  # unreachable: the stage guarantees it
         params = self._params
         senders = [s.sender for s in broadcast.shares]
@@ -320,21 +344,21 @@ class SecAggClient:
         if len(senders) + 1 < params.threshold:
             raise RoundAbortedError("fewer share holders than the threshold")
         digest = params.digest
-        me = self._id.to_bytes(4, "little")
         received: dict[int, tuple[bytes, bytes]] = {}
         for item in broadcast.shares:
-            plain = aead_decrypt(
-                self._aead_keys[item.sender],
-                item.ciphertext,
-                associated_data=share_ad(digest, item.sender, self._id),
-            )
-            if plain[:4] != item.sender.to_bytes(4, "little") or plain[4:8] != me:
-                raise IntegrityError("share is bound to other parties")
-            received[item.sender] = (plain[8 : 8 + SHARE_BYTES], plain[8 + SHARE_BYTES :])
+            keys = share_keys(self._pair_secrets[item.sender], digest, sender=item.sender, receiver=self._id)
+            # Both shares must open now: the keys this client later reveals must open exactly these
+            # ciphertexts, which the server keeps, so an honest holder is never blamed for a bad dealer.
+            for key, ciphertext, kind in (
+                (keys[0], item.seed_ciphertext, SEED_SHARE),
+                (keys[1], item.key_ciphertext, KEY_SHARE),
+            ):
+                aead_decrypt(key, ciphertext, associated_data=share_ad(digest, item.sender, self._id, kind))
+            received[item.sender] = keys
         self._held.update(received)
         self._share_peers = frozenset(received)
         applier = MaskApplier(length=params.vector_length, dtype=working_dtype(params.modulus_bits))
-        applier.apply(encoded, self_mask_key(self._seed, digest), +1)
+        applier.apply(encoded, self_mask_key(seed_of(self._opening), digest), +1)
         for peer in sorted(self._share_peers):
             seed = self._mask_key.derive(
                 self._peer_keys[peer].mask_key, info=pairwise_info(self._id, peer), salt=digest
@@ -344,8 +368,8 @@ class SecAggClient:
         reduce_mod(encoded, params.modulus_bits)
         # The mask key and seed now live on only as shares; drop the originals.
         self._mask_key = None
-        self._seed = None
-        self._aead_keys.clear()
+        self._opening = None
+        self._pair_secrets.clear()
         self._stage = Stage.CONSISTENCY_CHECK
         return MaskedInput(params.round_id, self._id, params.modulus_bits, encoded)
 
@@ -391,7 +415,8 @@ class SecAggClient:
     # -- stage 5 -----------------------------------------------------------------------------------------
 
     def unmask(self, request: UnmaskRequest) -> UnmaskResponse:
-        """Reveal self-mask-seed shares of survivors and mask-key shares of dropped neighbours.
+        """Reveal this client's own seed share and the keys that open the seed-share ciphertexts of the
+        surviving neighbours and the mask-key-share ciphertexts of the dropped ones.
 
         Never reveals both kinds for one client: the request must classify every neighbour that shared
         keys exactly as the survivor set this client signed does, and carry valid consistency-check
@@ -422,8 +447,11 @@ class SecAggClient:
         if survivors != (in_sum & (self._share_peers | {self._id})) or dropped != self._share_peers - in_sum:
             raise ProtocolError("survivor/dropped lists do not match the signed survivor set")
         self._check_quorum(request, signed)
-        seed_shares = tuple(RevealedShare(u, self._held[u][0]) for u in sorted(survivors))
-        key_shares = tuple(RevealedShare(u, self._held[u][1]) for u in sorted(dropped))
+        if self._own_shares is None:
+            raise ProtocolError("client state is incomplete")  # unreachable: the stage guarantees it
+        seed_keys = tuple(RevealedKey(u, self._held[u][0]) for u in sorted(survivors - {self._id}))
+        key_keys = tuple(RevealedKey(u, self._held[u][1]) for u in sorted(dropped))
+        own = self._own_shares[0]
         self._wipe()
         self._stage = Stage.FINISHED
-        return UnmaskResponse(self._params.round_id, self._id, seed_shares, key_shares)
+        return UnmaskResponse(self._params.round_id, self._id, own, seed_keys, key_keys)

@@ -2,17 +2,20 @@
 
 Flow (server S, clients 1..n, ``H(u)`` = u's neighbours and u itself):
 
-1. client -> S :class:`AdvertiseKeys` (two X25519 public keys, signed by the device identity key)
+1. client -> S :class:`AdvertiseKeys` (two X25519 public keys and a commitment to its self-mask seed, signed
+   by the device identity key)
 2. S -> client :class:`KeysBroadcast` (the signed keys of the client's surviving neighbours)
 3. client -> S :class:`ShareKeys` (one :class:`EncryptedShare` per neighbour: Shamir shares of its self-mask
-   seed and its mask private key, AEAD-encrypted pairwise)
+   seed opening and of its mask private key, each AEAD-encrypted under its own single-use key)
 4. S -> client :class:`SharesBroadcast` (the encrypted shares addressed to that client)
 5. client -> S :class:`MaskedInput` (the quantized, weighted update plus self mask plus pairwise masks)
 6. S -> client :class:`ConsistencyRequest` (the set U3 of clients whose masked input is in the sum)
 7. client -> S :class:`ConsistencySignature` (the client's identity-key signature over exactly that set)
 8. S -> client :class:`UnmaskRequest` (which neighbours survived, which dropped, and the neighbours'
    signatures over the same set)
-9. client -> S :class:`UnmaskResponse` (self-mask-seed shares of survivors, mask-key shares of the dropped)
+9. client -> S :class:`UnmaskResponse` (its own seed share, and the single-use keys that open the seed-share
+   ciphertexts of the other survivors and the mask-key-share ciphertexts of the dropped: the server decrypts
+   the ciphertexts it routed at stage 3, so a share holder cannot substitute a share)
 
 Constructing a message validates every field's exact type and range (``bool`` is not an ``int``) and
 raises :class:`MalformedMessageError` otherwise. Sequences are tuples strictly increasing by client id, so
@@ -40,7 +43,9 @@ from fedfer.security.secagg.stage import Stage
 from fedfer.security.shamir import SHARE_BYTES
 
 __all__ = [
+    "COMMITMENT_BYTES",
     "SHARE_CIPHERTEXT_BYTES",
+    "SHARE_KEY_BYTES",
     "SHARE_PLAINTEXT_BYTES",
     "STAGE_MESSAGE",
     "AdvertiseKeys",
@@ -52,7 +57,7 @@ __all__ = [
     "MalformedMessageError",
     "MaskedInput",
     "Message",
-    "RevealedShare",
+    "RevealedKey",
     "ShareKeys",
     "SharesBroadcast",
     "SignedSurvivors",
@@ -63,16 +68,18 @@ __all__ = [
     "signed_keys_payload",
 ]
 
-SHARE_PLAINTEXT_BYTES = 4 + 4 + 2 * SHARE_BYTES
+SHARE_PLAINTEXT_BYTES = SHARE_BYTES
 SHARE_CIPHERTEXT_BYTES = 12 + SHARE_PLAINTEXT_BYTES + 16
+SHARE_KEY_BYTES = 32
+COMMITMENT_BYTES = 32
 _ROUND_ID_MIN = 16
 _ROUND_ID_MAX = 64
-_SIGN_LABEL = b"fedfer/secagg/v1/advertise-keys"
+_SIGN_LABEL = b"fedfer/secagg/v2/advertise-keys"
 _CONSISTENCY_LABEL = b"fedfer/secagg/v1/consistency-check"
 # Fixed-size records of repeated items (packed and parsed in C, not item by item in Python).
-_KEY_RECORD = struct.Struct(f"<I{PUBLIC_KEY_BYTES}s{PUBLIC_KEY_BYTES}s{SIGNATURE_BYTES}s")
-_SHARE_RECORD = struct.Struct(f"<II{SHARE_CIPHERTEXT_BYTES}s")
-_REVEALED_RECORD = struct.Struct(f"<I{SHARE_BYTES}s")
+_KEY_RECORD = struct.Struct(f"<I{PUBLIC_KEY_BYTES}s{PUBLIC_KEY_BYTES}s{COMMITMENT_BYTES}s{SIGNATURE_BYTES}s")
+_SHARE_RECORD = struct.Struct(f"<II{SHARE_CIPHERTEXT_BYTES}s{SHARE_CIPHERTEXT_BYTES}s")
+_REVEALED_RECORD = struct.Struct(f"<I{SHARE_KEY_BYTES}s")
 _ID_RECORD = struct.Struct("<I")
 _SIGNED_RECORD = struct.Struct(f"<I{SIGNATURE_BYTES}s")
 
@@ -108,13 +115,17 @@ def _increasing(name: str, items: object, item_type: type, key: Callable[[Any], 
     return None
 
 
-def signed_keys_payload(params_digest: bytes, sender: int, encryption_key: bytes, mask_key: bytes) -> bytes:
+def signed_keys_payload(
+    params_digest: bytes, sender: int, encryption_key: bytes, mask_key: bytes, seed_commitment: bytes
+) -> bytes:
     """The exact bytes a client signs with its identity key when it advertises its round keys.
 
-    Binds the keys to the round parameters (digest includes the round id) and the sender id, so keys cannot
-    be replayed into another round or attributed to another client.
+    Binds the keys and the seed commitment to the round parameters (digest includes the round id) and the
+    sender id, so they cannot be replayed into another round or attributed to another client, and the seed the
+    server later reconstructs can be checked against what the client itself committed to.
     """
-    return _SIGN_LABEL + params_digest + sender.to_bytes(4, "little") + encryption_key + mask_key
+    ids = sender.to_bytes(4, "little")
+    return _SIGN_LABEL + params_digest + ids + encryption_key + mask_key + seed_commitment
 
 
 def consistency_payload(params_digest: bytes, survivors: tuple[int, ...]) -> bytes:
@@ -129,13 +140,15 @@ def consistency_payload(params_digest: bytes, survivors: tuple[int, ...]) -> byt
 
 @dataclass(frozen=True)
 class AdvertiseKeys:
-    """Stage 1, client -> server: a client's two round public keys, signed by its identity key.
+    """Stage 1, client -> server: a client's two round public keys and its seed commitment, signed.
 
     Attributes:
         round_id: the round.
         sender: client id.
-        encryption_key: X25519 public key used to encrypt shares.
+        encryption_key: X25519 public key from which the share encryption keys are agreed.
         mask_key: X25519 public key used to agree pairwise mask seeds.
+        seed_commitment: SHA-256 commitment to the client's seed opening (a fresh nonce and its self-mask
+            seed); the server checks the opening it reconstructs at unmasking against it.
         signature: Ed25519 signature over :func:`signed_keys_payload`.
     """
 
@@ -144,6 +157,7 @@ class AdvertiseKeys:
     sender: int
     encryption_key: bytes
     mask_key: bytes
+    seed_commitment: bytes
     signature: bytes
 
     def __post_init__(self) -> None:
@@ -151,6 +165,7 @@ class AdvertiseKeys:
         _client_id("sender", self.sender)
         _fixed_bytes("encryption_key", self.encryption_key, PUBLIC_KEY_BYTES)
         _fixed_bytes("mask_key", self.mask_key, PUBLIC_KEY_BYTES)
+        _fixed_bytes("seed_commitment", self.seed_commitment, COMMITMENT_BYTES)
         _fixed_bytes("signature", self.signature, SIGNATURE_BYTES)
 
     def _write(self, w: Writer) -> None:
@@ -158,12 +173,18 @@ class AdvertiseKeys:
         w.u32(self.sender)
         w.raw(self.encryption_key)
         w.raw(self.mask_key)
+        w.raw(self.seed_commitment)
         w.raw(self.signature)
 
     @classmethod
     def _read(cls, r: Reader) -> AdvertiseKeys:
         return cls(
-            r.blob(), r.u32(), r.raw(PUBLIC_KEY_BYTES), r.raw(PUBLIC_KEY_BYTES), r.raw(SIGNATURE_BYTES)
+            r.blob(),
+            r.u32(),
+            r.raw(PUBLIC_KEY_BYTES),
+            r.raw(PUBLIC_KEY_BYTES),
+            r.raw(COMMITMENT_BYTES),
+            r.raw(SIGNATURE_BYTES),
         )
 
     def to_bytes(self) -> bytes:
@@ -208,7 +229,10 @@ class KeysBroadcast:
         w = Writer(self.KIND)
         w.blob(self.round_id)
         w.u32(self.receiver)
-        w.records(_KEY_RECORD, [(e.sender, e.encryption_key, e.mask_key, e.signature) for e in self.entries])
+        w.records(
+            _KEY_RECORD,
+            [(e.sender, e.encryption_key, e.mask_key, e.seed_commitment, e.signature) for e in self.entries],
+        )
         return w.finish()
 
     @classmethod
@@ -218,8 +242,8 @@ class KeysBroadcast:
         round_id = r.blob()
         receiver = r.u32()
         entries = tuple(
-            AdvertiseKeys(round_id, sender, enc, mask, sig)
-            for sender, enc, mask, sig in r.records(_KEY_RECORD)
+            AdvertiseKeys(round_id, sender, enc, mask, commitment, sig)
+            for sender, enc, mask, commitment, sig in r.records(_KEY_RECORD)
         )
         r.end()
         return cls(round_id, receiver, entries)
@@ -227,25 +251,33 @@ class KeysBroadcast:
 
 @dataclass(frozen=True)
 class EncryptedShare:
-    """One AEAD ciphertext carrying the sender's two Shamir shares for one receiver.
+    """The sender's two Shamir shares for one receiver, each in its own AEAD ciphertext.
+
+    Each ciphertext is ``nonce || AES-256-GCM(share) || tag`` under a single-use key that only sender and
+    receiver can derive (:func:`~fedfer.security.secagg._derive.share_keys`); the associated data binds the
+    round parameters, sender, receiver and kind. The server keeps these ciphertexts: at unmasking the receiver
+    reveals the key of one of them and the server decrypts it itself, so what it reconstructs from is exactly
+    what the sender dealt.
 
     Attributes:
         sender: client id that made the shares.
         receiver: client id that can decrypt them.
-        ciphertext: ``nonce || AES-256-GCM(sender, receiver, seed share, key share) || tag``; the associated
-            data binds the round parameters, sender and receiver.
+        seed_ciphertext: the share of the sender's seed opening.
+        key_ciphertext: the share of the sender's mask private key.
     """
 
     sender: int
     receiver: int
-    ciphertext: bytes = field(repr=False)
+    seed_ciphertext: bytes = field(repr=False)
+    key_ciphertext: bytes = field(repr=False)
 
     def __post_init__(self) -> None:
         _client_id("sender", self.sender)
         _client_id("receiver", self.receiver)
         if self.sender == self.receiver:
             raise MalformedMessageError("a client does not send shares to itself")
-        _fixed_bytes("ciphertext", self.ciphertext, SHARE_CIPHERTEXT_BYTES)
+        _fixed_bytes("seed_ciphertext", self.seed_ciphertext, SHARE_CIPHERTEXT_BYTES)
+        _fixed_bytes("key_ciphertext", self.key_ciphertext, SHARE_CIPHERTEXT_BYTES)
 
 
 @dataclass(frozen=True)
@@ -275,7 +307,9 @@ class ShareKeys:
         w = Writer(self.KIND)
         w.blob(self.round_id)
         w.u32(self.sender)
-        w.records(_SHARE_RECORD, [(s.sender, s.receiver, s.ciphertext) for s in self.shares])
+        w.records(
+            _SHARE_RECORD, [(s.sender, s.receiver, s.seed_ciphertext, s.key_ciphertext) for s in self.shares]
+        )
         return w.finish()
 
     @classmethod
@@ -316,7 +350,9 @@ class SharesBroadcast:
         w = Writer(self.KIND)
         w.blob(self.round_id)
         w.u32(self.receiver)
-        w.records(_SHARE_RECORD, [(s.sender, s.receiver, s.ciphertext) for s in self.shares])
+        w.records(
+            _SHARE_RECORD, [(s.sender, s.receiver, s.seed_ciphertext, s.key_ciphertext) for s in self.shares]
+        )
         return w.finish()
 
     @classmethod
@@ -570,54 +606,63 @@ class UnmaskRequest:
 
 
 @dataclass(frozen=True)
-class RevealedShare:
-    """One Shamir share revealed to the server at unmasking.
+class RevealedKey:
+    """The single-use key that opens one share ciphertext ``owner`` sent to the revealing client.
 
     Attributes:
-        owner: the client whose secret this is a share of.
-        share: the 66-byte share (redacted from repr).
+        owner: the client whose secret the ciphertext holds a share of (its sender).
+        key: the 32-byte AEAD key (redacted from repr).
     """
 
     owner: int
-    share: bytes = field(repr=False)
+    key: bytes = field(repr=False)
 
     def __post_init__(self) -> None:
         _client_id("owner", self.owner)
-        _fixed_bytes("share", self.share, SHARE_BYTES)
+        _fixed_bytes("key", self.key, SHARE_KEY_BYTES)
 
 
 @dataclass(frozen=True)
 class UnmaskResponse:
-    """Stage 9, client -> server: the shares needed to remove the masks, never both kinds for one client.
+    """Stage 9, client -> server: what the server needs to remove the masks, never both kinds for one client.
 
     Attributes:
         round_id: the round.
-        sender: client id.
-        seed_shares: shares of survivors' self-mask seeds, strictly increasing by owner.
-        key_shares: shares of dropped clients' mask private keys, strictly increasing by owner.
+        sender: client id (a survivor).
+        own_seed_share: the sender's share of its own seed opening (66 bytes, redacted from repr).
+        seed_keys: keys opening the seed-share ciphertexts of the other surviving neighbours, strictly
+            increasing by owner.
+        key_keys: keys opening the mask-key-share ciphertexts of dropped neighbours, strictly increasing by
+            owner.
     """
 
     KIND: ClassVar[int] = 7
     round_id: bytes
     sender: int
-    seed_shares: tuple[RevealedShare, ...]
-    key_shares: tuple[RevealedShare, ...]
+    own_seed_share: bytes = field(repr=False)
+    seed_keys: tuple[RevealedKey, ...] = ()
+    key_keys: tuple[RevealedKey, ...] = ()
 
     def __post_init__(self) -> None:
         _round_id(self.round_id)
         _client_id("sender", self.sender)
-        _increasing("seed_shares", self.seed_shares, RevealedShare, lambda s: s.owner)
-        _increasing("key_shares", self.key_shares, RevealedShare, lambda s: s.owner)
-        if {s.owner for s in self.seed_shares} & {s.owner for s in self.key_shares}:
+        _fixed_bytes("own_seed_share", self.own_seed_share, SHARE_BYTES)
+        _increasing("seed_keys", self.seed_keys, RevealedKey, lambda s: s.owner)
+        _increasing("key_keys", self.key_keys, RevealedKey, lambda s: s.owner)
+        owners = {s.owner for s in self.seed_keys}
+        if owners & {s.owner for s in self.key_keys}:
             raise MalformedMessageError("never reveal both secrets of one client")
+        if self.sender in owners or self.sender in {s.owner for s in self.key_keys}:
+            raise MalformedMessageError("the sender's own share travels in own_seed_share")
 
     def to_bytes(self) -> bytes:
         """Canonical, versioned encoding."""
         w = Writer(self.KIND)
         w.blob(self.round_id)
         w.u32(self.sender)
-        w.records(_REVEALED_RECORD, [(s.owner, s.share) for s in self.seed_shares])
-        w.records(_REVEALED_RECORD, [(s.owner, s.share) for s in self.key_shares])
+        w.raw(self.own_seed_share)
+        w.records(_REVEALED_RECORD, [(s.owner, s.key) for s in self.seed_keys])
+        w.records(_REVEALED_RECORD, [(s.owner, s.key) for s in self.key_keys])
         return w.finish()
 
     @classmethod
@@ -626,10 +671,11 @@ class UnmaskResponse:
         r = Reader(data, cls.KIND)
         round_id = r.blob()
         sender = r.u32()
-        seed = tuple(RevealedShare(*rec) for rec in r.records(_REVEALED_RECORD))
-        keys = tuple(RevealedShare(*rec) for rec in r.records(_REVEALED_RECORD))
+        own = r.raw(SHARE_BYTES)
+        seed = tuple(RevealedKey(*rec) for rec in r.records(_REVEALED_RECORD))
+        keys = tuple(RevealedKey(*rec) for rec in r.records(_REVEALED_RECORD))
         r.end()
-        return cls(round_id, sender, seed, keys)
+        return cls(round_id, sender, own, seed, keys)
 
 
 Message: TypeAlias = (

@@ -20,6 +20,23 @@ signer its neighbours' signatures; a client reveals shares only when t of its ho
 signed itself. Signatures are verified here too, so a forged one is refused at once.
 
 All conditions are checked before any secret is reconstructed, so an aborted round reveals nothing.
+
+Verified reconstruction. Every client commits to its self-mask seed in its signed key advertisement
+(SHA-256 over a fresh nonce and the seed, :func:`~fedfer.security.secagg._derive.seed_commitment`), and
+encrypts each share it deals under its own single-use key. At unmasking a holder does not send the shares it
+holds: it sends its own seed share and the keys of the ciphertexts it received, and the server decrypts the
+ciphertexts it routed at stage 3 itself. So:
+
+- a key that does not open its ciphertext is the holder's lie (an honest holder checked both of its
+  ciphertexts when it received them): the response is refused with :class:`ShareVerificationError` naming
+  it, nothing of it is used, and the round goes on without it if enough holders remain;
+- shares that do not reconstruct the committed opening (or, for a dropped client, the advertised mask key)
+  were dealt that way by their owner: the round aborts with :class:`MisbehaviourError` naming the owner.
+
+Bounded influence. The decoded aggregate must be one that clipped, weighted inputs can produce: the total
+weight in ``[m, m * max_weight]`` for m survivors and every coordinate of the mean within ``clip`` plus the
+stated error bound; otherwise the round aborts with :class:`InvalidAggregateError` and nothing is revealed to
+the caller. A device that stays inside those bounds is not detected (see ``docs/secure-aggregation.md``).
 """
 
 from __future__ import annotations
@@ -31,15 +48,22 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from fedfer.security.crypto import aead_decrypt
 from fedfer.security.errors import IntegrityError, ProtocolError, RoundAbortedError, ValidationError
 from fedfer.security.keys import PUBLIC_KEY_BYTES, AgreementKey, verify_signature
 from fedfer.security.quantize import working_dtype
 from fedfer.security.secagg._derive import (
+    KEY_SHARE,
+    OPENING_BYTES,
+    SEED_SHARE,
     MaskApplier,
     pairwise_info,
     pairwise_sign,
     reduce_mod,
+    seed_commitment,
+    seed_of,
     self_mask_key,
+    share_ad,
 )
 from fedfer.security.secagg._wire import MalformedMessageError, Reader, Writer
 from fedfer.security.secagg.graph import NeighbourGraph
@@ -64,17 +88,51 @@ from fedfer.security.secagg.messages import (
 )
 from fedfer.security.secagg.params import SecAggParams
 from fedfer.security.secagg.stage import Stage
-from fedfer.security.shamir import reconstruct_secret
+from fedfer.security.shamir import FIELD_PRIME, reconstruct_secret
 
-__all__ = ["AggregateResult", "DuplicateMessageError", "SecAggServer"]
+__all__ = [
+    "AggregateResult",
+    "DuplicateMessageError",
+    "InvalidAggregateError",
+    "MisbehaviourError",
+    "SecAggServer",
+    "ShareVerificationError",
+]
 
-_SEED_BYTES = 32
 _KEY_BYTES = 32
 _KIND_SNAPSHOT = 11
 
 
 class DuplicateMessageError(ProtocolError):
     """A client sent a second message in one stage; the first one stands (a retry can be treated as done)."""
+
+
+class ShareVerificationError(IntegrityError):
+    """A client's unmask response reveals a key that does not open the ciphertext its owner dealt to it.
+
+    Attributes:
+        culprit: the client that sent the response.
+    """
+
+    def __init__(self, message: str, *, culprit: int) -> None:
+        super().__init__(message)
+        self.culprit = culprit
+
+
+class MisbehaviourError(RoundAbortedError):
+    """The round aborted because clients dealt shares that do not reconstruct what they committed to.
+
+    Attributes:
+        culprits: the clients at fault, increasing.
+    """
+
+    def __init__(self, message: str, *, culprits: tuple[int, ...]) -> None:
+        super().__init__(message)
+        self.culprits = culprits
+
+
+class InvalidAggregateError(RoundAbortedError):
+    """The decoded aggregate is outside what clipped, weighted inputs can sum to; nothing is published."""
 
 
 _AFTER_MASKED_INPUT = frozenset({Stage.CONSISTENCY_CHECK, Stage.UNMASK})
@@ -89,12 +147,15 @@ class AggregateResult:
         total_weight: sum of the survivors' weights.
         survivors: ids of the clients whose updates are in the sum.
         error_bound: per-coordinate bound on ``|mean() - exact weighted mean of clipped updates|``.
+        flagged: clients whose unmask response failed verification and was refused (the round completed
+            without what they revealed).
     """
 
     weighted_sum: npt.NDArray[np.float64] = field(repr=False)
     total_weight: int
     survivors: tuple[int, ...]
     error_bound: float
+    flagged: tuple[int, ...] = ()
 
     def mean(self) -> npt.NDArray[np.float64]:
         """The FedAvg mean ``weighted_sum / total_weight``."""
@@ -130,6 +191,10 @@ class SecAggServer:
         self._received: set[int] = set()
         self._keys: dict[int, AdvertiseKeys] = {}
         self._share_msgs: dict[int, ShareKeys] = {}
+        self._dealt: dict[int, dict[int, EncryptedShare]] = {}  # owner -> receiver -> ciphertexts
+        self._own_seed: dict[int, bytes] = {}  # responder -> its share of its own seed opening
+        self._opened: dict[int, dict[int, dict[int, bytes]]] = {SEED_SHARE: {}, KEY_SHARE: {}}
+        self._flagged: dict[int, str] = {}
         self._sum: npt.NDArray[np.unsignedinteger[Any]] | None = None
         self._signatures: dict[int, ConsistencySignature] = {}
         self._responses: dict[int, UnmaskResponse] = {}
@@ -174,6 +239,11 @@ class SecAggServer:
         """True when every eligible client has sent its message for the current stage."""
         return not self.pending()
 
+    def flagged(self) -> dict[int, str]:
+        """Clients whose messages failed verification against what they or their peers committed to, with a
+        fixed reason each (their messages were refused; this only records who)."""
+        return dict(self._flagged)
+
     def __repr__(self) -> str:
         return (
             f"SecAggServer(num_clients={self._params.num_clients}, stage={self._stage.name}, "
@@ -196,6 +266,8 @@ class SecAggServer:
             ProtocolError: wrong stage or type, another round, a sender not eligible in this stage, a
                 malformed share routing, or a repeated sender (:class:`DuplicateMessageError`).
             IntegrityError: an advertised key set is not signed by the sender's identity key.
+            ShareVerificationError: an unmask response reveals a key that does not open its ciphertext (the
+                sender is recorded in :meth:`flagged`).
         """
         if self._stage is Stage.ABORTED:
             raise RoundAbortedError("the round has aborted")
@@ -228,7 +300,9 @@ class SecAggServer:
             raise IntegrityError("encryption and mask keys must differ")
         verify_signature(
             self._roster[msg.sender],
-            signed_keys_payload(self._params.digest, msg.sender, msg.encryption_key, msg.mask_key),
+            signed_keys_payload(
+                self._params.digest, msg.sender, msg.encryption_key, msg.mask_key, msg.seed_commitment
+            ),
             msg.signature,
         )
         self._keys[msg.sender] = msg
@@ -238,6 +312,7 @@ class SecAggServer:
         if [s.receiver for s in msg.shares] != expected:
             raise ProtocolError("shares must go to exactly the sender's neighbours that advertised keys")
         self._share_msgs[msg.sender] = msg
+        self._dealt[msg.sender] = {s.receiver: s for s in msg.shares}
 
     def _receive_masked(self, msg: MaskedInput) -> None:
         if msg.modulus_bits != self._params.modulus_bits:
@@ -256,20 +331,41 @@ class SecAggServer:
 
     def _receive_unmask(self, msg: UnmaskResponse) -> None:
         v = msg.sender
-        want_seed = sorted(self._u3 & self._graph.holders(v))
+        want_seed = sorted(self._u3 & self._graph.neighbors(v))
         want_keys = sorted((self._u2 - self._u3) & self._graph.neighbors(v))
-        if [s.owner for s in msg.seed_shares] != want_seed or [s.owner for s in msg.key_shares] != want_keys:
+        if [s.owner for s in msg.seed_keys] != want_seed or [s.owner for s in msg.key_keys] != want_keys:
             raise ProtocolError("unmask response does not reveal exactly the requested shares")
+        if int.from_bytes(msg.own_seed_share, "big") >= FIELD_PRIME:
+            raise self._flag(v, "its own seed share is not a field element")
+        opened: dict[int, dict[int, bytes]] = {SEED_SHARE: {}, KEY_SHARE: {}}
+        for kind, revealed in ((SEED_SHARE, msg.seed_keys), (KEY_SHARE, msg.key_keys)):
+            for item in revealed:
+                dealt = self._dealt[item.owner][v]
+                sealed = dealt.seed_ciphertext if kind == SEED_SHARE else dealt.key_ciphertext
+                try:
+                    share = aead_decrypt(
+                        item.key, sealed, associated_data=share_ad(self._params.digest, item.owner, v, kind)
+                    )
+                except IntegrityError:
+                    raise self._flag(v, "a revealed key does not open the ciphertext it was dealt") from None
+                opened[kind][item.owner] = share
+        # Verified: only now does the response change state.
+        for kind, shares in opened.items():
+            for owner, share in shares.items():
+                self._opened[kind].setdefault(owner, {})[v] = share
+        self._own_seed[v] = msg.own_seed_share
         self._responses[v] = msg
+
+    def _flag(self, client: int, reason: str) -> ShareVerificationError:
+        self._flagged[client] = reason
+        return ShareVerificationError(f"client {client}: {reason}", culprit=client)
 
     # -- closing stages ----------------------------------------------------------------------------------
 
     def _abort(self, reason: str) -> RoundAbortedError:
         self._stage = Stage.ABORTED
         self._sum = None
-        self._responses.clear()
-        self._signatures.clear()
-        self._share_msgs.clear()
+        self._clear_secrets()
         self._outgoing.clear()
         self._eligible = frozenset()
         self._received.clear()
@@ -293,8 +389,10 @@ class SecAggServer:
         Raises:
             RoundAbortedError: too few clients remain (see the module docstring); nothing is revealed.
             ProtocolError: the round is already finished.
-            IntegrityError: reconstructed secrets do not match the advertised keys (corrupt shares); the
-                round is aborted.
+            MisbehaviourError: some clients dealt shares that do not reconstruct what they committed to; the
+                round is aborted and the error names them.
+            InvalidAggregateError: the decoded aggregate is outside what clipped, weighted inputs can sum to;
+                the round is aborted.
         """
         if self._stage is Stage.ABORTED:
             raise RoundAbortedError("the round has aborted")
@@ -364,6 +462,9 @@ class SecAggServer:
                 raise self._abort("too few clients revealed shares to remove every mask")
             try:
                 self._result = self._unmask(active)
+            except (MisbehaviourError, InvalidAggregateError) as exc:
+                self._abort(str(exc))
+                raise
             except (IntegrityError, ValidationError) as exc:
                 raise self._abort("reconstruction failed") from exc
             self._outgoing = {}
@@ -383,48 +484,83 @@ class SecAggServer:
         self._eligible = eligible
         self._received = set()
 
+    def _clear_secrets(self) -> None:
+        self._responses.clear()
+        self._signatures.clear()
+        self._share_msgs.clear()
+        self._dealt.clear()
+        self._own_seed.clear()
+        for opened in self._opened.values():
+            opened.clear()
+
+    def _reconstruct(self, owner: int, kind: int, length: int) -> bytes | None:
+        """The owner's secret from the first t verified shares (those it dealt first, then its own), or None
+        if they do not interpolate to a secret of ``length`` bytes (the owner dealt them that way)."""
+        shares = dict(self._opened[kind].get(owner, {}))
+        own = self._own_seed.get(owner) if kind == SEED_SHARE else None
+        if len(shares) < self._params.threshold and own is not None:
+            shares[owner] = own
+        try:
+            return reconstruct_secret(shares, threshold=self._params.threshold, secret_len=length)
+        except IntegrityError:
+            return None
+
     def _unmask(self, responders: frozenset[int]) -> AggregateResult:
         params = self._params
-        t = params.threshold
         digest = params.digest
         total = self._sum
         if total is None:  # pragma: no cover - U3 >= t >= 2 guarantees at least one masked input
             raise ProtocolError("no masked input")
-        seed_shares: dict[int, dict[int, bytes]] = {}
-        key_shares: dict[int, dict[int, bytes]] = {}
-        for v in sorted(responders):
-            resp = self._responses[v]
-            for s in resp.seed_shares:
-                seed_shares.setdefault(s.owner, {})[v] = s.share
-            for s in resp.key_shares:
-                key_shares.setdefault(s.owner, {})[v] = s.share
-        applier = MaskApplier(length=params.vector_length, dtype=working_dtype(params.modulus_bits))
+        openings: dict[int, bytes] = {}
+        keys: dict[int, AgreementKey] = {}
+        culprits: list[int] = []
         for u in sorted(self._u3):
-            seed = reconstruct_secret(seed_shares[u], threshold=t, secret_len=_SEED_BYTES)
-            applier.apply(total, self_mask_key(seed, digest), -1)
+            opening = self._reconstruct(u, SEED_SHARE, OPENING_BYTES)
+            if opening is None or seed_commitment(digest, u, opening) != self._keys[u].seed_commitment:
+                culprits.append(u)
+            else:
+                openings[u] = opening
         for u in sorted(self._u2 - self._u3):
-            peers = self._u3 & self._graph.neighbors(u)
-            if not peers:
+            if not self._u3 & self._graph.neighbors(u):
                 continue
-            raw = reconstruct_secret(key_shares[u], threshold=t, secret_len=_KEY_BYTES)
-            key = AgreementKey.dangerously_import_private_bytes(raw)
-            if key.public_bytes() != self._keys[u].mask_key:
-                raise IntegrityError("reconstructed mask key does not match the advertised key")
-            for v in sorted(peers):
+            raw = self._reconstruct(u, KEY_SHARE, _KEY_BYTES)
+            key = None if raw is None else AgreementKey.dangerously_import_private_bytes(raw)
+            if key is None or key.public_bytes() != self._keys[u].mask_key:
+                culprits.append(u)
+            else:
+                keys[u] = key
+        if culprits:
+            raise MisbehaviourError(
+                f"shares dealt by clients {sorted(culprits)} do not reconstruct what they committed to",
+                culprits=tuple(sorted(culprits)),
+            )
+        applier = MaskApplier(length=params.vector_length, dtype=working_dtype(params.modulus_bits))
+        for opening in openings.values():
+            applier.apply(total, self_mask_key(seed_of(opening), digest), -1)
+        for u, key in keys.items():
+            for v in sorted(self._u3 & self._graph.neighbors(u)):
                 seed = key.derive(self._keys[v].mask_key, info=pairwise_info(u, v), salt=digest)
                 applier.apply(total, seed, -pairwise_sign(v, u))
         self.mask_bytes_generated += applier.generated_bytes
         codec = params.codec()
         weighted_sum, total_weight = codec.decode_sum(total)
-        if total_weight < 1:
-            raise IntegrityError("decoded total weight is not positive")
         survivors = tuple(sorted(self._u3))
-        bound = codec.mean_error_bound(survivors=len(survivors), total_weight=total_weight)
+        m = len(survivors)
+        if not m <= total_weight <= m * params.max_weight:
+            raise InvalidAggregateError(
+                "decoded total weight is outside survivors..survivors x max_weight: an input was not a "
+                "clipped, weighted update"
+            )
+        bound = codec.mean_error_bound(survivors=m, total_weight=total_weight)
+        outside = int(np.count_nonzero(np.abs(weighted_sum / float(total_weight)) > params.clip + bound))
+        if outside:
+            raise InvalidAggregateError(
+                f"{outside} of {params.dim} decoded mean coordinates exceed clip plus the error bound: an "
+                "input was not a clipped, weighted update"
+            )
         self._sum = None
-        self._share_msgs.clear()
-        self._signatures.clear()
-        self._responses.clear()
-        return AggregateResult(weighted_sum, total_weight, survivors, bound)
+        self._clear_secrets()
+        return AggregateResult(weighted_sum, total_weight, survivors, bound, tuple(sorted(self._flagged)))
 
     # -- outputs -----------------------------------------------------------------------------------------
 

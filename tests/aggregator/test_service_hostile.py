@@ -259,13 +259,17 @@ def test_hostile_participant_is_rejected_and_honest_round_completes(tmp_path: Pa
             await expect(grpc.StatusCode.RESOURCE_EXHAUSTED, stub.AdvertiseKeys(msg(b"\x00" * (100 * 1024))))
             await expect(grpc.StatusCode.RESOURCE_EXHAUSTED, stub.AdvertiseKeys(msg(b"\x00" * (300 * 1024))))
             # Claiming another participant's identity inside the message.
-            forged = AdvertiseKeys(params.round_id, other, os.urandom(32), os.urandom(32), os.urandom(64))
+            forged = AdvertiseKeys(
+                params.round_id, other, os.urandom(32), os.urandom(32), os.urandom(32), os.urandom(64)
+            )
             msg_text = await expect(
                 grpc.StatusCode.PERMISSION_DENIED, stub.AdvertiseKeys(msg(forged.to_bytes()))
             )
             assert msg_text == "not a participant of this stage"
             # A key set not signed by this device's identity key.
-            unsigned = AdvertiseKeys(params.round_id, index, os.urandom(32), os.urandom(32), os.urandom(64))
+            unsigned = AdvertiseKeys(
+                params.round_id, index, os.urandom(32), os.urandom(32), os.urandom(32), os.urandom(64)
+            )
             await expect(grpc.StatusCode.INVALID_ARGUMENT, stub.AdvertiseKeys(msg(unsigned.to_bytes())))
             # A round id that is not the current round.
             good = client.advertise_keys().to_bytes()

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
+from fedfer.security.crypto import aead_decrypt
 from fedfer.security.errors import FedferError, ValidationError
 from fedfer.security.keys import AgreementKey, IdentityKey
 from fedfer.security.quantize import working_dtype
@@ -42,7 +43,17 @@ from fedfer.security.secagg import (
     UnmaskRequest,
     decode_message,
 )
-from fedfer.security.secagg._derive import MaskApplier, pairwise_info, pairwise_sign, self_mask_key
+from fedfer.security.secagg._derive import (
+    KEY_SHARE,
+    OPENING_BYTES,
+    SEED_SHARE,
+    MaskApplier,
+    pairwise_info,
+    pairwise_sign,
+    seed_of,
+    self_mask_key,
+    share_ad,
+)
 from fedfer.security.secagg.messages import consistency_payload
 from fedfer.security.shamir import reconstruct_secret
 from tests.privacy.attacks import (
@@ -106,8 +117,11 @@ class RoundView:
             msg = _wire(client.advertise_keys())
             self.advertised[cid] = msg
             self.server.receive(msg)
+        self.dealt: dict[int, dict[int, object]] = {}  # owner -> holder -> the ciphertexts the server routed
         for cid, m in self.server.close_stage().items():
-            self.server.receive(_wire(self.clients[cid].share_keys(_wire(m))))
+            sent = _wire(self.clients[cid].share_keys(_wire(m)))
+            self.dealt[cid] = {s.receiver: s for s in sent.shares}
+            self.server.receive(sent)
         self.masked: dict[int, np.ndarray] = {}
         for cid, m in self.server.close_stage().items():
             upload = _wire(self.clients[cid].masked_input(_wire(m), update=updates[cid], weight=1))
@@ -165,15 +179,24 @@ class RoundView:
                 continue
             outcome[cid] = "revealed"
             self.revealed[cid] = (
-                {s.owner: s.share for s in response.seed_shares},
-                {s.owner: s.share for s in response.key_shares},
+                {s.owner: self.open_share(s.owner, cid, s.key, SEED_SHARE) for s in response.seed_keys}
+                | {cid: response.own_seed_share},
+                {s.owner: self.open_share(s.owner, cid, s.key, KEY_SHARE) for s in response.key_keys},
             )
         return outcome
 
+    def open_share(self, owner: int, holder: int, key: bytes, kind: int) -> bytes:
+        """Decrypt, as the server can once it holds ``key``, the share ``owner`` dealt ``holder``."""
+        dealt = self.dealt[owner][holder]
+        sealed = dealt.seed_ciphertext if kind == SEED_SHARE else dealt.key_ciphertext  # type: ignore[attr-defined]
+        return aead_decrypt(key, sealed, associated_data=share_ad(self.params.digest, owner, holder, kind))
+
     def shares_of(self, target: int, colluders: list[int]) -> tuple[dict[int, bytes], dict[int, bytes]]:
-        """Every share of ``target``'s self-mask seed and mask key the coalition now holds."""
-        seed = {c: self.clients[c]._held[target][0] for c in colluders}
-        keys = {c: self.clients[c]._held[target][1] for c in colluders}
+        """Every share of ``target``'s seed opening and mask key the coalition now holds (a colluder hands
+        over the keys it holds, which open the ciphertexts the server routed)."""
+        held = {c: self.clients[c]._held[target] for c in colluders}
+        seed = {c: self.open_share(target, c, k[0], SEED_SHARE) for c, k in held.items()}
+        keys = {c: self.open_share(target, c, k[1], KEY_SHARE) for c, k in held.items()}
         for cid, (seeds, mask_keys) in self.revealed.items():
             if target in seeds:
                 seed[cid] = seeds[target]
@@ -207,7 +230,8 @@ class RoundView:
     ) -> np.ndarray:
         """With t shares of both secrets: the target's decoded update."""
         stripped = self.strip_pairwise(target, key_shares)
-        seed = reconstruct_secret(seed_shares, threshold=self.params.threshold, secret_len=32)
+        opening = reconstruct_secret(seed_shares, threshold=self.params.threshold, secret_len=OPENING_BYTES)
+        seed = seed_of(opening)
         decoded, weight = self.params.codec().decode_sum(self.strip_self_mask(stripped, seed))
         assert weight == 1
         return decoded
@@ -342,7 +366,7 @@ def test_server_with_t_minus_1_colluders_learns_nothing(
     stripped = view.strip_pairwise(TARGET, key_shares)
     assert len(seed_shares) == threshold - 1
     with pytest.raises(ValidationError):
-        reconstruct_secret(seed_shares, threshold=threshold, secret_len=32)
+        reconstruct_secret(seed_shares, threshold=threshold, secret_len=OPENING_BYTES)
     # Every seed is equally consistent with t-1 shares, so the coalition can only guess one.
     guess = view.strip_self_mask(stripped, os.urandom(32))
     chi2 = _chi2_bytes(stripped)

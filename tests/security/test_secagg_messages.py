@@ -18,7 +18,7 @@ from fedfer.security.secagg import (
     KeysBroadcast,
     MalformedMessageError,
     MaskedInput,
-    RevealedShare,
+    RevealedKey,
     SecAggParams,
     ShareKeys,
     SharesBroadcast,
@@ -33,23 +33,32 @@ RID = b"R" * 32
 
 
 def _adv(sender: int) -> AdvertiseKeys:
-    return AdvertiseKeys(RID, sender, os.urandom(32), os.urandom(32), os.urandom(64))
+    return AdvertiseKeys(RID, sender, os.urandom(32), os.urandom(32), os.urandom(32), os.urandom(64))
+
+
+def _ct() -> bytes:
+    return os.urandom(SHARE_CIPHERTEXT_BYTES)
 
 
 def _samples() -> list:
-    share = EncryptedShare(1, 2, os.urandom(SHARE_CIPHERTEXT_BYTES))
+    share = EncryptedShare(1, 2, _ct(), _ct())
     return [
         _adv(3),
         KeysBroadcast(RID, 2, (_adv(1), _adv(2), _adv(5))),
-        ShareKeys(RID, 1, (share, EncryptedShare(1, 4, os.urandom(SHARE_CIPHERTEXT_BYTES)))),
-        SharesBroadcast(RID, 2, (share, EncryptedShare(3, 2, os.urandom(SHARE_CIPHERTEXT_BYTES)))),
+        ShareKeys(RID, 1, (share, EncryptedShare(1, 4, _ct(), _ct()))),
+        SharesBroadcast(RID, 2, (share, EncryptedShare(3, 2, _ct(), _ct()))),
+        UnmaskResponse(
+            RID, 2, os.urandom(66), (RevealedKey(1, os.urandom(32)),), (RevealedKey(4, b"k" * 32),)
+        ),
         MaskedInput(RID, 7, 32, np.arange(10, dtype=np.uint32) * 400_000_000),
         ConsistencyRequest(RID, 2, (1, 2, 9, 17)),
         ConsistencySignature(RID, 9, os.urandom(64)),
         UnmaskRequest(
             RID, 2, (1, 2, 9), (4,), (SignedSurvivors(1, os.urandom(64)), SignedSurvivors(9, b"s" * 64))
         ),
-        UnmaskResponse(RID, 2, (RevealedShare(1, os.urandom(66)), RevealedShare(2, os.urandom(66))), ()),
+        UnmaskResponse(
+            RID, 2, os.urandom(66), (RevealedKey(1, os.urandom(32)), RevealedKey(3, os.urandom(32))), ()
+        ),
     ]
 
 
@@ -60,7 +69,7 @@ SAMPLES = len(_samples())
 def test_round_trip_is_exact_and_canonical(index):
     msg = _samples()[index]
     data = msg.to_bytes()
-    assert data[:4] == b"FSA\x02"
+    assert data[:4] == b"FSA\x03"
     back = decode_message(data)
     assert type(back) is type(msg)
     assert back.to_bytes() == data
@@ -70,7 +79,7 @@ def test_round_trip_is_exact_and_canonical(index):
     with pytest.raises(MalformedMessageError):
         decode_message(data[:-1])  # truncated
     with pytest.raises(MalformedMessageError):
-        decode_message(b"FSA\x01" + data[4:])  # an older, incompatible version
+        decode_message(b"FSA\x02" + data[4:])  # an older, incompatible version
     other = _samples()[(index + 1) % SAMPLES]
     with pytest.raises(MalformedMessageError):
         type(other).from_bytes(data)  # wrong kind
@@ -87,13 +96,15 @@ def test_malformed_is_both_protocol_and_validation_error():
 
 def test_exact_field_types_are_enforced():
     with pytest.raises(MalformedMessageError):
-        AdvertiseKeys(RID, True, b"a" * 32, b"b" * 32, b"s" * 64)  # bool is not an id
+        AdvertiseKeys(RID, True, b"a" * 32, b"b" * 32, b"c" * 32, b"s" * 64)  # bool is not an id
     with pytest.raises(MalformedMessageError):
-        AdvertiseKeys(RID, 0, b"a" * 32, b"b" * 32, b"s" * 64)
+        AdvertiseKeys(RID, 0, b"a" * 32, b"b" * 32, b"c" * 32, b"s" * 64)
     with pytest.raises(MalformedMessageError):
-        AdvertiseKeys(RID, 1, bytearray(32), b"b" * 32, b"s" * 64)  # type: ignore[arg-type]
+        AdvertiseKeys(RID, 1, bytearray(32), b"b" * 32, b"c" * 32, b"s" * 64)  # type: ignore[arg-type]
     with pytest.raises(MalformedMessageError):
-        AdvertiseKeys(b"short", 1, b"a" * 32, b"b" * 32, b"s" * 64)
+        AdvertiseKeys(RID, 1, b"a" * 32, b"b" * 32, b"c" * 31, b"s" * 64)  # short seed commitment
+    with pytest.raises(MalformedMessageError):
+        AdvertiseKeys(b"short", 1, b"a" * 32, b"b" * 32, b"c" * 32, b"s" * 64)
     with pytest.raises(MalformedMessageError):
         KeysBroadcast(RID, 1, [_adv(1)])  # type: ignore[arg-type]  # list, not tuple
     with pytest.raises(MalformedMessageError):
@@ -103,11 +114,13 @@ def test_exact_field_types_are_enforced():
     with pytest.raises(MalformedMessageError):
         KeysBroadcast(b"Q" * 32, 1, (_adv(1),))  # entry of another round
     with pytest.raises(MalformedMessageError):
-        EncryptedShare(1, 1, b"x" * SHARE_CIPHERTEXT_BYTES)  # to itself
+        EncryptedShare(1, 1, _ct(), _ct())  # to itself
     with pytest.raises(MalformedMessageError):
-        ShareKeys(RID, 2, (EncryptedShare(1, 3, b"x" * SHARE_CIPHERTEXT_BYTES),))  # foreign sender
+        EncryptedShare(1, 2, _ct(), _ct()[:-1])  # short key-share ciphertext
     with pytest.raises(MalformedMessageError):
-        SharesBroadcast(RID, 2, (EncryptedShare(1, 3, b"x" * SHARE_CIPHERTEXT_BYTES),))  # misaddressed
+        ShareKeys(RID, 2, (EncryptedShare(1, 3, _ct(), _ct()),))  # foreign sender
+    with pytest.raises(MalformedMessageError):
+        SharesBroadcast(RID, 2, (EncryptedShare(1, 3, _ct(), _ct()),))  # misaddressed
     with pytest.raises(MalformedMessageError):
         UnmaskRequest(RID, 1, (1, 2), (2,), ())  # both survivor and dropped
     with pytest.raises(MalformedMessageError):
@@ -126,7 +139,13 @@ def test_exact_field_types_are_enforced():
     with pytest.raises(MalformedMessageError):
         ConsistencySignature(RID, 1, bytearray(64))  # type: ignore[arg-type]
     with pytest.raises(MalformedMessageError):
-        UnmaskResponse(RID, 1, (RevealedShare(3, b"s" * 66),), (RevealedShare(3, b"k" * 66),))
+        UnmaskResponse(RID, 1, b"o" * 66, (RevealedKey(3, b"s" * 32),), (RevealedKey(3, b"k" * 32),))
+    with pytest.raises(MalformedMessageError):
+        UnmaskResponse(RID, 1, b"o" * 66, (RevealedKey(1, b"s" * 32),), ())  # its own share travels apart
+    with pytest.raises(MalformedMessageError):
+        UnmaskResponse(RID, 1, b"o" * 65, (), ())
+    with pytest.raises(MalformedMessageError):
+        RevealedKey(2, b"k" * 31)
     with pytest.raises(MalformedMessageError):
         MaskedInput(RID, 1, 32, np.zeros(5, dtype=np.int64))
     with pytest.raises(MalformedMessageError):

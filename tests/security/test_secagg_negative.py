@@ -15,11 +15,11 @@ from fedfer.security.secagg import (
     ConsistencyRequest,
     ConsistencySignature,
     DuplicateMessageError,
-    EncryptedShare,
     KeysBroadcast,
     MaskedInput,
     ShareKeys,
     SharesBroadcast,
+    ShareVerificationError,
     SignedSurvivors,
     Stage,
     UnmaskRequest,
@@ -77,7 +77,13 @@ def _finish_and_check(rnd, updates, weights, survivors):
 
 
 def _secrets_gone(client) -> bool:
-    return client._seed is None and client._mask_key is None and not client._held and not client._aead_keys
+    return (
+        client._opening is None
+        and client._mask_key is None
+        and client._own_shares is None
+        and not client._held
+        and not client._pair_secrets
+    )
 
 
 def _to_masked_stage(rnd):
@@ -159,7 +165,7 @@ def test_shares_to_missing_or_extra_receivers_are_rejected(inputs):
         1,
         tuple(
             sorted(
-                (*msg.shares, EncryptedShare(1, stranger, msg.shares[0].ciphertext)), key=lambda s: s.receiver
+                (*msg.shares, dataclasses.replace(msg.shares[0], receiver=stranger)), key=lambda s: s.receiver
             )
         ),
     )
@@ -189,7 +195,7 @@ def test_messages_from_non_participants_are_rejected(rnd, inputs):
     assert 6 not in out
     with pytest.raises(ProtocolError):
         server.receive(ShareKeys(rnd.params.round_id, 6, ()))  # dropped client cannot rejoin
-    foreign = AdvertiseKeys(rnd.params.round_id, 99, b"a" * 32, b"b" * 32, b"s" * 64)
+    foreign = AdvertiseKeys(rnd.params.round_id, 99, b"a" * 32, b"b" * 32, b"c" * 32, b"s" * 64)
     with pytest.raises(ProtocolError):
         rnd.server.receive(foreign)
     for cid, m in out.items():
@@ -255,9 +261,8 @@ def test_tampered_share_ciphertext_aborts_only_that_client(rnd, inputs):
     def tamper(stage, cid, msg):
         if stage == "masked" and cid == 4:
             first = msg.shares[0]
-            return SharesBroadcast(
-                msg.round_id, 4, (EncryptedShare(first.sender, 4, _flip(first.ciphertext)), *msg.shares[1:])
-            )
+            flipped = dataclasses.replace(first, key_ciphertext=_flip(first.key_ciphertext))
+            return SharesBroadcast(msg.round_id, 4, (flipped, *msg.shares[1:]))
         return msg
 
     errors: dict = {}
@@ -283,7 +288,7 @@ def test_share_redirected_to_another_client_is_detected(rnd, inputs):
     forged = SharesBroadcast(
         out[3].round_id,
         3,
-        tuple(EncryptedShare(1, 3, stolen.ciphertext) if s.sender == 1 else s for s in out[3].shares),
+        tuple(dataclasses.replace(stolen, receiver=3) if s.sender == 1 else s for s in out[3].shares),
     )
     with pytest.raises(IntegrityError):
         rnd.clients[3].masked_input(forged, update=updates[3], weight=weights[3])
@@ -303,10 +308,7 @@ def test_share_replayed_from_an_earlier_round_is_detected(inputs):
     replayed = SharesBroadcast(
         new.params.round_id,
         2,
-        tuple(
-            EncryptedShare(s.sender, 2, next(o for o in old_out[2].shares if o.sender == s.sender).ciphertext)
-            for s in new_out[2].shares
-        ),
+        tuple(next(o for o in old_out[2].shares if o.sender == s.sender) for s in new_out[2].shares),
     )
     with pytest.raises(IntegrityError):
         new.clients[2].masked_input(replayed, update=updates[2], weight=weights[2])
@@ -340,9 +342,11 @@ def test_bad_signature_is_rejected_by_server(rnd):
     with pytest.raises(IntegrityError):
         rnd.server.receive(forged)
     impostor = IdentityKey.generate()  # signs client 1's keys, but is not client 1's registered identity
-    payload = signed_keys_payload(rnd.params.digest, 1, adv.encryption_key, adv.mask_key)
+    payload = signed_keys_payload(rnd.params.digest, 1, adv.encryption_key, adv.mask_key, adv.seed_commitment)
     with pytest.raises(IntegrityError):
         rnd.server.receive(dataclasses.replace(adv, signature=impostor.sign(payload)))
+    with pytest.raises(IntegrityError):  # the signature covers the seed commitment too
+        rnd.server.receive(dataclasses.replace(adv, seed_commitment=bytes(32)))
     rnd.server.receive(adv)
     assert rnd.server.received() == frozenset({1})
 
@@ -357,8 +361,10 @@ def test_server_substituting_a_neighbours_keys_is_caught_by_the_client(rnd, inpu
     mitm = IdentityKey.generate()
     entry = out[1].entries[1]
     fake_enc, fake_mask = b"\x09" * 32, b"\x0a" * 32
-    sig = mitm.sign(signed_keys_payload(rnd.params.digest, entry.sender, fake_enc, fake_mask))
-    fake_entry = AdvertiseKeys(entry.round_id, entry.sender, fake_enc, fake_mask, sig)
+    sig = mitm.sign(
+        signed_keys_payload(rnd.params.digest, entry.sender, fake_enc, fake_mask, entry.seed_commitment)
+    )
+    fake_entry = AdvertiseKeys(entry.round_id, entry.sender, fake_enc, fake_mask, entry.seed_commitment, sig)
     forged = KeysBroadcast(out[1].round_id, 1, (out[1].entries[0], fake_entry, *out[1].entries[2:]))
     with pytest.raises(IntegrityError):
         rnd.clients[1].share_keys(forged)
@@ -452,9 +458,11 @@ def test_unmask_response_revealing_the_wrong_shares_is_rejected(rnd, inputs):
     out = _to_unmask_stage(rnd, updates, weights, skip=(6,))
     good = rnd.clients[1].unmask(out[1])
     with pytest.raises(ProtocolError):
-        rnd.server.receive(UnmaskResponse(good.round_id, 1, good.seed_shares[1:], good.key_shares))
+        rnd.server.receive(
+            UnmaskResponse(good.round_id, 1, good.own_seed_share, good.seed_keys[1:], good.key_keys)
+        )
     with pytest.raises(ProtocolError):
-        rnd.server.receive(UnmaskResponse(good.round_id, 1, good.seed_shares, ()))
+        rnd.server.receive(UnmaskResponse(good.round_id, 1, good.own_seed_share, good.seed_keys, ()))
     rnd.server.receive(good)
     for cid in (2, 3, 4, 5):
         rnd.server.receive(rnd.clients[cid].unmask(out[cid]))
@@ -463,17 +471,23 @@ def test_unmask_response_revealing_the_wrong_shares_is_rejected(rnd, inputs):
     assert np.max(np.abs(rnd.server.result().mean() - mean)) <= rnd.server.result().error_bound
 
 
-def test_corrupted_key_share_is_detected_at_reconstruction(rnd, inputs):
+def test_revealed_keys_that_open_nothing_are_refused_and_too_few_left_aborts(rnd, inputs):
     updates, weights = inputs
     out = _to_unmask_stage(rnd, updates, weights, skip=(6,))
     for cid in range(1, 6):
         resp = rnd.clients[cid].unmask(out[cid])
-        if cid <= 3:  # the first t responders' shares of client 6's mask key are used: corrupt one
-            bad = resp.key_shares[0]
-            flipped = (int.from_bytes(bad.share, "big") ^ 1).to_bytes(66, "big")
-            resp = dataclasses.replace(resp, key_shares=(dataclasses.replace(bad, share=flipped),))
+        if cid <= 3:  # three of five holders lie about the key of client 6's mask-key share
+            bad = resp.key_keys[0]
+            flipped = bytes([bad.key[0] ^ 1]) + bad.key[1:]
+            resp = dataclasses.replace(resp, key_keys=(dataclasses.replace(bad, key=flipped),))
+            with pytest.raises(ShareVerificationError) as info:
+                rnd.server.receive(resp)
+            assert info.value.culprit == cid
+            continue
         rnd.server.receive(resp)
-    with pytest.raises(RoundAbortedError):
+    assert set(rnd.server.flagged()) == {1, 2, 3}
+    assert rnd.server.received() == {4, 5}  # the lies changed nothing
+    with pytest.raises(RoundAbortedError):  # two honest answers are below t = 3: nothing is revealed
         rnd.server.close_stage()
     assert rnd.server.stage is Stage.ABORTED
 
