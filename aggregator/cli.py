@@ -3,6 +3,7 @@
 Commands::
 
     fedfer-aggregator init DIR [--listen HOST:PORT] [--min-clients N] ...
+    fedfer-aggregator create-storage DIR                             # after pointing [storage] url elsewhere
     fedfer-aggregator token DIR [--label TEXT] [--ttl-hours H]       # prints one one-time token
     fedfer-aggregator import-model DIR FILE.npz                      # publishes an initial central v
     fedfer-aggregator serve --config DIR/aggregator.toml [--enroll-listen HOST:PORT] [--rounds N] ...
@@ -46,7 +47,7 @@ from fedfer.aggregator.rounds import RoundCoordinator, RoundSettings
 from fedfer.aggregator.secret_files import write_public_file
 from fedfer.aggregator.server import ServerTls, build_server, serve_forever
 from fedfer.aggregator.service import EdgeLimits
-from fedfer.aggregator.storage import open_storage
+from fedfer.aggregator.storage import open_storage, redact_url
 from fedfer.security.errors import FedferError, ValidationError
 
 __all__ = ["GRPC_CIPHER_ENV", "TLS13_ONLY_CIPHERS", "build_parser", "main", "round_settings"]
@@ -84,6 +85,8 @@ def round_settings(config: AggregatorConfig, args: argparse.Namespace) -> RoundS
         masked_s=float(d.masked_input_s),
         consistency_s=float(d.consistency_check_s),
         unmask_s=float(d.unmask_s),
+        straggler_grace_s=float(r.straggler_grace_s),
+        budget_s=float(r.budget_s),
         rounds=int(args.rounds),
         clip=float(args.clip),
         max_weight=int(args.max_weight),
@@ -113,7 +116,9 @@ async def _serve(args: argparse.Namespace) -> int:
         latest = registry.latest()
         dim = latest.num_parameters if latest is not None else int(args.max_dim)
         limits = EdgeLimits.for_dimension(
-            dim=max(dim, int(args.max_dim)), max_message_bytes=config.max_message_bytes
+            dim=max(dim, int(args.max_dim)),
+            max_message_bytes=config.max_message_bytes,
+            max_clients=settings.max_clients,
         )
         lease = LeaderLease(storage, cohort=settings.cohort, ttl_s=float(args.lease_ttl_s))
         # The coordinator takes over an interrupted round only once it holds the lease; until then (a
@@ -135,7 +140,7 @@ async def _serve(args: argparse.Namespace) -> int:
         if args.ports_file:
             write_public_file(args.ports_file, json.dumps(ports).encode())
         print(json.dumps({"ready": True, **ports}), flush=True)
-        await serve_forever(running, coordinator)
+        await serve_forever(running, coordinator, response_retention_s=float(args.response_retention_s))
     finally:
         storage.close()
     return 0
@@ -153,9 +158,19 @@ def _cmd_init(args: argparse.Namespace) -> int:
         secagg_plus=not args.complete_graph,
         neighbours=args.neighbours,
         deadlines=deadlines,
+        straggler_grace_s=args.straggler_grace_s,
+        budget_s=args.round_budget_s,
     )
     config = init_deployment(args.dir, listen=args.listen, rounds=rounds)
     print(f"deployment created: {config.source} (give devices {config.tls.ca_cert})")
+    return 0
+
+
+def _cmd_create_storage(args: argparse.Namespace) -> int:
+    config = load_config(_config_path(args.dir))
+    with open_storage(config.storage_url, create=True) as storage:
+        version = storage.schema_version()
+    print(f"storage ready: {redact_url(config.storage_url)} (schema version {version})")
     return 0
 
 
@@ -229,7 +244,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--complete-graph", action="store_true", help="plain SecAgg instead of SecAgg+")
     p.add_argument("--neighbours", type=int, default=None, help="SecAgg+ degree (default: O(log n))")
     p.add_argument("--deadline-s", type=float, default=60.0, help="deadline of every protocol stage")
+    p.add_argument(
+        "--straggler-grace-s",
+        type=float,
+        default=10.0,
+        help="a device answering this much after half the others is a straggler for the rest of the round",
+    )
+    p.add_argument(
+        "--round-budget-s", type=float, default=600.0, help="overall time budget of a round's protocol stages"
+    )
     p.set_defaults(handler=_cmd_init)
+
+    p = sub.add_parser(
+        "create-storage", help="create the schema in the configured database (after editing [storage] url)"
+    )
+    p.add_argument("dir")
+    p.set_defaults(handler=_cmd_create_storage)
 
     p = sub.add_parser("token", help="print a one-time enrollment token")
     p.add_argument("dir")
@@ -263,6 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="coordinator lease lifetime: a standby takes over at most this long after the leader died",
     )
     p.add_argument("--ports-file", type=Path, default=None, help="write the bound ports here as JSON")
+    p.add_argument(
+        "--response-retention-s",
+        type=float,
+        default=3600.0,
+        help="idempotency records (stored answers to request ids) are deleted after this long",
+    )
     p.add_argument("--rounds", type=int, default=0, help="stop after this many published rounds (0 = never)")
     p.add_argument("--checkin-s", type=float, default=5.0, help="check-in window once min clients joined")
     p.add_argument("--clip", type=float, default=1.0, help="clip each update coordinate to [-clip, clip]")

@@ -119,6 +119,10 @@ class RoundConfig:
         secagg_plus: Use the SecAgg+ sparse neighbour graph instead of the complete graph.
         neighbours: SecAgg+ graph degree; None chooses it from the number of clients.
         deadlines: Per-stage deadlines.
+        straggler_grace_s: A device whose message of a stage comes more than this after half of that stage's
+            messages is a straggler for the rest of the round; later stages wait at most this long for it once
+            every other device has answered.
+        budget_s: Overall time budget of a round's protocol stages (no stage deadline runs past it).
     """
 
     min_clients: int = 8
@@ -128,6 +132,8 @@ class RoundConfig:
     secagg_plus: bool = True
     neighbours: int | None = None
     deadlines: StageDeadlines = field(default_factory=StageDeadlines)
+    straggler_grace_s: float = 10.0
+    budget_s: float = 600.0
 
     def __post_init__(self) -> None:
         _int("rounds.min_clients", self.min_clients, low=2)
@@ -145,6 +151,8 @@ class RoundConfig:
                 raise ConfigError("rounds.neighbours: only meaningful with secagg_plus = true")
         if not isinstance(self.deadlines, StageDeadlines):
             raise ConfigError("rounds.deadlines: must be a table of stage deadlines")
+        _seconds("rounds.straggler_grace_s", self.straggler_grace_s)
+        _seconds("rounds.budget_s", self.budget_s)
 
     def threshold_for(self, num_clients: int) -> int:
         """Return the Shamir threshold for a round of ``num_clients`` clients.
@@ -276,6 +284,8 @@ class AggregatorConfig:
             f"threshold_fraction = {float(r.threshold_fraction)!r}",
             f"secagg_plus = {'true' if r.secagg_plus else 'false'}",
             *([f"neighbours = {r.neighbours}"] if r.neighbours is not None else []),
+            f"straggler_grace_s = {float(r.straggler_grace_s)!r}",
+            f"budget_s = {float(r.budget_s)!r}",
             "",
             "[rounds.deadlines]",
             *(f"{f.name} = {float(getattr(d, f.name))!r}" for f in fields(d)),
@@ -354,6 +364,8 @@ def load_config(path: str | os.PathLike[str]) -> AggregatorConfig:
             "secagg_plus",
             "neighbours",
             "deadlines",
+            "straggler_grace_s",
+            "budget_s",
         ],
     )
     enrollment = _table(data, "enrollment", ["certificate_validity_days", "token_ttl_hours"])
@@ -471,8 +483,8 @@ def init_deployment(
     write_public_file(config.tls.ca_cert, ca.certificate_pem)
     write_secret_file(config.tls.server_key, server.private_key.dangerously_export_pem())
     write_public_file(config.tls.server_cert, server.certificate_pem)
-    with open_storage(config.storage_url, now=when):
-        pass  # create and migrate the schema now, so `serve` starts on a ready database
+    with open_storage(config.storage_url, now=when, create=True):
+        pass  # create and migrate the schema now; every later command refuses a database without it
     write_secret_file(config_path, config.to_toml().encode("utf-8"))
     return load_config(config_path)
 

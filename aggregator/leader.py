@@ -28,13 +28,18 @@ from collections.abc import Callable
 from fedfer.aggregator.storage import Storage, StorageError
 from fedfer.security.errors import FedferError, ValidationError
 
-__all__ = ["LeaderLease", "LeadershipLostError", "new_replica_id"]
+__all__ = ["LeaderLease", "LeadershipLostError", "LeaseExpiredError", "new_replica_id"]
 
 _log = logging.getLogger(__name__)
 
 
 class LeadershipLostError(FedferError):
     """This replica no longer holds the coordinator lease (another replica leads, or renewal kept failing)."""
+
+
+class LeaseExpiredError(LeadershipLostError):
+    """Renewals failed (storage unavailable, say a full disk) until this replica's lease ran out, and no other
+    replica was seen holding it: this replica must stop leading, but may lead again once storage is back."""
 
 
 def new_replica_id() -> str:
@@ -128,15 +133,18 @@ class LeaderLease:
         """Renew the lease when a renewal is due; call at least every :attr:`renew_s` while leading.
 
         Raises:
-            LeadershipLostError: another replica holds the lease, or renewals failed until it ran out.
+            LeadershipLostError: another replica holds the lease.
+            LeaseExpiredError: renewals failed (storage unavailable) until the lease ran out.
         """
         if self._clock() - self._renewed < self.renew_s:
             return
         if self.try_acquire():
             return
-        if self._holder != self.owner or not self.held:
+        if self._holder != self.owner:
             self._expires = 0.0
             raise LeadershipLostError("lost the coordinator lease")
+        if not self.held:
+            raise LeaseExpiredError("the coordinator lease ran out while storage was unavailable")
 
     def release(self) -> None:
         """Give the lease up (clean shutdown), so a standby can take over without waiting for the expiry."""

@@ -51,20 +51,27 @@ import logging
 import math
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
-from fedfer.aggregator.leader import LeaderLease, LeadershipLostError
+from fedfer.aggregator.leader import LeaderLease, LeadershipLostError, LeaseExpiredError
 from fedfer.aggregator.registry import ModelRegistry
-from fedfer.aggregator.storage import ConflictError, RoundRecord, Storage
+from fedfer.aggregator.storage import ConflictError, RoundRecord, Storage, StorageUnavailableError
 from fedfer.security.errors import FedferError, ProtocolError, RoundAbortedError, ValidationError
 from fedfer.security.secagg.graph import NeighbourGraph
 from fedfer.security.secagg.messages import STAGE_MESSAGE, Message
 from fedfer.security.secagg.params import SecAggParams, default_neighbors, default_threshold
-from fedfer.security.secagg.server import SecAggServer
+from fedfer.security.secagg.server import (
+    AggregateResult,
+    InvalidAggregateError,
+    MisbehaviourError,
+    SecAggServer,
+    ShareVerificationError,
+)
 from fedfer.security.secagg.stage import COLLECTING, Stage
 
 __all__ = [
@@ -79,6 +86,8 @@ __all__ = [
 ]
 
 _log = logging.getLogger(__name__)
+T = TypeVar("T")
+_STORAGE_RETRY_S = 0.5  # between attempts at a write the storage refused for now (a full disk)
 
 
 def _following(stage: Stage) -> Stage:
@@ -120,6 +129,10 @@ class _HandedOver(FedferError):
     """The coordinator stopped and leaves the round in progress to the next leader."""
 
 
+class _BudgetSpent(RoundAbortedError):
+    """A stage would start after the round's time budget ran out."""
+
+
 class NotLeaderError(FedferError):
     """This replica is a standby (or lost the lease): another replica coordinates the rounds."""
 
@@ -147,6 +160,12 @@ class RoundSettings:
             default (O(log n)), else an even k >= 2 (capped at n - 1).
         checkin_s: how long check-in stays open once ``min_clients`` joined.
         advertise_s, share_s, masked_s, consistency_s, unmask_s: per-stage deadlines in seconds.
+        straggler_grace_s: a device whose message of a stage arrives more than this after half of that
+            stage's messages is a straggler for the rest of the round: once every other device has sent, a
+            later stage waits at most this much longer for it (then it is a dropout).
+        budget_s: overall time budget of a round's protocol stages, counted from the end of check-in (after
+            a restart, from the resume): no stage deadline runs past it, and a stage that would start after
+            it aborts the round.
         rounds: how many rounds to finish before :meth:`RoundCoordinator.run` returns (0 = forever).
         clip: each delta coordinate is clipped to [-clip, clip] before quantization.
         max_weight: largest example count a device may claim as its weight.
@@ -164,6 +183,8 @@ class RoundSettings:
     masked_s: float = 60.0
     consistency_s: float = 20.0
     unmask_s: float = 20.0
+    straggler_grace_s: float = 10.0
+    budget_s: float = 600.0
     rounds: int = 0
     clip: float = 1.0
     max_weight: int = 10_000
@@ -176,7 +197,17 @@ class RoundSettings:
                 raise ValidationError(f"{name} must be an int")
         if not 2 <= self.min_clients <= self.max_clients:
             raise ValidationError("need 2 <= min_clients <= max_clients")
-        for name in ("checkin_s", "advertise_s", "share_s", "masked_s", "consistency_s", "unmask_s", "clip"):
+        for name in (
+            "checkin_s",
+            "advertise_s",
+            "share_s",
+            "masked_s",
+            "consistency_s",
+            "unmask_s",
+            "straggler_grace_s",
+            "budget_s",
+            "clip",
+        ):
             _positive(name, getattr(self, name))
         t = self.threshold
         if t is not None:
@@ -266,6 +297,9 @@ class _Round:
     accepted: dict[Stage, dict[str, bytes]] = field(default_factory=dict)
     results: dict[Stage, Mapping[int, Message]] = field(default_factory=dict)
     unusable: set[tuple[Stage, str]] = field(default_factory=set)  # stored messages not replayed
+    arrivals: dict[int, float] = field(default_factory=dict)  # client index -> when its message came
+    stragglers: set[int] = field(default_factory=set)  # client indices penalised for the rest of the round
+    budget_end: float = math.inf
     params: SecAggParams | None = None
     server: SecAggServer | None = None
     graph: NeighbourGraph | None = None
@@ -325,6 +359,7 @@ class RoundCoordinator:
         self._wake = asyncio.Event()
         self._stopped = False
         self._hand_over = False
+        self._unrecorded_abort: _Round | None = None  # aborted while storage refused the write
         self.finished_rounds = 0
         self.aborted_rounds = 0
 
@@ -332,6 +367,11 @@ class RoundCoordinator:
     def settings(self) -> RoundSettings:
         """The round parameters."""
         return self._settings
+
+    @property
+    def storage(self) -> Storage:
+        """The storage the coordinator writes to."""
+        return self._storage
 
     # -- life cycle ---------------------------------------------------------------------------------------
 
@@ -384,9 +424,9 @@ class RoundCoordinator:
         Raises:
             NotLeaderError: another replica holds the lease.
         """
-        if not self.lease.try_acquire():
+        # A storage failure is not a lost lease: while the lease secured earlier is still ours, we lead.
+        if not self.lease.try_acquire() and not self.lease.held:
             raise NotLeaderError("another replica holds the coordinator lease")
-        self._recovered = True
         aborted = []
         for _ in range(20):  # each retry means a stale leader wrote meanwhile; it stops within its TTL
             record = self._storage.active_round(self._settings.cohort)
@@ -419,6 +459,7 @@ class RoundCoordinator:
                 continue
             aborted.append(record.round_id)
             _log.warning("round %d was interrupted: aborted, nothing published", record.round_id)
+        self._recovered = True
         self._leading = True
         return aborted
 
@@ -434,35 +475,82 @@ class RoundCoordinator:
         if not await self._await_lease():
             return
         try:
-            if not self._recovered:
-                self.recover()
+            while not self._recovered:
+                with self._storage_trouble("recovering the interrupted round"):
+                    self.recover()
+                if not self._recovered:
+                    await self._sleep(1.0)
             await self._announce(True)
             while not self._stopped and (
                 self._settings.rounds == 0 or self.finished_rounds < self._settings.rounds
             ):
-                if self._resumable is not None:
-                    rnd, self._resumable = self._resumable, None
-                    await self._drive(rnd, self._registry.get(rnd.base_version).arrays, resume=True)
-                    continue
-                base = self._storage.latest_model_version()
-                if base is None:
-                    await self._sleep(0.5)
-                    continue
-                await self._run_round(base)
+                with self._storage_trouble("starting a round"):
+                    if self._unrecorded_abort is not None:
+                        self._record_abort(self._unrecorded_abort)
+                        continue
+                    if self._resumable is not None:
+                        rnd, self._resumable = self._resumable, None
+                        await self._drive(rnd, self._registry.get(rnd.base_version).arrays, resume=True)
+                        continue
+                    base = self._storage.latest_model_version()
+                    if base is not None:
+                        await self._run_round(base)
+                        continue
+                await self._sleep(0.5)
+        except LeaseExpiredError:
+            _log.error("the coordinator lease ran out while storage was unavailable: standing by")
+            await self._announce(False)
+            raise
         except (LeadershipLostError, NotLeaderError):
             _log.error("lost the coordinator lease: stepping down, the round is left to the next leader")
             await self._announce(False)
             raise LeadershipLostError("lost the coordinator lease") from None
 
-    async def serve(self) -> None:
-        """:meth:`run`, then keep the lease until :meth:`stop`, answering about the finished rounds."""
-        await self.run()
+    @contextlib.contextmanager
+    def _storage_trouble(self, what: str) -> Iterator[None]:
+        """Log and swallow a storage failure that retrying later can cure (a full disk): the caller waits and
+        tries again, as the leader it still is; it neither exits nor reports the lease lost."""
         try:
-            while not self._stopped:
-                await self._sleep(self.lease.renew_s)
-        except LeadershipLostError:
-            await self._announce(False)
+            yield
+        except StorageUnavailableError as exc:
+            _log.warning("%s: %s; retrying", what, exc)
+
+    def _record_abort(self, rnd: _Round) -> None:
+        """Write the ABORTED status of a round whose abort storage refused earlier (before any new round)."""
+        try:
+            self._storage.update_round(
+                rnd.round_id, expected_version=rnd.version, now=self._now(), status=Stage.ABORTED
+            )
+        except StorageUnavailableError:
             raise
+        except FedferError:
+            pass  # changed meanwhile (another leader): nothing left to record
+        _log.info("round %d: abort recorded", rnd.round_id)
+        self._unrecorded_abort = None
+
+    async def serve(self) -> None:
+        """:meth:`run`, then keep the lease until :meth:`stop`, answering about the finished rounds.
+
+        A lease that ran out only because storage refused the renewals (:class:`LeaseExpiredError`) makes this
+        replica a standby in the same process: it waits for storage and the lease and then resumes the round
+        from storage, like any new leader. Losing the lease to another replica raises.
+        """
+        while True:
+            try:
+                await self.run()
+                while not self._stopped:
+                    await self._sleep(self.lease.renew_s)
+                return
+            except LeaseExpiredError:
+                self._recovered = False
+                self._resumable = None
+                if self._leading:
+                    await self._announce(False)
+                if self._stopped:
+                    return
+            except LeadershipLostError:
+                await self._announce(False)
+                raise
 
     async def _await_lease(self) -> bool:
         """Wait as a standby until this replica holds the lease; False if stopped first."""
@@ -501,7 +589,7 @@ class RoundCoordinator:
             result = rnd.server.result() if rnd.server is not None else None
             if result is None:  # pragma: no cover - _collect always builds the server
                 raise RoundAbortedError("no result")
-            version = self._publish(rnd, base, result.mean(), result.survivors)
+            version = await self._publish(rnd, base, result)
             self.finished_rounds += 1
             _log.info(
                 "round %d published model version %d from %d devices (total weight %d, error bound %.3g)",
@@ -514,9 +602,26 @@ class RoundCoordinator:
         except (LeadershipLostError, ConflictError) as exc:
             # Another replica leads now (or changed the round under us): leave the round to it, untouched.
             _log.warning("round %d: no longer the coordinator (%s)", rnd.round_id, type(exc).__name__)
+            if isinstance(exc, LeaseExpiredError):
+                raise
             raise LeadershipLostError("lost the coordinator lease") from None
         except _HandedOver:
             _log.warning("round %d left in stage %s for the next leader", rnd.round_id, rnd.stage.key)
+        except MisbehaviourError as exc:
+            names = ", ".join(self._device_ids(rnd, exc.culprits))
+            _log.warning(
+                "round %d: devices %s dealt shares that do not reconstruct what they committed to",
+                rnd.round_id,
+                names,
+            )
+            self._abort(rnd, "a device's shares failed verification", exc)
+        except InvalidAggregateError as exc:
+            _log.warning("round %d: %s", rnd.round_id, exc)
+            self._abort(rnd, "the aggregate failed validation", exc)
+        except _BudgetSpent as exc:
+            self._abort(rnd, "round time budget exhausted", exc)
+        except StorageUnavailableError as exc:
+            self._abort(rnd, "aggregator storage unavailable", exc)
         except RoundAbortedError as exc:
             self._abort(rnd, "aggregator stopping" if self._stopped else "too few surviving devices", exc)
         except FedferError as exc:
@@ -556,37 +661,101 @@ class RoundCoordinator:
         )
         rnd.server = SecAggServer(params=rnd.params, identity_keys=rnd.identity_keys)
         rnd.graph = rnd.server.graph
-        self._enter(rnd, Stage.ADVERTISE_KEYS)
+        rnd.budget_end = self._clock() + s.budget_s
+        await self._enter(rnd, Stage.ADVERTISE_KEYS)
         _log.info("round %d: %d devices, degree %d, threshold %d", rnd.round_id, n, k, rnd.params.threshold)
 
     async def _collect(self, rnd: _Round, stage: Stage) -> None:
         server = rnd.server
         if server is None:  # pragma: no cover - built at check-in
             raise RoundAbortedError("no protocol server")
+        if self._clock() >= rnd.budget_end:
+            raise _BudgetSpent("the round's time budget ran out")
         self._replay_stored(rnd, stage)
-        while not server.all_received() and self._clock() < rnd.deadline:
+        while not server.all_received() and self._clock() < self._closes_at(rnd, server):
             self._check_stopped()
-            await self._sleep(rnd.deadline - self._clock())
+            await self._sleep(self._closes_at(rnd, server) - self._clock())
             self._replay_stored(rnd, stage)
+        self._mark_stragglers(rnd, stage, server)
         dropped = len(server.pending())
         if dropped:
             _log.info("round %d %s: %d devices dropped out", rnd.round_id, stage.key, dropped)
         rnd.results[stage] = server.close_stage()
-        self._enter(rnd, _following(stage))
+        await self._enter(rnd, _following(stage))
 
-    def _enter(self, rnd: _Round, stage: Stage) -> None:
-        if stage is not Stage.FINISHED:
-            updated = self._storage.update_round(
+    def _closes_at(self, rnd: _Round, server: SecAggServer) -> float:
+        """When the current stage closes: its deadline, or, once only stragglers are missing, the grace
+        after the last prompt device's message (whichever comes first)."""
+        pending = server.pending()
+        if pending and pending <= rnd.stragglers:
+            prompt = [t for i, t in rnd.arrivals.items() if i not in rnd.stragglers]
+            if prompt:
+                return min(rnd.deadline, max(prompt) + self._settings.straggler_grace_s)
+        return rnd.deadline
+
+    def _mark_stragglers(self, rnd: _Round, stage: Stage, server: SecAggServer) -> None:
+        """Penalise the devices whose message came more than the grace after half of this stage's messages."""
+        grace = self._settings.straggler_grace_s
+        late_ones = rnd.stragglers & server.pending()
+        if late_ones and self._clock() < rnd.deadline:
+            _log.info(
+                "round %d %s: %d stragglers dropped at the grace", rnd.round_id, stage.key, len(late_ones)
+            )
+        times = sorted(rnd.arrivals.values())
+        if len(times) < 2:
+            return
+        half = times[(len(times) - 1) // 2]
+        late = {i for i, t in rnd.arrivals.items() if t > half + grace} - rnd.stragglers
+        if late:
+            _log.info(
+                "round %d %s: %d devices answered more than %.1f s after half of the others: stragglers for "
+                "the rest of the round",
                 rnd.round_id,
-                expected_version=rnd.version,
-                now=self._now(),
-                status=stage,
-                state=self._persisted_state(rnd, stage),
+                stage.key,
+                len(late),
+                grace,
+            )
+            rnd.stragglers |= late
+
+    async def _enter(self, rnd: _Round, stage: Stage) -> None:
+        if stage is not Stage.FINISHED:
+            state = self._persisted_state(rnd, stage)
+            window = self._settings.deadline_s(stage)
+            updated = await self._until_stored(
+                lambda: self._storage.update_round(
+                    rnd.round_id,
+                    expected_version=rnd.version,
+                    now=self._now(),
+                    status=stage,
+                    state=state,
+                ),
+                what=f"round {rnd.round_id}: entering {stage.key}",
+                until=self._clock() + window,
             )
             rnd.version = updated.version
-            rnd.deadline = self._clock() + self._settings.deadline_s(stage)
+            rnd.deadline = min(self._clock() + window, rnd.budget_end)
+            rnd.arrivals = {}
         rnd.stage = stage
         self._notify()
+
+    async def _until_stored(self, write: Callable[[], T], *, what: str, until: float) -> T:
+        """Run a storage write; while storage refuses it for now (a full disk), retry until ``until``."""
+        warned = False
+        while True:
+            try:
+                return write()
+            except StorageUnavailableError as exc:
+                if self._clock() >= until or self._stopped:
+                    raise
+                if not warned:
+                    _log.warning("%s: %s; retrying until it is back", what, exc)
+                    warned = True
+                await self._sleep(_STORAGE_RETRY_S)
+
+    @staticmethod
+    def _device_ids(rnd: _Round, indices: tuple[int, ...]) -> list[str]:
+        by_index = {i: d for d, i in rnd.indices.items()}
+        return [by_index.get(i, f"index {i}") for i in indices]
 
     # -- persistence across restarts --------------------------------------------------------------------
 
@@ -638,6 +807,7 @@ class RoundCoordinator:
             params=server.params,
             server=server,
             graph=server.graph,
+            budget_end=self._clock() + self._settings.budget_s,
         )
         rnd.accepted = {s: {} for s in COLLECTING}
         # A device eligible now completed every earlier stage. Digests are compared only within the current
@@ -688,16 +858,23 @@ class RoundCoordinator:
                 )
                 continue
             rnd.accepted[stage][device_id] = hashlib.sha256(payload).digest()
+            rnd.arrivals[message.sender] = self._clock()
 
-    def _publish(
+    async def _publish(
         self,
         rnd: _Round,
         base: Mapping[str, npt.NDArray[np.float32]],
-        mean: npt.NDArray[np.float64],
-        survivors: tuple[int, ...],
+        result: AggregateResult,
     ) -> int:
-        by_index = {i: d for d, i in rnd.indices.items()}
-        participants = sorted(by_index[i] for i in survivors)
+        if result.flagged:
+            _log.warning(
+                "round %d: devices %s revealed keys that do not open what they were dealt; refused, and the "
+                "round completed without what they revealed",
+                rnd.round_id,
+                ", ".join(self._device_ids(rnd, result.flagged)),
+            )
+        mean = result.mean()
+        participants = sorted(self._device_ids(rnd, result.survivors))
         arrays: dict[str, npt.NDArray[np.float32]] = {}
         offset = 0
         for name in sorted(base):
@@ -709,12 +886,16 @@ class RoundCoordinator:
         model = self._registry.prepare(latest + 1, arrays, parent=rnd.base_version)
         # The model and the round's PUBLISHED status commit together: a crash leaves either both or neither,
         # so a resumed round can never publish a second version.
-        self._storage.publish_round(
-            rnd.round_id,
-            expected_version=rnd.version,
-            now=self._now(),
-            model=model,
-            participants=participants,
+        await self._until_stored(
+            lambda: self._storage.publish_round(
+                rnd.round_id,
+                expected_version=rnd.version,
+                now=self._now(),
+                model=model,
+                participants=participants,
+            ),
+            what=f"round {rnd.round_id}: publishing",
+            until=self._clock() + self._settings.unmask_s,
         )
         version = model.version
         self._outcomes[rnd.round_id] = _Outcome(Stage.FINISHED, str(version), "", frozenset(participants))
@@ -723,10 +904,15 @@ class RoundCoordinator:
     def _abort(self, rnd: _Round, detail: str, exc: BaseException) -> None:
         _log.warning("round %d aborted: %s (%s)", rnd.round_id, detail, type(exc).__name__)
         self.aborted_rounds += 1
-        with contextlib.suppress(FedferError):
+        try:
             self._storage.update_round(
                 rnd.round_id, expected_version=rnd.version, now=self._now(), status=Stage.ABORTED
             )
+        except StorageUnavailableError:
+            _log.warning("round %d: abort not recorded yet (storage unavailable)", rnd.round_id)
+            self._unrecorded_abort = rnd
+        except FedferError:
+            pass
         self._outcomes[rnd.round_id] = _Outcome(Stage.ABORTED, "", detail, frozenset(rnd.indices))
 
     # -- requests from devices ----------------------------------------------------------------------------
@@ -817,11 +1003,14 @@ class RoundCoordinator:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), timeout=remaining)
 
-    def submit(self, *, device_id: str, round_id: int, stage: Stage, payload: bytes) -> None:
+    def submit(self, *, device_id: str, round_id: int, stage: Stage, payload: bytes) -> bool:
         """Accept one device's message for one protocol stage of the current round.
 
         A repeat of an accepted message is accepted again (harmless); anything else out of place raises and
         changes nothing.
+
+        Returns:
+            True when the message was accepted now, False for a repeat of the accepted one.
 
         Raises:
             StaleRoundError: ``round_id`` is not the current round.
@@ -829,7 +1018,10 @@ class RoundCoordinator:
             StageError: the round is in another stage.
             NotParticipantError: the device is not eligible in this stage, or names another sender.
             DuplicateSubmissionError: a different message of this device was accepted in this stage.
-            ValidationError, ProtocolError, IntegrityError: the protocol layer refused the message.
+            ValidationError, ProtocolError, IntegrityError: the protocol layer refused the message (a
+                :class:`~fedfer.security.secagg.server.ShareVerificationError` is logged with the device's
+                id).
+            StorageUnavailableError: accepted, but not stored yet (a full disk): the device's retry stores it.
         """
         rnd = self._current(round_id)
         if rnd.stage is not stage or rnd.server is None:
@@ -850,17 +1042,27 @@ class RoundCoordinator:
                 payload=payload,
                 now=self._now(),
             )
-            return
+            return False
         message = STAGE_MESSAGE[stage].from_bytes(payload)
         if message.sender != index:
             raise NotParticipantError("message names another sender")
-        rnd.server.receive(message)
+        try:
+            rnd.server.receive(message)
+        except ShareVerificationError:
+            _log.warning(
+                "round %d: device %s revealed a key that does not open the share it was dealt: refused",
+                round_id,
+                device_id,
+            )
+            raise
         rnd.accepted[stage][device_id] = digest
+        rnd.arrivals[index] = self._clock()
+        if rnd.server.all_received() or rnd.server.pending() <= rnd.stragglers:
+            self._wake.set()
         self._storage.put_round_message(
             round_id, stage=stage, device_id=device_id, payload=payload, now=self._now()
         )
-        if rnd.server.all_received():
-            self._wake.set()
+        return True
 
     def stage_result(self, *, device_id: str, round_id: int, stage: Stage) -> tuple[bytes, dict[int, bytes]]:
         """What the aggregator sent ``device_id`` when ``stage`` closed, and (check-in) peer certificates.

@@ -1,12 +1,17 @@
-"""Build and run the aggregator's ``grpc.aio`` server: TLS 1.3, mutual TLS, size limits, health service.
+"""Build and run the aggregator's ``grpc.aio`` servers: TLS 1.3, mutual TLS, size limits, health service.
 
-The server listens on two ports with different TLS credentials:
+Two servers, one port each, with different TLS credentials and receive limits:
 
 * the **federation** port requires a client certificate signed by the deployment CA (mutual TLS); a client
   without one, with a foreign-CA one, or speaking plaintext fails the handshake;
 * the **enrollment** port is server-authenticated TLS only, because an enrolling device has no certificate
-  yet. Every service is registered on both ports, but only ``Enrollment`` and the health service answer a
-  peer without a verified client certificate: the others return ``UNAUTHENTICATED``.
+  yet, so it receives at most :attr:`~fedfer.aggregator.service.EdgeLimits.enrollment_port_bytes` (32 KiB) per
+  message: a peer without a certificate cannot make the aggregator buffer a large body. Every service is
+  registered on both ports, but only ``Enrollment`` and the health service answer a peer without a verified
+  client certificate: the others return ``UNAUTHENTICATED``.
+
+On both, request bodies reach the servicers as bytes and are parsed only after the caller is authenticated
+and the body fits its method's limit (:func:`fedfer.aggregator.service.register`).
 
 gRPC's TLS stack negotiates TLS 1.3 with current clients but would accept TLS 1.2; the servicer edge
 (:func:`fedfer.aggregator.service.authenticate`) refuses any call whose connection is not TLS 1.3.
@@ -27,8 +32,12 @@ probe speaks plaintext and cannot present a client certificate. That port answer
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
+import math
 import signal
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -37,10 +46,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from fedfer.aggregator.enrollment import EnrollmentService
 from fedfer.aggregator.registry import ModelRegistry
 from fedfer.aggregator.rounds import RoundCoordinator
-from fedfer.aggregator.service import EdgeLimits, EnrollmentRpc, FederationRpc, ModelsRpc
-from fedfer.aggregator.storage import Storage
+from fedfer.aggregator.service import EdgeLimits, EnrollmentRpc, FederationRpc, ModelsRpc, register
+from fedfer.aggregator.storage import Storage, StorageError
 from fedfer.security.errors import ValidationError
-from fedfer.v1 import enrollment_pb2_grpc, federation_pb2_grpc, models_pb2_grpc
 
 __all__ = [
     "FEDERATION_SERVICE",
@@ -48,6 +56,7 @@ __all__ = [
     "RunningServer",
     "ServerTls",
     "build_server",
+    "expire_responses",
     "serve_forever",
 ]
 
@@ -83,10 +92,11 @@ class RunningServer:
     """A started server and the ports it bound.
 
     Attributes:
-        server: the ``grpc.aio`` server.
+        server: the ``grpc.aio`` server of the mutual-TLS federation port.
         port: the mutual-TLS federation port.
         enroll_port: the server-TLS-only enrollment port.
         health: the health servicer (everything NOT_SERVING while draining).
+        enroll_server: the server of the enrollment port (small receive limit).
         health_server: the plaintext health-only server, if one was asked for.
         health_port: its port (0 when there is none).
     """
@@ -95,6 +105,7 @@ class RunningServer:
     port: int
     enroll_port: int
     health: health.aio.HealthServicer
+    enroll_server: grpc.aio.Server | None = None
     health_server: grpc.aio.Server | None = None
     health_port: int = 0
 
@@ -109,7 +120,10 @@ class RunningServer:
         await self.health.enter_graceful_shutdown()
         if drain_s > 0:
             await asyncio.sleep(drain_s)
-        await self.server.stop(grace)
+        stopping = [self.server.stop(grace)]
+        if self.enroll_server is not None:
+            stopping.append(self.enroll_server.stop(grace))
+        await asyncio.gather(*stopping)
         if self.health_server is not None:
             await self.health_server.stop(grace)
 
@@ -150,15 +164,21 @@ async def build_server(
     Raises:
         ValidationError: a port could not be bound.
     """
-    options = [
-        ("grpc.max_receive_message_length", limits.max_message_bytes),
-        ("grpc.max_send_message_length", limits.max_message_bytes),
-        ("grpc.max_concurrent_streams", 256),
-        ("grpc.so_reuseport", 0),
-        ("grpc.http2.max_pings_without_data", 0),
-        ("grpc.keepalive_permit_without_calls", 1),
-    ]
-    server = grpc.aio.server(options=options, maximum_concurrent_rpcs=4096)
+
+    def options(receive_bytes: int) -> list[tuple[str, int]]:
+        return [
+            ("grpc.max_receive_message_length", receive_bytes),
+            ("grpc.max_send_message_length", limits.max_message_bytes),
+            ("grpc.max_concurrent_streams", 256),
+            ("grpc.so_reuseport", 0),
+            ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ]
+
+    server = grpc.aio.server(options=options(limits.federation_port_bytes), maximum_concurrent_rpcs=4096)
+    enroll_server = grpc.aio.server(
+        options=options(limits.enrollment_port_bytes), maximum_concurrent_rpcs=1024
+    )
     pair = [(tls.private_key_pem, tls.certificate_pem)]
     mutual = grpc.ssl_server_credentials(
         pair, root_certificates=tls.ca_certificate_pem, require_client_auth=True
@@ -166,22 +186,22 @@ async def build_server(
     server_only = grpc.ssl_server_credentials(pair)
     try:
         port = server.add_secure_port(listen, mutual)
-        enroll_port = server.add_secure_port(enroll_listen, server_only)
+        enroll_port = enroll_server.add_secure_port(enroll_listen, server_only)
     except RuntimeError as exc:
         raise ValidationError("cannot bind the listen address") from exc
     if port == 0 or enroll_port == 0:
         raise ValidationError("cannot bind the listen address")
     if advertise_port is not None and (type(advertise_port) is not int or not 0 < advertise_port < 65536):
         raise ValidationError("advertise_port must be a port number")
-    federation_pb2_grpc.add_FederationServicer_to_server(
-        FederationRpc(storage=storage, enrollment=enrollment, coordinator=coordinator, limits=limits), server
-    )
-    models_pb2_grpc.add_ModelsServicer_to_server(ModelsRpc(enrollment=enrollment, registry=registry), server)
-    enrollment_pb2_grpc.add_EnrollmentServicer_to_server(
-        EnrollmentRpc(storage=storage, enrollment=enrollment, federation_port=advertise_port or port), server
+    federation = FederationRpc(storage=storage, enrollment=enrollment, coordinator=coordinator, limits=limits)
+    models = ModelsRpc(enrollment=enrollment, registry=registry, limits=limits)
+    enroll = EnrollmentRpc(
+        storage=storage, enrollment=enrollment, federation_port=advertise_port or port, limits=limits
     )
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for each in (server, enroll_server):
+        register(each, federation=federation, models=models, enrollment=enroll)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, each)
     health_server, health_port = None, 0
     if health_listen is not None:
         health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], maximum_concurrent_rpcs=64)
@@ -199,12 +219,14 @@ async def build_server(
         port=port,
         enroll_port=enroll_port,
         health=health_servicer,
+        enroll_server=enroll_server,
         health_server=health_server,
         health_port=health_port,
     )
     await running.set_leader(coordinator.is_leader)
     coordinator.on_leadership(running.set_leader)
     await server.start()
+    await enroll_server.start()
     if health_server is not None:
         await health_server.start()
     _log.info(
@@ -216,8 +238,35 @@ async def build_server(
     return running
 
 
-async def serve_forever(running: RunningServer, coordinator: RoundCoordinator) -> None:
-    """Run the coordinator beside the server until SIGTERM/SIGINT, then drain and stop both.
+async def expire_responses(
+    storage: Storage, *, retention_s: float, clock: Callable[[], float] = time.time
+) -> None:
+    """Delete idempotency records older than ``retention_s``, every ``retention_s / 4`` (at most a minute),
+    until cancelled. A storage failure is logged and retried at the next pass.
+
+    A request id replayed after that is treated as a new request: harmless for stage messages (the
+    coordinator recognises a repeat by its content) and long after any enrollment retry.
+    """
+    if not 0 < retention_s < math.inf:
+        raise ValidationError("retention_s must be a positive number")
+    interval = min(60.0, retention_s / 4)
+    while True:
+        before = dt.datetime.fromtimestamp(clock() - retention_s, dt.UTC)
+        try:
+            deleted = storage.delete_responses_before(before=before)
+        except StorageError as exc:
+            _log.warning("idempotency records not expired: %s", exc)
+        else:
+            if deleted:
+                _log.info("expired %d idempotency records", deleted)
+        await asyncio.sleep(interval)
+
+
+async def serve_forever(
+    running: RunningServer, coordinator: RoundCoordinator, *, response_retention_s: float = 3600.0
+) -> None:
+    """Run the coordinator beside the server until SIGTERM/SIGINT, then drain and stop both; expire old
+    idempotency records meanwhile (:func:`expire_responses`).
 
     The coordinator waits as a standby until it holds the lease, then leads. When it has run all its rounds
     it keeps the lease and the server keeps answering (devices still learn how the last round ended) until
@@ -233,6 +282,9 @@ async def serve_forever(running: RunningServer, coordinator: RoundCoordinator) -
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     task = asyncio.create_task(coordinator.serve(), name="rounds")
+    janitor = asyncio.create_task(
+        expire_responses(coordinator.storage, retention_s=response_retention_s), name="expire responses"
+    )
     stopper = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
     try:
@@ -241,6 +293,7 @@ async def serve_forever(running: RunningServer, coordinator: RoundCoordinator) -
     finally:
         _log.info("stopping aggregator")
         stopper.cancel()
+        janitor.cancel()
         coordinator.stop(hand_over=True)
         # NOT_SERVING at once; the ports close after the drain. Meanwhile the coordinator leaves its round
         # and the lease goes (a no-op unless this replica still holds it), so a standby takes over now.

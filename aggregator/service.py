@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn, TypeAlias, TypeVar, cast
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 
 from fedfer.aggregator.enrollment import (
     AuthenticationError,
@@ -34,7 +35,14 @@ from fedfer.aggregator.rounds import (
     StageError,
     StaleRoundError,
 )
-from fedfer.aggregator.storage import ConflictError, NotFoundError, Storage
+from fedfer.aggregator.storage import (
+    ConflictError,
+    NotFoundError,
+    Storage,
+    StorageCorruptError,
+    StorageFullError,
+    StorageUnavailableError,
+)
 from fedfer.security.errors import (
     FedferError,
     IntegrityError,
@@ -47,11 +55,8 @@ from fedfer.security.secagg.stage import Stage
 from fedfer.v1 import (
     common_pb2,
     enrollment_pb2,
-    enrollment_pb2_grpc,
     federation_pb2,
-    federation_pb2_grpc,
     models_pb2,
-    models_pb2_grpc,
 )
 
 __all__ = [
@@ -67,6 +72,7 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 T = TypeVar("T")
+M = TypeVar("M", bound=Message)
 
 _REQUEST_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _MAX_ROUND_ID = 2**63 - 1
@@ -96,43 +102,130 @@ class OversizeError(ValidationError):
 
 
 class EdgeLimits:
-    """Size limits enforced at the edge.
+    """Size limits enforced at the edge: per port, per method, per upload.
+
+    The enrollment port (no client certificate yet) receives at most :attr:`enrollment_port_bytes` per
+    message, enough for an enrollment (a token and a CSR of at most 16 KiB); gRPC refuses anything longer
+    before it is buffered whole. On both ports a request body reaches a servicer as bytes and is parsed only
+    after the peer was authenticated (a verified, registered device certificate; for ``Enroll``, TLS 1.3) and
+    its size checked against its method's limit (:meth:`request_limit`): ``RESOURCE_EXHAUSTED``.
 
     Args:
-        max_message_bytes: largest single gRPC message accepted (also the server's receive limit).
-        max_payload_bytes: largest stage payload (advertise, share, unmask) and largest upload chunk.
+        max_message_bytes: cap on any message the federation port receives (it receives at most the largest
+            of its methods' limits, see :attr:`federation_port_bytes`).
+        max_payload_bytes: largest stage payload (share keys, unmask) and largest upload chunk.
         max_upload_bytes: largest whole masked-input upload.
+        max_clients: most devices in a round (sizes the share-keys and unmask limits).
+        min_chunk_bytes: an upload of N bytes may use at most ``max(8, ceil(N / min_chunk_bytes))`` chunks.
     """
 
-    def __init__(self, *, max_message_bytes: int, max_payload_bytes: int, max_upload_bytes: int) -> None:
+    ENROLLMENT_PORT_BYTES = 32 * 1024
+    ENROLL_REQUEST_BYTES = 20 * 1024
+    SMALL_REQUEST_BYTES = 4096
+    _HEADER = 1024  # request id, round id and protobuf framing around a payload
+    _SHARE_RECORD = 200  # bytes per neighbour in a share-keys payload (two ciphertexts and two ids)
+    _UNMASK_RECORD = 40  # bytes per neighbour in an unmask payload (an id and a key)
+    _FEW_CHUNKS = 8  # any upload may be split this far, however small
+    _SMALL = (
+        "GetRound",
+        "JoinRound",
+        "GetStageResult",
+        "AdvertiseKeys",
+        "ConsistencyCheck",
+        "GetManifest",
+        "DownloadModel",
+    )
+
+    def __init__(
+        self,
+        *,
+        max_message_bytes: int,
+        max_payload_bytes: int,
+        max_upload_bytes: int,
+        max_clients: int = 1000,
+        min_chunk_bytes: int = 16 * 1024,
+    ) -> None:
         for name, value in (
             ("max_message_bytes", max_message_bytes),
             ("max_payload_bytes", max_payload_bytes),
             ("max_upload_bytes", max_upload_bytes),
+            ("min_chunk_bytes", min_chunk_bytes),
         ):
             if type(value) is not int or value < 1024:
                 raise ValidationError(f"{name} must be an int >= 1024")
         if max_payload_bytes > max_message_bytes:
             raise ValidationError("max_payload_bytes must not exceed max_message_bytes")
+        if type(max_clients) is not int or max_clients < 2:
+            raise ValidationError("max_clients must be an int >= 2")
         self.max_message_bytes = max_message_bytes
         self.max_payload_bytes = max_payload_bytes
         self.max_upload_bytes = max_upload_bytes
+        self.max_clients = max_clients
+        self.min_chunk_bytes = min_chunk_bytes
+        share = min(max_payload_bytes, self._HEADER + self._SHARE_RECORD * max_clients)
+        unmask = min(max_payload_bytes, self._HEADER + self._UNMASK_RECORD * max_clients)
+        self._limits = {
+            "Enroll": self.ENROLL_REQUEST_BYTES,
+            "ShareKeys": self._HEADER + share,
+            "Unmask": self._HEADER + unmask,
+            "UploadMaskedInput": self._HEADER + max_payload_bytes,
+        } | dict.fromkeys(self._SMALL, self.SMALL_REQUEST_BYTES)
 
     @classmethod
-    def for_dimension(cls, *, dim: int, max_message_bytes: int = 4 << 20) -> EdgeLimits:
+    def for_dimension(
+        cls, *, dim: int, max_message_bytes: int = 4 << 20, max_clients: int = 1000
+    ) -> EdgeLimits:
         """Limits for updates of ``dim`` parameters: an upload may hold 8 bytes per element + 64 KiB."""
         payload = min(max_message_bytes - 4096, 2 << 20)
         return cls(
             max_message_bytes=max_message_bytes,
             max_payload_bytes=payload,
             max_upload_bytes=8 * (dim + 1) + 65536,
+            max_clients=max_clients,
         )
+
+    def request_limit(self, method: str) -> int:
+        """Largest serialized request (or upload chunk) ``method`` accepts."""
+        return self._limits[method]
+
+    @property
+    def federation_port_bytes(self) -> int:
+        """The federation port's gRPC receive limit: the largest of its methods' limits (capped)."""
+        return min(self.max_message_bytes, max(v for k, v in self._limits.items() if k != "Enroll"))
+
+    @property
+    def enrollment_port_bytes(self) -> int:
+        """The enrollment port's gRPC receive limit."""
+        return self.ENROLLMENT_PORT_BYTES
+
+    def max_chunks(self, total_bytes: int) -> int:
+        """Most chunks an upload of ``total_bytes`` may use (so a stream of tiny chunks cannot keep the server
+        busy: the work per upload stays proportional to its size)."""
+        return max(self._FEW_CHUNKS, -(-total_bytes // self.min_chunk_bytes))
 
     def __repr__(self) -> str:
         return (
             f"EdgeLimits(max_message_bytes={self.max_message_bytes}, "
-            f"max_payload_bytes={self.max_payload_bytes}, max_upload_bytes={self.max_upload_bytes})"
+            f"max_payload_bytes={self.max_payload_bytes}, max_upload_bytes={self.max_upload_bytes}, "
+            f"max_clients={self.max_clients})"
         )
+
+
+def parse_request(raw: bytes, message_type: type[M], limit: int) -> M:
+    """Parse a request body that arrived as bytes (call only once the peer is authenticated).
+
+    Raises:
+        OversizeError: longer than ``limit`` bytes (not parsed).
+        ValidationError: not a valid ``message_type``.
+    """
+    if type(raw) is not bytes:
+        raise ValidationError("malformed request")
+    if len(raw) > limit:
+        raise OversizeError("request too large")
+    try:
+        return message_type.FromString(raw)
+    except DecodeError:
+        raise ValidationError("malformed request") from None
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -144,6 +237,9 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return exc.code, exc.message
     table: tuple[tuple[type[BaseException], grpc.StatusCode, str], ...] = (
         (NotLeaderError, grpc.StatusCode.UNAVAILABLE, "not the active aggregator, retry"),
+        (StorageFullError, grpc.StatusCode.UNAVAILABLE, "aggregator storage is full, retry later"),
+        (StorageUnavailableError, grpc.StatusCode.UNAVAILABLE, "aggregator storage unavailable, retry later"),
+        (StorageCorruptError, grpc.StatusCode.DATA_LOSS, "aggregator storage is damaged"),
         (OversizeError, grpc.StatusCode.RESOURCE_EXHAUSTED, "message too large"),
         (AuthenticationError, grpc.StatusCode.PERMISSION_DENIED, "device is not authorized"),
         (TokenRejectedError, grpc.StatusCode.PERMISSION_DENIED, "enrollment refused"),
@@ -173,6 +269,8 @@ async def _abort(context: Context, exc: BaseException) -> NoReturn:
     code, message = status_for(exc)
     if code is grpc.StatusCode.INTERNAL:
         _log.error("internal error while serving a request", exc_info=exc)
+    elif isinstance(exc, StorageUnavailableError | StorageCorruptError):
+        _log.warning("request refused: %s", exc)  # the operator's problem: say what storage reported
     else:
         _log.info("rejected request: %s (%s)", code.name, type(exc).__name__)
     await context.abort(code, message)
@@ -250,8 +348,11 @@ def _round_status(view: RoundView) -> federation_pb2.RoundStatus:
     )
 
 
-class FederationRpc(federation_pb2_grpc.FederationServicer):  # type: ignore[misc]
+class FederationRpc:
     """Serves the round stages to authenticated devices and forwards accepted messages to the coordinator.
+
+    Every method receives its request as bytes (:func:`register`): the caller is authenticated first, then
+    the body is size-checked and parsed.
 
     Only the leading replica answers; a standby refuses every call with ``UNAVAILABLE`` (devices retry, and a
     balancer that follows the health service sends them to the leader).
@@ -283,13 +384,15 @@ class FederationRpc(federation_pb2_grpc.FederationServicer):  # type: ignore[mis
             raise NotLeaderError("standby")
         return caller
 
-    async def GetRound(
-        self, request: federation_pb2.GetRoundRequest, context: Context
-    ) -> federation_pb2.RoundStatus:
+    def _parse(self, raw: bytes, message_type: type[M], method: str) -> M:
+        return parse_request(raw, message_type, self._limits.request_limit(method))
+
+    async def GetRound(self, raw: bytes, context: Context) -> federation_pb2.RoundStatus:
         """Return the round as the calling device sees it, long-polling up to ``wait_ms`` for a change."""
 
         async def work() -> federation_pb2.RoundStatus:
             device_id, _ = self._caller(context)
+            request = self._parse(raw, federation_pb2.GetRoundRequest, "GetRound")
             if request.known_round_id > _MAX_ROUND_ID or request.wait_ms > _MAX_WAIT_MS:
                 raise ValidationError("bad poll parameters")
             known_stage = Stage.from_wire(request.known_stage)
@@ -305,13 +408,12 @@ class FederationRpc(federation_pb2_grpc.FederationServicer):  # type: ignore[mis
 
         return await _guard(context, work)
 
-    async def JoinRound(
-        self, request: federation_pb2.JoinRoundRequest, context: Context
-    ) -> federation_pb2.RoundStatus:
+    async def JoinRound(self, raw: bytes, context: Context) -> federation_pb2.RoundStatus:
         """Admit the calling device to the open round (check-in); idempotent."""
 
         async def work() -> federation_pb2.RoundStatus:
             device_id, certificate = self._caller(context)
+            request = self._parse(raw, federation_pb2.JoinRoundRequest, "JoinRound")
             _check_request_id(request.request_id)
             _check_round_id(request.round_id)
             view = self._coordinator.join(
@@ -322,10 +424,11 @@ class FederationRpc(federation_pb2_grpc.FederationServicer):  # type: ignore[mis
         return await _guard(context, work)
 
     async def _stage_message(
-        self, stage: Stage, request: federation_pb2.StageMessage, context: Context
+        self, stage: Stage, method: str, raw: bytes, context: Context
     ) -> common_pb2.StageAck:
         async def work() -> common_pb2.StageAck:
             device_id, _ = self._caller(context)
+            request = self._parse(raw, federation_pb2.StageMessage, method)
             _check_request_id(request.request_id)
             _check_round_id(request.round_id)
             if len(request.payload) > self._limits.max_payload_bytes:
@@ -353,8 +456,14 @@ class FederationRpc(federation_pb2_grpc.FederationServicer):  # type: ignore[mis
             ack = common_pb2.StageAck.FromString(stored.response)
             ack.replayed = True
             return ack
-        self._coordinator.submit(device_id=device_id, round_id=round_id, stage=stage, payload=payload)
+        accepted = self._coordinator.submit(
+            device_id=device_id, round_id=round_id, stage=stage, payload=payload
+        )
         ack = common_pb2.StageAck(request_id=request_id, round_id=round_id, stage=_wire(stage))
+        if not accepted:
+            # A repeat of the accepted message under a fresh request id: answered, but not recorded again,
+            # so retries cannot grow the idempotency table (the first acceptance's record is the one kept).
+            return ack
         record = self._storage.record_response(
             scope=scope,
             request_id=request_id,
@@ -364,44 +473,42 @@ class FederationRpc(federation_pb2_grpc.FederationServicer):  # type: ignore[mis
         )
         return common_pb2.StageAck.FromString(record.response)
 
-    async def AdvertiseKeys(
-        self, request: federation_pb2.StageMessage, context: Context
-    ) -> common_pb2.StageAck:
-        """Accept the device's signed round public keys."""
-        return await self._stage_message(Stage.ADVERTISE_KEYS, request, context)
+    async def AdvertiseKeys(self, raw: bytes, context: Context) -> common_pb2.StageAck:
+        """Accept the device's signed round public keys and seed commitment."""
+        return await self._stage_message(Stage.ADVERTISE_KEYS, "AdvertiseKeys", raw, context)
 
-    async def ShareKeys(self, request: federation_pb2.StageMessage, context: Context) -> common_pb2.StageAck:
+    async def ShareKeys(self, raw: bytes, context: Context) -> common_pb2.StageAck:
         """Accept the device's encrypted shares."""
-        return await self._stage_message(Stage.SHARE_KEYS, request, context)
+        return await self._stage_message(Stage.SHARE_KEYS, "ShareKeys", raw, context)
 
-    async def ConsistencyCheck(
-        self, request: federation_pb2.StageMessage, context: Context
-    ) -> common_pb2.StageAck:
+    async def ConsistencyCheck(self, raw: bytes, context: Context) -> common_pb2.StageAck:
         """Accept the device's signature over the announced survivor set."""
-        return await self._stage_message(Stage.CONSISTENCY_CHECK, request, context)
+        return await self._stage_message(Stage.CONSISTENCY_CHECK, "ConsistencyCheck", raw, context)
 
-    async def Unmask(self, request: federation_pb2.StageMessage, context: Context) -> common_pb2.StageAck:
-        """Accept the device's unmasking shares."""
-        return await self._stage_message(Stage.UNMASK, request, context)
+    async def Unmask(self, raw: bytes, context: Context) -> common_pb2.StageAck:
+        """Accept the device's own seed share and the keys that open the shares it was dealt."""
+        return await self._stage_message(Stage.UNMASK, "Unmask", raw, context)
 
     async def UploadMaskedInput(
-        self, request_iterator: AsyncIterator[federation_pb2.MaskedInputChunk], context: Context
+        self, raw_chunks: AsyncIterator[bytes], context: Context
     ) -> common_pb2.StageAck:
-        """Accept the device's masked input as an ordered stream of chunks."""
+        """Accept the device's masked input as an ordered stream of chunks (at most
+        :meth:`EdgeLimits.max_chunks` of them)."""
 
         async def work() -> common_pb2.StageAck:
             device_id, _ = self._caller(context)
             first: federation_pb2.MaskedInputChunk | None = None
             parts: list[bytes] = []
             received = 0
-            async for chunk in request_iterator:
+            async for raw in raw_chunks:
+                chunk = self._parse(raw, federation_pb2.MaskedInputChunk, "UploadMaskedInput")
                 if first is None:
                     first = chunk
                     _check_request_id(chunk.request_id)
                     _check_round_id(chunk.round_id)
                     if not 0 < chunk.total_bytes <= self._limits.max_upload_bytes:
                         raise OversizeError("upload too large")
-                    if not 0 < chunk.count <= chunk.total_bytes:
+                    if not 0 < chunk.count <= self._limits.max_chunks(chunk.total_bytes):
                         raise ValidationError("bad chunk count")
                 elif (chunk.request_id, chunk.round_id, chunk.count, chunk.total_bytes) != (
                     first.request_id,
@@ -426,13 +533,12 @@ class FederationRpc(federation_pb2_grpc.FederationServicer):  # type: ignore[mis
 
         return await _guard(context, work)
 
-    async def GetStageResult(
-        self, request: federation_pb2.StageResultRequest, context: Context
-    ) -> federation_pb2.StageResult:
+    async def GetStageResult(self, raw: bytes, context: Context) -> federation_pb2.StageResult:
         """Return what the aggregator sent this device when the requested stage closed."""
 
         async def work() -> federation_pb2.StageResult:
             device_id, _ = self._caller(context)
+            request = self._parse(raw, federation_pb2.StageResultRequest, "GetStageResult")
             _check_round_id(request.round_id)
             stage = Stage.from_wire(request.stage)
             if stage not in _RESULT_STAGES:
@@ -466,17 +572,20 @@ def model_manifest(model: ModelVersion) -> models_pb2.ModelManifest:
     )
 
 
-class ModelsRpc(models_pb2_grpc.ModelsServicer):  # type: ignore[misc]
-    """Serves verified versions of the central model ``v`` to authenticated devices.
+class ModelsRpc:
+    """Serves verified versions of the central model ``v`` to authenticated devices (requests as bytes,
+    parsed after authentication).
 
     Args:
         enrollment: authenticates peers.
         registry: the model registry.
+        limits: size limits.
     """
 
-    def __init__(self, *, enrollment: EnrollmentService, registry: ModelRegistry) -> None:
+    def __init__(self, *, enrollment: EnrollmentService, registry: ModelRegistry, limits: EdgeLimits) -> None:
         self._enrollment = enrollment
         self._registry = registry
+        self._limits = limits
 
     def _model(self, request: models_pb2.ModelRequest) -> ModelVersion:
         if request.version == "":
@@ -494,23 +603,21 @@ class ModelsRpc(models_pb2_grpc.ModelsServicer):  # type: ignore[misc]
         except IntegrityError as exc:  # our stored copy is corrupt: not the caller's fault
             raise RpcRejection(grpc.StatusCode.DATA_LOSS, "stored model failed its integrity check") from exc
 
-    async def GetManifest(
-        self, request: models_pb2.ModelRequest, context: Context
-    ) -> models_pb2.ModelManifest:
+    async def GetManifest(self, raw: bytes, context: Context) -> models_pb2.ModelManifest:
         """Return the manifest (named arrays, SHA-256) of one model version."""
 
         async def work() -> models_pb2.ModelManifest:
             authenticate(context, self._enrollment)
+            request = parse_request(raw, models_pb2.ModelRequest, self._limits.request_limit("GetManifest"))
             return model_manifest(self._model(request))
 
         return await _guard(context, work)
 
-    async def DownloadModel(
-        self, request: models_pb2.ModelRequest, context: Context
-    ) -> AsyncIterator[models_pb2.ModelChunk]:
+    async def DownloadModel(self, raw: bytes, context: Context) -> AsyncIterator[models_pb2.ModelChunk]:
         """Stream the raw bytes of one model version in manifest order."""
         try:
             authenticate(context, self._enrollment)
+            request = parse_request(raw, models_pb2.ModelRequest, self._limits.request_limit("DownloadModel"))
             model = self._model(request)
         except Exception as exc:  # mapped to a status at the edge
             await _abort(context, exc)
@@ -525,8 +632,11 @@ class ModelsRpc(models_pb2_grpc.ModelsServicer):  # type: ignore[misc]
             offset += size
 
 
-class EnrollmentRpc(enrollment_pb2_grpc.EnrollmentServicer):  # type: ignore[misc]
+class EnrollmentRpc:
     """Exchanges one-time tokens and CSRs for device certificates (no client certificate needed).
+
+    The request arrives as bytes and is parsed only after the connection was checked (TLS 1.3) and its size
+    against :attr:`EdgeLimits.ENROLL_REQUEST_BYTES`.
 
     Replays of the same request id with the same token and CSR return the stored answer, so a device whose
     connection dropped after the token was spent still receives its certificate.
@@ -537,20 +647,22 @@ class EnrollmentRpc(enrollment_pb2_grpc.EnrollmentServicer):  # type: ignore[mis
         federation_port: the mutual-TLS port devices use after enrolling.
     """
 
-    def __init__(self, *, storage: Storage, enrollment: EnrollmentService, federation_port: int) -> None:
+    def __init__(
+        self, *, storage: Storage, enrollment: EnrollmentService, federation_port: int, limits: EdgeLimits
+    ) -> None:
         self._storage = storage
         self._enrollment = enrollment
         self._port = federation_port
+        self._limits = limits
 
-    async def Enroll(
-        self, request: enrollment_pb2.EnrollRequest, context: Context
-    ) -> enrollment_pb2.EnrollResponse:
+    async def Enroll(self, raw: bytes, context: Context) -> enrollment_pb2.EnrollResponse:
         """Verify the token and CSR, issue and register the device certificate."""
 
         async def work() -> enrollment_pb2.EnrollResponse:
             auth = context.auth_context()
             if auth.get("ssl_tls_version") != [b"TLSv1.3"]:
                 raise RpcRejection(grpc.StatusCode.UNAUTHENTICATED, "TLS 1.3 required")
+            request = parse_request(raw, enrollment_pb2.EnrollRequest, self._limits.request_limit("Enroll"))
             _check_request_id(request.request_id)
             if (
                 not request.token
@@ -582,3 +694,38 @@ class EnrollmentRpc(enrollment_pb2_grpc.EnrollmentServicer):  # type: ignore[mis
             return enrollment_pb2.EnrollResponse.FromString(record.response)
 
         return await _guard(context, work)
+
+
+def register(
+    server: grpc.aio.Server, *, federation: FederationRpc, models: ModelsRpc, enrollment: EnrollmentRpc
+) -> None:
+    """Add the three ``fedfer.v1`` services to ``server`` with requests delivered as bytes, so each servicer
+    authenticates the caller before it parses (or even size-checks) the body."""
+    unary = grpc.unary_unary_rpc_method_handler
+    handlers = {
+        "fedfer.v1.Federation": {
+            "GetRound": unary(federation.GetRound, response_serializer=_serialize),
+            "JoinRound": unary(federation.JoinRound, response_serializer=_serialize),
+            "AdvertiseKeys": unary(federation.AdvertiseKeys, response_serializer=_serialize),
+            "ShareKeys": unary(federation.ShareKeys, response_serializer=_serialize),
+            "UploadMaskedInput": grpc.stream_unary_rpc_method_handler(
+                federation.UploadMaskedInput, response_serializer=_serialize
+            ),
+            "ConsistencyCheck": unary(federation.ConsistencyCheck, response_serializer=_serialize),
+            "Unmask": unary(federation.Unmask, response_serializer=_serialize),
+            "GetStageResult": unary(federation.GetStageResult, response_serializer=_serialize),
+        },
+        "fedfer.v1.Models": {
+            "GetManifest": unary(models.GetManifest, response_serializer=_serialize),
+            "DownloadModel": grpc.unary_stream_rpc_method_handler(
+                models.DownloadModel, response_serializer=_serialize
+            ),
+        },
+        "fedfer.v1.Enrollment": {"Enroll": unary(enrollment.Enroll, response_serializer=_serialize)},
+    }
+    for service, methods in handlers.items():
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, methods),))
+
+
+def _serialize(message: Message) -> bytes:
+    return message.SerializeToString()

@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         url = args.url or f"sqlite://{Path(tmp) / 'bench.db'}"
         now = dt.datetime.now(dt.UTC)
         start = time.perf_counter()
-        with open_storage(url, now=now) as store:
+        with open_storage(url, now=now, create=True) as store:
             open_s = time.perf_counter() - start
             tag = now.strftime("%H%M%S%f")  # lets repeated runs share one PostgreSQL database
 

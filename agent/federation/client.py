@@ -179,8 +179,8 @@ class FederationClient:
     ) -> None:
         if not isinstance(state, DeviceState):
             raise ValidationError("state must be a DeviceState")
-        if type(chunk_bytes) is not int or not 1024 <= chunk_bytes <= 4 << 20:
-            raise ValidationError("chunk_bytes must be an int in 1 KiB..4 MiB")
+        if type(chunk_bytes) is not int or not 16 << 10 <= chunk_bytes <= 4 << 20:
+            raise ValidationError("chunk_bytes must be an int in 16 KiB..4 MiB")
         if type(poll_ms) is not int or not 0 <= poll_ms <= 60_000:
             raise ValidationError("poll_ms must be an int in 0..60000")
         self._state = state
@@ -219,7 +219,15 @@ class FederationClient:
             raise ValidationError("use FederationClient as an async context manager")
         return self._fed
 
-    async def _unary(self, what: str, method: Any, request: Any, *, timeout: float | None = None) -> Any:
+    async def _unary(
+        self,
+        what: str,
+        method: Any,
+        request: Any,
+        *,
+        timeout: float | None = None,
+        until: float | None = None,
+    ) -> Any:
         size = request.ByteSize()
 
         async def attempt() -> Any:
@@ -227,7 +235,12 @@ class FederationClient:
             self.counter.message(size)
             return await method(request, timeout=timeout or self._timeout)
 
-        return await call_with_retry(attempt, policy=self._policy, what=what)
+        return await call_with_retry(attempt, policy=self._policy, what=what, until=until)
+
+    def _open_until(self, stage: Stage) -> float | None:
+        """Unix time at which ``stage`` closes, as the aggregator announced it (retries help until then)."""
+        deadline_ms = self.stage_deadlines.get(stage)
+        return deadline_ms / 1000 if deadline_ms else None
 
     async def status(
         self, *, round_id: int = 0, stage: common_pb2.Stage = common_pb2.STAGE_UNSPECIFIED, wait_ms: int = 0
@@ -259,11 +272,11 @@ class FederationClient:
         request = federation_pb2.StageResultRequest(round_id=round_id, stage=wire_stage)
         return await self._unary("stage result", self._stub.GetStageResult, request)
 
-    async def _send(self, what: str, method: Any, round_id: int, payload: bytes) -> None:
+    async def _send(self, what: str, method: Any, round_id: int, payload: bytes, stage: Stage) -> None:
         request = federation_pb2.StageMessage(
             request_id=str(uuid.uuid4()), round_id=round_id, payload=payload
         )
-        await self._accepted(self._unary(what, method, request))
+        await self._accepted(self._unary(what, method, request, until=self._open_until(stage)))
 
     async def _accepted(self, call: Awaitable[T]) -> T:
         """Await a stage submission; a stage that already closed means this device dropped out."""
@@ -302,7 +315,8 @@ class FederationClient:
 
             return await self._stub.UploadMaskedInput(stream(), timeout=self._timeout)
 
-        await self._accepted(call_with_retry(attempt, policy=self._policy, what="masked input"))
+        until = self._open_until(Stage.MASKED_INPUT)
+        await self._accepted(call_with_retry(attempt, policy=self._policy, what="masked input", until=until))
 
     async def _hook(self, name: str) -> None:
         hook = self._hooks.get(name)
@@ -398,13 +412,23 @@ class FederationClient:
                 raise IntegrityError("round parameters disagree with the announced round")
             client = await self._secagg_client(round_id, params, index)
             await self._send(
-                "advertise", self._stub.AdvertiseKeys, round_id, client.advertise_keys().to_bytes()
+                "advertise",
+                self._stub.AdvertiseKeys,
+                round_id,
+                client.advertise_keys().to_bytes(),
+                Stage.ADVERTISE_KEYS,
             )
             await self._hook("advertise_keys")
 
             await self._wait_stage(round_id, Stage.SHARE_KEYS, until=until)
             keys = KeysBroadcast.from_bytes((await self._result(round_id, Stage.ADVERTISE_KEYS)).payload)
-            await self._send("share keys", self._stub.ShareKeys, round_id, client.share_keys(keys).to_bytes())
+            await self._send(
+                "share keys",
+                self._stub.ShareKeys,
+                round_id,
+                client.share_keys(keys).to_bytes(),
+                Stage.SHARE_KEYS,
+            )
             await self._hook("share_keys")
 
             await self._wait_stage(round_id, Stage.MASKED_INPUT, until=until)
@@ -422,6 +446,7 @@ class FederationClient:
                 self._stub.ConsistencyCheck,
                 round_id,
                 client.consistency_check(announced).to_bytes(),
+                Stage.CONSISTENCY_CHECK,
             )
             await self._hook("consistency_check")
 
@@ -429,7 +454,13 @@ class FederationClient:
             request = UnmaskRequest.from_bytes(
                 (await self._result(round_id, Stage.CONSISTENCY_CHECK)).payload
             )
-            await self._send("unmask", self._stub.Unmask, round_id, client.unmask(request).to_bytes())
+            await self._send(
+                "unmask",
+                self._stub.Unmask,
+                round_id,
+                client.unmask(request).to_bytes(),
+                Stage.UNMASK,
+            )
             await self._hook("unmask")
         except _Dropped:
             _log.info("device dropped out of round %d", round_id)

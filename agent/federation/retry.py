@@ -1,8 +1,11 @@
 """Retry transient gRPC failures with capped exponential backoff and full jitter.
 
 Only ``UNAVAILABLE`` and ``DEADLINE_EXCEEDED`` are retried: they mean the request may not have reached the
-aggregator (or its answer was lost), and every mutating request carries an idempotency key, so sending it
-again is harmless. Every other status is a decision of the aggregator and is raised at once.
+aggregator (or its answer was lost), or the aggregator could not store it yet (its disk is full: "aggregator
+storage is full, retry later"), and every mutating request carries an idempotency key, so sending it again
+is harmless. Every other status is a decision of the aggregator and is raised at once. A caller that knows
+until when its request is still useful (the stage deadline) passes ``until`` and keeps retrying up to then,
+beyond the policy's attempt count.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -67,7 +71,9 @@ async def call_with_retry(
     *,
     policy: RetryPolicy,
     what: str,
+    until: float | None = None,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    clock: Callable[[], float] = time.time,
 ) -> T:
     """Await ``fn()`` and retry it on a transient gRPC status, following ``policy``.
 
@@ -75,7 +81,10 @@ async def call_with_retry(
         fn: makes one attempt (a fresh call each time; it must reuse the same idempotency key).
         policy: attempts and backoff.
         what: short label for log lines (never request contents).
+        until: unix time up to which a transient failure is retried even after ``policy.attempts`` (the
+            stage deadline of a stage message); None: the attempt count alone decides.
         sleep: the sleep used between attempts (a seam for tests).
+        clock: unix time (a seam for tests).
 
     Returns:
         The first successful result.
@@ -89,8 +98,10 @@ async def call_with_retry(
             return await fn()
         except grpc.aio.AioRpcError as exc:
             attempt += 1
-            if exc.code() not in RETRYABLE or attempt >= policy.attempts:
+            if exc.code() not in RETRYABLE:
                 raise
             pause = policy.delay(attempt - 1)
+            if attempt >= policy.attempts and (until is None or clock() + pause >= until):
+                raise
             _log.info("%s: %s, retry %d in %.2fs", what, exc.code().name, attempt, pause)
             await sleep(pause)

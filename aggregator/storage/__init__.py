@@ -13,7 +13,10 @@ from fedfer.aggregator.storage.base import (
     ResponseRecord,
     RoundRecord,
     Storage,
+    StorageCorruptError,
     StorageError,
+    StorageFullError,
+    StorageUnavailableError,
     TokenRecord,
 )
 from fedfer.aggregator.storage.factory import open_storage, redact_url
@@ -27,7 +30,10 @@ __all__ = [
     "ResponseRecord",
     "RoundRecord",
     "Storage",
+    "StorageCorruptError",
     "StorageError",
+    "StorageFullError",
+    "StorageUnavailableError",
     "TokenRecord",
     "open_storage",
     "redact_url",

@@ -39,7 +39,10 @@ __all__ = [
     "ResponseRecord",
     "RoundRecord",
     "Storage",
+    "StorageCorruptError",
     "StorageError",
+    "StorageFullError",
+    "StorageUnavailableError",
     "TokenRecord",
 ]
 
@@ -49,6 +52,22 @@ JsonValue = Any
 
 class StorageError(FedferError):
     """The storage backend failed or was given something it cannot store."""
+
+
+class StorageUnavailableError(StorageError):
+    """The backend could not complete the operation now (busy, connection lost, disk full); nothing was
+    changed, and the same call may succeed later."""
+
+
+class StorageFullError(StorageUnavailableError):
+    """The disk (or the database's quota) is full: nothing was written; retry once space is freed."""
+
+
+class StorageCorruptError(StorageError):
+    """The stored data cannot be read back as written (a damaged, truncated or overwritten database).
+
+    Nothing is changed and nothing is repaired: the file or database is left exactly as found.
+    """
 
 
 class ConflictError(StorageError):

@@ -14,8 +14,8 @@ import contextlib
 import datetime as dt
 import json
 import threading
-from collections.abc import Collection, Iterator, Mapping, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from typing import Any, Protocol, TypeVar
 
 from fedfer.aggregator.storage.base import (
     ConflictError,
@@ -27,6 +27,7 @@ from fedfer.aggregator.storage.base import (
     ResponseRecord,
     RoundRecord,
     Storage,
+    StorageCorruptError,
     StorageError,
     TokenRecord,
 )
@@ -38,6 +39,7 @@ _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _TERMINAL = tuple(stage.key for stage in Stage if stage.terminal)
 _MAX_TEXT = 256
 _IN_BATCH = 500  # values per IN (...) list, well below every SQLite build's bound-parameter limit
+T = TypeVar("T")
 
 
 class Cursor(Protocol):
@@ -183,42 +185,126 @@ _DEVICE_COLUMNS = "device_id, cert_fingerprint, cert_serial, identity_public_key
 _TOKEN_COLUMNS = "token_hash, created_at, expires_at, label, used_at, device_id"  # noqa: S105
 
 
-def _round(row: Sequence[Any]) -> RoundRecord:
+# What reading a damaged row back raises (a flipped byte turns a number into text, text into invalid UTF-8,
+# JSON into garbage, a status into an unknown word ...): each becomes one StorageCorruptError.
+_DAMAGED = (ValueError, TypeError, KeyError, IndexError, OverflowError, UnicodeDecodeError)
+
+
+def _col_str(value: object) -> str:
+    if type(value) is not str:
+        raise TypeError("text column holds another type")
+    return value
+
+
+def _col_int(value: object) -> int:
+    if type(value) is not int:
+        raise TypeError("integer column holds another type")
+    return value
+
+
+def _col_bytes(value: object) -> bytes:
+    if not isinstance(value, bytes | memoryview):
+        raise TypeError("blob column holds another type")
+    return bytes(value)
+
+
+def _opt_col_time(value: object) -> dt.datetime | None:
+    return None if value is None else _from_db_time(_col_int(value))
+
+
+def _decoded(what: str, fn: Callable[[Any], T], row: Any) -> T:
+    """``fn(row)``, with any sign of a damaged row turned into :class:`StorageCorruptError`."""
+    try:
+        return fn(row)
+    except _DAMAGED:
+        raise StorageCorruptError(f"a stored {what} record is damaged; restore the database") from None
+
+
+def _round_fields(row: Sequence[Any]) -> RoundRecord:
+    participants = json.loads(_col_str(row[9]))
+    if not isinstance(participants, list) or not all(type(p) is str for p in participants):
+        raise ValueError("participants are not a list of ids")
+    params = json.loads(_col_str(row[3]))
+    if not isinstance(params, dict):
+        raise ValueError("round params are not a mapping")
     return RoundRecord(
-        round_id=int(row[0]),
-        cohort=row[1],
-        status=Stage.from_key(row[2]),
-        params=json.loads(row[3]),
-        created_at=_from_db_time(row[4]),
-        updated_at=_from_db_time(row[5]),
-        finished_at=_opt_time(row[6]),
-        model_version=None if row[7] is None else int(row[7]),
-        state=bytes(row[8]),
-        participants=tuple(json.loads(row[9])),
-        version=int(row[10]),
+        round_id=_col_int(row[0]),
+        cohort=_col_str(row[1]),
+        status=Stage.from_key(_col_str(row[2])),
+        params=params,
+        created_at=_from_db_time(_col_int(row[4])),
+        updated_at=_from_db_time(_col_int(row[5])),
+        finished_at=_opt_col_time(row[6]),
+        model_version=None if row[7] is None else _col_int(row[7]),
+        state=_col_bytes(row[8]),
+        participants=tuple(participants),
+        version=_col_int(row[10]),
+    )
+
+
+def _round(row: Sequence[Any]) -> RoundRecord:
+    return _decoded("round", _round_fields, row)
+
+
+def _device_fields(row: Sequence[Any]) -> DeviceRecord:
+    return DeviceRecord(
+        device_id=_col_str(row[0]),
+        cert_fingerprint=_col_str(row[1]),
+        cert_serial=int(_col_str(row[2]), 16),
+        identity_public_key=_col_bytes(row[3]),
+        created_at=_from_db_time(_col_int(row[4])),
+        revoked_at=_opt_col_time(row[5]),
     )
 
 
 def _device(row: Sequence[Any]) -> DeviceRecord:
-    return DeviceRecord(
-        device_id=row[0],
-        cert_fingerprint=row[1],
-        cert_serial=int(row[2], 16),
-        identity_public_key=bytes(row[3]),
-        created_at=_from_db_time(row[4]),
-        revoked_at=_opt_time(row[5]),
+    return _decoded("device", _device_fields, row)
+
+
+def _token_fields(row: Sequence[Any]) -> TokenRecord:
+    return TokenRecord(
+        token_hash=_col_bytes(row[0]),
+        created_at=_from_db_time(_col_int(row[1])),
+        expires_at=_from_db_time(_col_int(row[2])),
+        label=_col_str(row[3]),
+        used_at=_opt_col_time(row[4]),
+        device_id=None if row[5] is None else _col_str(row[5]),
     )
 
 
 def _token(row: Sequence[Any]) -> TokenRecord:
-    return TokenRecord(
-        token_hash=bytes(row[0]),
-        created_at=_from_db_time(row[1]),
-        expires_at=_from_db_time(row[2]),
-        label=row[3],
-        used_at=_opt_time(row[4]),
-        device_id=row[5],
-    )
+    return _decoded("token", _token_fields, row)
+
+
+def _response(scope: str, request_id: str, row: Sequence[Any]) -> ResponseRecord:
+    def fields(r: Sequence[Any]) -> ResponseRecord:
+        return ResponseRecord(
+            scope=scope,
+            request_id=request_id,
+            request_digest=_col_bytes(r[0]),
+            response=_col_bytes(r[1]),
+            created_at=_from_db_time(_col_int(r[2])),
+        )
+
+    return _decoded("response", fields, row)
+
+
+def _model(row: Sequence[Any]) -> ModelRecord:
+    def fields(r: Sequence[Any]) -> ModelRecord:
+        return ModelRecord(
+            version=_col_int(r[0]),
+            parent=None if r[1] is None else _col_int(r[1]),
+            manifest=_col_str(r[2]),
+            digest=_col_str(r[3]),
+            blob=_col_bytes(r[4]),
+            created_at=_from_db_time(_col_int(r[5])),
+        )
+
+    return _decoded("model", fields, row)
+
+
+def _ints(what: str, rows: Sequence[Any], parse: Callable[[Any], int] = _col_int) -> list[int]:
+    return _decoded(what, lambda rs: [parse(r[0]) for r in rs], rows)
 
 
 def _model_row(model: object) -> tuple[Any, ...]:
@@ -296,9 +382,15 @@ def _update_round_in(
 
 
 def _lease(row: Sequence[Any]) -> LeaseRecord:
-    return LeaseRecord(
-        name=row[0], owner=row[1], acquired_at=_from_db_time(row[2]), expires_at=_from_db_time(row[3])
-    )
+    def fields(r: Sequence[Any]) -> LeaseRecord:
+        return LeaseRecord(
+            name=_col_str(r[0]),
+            owner=_col_str(r[1]),
+            acquired_at=_from_db_time(_col_int(r[2])),
+            expires_at=_from_db_time(_col_int(r[3])),
+        )
+
+    return _decoded("lease", fields, row)
 
 
 class SqlStorage(Storage):
@@ -329,6 +421,14 @@ class SqlStorage(Storage):
     def _lock_schema(self, cur: Cursor) -> None:
         """Serialise concurrent migrations (called first inside the migration transaction)."""
 
+    @abc.abstractmethod
+    def _schema_exists(self, cur: Cursor) -> bool:
+        """True if the database already holds the fedfer schema (its ``schema_migrations`` table)."""
+
+    @abc.abstractmethod
+    def _no_schema_message(self) -> str:
+        """Why an existing deployment's database without the schema is refused, and what to do."""
+
     # -- plumbing -----------------------------------------------------------------------------------------
 
     @contextlib.contextmanager
@@ -339,15 +439,19 @@ class SqlStorage(Storage):
             with self._begin(write=write) as cur:
                 yield cur
 
-    def _migrate(self, now: dt.datetime) -> None:
+    def _migrate(self, now: dt.datetime, *, create: bool) -> None:
+        """Bring the schema up to date; without ``create``, refuse a database that has none at all (an
+        existing deployment whose database was emptied or replaced must not start as a new one)."""
         with self._tx() as cur:
             self._lock_schema(cur)
+            if not create and not self._schema_exists(cur):
+                raise StorageError(self._no_schema_message())
             cur.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations "
                 "(version INTEGER PRIMARY KEY, applied_at BIGINT)"
             )
             cur.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
-            current = int(cur.fetchone()[0])
+            current = _decoded("schema", lambda r: _col_int(r[0]), cur.fetchone())
             if current > SCHEMA_VERSION:
                 raise StorageError("database schema is newer than this fedfer version")
             for number in range(current + 1, SCHEMA_VERSION + 1):
@@ -369,7 +473,7 @@ class SqlStorage(Storage):
         """Return the schema version the database is migrated to."""
         with self._tx(write=False) as cur:
             cur.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
-            return int(cur.fetchone()[0])
+            return _decoded("schema", lambda r: _col_int(r[0]), cur.fetchone())
 
     # -- tokens -------------------------------------------------------------------------------------------
 
@@ -486,7 +590,7 @@ class SqlStorage(Storage):
         """Return the certificate serial numbers of all revoked devices."""
         with self._tx(write=False) as cur:
             cur.execute("SELECT cert_serial FROM devices WHERE revoked_at IS NOT NULL")
-            return frozenset(int(r[0], 16) for r in cur.fetchall())
+            return frozenset(_ints("device", cur.fetchall(), lambda v: int(_col_str(v), 16)))
 
     # -- rounds -------------------------------------------------------------------------------------------
 
@@ -622,7 +726,7 @@ class SqlStorage(Storage):
             cur.execute(
                 "SELECT payload FROM round_messages WHERE round_id = ? AND stage = ? AND device_id = ?", key
             )
-            existing = bytes(cur.fetchone()[0])
+            existing = _decoded("round message", lambda r: _col_bytes(r[0]), cur.fetchone())
         if existing != payload:
             raise ConflictError("a different message is already stored for this device and stage")
         return False
@@ -641,7 +745,9 @@ class SqlStorage(Storage):
                     "ORDER BY device_id",
                     key,
                 )
-                return {r[0]: bytes(r[1]) for r in cur.fetchall()}
+                return _decoded(
+                    "round message", lambda rs: {_col_str(r[0]): _col_bytes(r[1]) for r in rs}, cur.fetchall()
+                )
         if isinstance(device_ids, str):
             raise StorageError("device_ids must be a collection of device ids")
         wanted = sorted({_text(d, "device id") for d in device_ids})
@@ -654,7 +760,13 @@ class SqlStorage(Storage):
                     f"AND device_id IN ({', '.join('?' * len(batch))}) ORDER BY device_id",
                     (*key, *batch),
                 )
-                found.update((r[0], bytes(r[1])) for r in cur.fetchall())
+                found.update(
+                    _decoded(
+                        "round message",
+                        lambda rs: [(_col_str(r[0]), _col_bytes(r[1])) for r in rs],
+                        cur.fetchall(),
+                    )
+                )
         return found
 
     def round_message_senders(self, round_id: int, *, stage: Stage) -> frozenset[str]:
@@ -666,7 +778,8 @@ class SqlStorage(Storage):
                 "SELECT device_id FROM round_messages WHERE round_id = ? AND stage = ?",
                 (_int(round_id, "round id"), stage.key),
             )
-            return frozenset(r[0] for r in cur.fetchall())
+            rows = cur.fetchall()
+        return frozenset(_decoded("round message", lambda rs: [_col_str(r[0]) for r in rs], rows))
 
     # -- idempotency --------------------------------------------------------------------------------------
 
@@ -688,13 +801,7 @@ class SqlStorage(Storage):
                 key,
             )
             row = cur.fetchone()
-        record = ResponseRecord(
-            scope=scope,
-            request_id=request_id,
-            request_digest=bytes(row[0]),
-            response=bytes(row[1]),
-            created_at=_from_db_time(row[2]),
-        )
+        record = _response(scope, request_id, row)
         if record.request_digest != digest:
             raise ConflictError("request id was already used for a different request")
         return record
@@ -709,15 +816,7 @@ class SqlStorage(Storage):
                 key,
             )
             row = cur.fetchone()
-        if row is None:
-            return None
-        return ResponseRecord(
-            scope=scope,
-            request_id=request_id,
-            request_digest=bytes(row[0]),
-            response=bytes(row[1]),
-            created_at=_from_db_time(row[2]),
-        )
+        return None if row is None else _response(scope, request_id, row)
 
     def delete_responses_before(self, *, before: dt.datetime) -> int:
         """Forget idempotency records created before ``before``; return how many."""
@@ -780,7 +879,7 @@ class SqlStorage(Storage):
             if cur.rowcount == 1:
                 return True
             cur.execute("SELECT digest FROM models WHERE version = ?", (row[0],))
-            existing = cur.fetchone()[0]
+            existing = _decoded("model", lambda r: _col_str(r[0]), cur.fetchone())
         if existing != model.digest:
             raise ConflictError("model version already exists with different content")
         return False
@@ -793,26 +892,17 @@ class SqlStorage(Storage):
                 (_int(version, "model version"),),
             )
             row = cur.fetchone()
-        if row is None:
-            return None
-        return ModelRecord(
-            version=int(row[0]),
-            parent=None if row[1] is None else int(row[1]),
-            manifest=row[2],
-            digest=row[3],
-            blob=bytes(row[4]),
-            created_at=_from_db_time(row[5]),
-        )
+        return None if row is None else _model(row)
 
     def latest_model_version(self) -> int | None:
         """Return the highest stored model version, or None when the registry is empty."""
         with self._tx(write=False) as cur:
             cur.execute("SELECT MAX(version) FROM models")
             value = cur.fetchone()[0]
-        return None if value is None else int(value)
+        return None if value is None else _decoded("model", _col_int, value)
 
     def list_model_versions(self) -> list[int]:
         """Return every stored model version, ascending."""
         with self._tx(write=False) as cur:
             cur.execute("SELECT version FROM models ORDER BY version")
-            return [int(r[0]) for r in cur.fetchall()]
+            return _ints("model", cur.fetchall())

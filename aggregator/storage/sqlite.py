@@ -5,6 +5,14 @@ read lock, and wait up to ``busy_timeout`` for each other. The default ``synchro
 committed transaction survive a crash of the process or the machine; ``"normal"`` (about two orders of
 magnitude faster per write on a disk with slow fsync) still survives a killed process, but an OS crash or
 power loss may drop the last commits. The file is created 0600.
+
+An existing deployment's file is never replaced: only ``create=True`` (``fedfer-aggregator init``) makes a new
+database. Otherwise a missing or empty (0-byte) file, a file that is not SQLite, a truncated file, one that
+fails SQLite's ``quick_check``, or one without the fedfer schema is refused with a message saying which, and
+left exactly as found. Every SQLite failure afterwards is one of the storage errors: a full disk
+:class:`~fedfer.aggregator.storage.base.StorageFullError`, a busy or failing disk
+:class:`~fedfer.aggregator.storage.base.StorageUnavailableError`, a damaged file or record
+:class:`~fedfer.aggregator.storage.base.StorageCorruptError`.
 """
 
 from __future__ import annotations
@@ -17,12 +25,23 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from fedfer.aggregator.storage.base import StorageError
+from fedfer.aggregator.storage.base import (
+    StorageCorruptError,
+    StorageError,
+    StorageFullError,
+    StorageUnavailableError,
+)
 from fedfer.aggregator.storage.sql import Cursor, SqlStorage
 
 __all__ = ["SqliteStorage"]
 
 _WAL_RETRY_S = 0.01
+_MAGIC = b"SQLite format 3\x00"
+_HEADER_BYTES = 100
+_KEPT = (
+    "the file is kept as it is; restore it from a backup, or run `fedfer-aggregator init` in a new directory "
+    "for a new deployment"
+)
 
 
 def _enter_wal(conn: sqlite3.Connection, timeout_s: float) -> str:
@@ -43,15 +62,78 @@ def _enter_wal(conn: sqlite3.Connection, timeout_s: float) -> str:
             time.sleep(_WAL_RETRY_S)
 
 
+def storage_error(exc: BaseException) -> StorageError:
+    """The storage error an SQLite failure (or a value it could not decode) stands for."""
+    name = str(getattr(exc, "sqlite_errorname", ""))
+    if name == "SQLITE_FULL":
+        return StorageFullError("the disk holding the SQLite database is full; nothing was written")
+    undecodable = isinstance(exc, UnicodeDecodeError) or str(exc).startswith("Could not decode to UTF-8")
+    if undecodable or name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
+        return StorageCorruptError(f"the SQLite database is damaged ({name or 'undecodable text'})")
+    if isinstance(exc, sqlite3.OperationalError):
+        return StorageUnavailableError(f"SQLite operation failed: {name or 'error'}")
+    if isinstance(exc, sqlite3.DatabaseError):
+        return StorageCorruptError(f"the SQLite database is damaged ({name or type(exc).__name__})")
+    return StorageError(f"SQLite operation failed: {name or type(exc).__name__}")
+
+
+def _check_file(path: Path, *, create: bool) -> None:
+    """Refuse, without touching it, a file that cannot be an existing deployment's database."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        if create:
+            return
+        raise StorageError(
+            f"no SQLite database at {path}: refusing to start an empty deployment (a deployment's database "
+            "is created by `fedfer-aggregator init`)"
+        ) from None
+    except OSError as exc:
+        raise StorageUnavailableError(f"cannot read the SQLite database: {exc.strerror}") from None
+    if size == 0:
+        if create:
+            return
+        raise StorageCorruptError(
+            f"the SQLite database {path} is empty (0 bytes): refusing to start an empty deployment over "
+            f"it; {_KEPT}"
+        )
+    try:
+        with path.open("rb") as fh:
+            header = fh.read(_HEADER_BYTES)
+    except OSError as exc:
+        raise StorageUnavailableError(f"cannot read the SQLite database: {exc.strerror}") from None
+    if len(header) < _HEADER_BYTES or header[:16] != _MAGIC:
+        raise StorageCorruptError(f"{path} is not an SQLite database (damaged or overwritten); {_KEPT}")
+    page_size = int.from_bytes(header[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    pages = int.from_bytes(header[28:32], "big")
+    header_valid = header[24:28] == header[92:96] and pages > 0
+    if page_size < 512 or page_size & (page_size - 1) or size % page_size:
+        raise StorageCorruptError(
+            f"the SQLite database {path} is truncated or damaged ({size} bytes); {_KEPT}"
+        )
+    if header_valid and size < pages * page_size:
+        raise StorageCorruptError(
+            f"the SQLite database {path} is truncated ({size} of {pages * page_size} bytes); {_KEPT}"
+        )
+
+
 class SqliteStorage(SqlStorage):
     """:class:`~fedfer.aggregator.storage.base.Storage` over one SQLite file.
 
     Args:
-        path: Database file; its directory must exist. Created 0600 if missing.
+        path: Database file; its directory must exist. Created 0600 if missing and ``create`` is set.
         busy_timeout_s: How long a writer waits for another process's transaction.
         synchronous: ``"full"`` (default, durable across power loss) or ``"normal"`` (durable across a killed
             process only).
         now: Clock reading recorded with applied migrations (the storage never reads the clock itself).
+        create: Make a new database if the file is missing or empty (only a new deployment does this);
+            otherwise such a file is refused.
+
+    Raises:
+        StorageError: the file is missing, empty, not SQLite, truncated, damaged or without the fedfer schema
+            (:class:`~fedfer.aggregator.storage.base.StorageCorruptError` for the damaged cases), or cannot be
+            opened. The file is left as it was.
     """
 
     _blob_type = "BLOB"
@@ -64,6 +146,7 @@ class SqliteStorage(SqlStorage):
         busy_timeout_s: float = 10.0,
         synchronous: str = "full",
         now: dt.datetime,
+        create: bool = False,
     ) -> None:
         super().__init__()
         if synchronous not in ("full", "normal"):
@@ -77,13 +160,30 @@ class SqliteStorage(SqlStorage):
         self._path = Path(path)
         if not self._path.parent.is_dir():
             raise StorageError("the SQLite database's directory does not exist")
+        _check_file(self._path, create=create)
         try:
-            # Create the file ourselves so it is 0600 from the start (SQLite copies its mode to -wal/-shm).
-            fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
-            os.close(fd)
+            if create:
+                # Created here so it is 0600 from the start (SQLite copies the mode to -wal/-shm).
+                fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+                os.close(fd)
             self._conn = sqlite3.connect(
-                self._path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+                f"{self._path.resolve().as_uri()}?mode=rw",
+                uri=True,
+                timeout=busy_timeout_s,
+                isolation_level=None,
+                check_same_thread=False,
             )
+        except (OSError, sqlite3.Error) as exc:
+            raise StorageUnavailableError(f"cannot open SQLite database: {type(exc).__name__}") from None
+        try:
+            self._configure(busy_timeout_s, synchronous)
+            self._migrate(now, create=create)
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def _configure(self, busy_timeout_s: float, synchronous: str) -> None:
+        try:
             self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
             mode = _enter_wal(self._conn, busy_timeout_s)
             if mode != "wal":
@@ -91,13 +191,16 @@ class SqliteStorage(SqlStorage):
             level = "FULL" if synchronous == "full" else "NORMAL"
             self._conn.execute(f"PRAGMA synchronous = {level}")
             self._conn.execute("PRAGMA foreign_keys = ON")
-        except (OSError, sqlite3.Error) as exc:
-            raise StorageError(f"cannot open SQLite database: {type(exc).__name__}") from exc
-        try:
-            self._migrate(now)
-        except BaseException:
-            self._conn.close()
-            raise
+            problems = [str(r[0]) for r in self._conn.execute("PRAGMA quick_check(3)").fetchall()]
+        except (sqlite3.Error, UnicodeDecodeError) as exc:
+            error = storage_error(exc)
+            if isinstance(error, StorageCorruptError):
+                raise StorageCorruptError(f"{self._path}: {error}; {_KEPT}") from None
+            raise error from None
+        if problems != ["ok"]:
+            raise StorageCorruptError(
+                f"the SQLite database {self._path} fails its integrity check ({problems[0][:160]}); {_KEPT}"
+            )
 
     @property
     def path(self) -> Path:
@@ -115,15 +218,17 @@ class SqliteStorage(SqlStorage):
             try:
                 yield cur
             except BaseException:
-                self._conn.rollback()
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.rollback()
                 raise
             cur.execute("COMMIT")
-        except sqlite3.OperationalError as exc:
+        except sqlite3.IntegrityError:
+            raise  # a constraint refused the write: callers turn it into ConflictError
+        except (sqlite3.Error, UnicodeDecodeError) as exc:
             if self._conn.in_transaction:
-                self._conn.rollback()
-            raise StorageError(
-                f"SQLite operation failed: {getattr(exc, 'sqlite_errorname', 'error')}"
-            ) from exc
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.rollback()
+            raise storage_error(exc) from exc
         finally:
             cur.close()
 
@@ -136,3 +241,13 @@ class SqliteStorage(SqlStorage):
     def _lock_schema(self, cur: Cursor) -> None:
         # BEGIN IMMEDIATE already holds the write lock.
         return None
+
+    def _schema_exists(self, cur: Cursor) -> bool:
+        cur.execute("SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'")
+        return bool(cur.fetchone()[0])
+
+    def _no_schema_message(self) -> str:
+        return (
+            f"the SQLite database {self._path} holds no fedfer schema: refusing to start an empty "
+            f"deployment; {_KEPT}"
+        )

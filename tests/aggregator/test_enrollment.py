@@ -41,7 +41,7 @@ def ca() -> pki.CertificateAuthority:
 
 @pytest.fixture
 def store(storage_url: str) -> Iterator[Storage]:
-    with open_storage(storage_url, now=START) as storage:
+    with open_storage(storage_url, now=START, create=True) as storage:
         yield storage
 
 
@@ -91,7 +91,7 @@ def test_enroll_registers_device_and_authenticates(service: EnrollmentService, s
 
 def test_token_is_stored_only_as_hash(tmp_path: Path, ca: pki.CertificateAuthority) -> None:
     path = tmp_path / "agg.db"
-    with open_storage(f"sqlite://{path}", now=START) as store:
+    with open_storage(f"sqlite://{path}", now=START, create=True) as store:
         issued = issue_token(store, now=START, label="x")
     raw = b"".join(p.read_bytes() for p in tmp_path.iterdir())
     assert issued.token.encode() not in raw
@@ -155,7 +155,7 @@ def test_racing_enrollments_with_one_token_have_one_winner(
     storage_url: str, ca: pki.CertificateAuthority
 ) -> None:
     n = 5
-    stores = [open_storage(storage_url, now=START) for _ in range(n)]
+    stores = [open_storage(storage_url, now=START, create=True) for _ in range(n)]
     try:
         services = [EnrollmentService(storage=s, ca=ca) for s in stores]
         token = services[0].create_token().token

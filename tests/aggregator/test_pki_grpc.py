@@ -141,7 +141,7 @@ def test_mutual_tls_with_our_certificates_and_refusals(tmp_path: Path) -> None:
 
 def test_peer_certificate_authenticates_only_registered_devices(tmp_path: Path) -> None:
     ca = pki.CertificateAuthority.create(common_name="grpc test CA", now=NOW, validity=30 * DAY)
-    with open_storage(f"sqlite://{tmp_path / 'agg.db'}") as storage:
+    with open_storage(f"sqlite://{tmp_path / 'agg.db'}", create=True) as storage:
         service = EnrollmentService(storage=storage, ca=ca)
         tls_keys = {name: pki.TlsPrivateKey.generate() for name in ("dev-a", "dev-b")}
         certs = {}

@@ -27,7 +27,7 @@ def model(value: float) -> dict[str, np.ndarray]:
 
 @pytest.fixture
 def store(storage_url: str) -> Iterator[Storage]:
-    with open_storage(storage_url, now=NOW) as storage:
+    with open_storage(storage_url, now=NOW, create=True) as storage:
         yield storage
 
 

@@ -71,7 +71,7 @@ class Dev:
 
 @pytest.fixture
 def storage(tmp_path: Path) -> Any:
-    with open_storage(f"sqlite://{tmp_path / 'agg.db'}") as s:
+    with open_storage(f"sqlite://{tmp_path / 'agg.db'}", create=True) as s:
         yield s
 
 
@@ -240,7 +240,7 @@ def test_out_of_place_messages_are_refused_without_changing_state(storage: Stora
         coord.submit(device_id=a, round_id=round_id, stage=Stage.ADVERTISE_KEYS, payload=first)
         coord.submit(device_id=a, round_id=round_id, stage=Stage.ADVERTISE_KEYS, payload=first)  # a retry
         params = SecAggParams.from_bytes(coord.view(a).parameters)
-        other = AdvertiseKeys(params.round_id, 1, b"\x01" * 32, b"\x02" * 32, b"\x03" * 64)
+        other = AdvertiseKeys(params.round_id, 1, b"\x01" * 32, b"\x02" * 32, b"\x04" * 32, b"\x03" * 64)
         with pytest.raises(DuplicateSubmissionError):
             coord.submit(device_id=a, round_id=round_id, stage=Stage.ADVERTISE_KEYS, payload=other.to_bytes())
         assert coord.view(a).completed == (Stage.ADVERTISE_KEYS,)
@@ -598,7 +598,7 @@ class CrashingStorage(SqliteStorage):
 def test_a_crash_inside_publication_publishes_the_round_exactly_once_after_restart(tmp_path: Path) -> None:
     clock = Clock()
     path = tmp_path / "agg.db"
-    crashing = CrashingStorage(path, now=NOW)
+    crashing = CrashingStorage(path, now=NOW, create=True)
     devices = make_devices(crashing, 3)
     rng = np.random.default_rng(9)
     updates = {d.device_id: (rng.normal(0, 0.6, DIM), i + 2) for i, d in enumerate(devices)}
@@ -700,7 +700,7 @@ def with_two_replicas(
     rng = np.random.default_rng(12)
 
     async def main() -> None:
-        with open_storage(url) as store_a, open_storage(url) as store_b:
+        with open_storage(url, create=True) as store_a, open_storage(url) as store_b:
             devices = make_devices(store_a, 3)
             updates = {d.device_id: (rng.normal(0, 0.6, DIM), i + 1) for i, d in enumerate(devices)}
             a = coordinator_for(store_a, clock_a, min_clients=3, max_clients=3)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import signal
@@ -23,6 +24,7 @@ from fedfer.aggregator.storage import (
     ModelRecord,
     NotFoundError,
     Storage,
+    StorageCorruptError,
     StorageError,
     TokenRecord,
     open_storage,
@@ -41,7 +43,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture
 def store(storage_url: str) -> Iterator[Storage]:
-    with open_storage(storage_url, now=NOW) as storage:
+    with open_storage(storage_url, now=NOW, create=True) as storage:
         yield storage
 
 
@@ -83,7 +85,7 @@ def race(n: int, fn: Callable[[int], T]) -> list[T | BaseException]:
 
 
 def test_schema_is_migrated_once_and_reopen_keeps_data(storage_url: str) -> None:
-    with open_storage(storage_url, now=NOW) as s:
+    with open_storage(storage_url, now=NOW, create=True) as s:
         assert s.schema_version() == SCHEMA_VERSION
         s.add_token(token())
     with open_storage(storage_url, now=NOW + HOUR) as s:
@@ -114,16 +116,163 @@ def test_bad_urls_are_refused_without_leaking_passwords(tmp_path: Path) -> None:
             open_storage(f"sqlite://{tmp_path / 'q.db'}{query}")
 
 
+def _schema_tables(url: str) -> int:
+    if url.startswith("sqlite:"):
+        import sqlite3
+
+        with contextlib.closing(sqlite3.connect(url.removeprefix("sqlite://"))) as conn:
+            return int(conn.execute("SELECT COUNT(*) FROM sqlite_master WHERE type = 'table'").fetchone()[0])
+    with psycopg.connect(url, autocommit=True) as pg:
+        row = pg.execute("SELECT COUNT(*) FROM pg_tables WHERE schemaname = 'public'").fetchone()
+        return int(row[0]) if row is not None else 0
+
+
+def test_only_create_makes_a_new_database_an_existing_deployment_never_starts_empty(storage_url: str) -> None:
+    with pytest.raises(StorageError, match="refusing to start an empty deployment") as info:
+        open_storage(storage_url, now=NOW)
+    assert "Traceback" not in str(info.value) and "secret" not in str(info.value)
+    if storage_url.startswith("sqlite:"):
+        assert not Path(storage_url.removeprefix("sqlite://")).exists()  # nothing was created
+    else:
+        assert _schema_tables(storage_url) == 0
+    with open_storage(storage_url, now=NOW, create=True) as s:
+        s.add_token(token())
+    with open_storage(storage_url, now=NOW) as s:  # an existing deployment's database opens as it is
+        assert s.get_token(token().token_hash) == token()
+
+
+def test_a_damaged_record_reads_as_storage_corrupt_error_not_a_decoding_traceback(storage_url: str) -> None:
+    with open_storage(storage_url, now=NOW, create=True) as s:
+        first = s.create_round(params={"base_version": 1}, now=NOW)
+        s.enroll_device(token_hash=_token_for(s).token_hash, device=device(), now=NOW)
+        damage = ["UPDATE rounds SET params = '{\"base_version\": ' WHERE round_id = ?"]
+        if storage_url.startswith("sqlite:"):
+            import sqlite3
+
+            with contextlib.closing(sqlite3.connect(storage_url.removeprefix("sqlite://"))) as raw:
+                raw.execute(damage[0], (first.round_id,))
+                raw.execute("UPDATE devices SET cert_fingerprint = CAST(x'ff00fe' AS TEXT)")  # not UTF-8
+                raw.execute("UPDATE devices SET created_at = 'yesterday'")
+                raw.commit()
+        else:
+            with psycopg.connect(storage_url, autocommit=True) as pg:
+                pg.execute(damage[0].replace("?", "%s"), (first.round_id,))
+        with pytest.raises(StorageCorruptError, match="stored round record is damaged"):
+            s.get_round(first.round_id)
+        with pytest.raises(StorageCorruptError, match="round"):
+            s.list_rounds()
+        if storage_url.startswith("sqlite:"):
+            with pytest.raises(StorageCorruptError):
+                s.list_devices()
+        assert s.latest_model_version() is None  # the rest of the store still works
+
+
+def _token_for(s: Storage) -> TokenRecord:
+    s.add_token(token(7))
+    return token(7)
+
+
+def _sqlite_deployment(tmp_path: Path) -> Path:
+    tmp_path.mkdir(exist_ok=True)
+    path = tmp_path / "agg.db"
+    with open_storage(f"sqlite://{path}", now=NOW, create=True) as s:
+        for i in range(1, 40):
+            s.add_token(token(i))
+            s.put_model(
+                ModelRecord(version=i, parent=None, manifest="[]", digest=f"{i:02x}", blob=os.urandom(3000),
+                            created_at=NOW)
+            )  # fmt: skip
+    for suffix in ("-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    return path
+
+
+def _zero_btree_page(path: Path) -> None:
+    """Zero the first page of the ``models`` table's b-tree (found through sqlite_master)."""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        root = int(conn.execute("SELECT rootpage FROM sqlite_master WHERE name = 'models'").fetchone()[0])
+        page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
+    with path.open("r+b") as fh:
+        fh.seek((root - 1) * page_size)
+        fh.write(bytes(page_size))
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("empty", "is empty \\(0 bytes\\)"),
+        ("truncated", "truncated"),
+        ("not sqlite", "not an SQLite database"),
+        ("zeroed b-tree page", "fails its integrity check"),
+        ("missing", "no SQLite database"),
+    ],
+)
+def test_a_damaged_sqlite_file_is_refused_at_open_and_kept_as_it_is(
+    tmp_path: Path, damage: str, message: str
+) -> None:
+    path = _sqlite_deployment(tmp_path)
+    data = path.read_bytes()
+    if damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "not sqlite":
+        path.write_bytes(os.urandom(len(data)))
+    elif damage == "zeroed b-tree page":
+        _zero_btree_page(path)
+    else:
+        path.unlink()
+    before = path.read_bytes() if path.exists() else None
+    with pytest.raises(StorageError, match=message):
+        open_storage(f"sqlite://{path}", now=NOW)
+    assert (path.read_bytes() if path.exists() else None) == before  # nothing was written or replaced
+
+
+def test_random_byte_flips_give_a_storage_error_never_another_exception(tmp_path: Path) -> None:
+    """50 flipped bits anywhere in the file, eight times: every failure is a StorageError with a message.
+
+    Flips inside model blobs or free pages are invisible to SQLite (the registry's digest catches the former),
+    so some runs open and read fine; most are refused at open (header check or quick_check).
+    """
+    refused = 0
+    for seed in range(8):
+        path = _sqlite_deployment(tmp_path / str(seed))
+        data = bytearray(path.read_bytes())
+        rng = random_generator(seed)
+        for pos in rng.choice(len(data), size=50, replace=False):
+            data[pos] ^= 1 << int(rng.integers(8))
+        path.write_bytes(bytes(data))
+        try:
+            with open_storage(f"sqlite://{path}", now=NOW) as s:
+                s.list_model_versions()
+                for v in range(1, 40):
+                    s.get_model(v)
+                s.list_devices()
+                s.add_token(token(99))
+        except StorageError as exc:
+            assert str(exc)
+            refused += 1
+    assert refused >= 4
+
+
+def random_generator(seed: int):
+    import numpy as np
+
+    return np.random.default_rng(seed)
+
+
 @pytest.mark.parametrize(("query", "level"), [("", 2), ("?synchronous=full", 2), ("?synchronous=normal", 1)])
 def test_sqlite_durability_level_is_selectable(tmp_path: Path, query: str, level: int) -> None:
-    with open_storage(f"sqlite://{tmp_path / 'd.db'}{query}", now=NOW) as s:
+    with open_storage(f"sqlite://{tmp_path / 'd.db'}{query}", now=NOW, create=True) as s:
         assert isinstance(s, SqliteStorage)
         assert s._conn.execute("PRAGMA synchronous").fetchone()[0] == level
 
 
 def test_sqlite_file_is_private_and_in_wal_mode(tmp_path: Path) -> None:
     path = tmp_path / "agg.db"
-    with open_storage(f"sqlite://{path}", now=NOW) as s:
+    with open_storage(f"sqlite://{path}", now=NOW, create=True) as s:
         s.add_token(token())
         for suffix in ("", "-wal", "-shm"):
             p = Path(str(path) + suffix)
@@ -452,7 +601,7 @@ RACERS = 6
 
 
 def test_racing_token_claims_have_one_winner(storage_url: str) -> None:
-    stores = [open_storage(storage_url, now=NOW) for _ in range(RACERS)]
+    stores = [open_storage(storage_url, now=NOW, create=True) for _ in range(RACERS)]
     try:
         stores[0].add_token(token())
         results = race(
@@ -471,7 +620,7 @@ def test_racing_token_claims_have_one_winner(storage_url: str) -> None:
 
 
 def test_racing_request_ids_get_one_response(storage_url: str) -> None:
-    stores = [open_storage(storage_url, now=NOW) for _ in range(RACERS)]
+    stores = [open_storage(storage_url, now=NOW, create=True) for _ in range(RACERS)]
     try:
         results = race(
             RACERS,
@@ -493,7 +642,7 @@ def test_racing_request_ids_get_one_response(storage_url: str) -> None:
 
 
 def test_racing_lease_acquisitions_have_one_holder(storage_url: str) -> None:
-    stores = [open_storage(storage_url, now=NOW) for _ in range(RACERS)]
+    stores = [open_storage(storage_url, now=NOW, create=True) for _ in range(RACERS)]
     ttl = dt.timedelta(seconds=10)
     try:
         for attempt, now in enumerate((NOW, NOW + 2 * ttl)):  # a free lease, then an expired one
@@ -521,7 +670,7 @@ def test_racing_lease_acquisitions_have_one_holder(storage_url: str) -> None:
 
 
 def test_racing_round_creation_and_updates(storage_url: str) -> None:
-    stores = [open_storage(storage_url, now=NOW) for _ in range(RACERS)]
+    stores = [open_storage(storage_url, now=NOW, create=True) for _ in range(RACERS)]
     try:
         created = race(RACERS, lambda i: stores[i].create_round(params={"by": i}, now=NOW))
         rounds = [r for r in created if not isinstance(r, BaseException)]
@@ -563,7 +712,7 @@ for i in range(1, 100000):
 
 
 def test_committed_data_survives_sigkill(storage_url: str) -> None:
-    with open_storage(storage_url, now=NOW):
+    with open_storage(storage_url, now=NOW, create=True):
         pass  # migrate first, so the child only writes
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     child = subprocess.Popen(
@@ -601,7 +750,7 @@ def test_committed_data_survives_sigkill(storage_url: str) -> None:
 
 def test_postgres_reconnects_after_the_server_drops_the_connection(postgres_server: PostgresServer) -> None:
     url = postgres_server.new_database()
-    with open_storage(url, now=NOW) as s:
+    with open_storage(url, now=NOW, create=True) as s:
         s.add_token(token())
         dbname = url.rsplit("/", 1)[1]
         with psycopg.connect(postgres_server.admin_url, autocommit=True) as admin:
@@ -638,7 +787,7 @@ print(opened)
 
 def test_sqlite_is_safe_for_several_processes(tmp_path: Path) -> None:
     url = f"sqlite://{tmp_path / 'shared.db'}"
-    with open_storage(url, now=NOW):
+    with open_storage(url, now=NOW, create=True):
         pass
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     procs = [
@@ -658,7 +807,7 @@ def test_sqlite_is_safe_for_several_processes(tmp_path: Path) -> None:
 
 
 def test_concurrent_first_opens_migrate_once(storage_url: str) -> None:
-    opened = race(RACERS, lambda i: open_storage(storage_url, now=NOW))
+    opened = race(RACERS, lambda i: open_storage(storage_url, now=NOW, create=True))
     try:
         assert all(isinstance(s, Storage) for s in opened), opened
         assert {s.schema_version() for s in opened if isinstance(s, Storage)} == {SCHEMA_VERSION}
@@ -669,7 +818,7 @@ def test_concurrent_first_opens_migrate_once(storage_url: str) -> None:
 
 
 def test_a_newer_schema_is_refused(storage_url: str) -> None:
-    with open_storage(storage_url, now=NOW):
+    with open_storage(storage_url, now=NOW, create=True):
         pass
     sql = "INSERT INTO schema_migrations (version, applied_at) VALUES (99, 0)"
     if storage_url.startswith("sqlite:"):

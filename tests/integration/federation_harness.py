@@ -240,6 +240,7 @@ class Deployment:
             default = f'url = "sqlite://{directory.resolve() / "aggregator.db"}"'
             assert default in text
             self.config.write_text(text.replace(default, f'url = "{storage_url}"'))
+            run_cli("fedfer-aggregator", "create-storage", str(directory))
         self.ca_pem = (directory / "pki" / "ca.pem").read_bytes()
         model_path = directory / "model0.npz"
         np.savez(model_path, **(model or default_model()))  # type: ignore[arg-type]

@@ -169,6 +169,21 @@ def test_retry_policy_backs_off_with_jitter_and_only_on_transient_codes() -> Non
             await call_with_retry(down, policy=RetryPolicy(attempts=3), what="t", sleep=fake_sleep)
         assert calls["n"] == 3
 
+        # With the stage deadline known, a transient failure (a full disk at the aggregator) is retried past
+        # the attempt count until the stage closes, then raised.
+        now = {"t": 1000.0}
+
+        async def passing_sleep(seconds: float) -> None:
+            now["t"] += seconds
+
+        calls["n"] = 0
+        with pytest.raises(grpc.aio.AioRpcError):
+            await call_with_retry(
+                down, policy=RetryPolicy(attempts=3, initial_s=1.0, max_s=1.0), what="t", until=1030.0,
+                sleep=passing_sleep, clock=lambda: now["t"],
+            )  # fmt: skip
+        assert calls["n"] > 10 and now["t"] < 1030.0
+
     asyncio.run(scenario())
     delays = {RetryPolicy(initial_s=1.0, max_s=1.0).delay(0) for _ in range(50)}
     assert len(delays) > 40  # jittered, not one fixed value
