@@ -198,8 +198,9 @@ class SqliteStorage(SqlStorage):
                 raise StorageCorruptError(f"{self._path}: {error}; {_KEPT}") from None
             raise error from None
         if problems != ["ok"]:
+            first = " ".join(problems[0].split())[:160]  # SQLite's report, on one line
             raise StorageCorruptError(
-                f"the SQLite database {self._path} fails its integrity check ({problems[0][:160]}); {_KEPT}"
+                f"the SQLite database {self._path} fails its integrity check ({first}); {_KEPT}"
             )
 
     @property

@@ -34,6 +34,7 @@ from fedfer.aggregator.storage.sql import SCHEMA_VERSION
 from fedfer.aggregator.storage.sqlite import SqliteStorage
 from fedfer.security.secagg import Stage
 from tests.postgres import PostgresServer
+from tests.sqlite_damage import zero_btree_page
 
 T = TypeVar("T")
 NOW = dt.datetime(2026, 11, 22, 3, 0, 0, 123456, tzinfo=dt.UTC)
@@ -187,18 +188,6 @@ def _sqlite_deployment(tmp_path: Path) -> Path:
     return path
 
 
-def _zero_btree_page(path: Path) -> None:
-    """Zero the first page of the ``models`` table's b-tree (found through sqlite_master)."""
-    import sqlite3
-
-    with contextlib.closing(sqlite3.connect(path)) as conn:
-        root = int(conn.execute("SELECT rootpage FROM sqlite_master WHERE name = 'models'").fetchone()[0])
-        page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
-    with path.open("r+b") as fh:
-        fh.seek((root - 1) * page_size)
-        fh.write(bytes(page_size))
-
-
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
@@ -221,7 +210,7 @@ def test_a_damaged_sqlite_file_is_refused_at_open_and_kept_as_it_is(
     elif damage == "not sqlite":
         path.write_bytes(os.urandom(len(data)))
     elif damage == "zeroed b-tree page":
-        _zero_btree_page(path)
+        zero_btree_page(path, "models")
     else:
         path.unlink()
     before = path.read_bytes() if path.exists() else None

@@ -66,11 +66,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run_cli(*args: str, timeout: float = 60.0) -> str:
-    """Run a fedfer console script to completion and return its stdout (raises on failure)."""
-    proc = subprocess.run(
+def run_cli_result(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """Run a fedfer console script to completion and return it, whatever its exit status."""
+    return subprocess.run(
         [str(BIN / args[0]), *args[1:]], capture_output=True, text=True, timeout=timeout, env=_ENV
     )
+
+
+def run_cli(*args: str, timeout: float = 60.0) -> str:
+    """Run a fedfer console script to completion and return its stdout (raises on failure)."""
+    proc = run_cli_result(*args, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"{args[0]} {args[1]} failed ({proc.returncode}): {proc.stderr[-2000:]}")
     return proc.stdout
@@ -139,13 +144,17 @@ class Device:
         stall_after: str | None = None,
         stall_round: int = 1,
         timeout_s: float = 120.0,
+        hostile: Sequence[str] = (),
     ) -> None:
-        """Start ``fedfer-agent join-round`` with this update."""
+        """Start ``fedfer-agent join-round`` with this update (``hostile``: modes of
+        :mod:`tests.integration.hostile_agent` for this device)."""
         np.savez(self.update_path, update=update, weight=np.array(weight))
         agent = [str(BIN / "fedfer-agent")]
         if stall_after is not None:  # the real command line, with a test-only hook that hangs the device
             agent = [sys.executable, "-m", "tests.integration.stalling_agent", "--stall-after", stall_after,
                      "--stall-round", str(stall_round)]  # fmt: skip
+        elif hostile:  # the real command line, with this one device patched to misbehave
+            agent = [sys.executable, "-m", "tests.integration.hostile_agent", *hostile]
         cmd = [*agent, "join-round", "--state", str(self.state), "--update", str(self.update_path),
                "--rounds", str(rounds), "--timeout-s", str(timeout_s)]  # fmt: skip
         if attempts is not None:
