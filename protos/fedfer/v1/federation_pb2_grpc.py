@@ -95,21 +95,22 @@ class FederationServicer:
         raise NotImplementedError('Method not implemented!')
 
     def AdvertiseKeys(self, request, context):
-        """Stage 1: the device's signed round public keys.
+        """Stage 1: the device's signed round public keys and seed commitment.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ShareKeys(self, request, context):
-        """Stage 2: the device's encrypted Shamir shares for its neighbours.
+        """Stage 2: the device's encrypted Shamir shares for its neighbours (two single-use ciphertexts each).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def UploadMaskedInput(self, request_iterator, context):
-        """Stage 3: the device's masked input, streamed in chunks (the vector can be large).
+        """Stage 3: the device's masked input, streamed in chunks (the vector can be large; an upload of N bytes
+        may use at most max(8, ceil(N / 16 KiB)) chunks).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -123,7 +124,9 @@ class FederationServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Unmask(self, request, context):
-        """Stage 5: the device's unmasking shares.
+        """Stage 5: the device's own seed share and the keys opening the shares it was dealt by survivors (seed
+        shares) and by dropped neighbours (mask-key shares). A key that does not open its ciphertext is refused
+        (INVALID_ARGUMENT) and the device named in the aggregator's log.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
