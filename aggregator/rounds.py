@@ -1054,6 +1054,10 @@ class RoundCoordinator:
                 round_id,
                 device_id,
             )
+            # Waiting for it to send an honest answer instead is waiting at most the straggler grace.
+            rnd.stragglers.add(index)
+            if rnd.server.pending() <= rnd.stragglers:
+                self._wake.set()
             raise
         rnd.accepted[stage][device_id] = digest
         rnd.arrivals[index] = self._clock()

@@ -104,7 +104,7 @@ def test_a_holder_lying_about_a_victims_share_is_refused_named_and_the_round_pub
     tmp_path: Path,
 ) -> None:
     """Finding 2: before, a crafted share silently replaced the mean with garbage (weight 1155411254)."""
-    rnd = _hostile_round(tmp_path, ("--lie-at-unmask",), seed=22)
+    rnd = _hostile_round(tmp_path, ("--lie-at-unmask",), seed=22, grace_s=2.0)
     liar = rnd.hostile.device_id
     assert any("lied_about" in line for line in rnd.hostile_lines)  # it did reveal a crafted key
     for code, lines, err in rnd.honest_results:
@@ -118,6 +118,10 @@ def test_a_holder_lying_about_a_victims_share_is_refused_named_and_the_round_pub
     assert f"device {liar} revealed a key that does not open the share it was dealt: refused" in rnd.log
     assert re.search(rf"round 1: devices {liar} revealed keys that do not open what they were", rnd.log)
     assert "round 1 published model version 2 from 4 devices" in rnd.log
+    # The stage did not wait for the liar until its deadline (20 s), only the grace (2 s) after the others.
+    refused = _log_time(rnd.log, "revealed a key that does not open")
+    published = _log_time(rnd.log, "round 1 published model version 2")
+    assert (published - refused).total_seconds() < 10
 
 
 def _responses(dep: Deployment) -> int:
