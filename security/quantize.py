@@ -9,18 +9,27 @@ and reading the result back as signed integers is exact as long as every partial
 
 Decoding divides the integer sum by s (weighted sum of updates) and reads the weight total W_tot directly.
 
-Error bound (stated and tested): with m surviving clients, each coordinate of the decoded mean
-``weighted_sum / W_tot`` differs from the exact weighted mean of the *clipped* updates by at most
+Error bound (stated and tested): with m surviving clients of total weight W_tot, each coordinate of the
+decoded mean ``weighted_sum / W_tot`` (as float64 computes it) differs from the exact weighted mean of the
+*clipped* updates by at most
 
-    m * 0.5 / (s * W_tot)  (<= 0.5 / s, since every weight is >= 1),
+    q + e + g * (c + q + e),   q = m / (2 * s * W_tot),   e = (2u + u^2) * c,   g = (1 + u)^3 / (1 - u) - 1,
 
-up to float64 rounding (a relative 1e-6 slack is included by :meth:`FixedPointCodec.mean_error_bound`).
+with u = 2^-53, float64's unit roundoff. Encoding rounds twice before ``rint``: ``fl(fl(w * s) * x)`` is
+within a relative 2u + u^2 of ``w * s * x``, whose size is at most ``w * s * c``; ``rint`` then adds at most
+1/2 per client. Summed over the clients and divided by ``s * W_tot`` those are e and q. The integer sum is
+exact (no wrap, by the choice of s). Decoding rounds three more times (the integer sum to float64, ``/ s``,
+``/ W_tot``) and W_tot itself may round to float64: a relative error of at most g on a value of size at most
+c + q + e. To first order the bound is ``m * 0.5 / (s * W_tot) + 6u * c`` (<= 0.5 / s + 6u * c, since every
+weight is >= 1); the float64 term matters at large k, where 0.5 / s shrinks toward u * c.
+:meth:`FixedPointCodec.mean_error_bound` evaluates the expression exactly and rounds it up to a float.
 Values outside [-c, c] are clipped first; that is a deliberate bound on each client's influence, not error.
 """
 
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
 import numpy.typing as npt
@@ -28,6 +37,10 @@ import numpy.typing as npt
 from fedfer.security.errors import ValidationError
 
 __all__ = ["FixedPointCodec", "working_dtype"]
+
+_U = Fraction(1, 2**53)  # float64's unit roundoff (round to nearest)
+_ENCODE_ROUNDING = 2 * _U + _U**2  # relative error of fl(fl(w * s) * x)
+_DECODE_ROUNDING = (1 + _U) ** 3 / (1 - _U) - 1  # relative error of fl(fl(fl(sum) / s) / fl(W_tot))
 
 
 def working_dtype(modulus_bits: int) -> type[np.unsignedinteger]:
@@ -156,16 +169,24 @@ class FixedPointCodec:
     def mean_error_bound(self, *, survivors: int, total_weight: int) -> float:
         """Largest possible |decoded mean - exact weighted mean of clipped updates| per coordinate.
 
+        The decoded mean is ``weighted_sum / float(W_tot)`` in float64, from :meth:`decode_sum`.
+
         Args:
             survivors: number of summed vectors m.
             total_weight: W_tot, the sum of their weights.
 
         Returns:
-            ``m * 0.5 / (s * W_tot)`` with a 1e-6 relative slack for float64 rounding.
+            ``q + e + g * (c + q + e)`` of the module docstring (the rounding to integers and every float64
+            rounding of encode and decode), computed exactly and rounded up to the next float.
         """
         if type(survivors) is not int or survivors < 1 or type(total_weight) is not int or total_weight < 1:
             raise ValidationError("survivors and total_weight must be positive ints")
-        return survivors * 0.5 / (self._scale * total_weight) * (1.0 + 1e-6)
+        clip = Fraction(self._clip)
+        to_integers = Fraction(survivors, 2 * total_weight) / Fraction(self._scale)
+        products = _ENCODE_ROUNDING * clip
+        bound = to_integers + products + _DECODE_ROUNDING * (clip + to_integers + products)
+        nearest = float(bound)
+        return nearest if Fraction(nearest) >= bound else math.nextafter(nearest, math.inf)
 
     def __repr__(self) -> str:
         return (

@@ -37,7 +37,8 @@ needed, see ``docs/secure-aggregation.md``).
 Error bound. Updates are clipped to [-c, c], multiplied by the integer weight and scaled by s (the largest
 scale for which n clients cannot wrap mod 2^k), then rounded. The decoded mean differs from the exact weighted
 mean of the clipped updates by at most ``m * 0.5 / (s * W_tot)`` per coordinate for m survivors of total
-weight W_tot (<= 0.5 / s); :attr:`AggregateResult.error_bound` reports it for each round.
+weight W_tot (<= 0.5 / s), plus float64's rounding of encode and decode (about ``6 * 2^-53 * c``; derived in
+:mod:`fedfer.security.quantize`); :attr:`AggregateResult.error_bound` reports it for each round.
 
 Drive it with :class:`SecAggServer` and one :class:`SecAggClient` per device; both are pure state machines,
 moving through the round's :class:`Stage` (:mod:`fedfer.security.secagg.stage`, the one stage enum of every

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -9,6 +11,8 @@ from hypothesis import strategies as st
 
 from fedfer.security.errors import ValidationError
 from fedfer.security.quantize import FixedPointCodec, working_dtype
+
+U = Fraction(1, 2**53)  # float64's unit roundoff
 
 
 def _sum_mod(codec: FixedPointCodec, vectors: list[np.ndarray]) -> np.ndarray:
@@ -41,13 +45,18 @@ def test_decoded_mean_within_stated_bound(n, dim, bits, clip, max_weight, seed):
         _sum_mod(codec, [codec.encode(x, w) for x, w in zip(xs, ws, strict=True)])
     )
     assert total_weight == sum(ws)
-    exact = (
-        sum(w * np.clip(x.astype(np.float64), -clip, clip) for x, w in zip(xs, ws, strict=True))
-        / total_weight
-    )
+    # The reference is exact (rationals), so the bound must cover every rounding of encode and decode, and the
+    # test adds none of its own. The decoded mean is computed as AggregateResult.mean() computes it.
+    clipped = [np.clip(x.astype(np.float64), -clip, clip) for x in xs]
+    exact = [
+        sum(w * Fraction(v[j]) for v, w in zip(clipped, ws, strict=True)) / total_weight for j in range(dim)
+    ]
+    decoded = weighted_sum / float(total_weight)
     bound = codec.mean_error_bound(survivors=n, total_weight=total_weight)
-    assert np.max(np.abs(weighted_sum / total_weight - exact)) <= bound
-    assert bound <= 0.5 / codec.scale * (1 + 1e-5)
+    assert max(abs(Fraction(d) - e) for d, e in zip(decoded.tolist(), exact, strict=True)) <= bound
+    # To first order the bound is the rounding to integers (at most 0.5 / s) plus six float64 roundings of
+    # size u * clip; the factor 1 + 7u covers the second-order terms and the rounding up to a float.
+    assert bound <= (Fraction(1, 2) / Fraction(codec.scale) + 6 * U * Fraction(clip)) * (1 + 7 * U)
 
 
 @pytest.mark.parametrize("bits", [16, 32, 40])

@@ -24,7 +24,7 @@ from fedfer.security.secagg import (
     Stage,
 )
 from fedfer.security.secagg._derive import seed_commitment
-from tests.security.secagg_harness import make_round, oracle, random_inputs, wire
+from tests.security.secagg_harness import make_round, oracle, random_inputs, run_round, wire
 
 N, DIM, T, W = 4, 6, 3, 5
 
@@ -150,6 +150,19 @@ def test_inside_the_clip_bound_a_malicious_input_is_accepted_and_moves_the_mean_
     assert np.all(pulled > 0)
     assert np.all(pulled <= (1.0 - honest) * W / result.total_weight + result.error_bound)
     assert np.max(np.abs(result.mean())) <= rnd.params.clip + result.error_bound
+
+
+@pytest.mark.parametrize(
+    ("bits", "clip", "weight"), [(32, 1.0, 5), (48, 18.375, 3), (56, 0.3, 5), (62, 18.375, 1), (62, 0.3, 5)]
+)
+def test_an_honest_round_with_every_update_at_the_clip_passes_the_aggregate_check(bits, clip, weight):
+    """The check allows clip + error bound, and the bound counts float64's rounding of encode and decode: at
+    large moduli that rounding is most of the error (a bound of rounding to integers alone aborted these)."""
+    rnd = make_round(3, DIM, neighbors=2, threshold=2, max_weight=5, clip=clip, modulus_bits=bits)
+    at_clip = np.resize(np.array([clip, -clip]), DIM)
+    result = run_round(rnd, {i: at_clip.copy() for i in (1, 2, 3)}, dict.fromkeys((1, 2, 3), weight))
+    assert result.survivors == (1, 2, 3) and result.total_weight == 3 * weight
+    assert np.max(np.abs(result.mean() - at_clip)) <= result.error_bound
 
 
 def test_the_seed_commitment_hides_the_seed_behind_a_fresh_nonce():
