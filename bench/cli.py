@@ -33,7 +33,8 @@ BENCHMARKS: dict[str, str] = {
     "secagg": "one in-process secure-aggregation round",
     "federation": "one secure-aggregation round over real gRPC",
     "edge": "the on-device vision pipeline on a video",
-    "learning": "IFER vs the published peer, and personalization",
+    "learning": "IFER vs the published peer on FER2013, and simulated personalization",
+    "personalization": "IFER, personalization and secure FedAvg on real performers",
     "cache": "encrypted feature cache throughput and footprint",
     "storage": "latency of the aggregator's storage operations",
     "daemon": "the agent as a service: start-up, control latency, throughput, drain",
@@ -51,6 +52,8 @@ def _load(name: str) -> Benchmark:
         from fedfer.bench import edge as module
     elif name == "learning":
         from fedfer.bench import learning as module
+    elif name == "personalization":
+        from fedfer.bench import personalization as module
     elif name == "cache":
         from fedfer.bench import cache as module
     elif name == "storage":

@@ -98,9 +98,19 @@ def _decoded(args: argparse.Namespace, clock: list[float]) -> Iterator[Frame]:
         offset += last.timestamp + step
 
 
+def _detector(args: argparse.Namespace, model: Any) -> Any:
+    """The face detector, cropping the way an IFER export says (its framing), else the device default."""
+    from fedfer.agent.vision.faces import FaceDetector
+    from fedfer.agent.vision.pipeline import ExportedIferModel
+
+    framing = model.net.framing if isinstance(model, ExportedIferModel) else None
+    if framing is None:
+        return FaceDetector(model_path=args.assets / DETECTOR_MODEL)
+    return FaceDetector(model_path=args.assets / DETECTOR_MODEL, margin=framing.margin, shift=framing.shift)
+
+
 def _run_once(args: argparse.Namespace, *, optimized: bool, state: Path) -> dict[str, Any]:
     from fedfer.agent.store.cache import RESERVE_NAME, FeatureCache
-    from fedfer.agent.vision.faces import FaceDetector
     from fedfer.agent.vision.pipeline import VisionPipeline, load_frame_model
 
     batch = args.batch_size if optimized else 1
@@ -115,7 +125,7 @@ def _run_once(args: argparse.Namespace, *, optimized: bool, state: Path) -> dict
     # Warm-up (first-call allocations, MediaPipe graph start) outside the timing, with nothing stored.
     warm_args = argparse.Namespace(**{**vars(args), "seconds": None})
     with VisionPipeline(
-        detector=FaceDetector(model_path=args.assets / DETECTOR_MODEL),
+        detector=_detector(args, model),
         model=model,
         batch_size=batch,
         keep_records=False,
@@ -125,7 +135,7 @@ def _run_once(args: argparse.Namespace, *, optimized: bool, state: Path) -> dict
     with (
         FeatureCache(state / ("cache-opt" if optimized else "cache-base")) as cache,
         VisionPipeline(
-            detector=FaceDetector(model_path=args.assets / DETECTOR_MODEL),
+            detector=_detector(args, model),
             model=model,
             sink=cache,
             batch_size=batch,

@@ -2,9 +2,14 @@
 
 * ``train-ifer --data DIR --classes {4,6,7}``: IFER (f's last blocks + g) on an ImageFolder set.
 * ``eval-ifer --model M --data DIR [--json]``: the paper's table for any ImageFolder set.
-* ``train-vfer --corpus crema-d --root DIR --ifer M``: central v on CREMA-D's subject-disjoint splits.
+* ``train-vfer --corpus crema-d --root DIR --ifer M``: central v on CREMA-D's subject-disjoint splits;
+  ``--corpus fer2013``: the central v every device starts from, on FER2013-derived clips (the shipped one);
+  ``--corpus taiwanese --performers ...``: v on the labelled photos of the performers named.
 * ``personalize-corpus --corpus crema-d --root DIR --ifer M --vfer V``: per-subject adaptation (halves),
-  optional DP.
+  optional DP; ``--corpus taiwanese``: the per-performer protocol (adapt on types 0-2, test on type 3) and
+  secure FedAvg over performers (``--rounds``).
+* ``release-ifer --from M --fer DIR --out DIR``: the shipped IFER from a trained export (framing measured on
+  FER2013, test-time views, float16).
 
 Heavy imports happen inside the handlers.
 """
@@ -164,14 +169,18 @@ def _eval_ifer(args: argparse.Namespace) -> int:
     return 0
 
 
-def _crema(args: argparse.Namespace) -> tuple[Any, list[Any]]:
-    from fedfer.agent.errors import DatasetError
+def _ifer(args: argparse.Namespace) -> Any:
+    """The IFER export named by ``--ifer``, else the shipped one (verified)."""
     from fedfer.agent.models.ifer import load_ifer
+    from fedfer.agent.models.shipped import shipped_ifer
+
+    return load_ifer(args.ifer or shipped_ifer())
+
+
+def _crema(args: argparse.Namespace) -> tuple[Any, list[Any]]:
     from fedfer.agent.training.crema import corpus_features
 
-    if args.corpus != "crema-d":
-        raise DatasetError("only --corpus crema-d is supported")
-    net = load_ifer(args.ifer)
+    net = _ifer(args)
     data = corpus_features(
         args.root,
         net,
@@ -181,6 +190,92 @@ def _crema(args: argparse.Namespace) -> tuple[Any, list[Any]]:
         fps=args.fps,
     )
     return net, data
+
+
+def _performer_ids(spec: str) -> tuple[int, ...]:
+    """``dev``, ``test`` or comma-separated performer ids."""
+    from fedfer.agent.errors import DatasetError
+    from fedfer.agent.training import taiwanese as tw
+
+    if spec in ("dev", "test"):
+        return tw.DEV_PERFORMERS if spec == "dev" else tw.TEST_PERFORMERS
+    try:
+        return tuple(sorted({int(x) for x in spec.split(",") if x.strip()}))
+    except ValueError:
+        raise DatasetError("--performers takes dev, test or comma-separated ids") from None
+
+
+def _taiwanese(args: argparse.Namespace, net: Any, performers: tuple[int, ...]) -> list[Any]:
+    from fedfer.agent.errors import DatasetError
+    from fedfer.agent.training import taiwanese as tw
+
+    photos = [p for p in tw.scan(args.root) if p.performer in performers]
+    if not photos:
+        raise DatasetError(f"no photo of performers {list(performers)} under {args.root}")
+    return tw.photo_features(photos, net, detector=args.detector or assets_dir() / DETECTOR_MODEL)
+
+
+def _train_vfer_fer(args: argparse.Namespace) -> int:
+    """The central v on FER2013-derived clips (what the aggregator publishes as version 1)."""
+    import shutil
+
+    from fedfer.agent.training.central import train_or_load_central_v
+    from fedfer.agent.training.data import dev_split, list_image_folder
+    from fedfer.agent.training.vfer import load_vfer, save_vfer
+
+    net = _ifer(args)
+    root: Path = args.root / "train" if (args.root / "train").is_dir() else args.root
+    dev, train = dev_split(list_image_folder(root, net.num_classes))
+    v, run = train_or_load_central_v(net, train_items=train, dev_items=dev, num_classes=args.classes)
+    meta = json.loads(run.manifest.read_text(encoding="utf-8"))
+    keep = {
+        k: meta[k] for k in ("trained_on", "ifer_inference_digest", "cache_key", "best_epoch") if k in meta
+    }
+    keep["dev_macro_f1"] = run.dev_macro_f1
+    if args.float16:
+        manifest = save_vfer(v, args.out, extra=keep, storage="float16")
+        load_vfer(manifest)  # read back: the float16 copy loads
+    else:
+        args.out.mkdir(parents=True, exist_ok=True)
+        for f in (run.manifest, run.manifest.with_suffix(".npz")):
+            shutil.copyfile(f, args.out / f.name)
+        manifest = args.out / run.manifest.name
+    how = "loaded from the cache" if run.cached else "trained"
+    print(f"central v ({args.classes} classes) {how}: FER2013 dev macro F1 {100 * run.dev_macro_f1:.1f}")
+    print(f"model: {manifest}")
+    return 0
+
+
+def _train_vfer_taiwanese(args: argparse.Namespace) -> int:
+    """v on the labelled photos of the performers named (every type; clips = the corpus groups)."""
+    import numpy as np
+
+    from fedfer.agent.errors import DatasetError
+    from fedfer.agent.learning.personalize import pad_clips
+    from fedfer.agent.training import taiwanese as tw
+    from fedfer.agent.training.vfer import VferTrainConfig, save_vfer, train_vfer
+
+    if not args.performers or args.performers in ("dev", "test"):
+        raise DatasetError("--corpus taiwanese trains on the performers named by id (--performers 1,2,3)")
+    net = _ifer(args)
+    people = tw.person_clips(
+        _taiwanese(args, net, _performer_ids(args.performers)),
+        net.classes,
+        num_classes=args.classes,
+        split=tw.Split("all", adapt=(0, 1, 2, 3), test=()),
+    )
+    clips = [c for p in people for c in p.adapt]
+    if len(clips) < 2:
+        raise DatasetError("not enough labelled clips to train on")
+    x = pad_clips([c.features for c in clips])
+    y = np.array([c.label for c in clips], np.int64)
+    model, res = train_vfer(
+        x, y, x, y, num_classes=args.classes, config=VferTrainConfig(epochs=args.epochs, lr=args.lr)
+    )
+    extra = {"trained_on": f"taiwanese performers {args.performers}", "history": res.history}
+    manifest = save_vfer(model, args.out, extra=extra)
+    print(f"v on {len(clips)} clips of {len(people)} performers; model: {manifest}")
+    return 0
 
 
 def _train_vfer(args: argparse.Namespace) -> int:
@@ -193,6 +288,10 @@ def _train_vfer(args: argparse.Namespace) -> int:
     from fedfer.agent.training.vfer import VferTrainConfig, save_vfer, train_vfer
 
     _threads(args.threads)
+    if args.corpus == "fer2013":
+        return _train_vfer_fer(args)
+    if args.corpus == "taiwanese":
+        return _train_vfer_taiwanese(args)
     net, data = _crema(args)
     parts = split_of(data, args.root)
     actors = {k: sorted({c.clip.actor for c in v}) for k, v in parts.items()}
@@ -308,6 +407,83 @@ def _print_personalization(result: dict[str, Any]) -> None:
         )
 
 
+def _personalize_taiwanese(args: argparse.Namespace) -> int:
+    """The per-performer protocol on the Taiwanese corpus, and secure FedAvg over performers."""
+    from fedfer.agent.models.video import to_named_arrays
+    from fedfer.agent.training import taiwanese as tw
+    from fedfer.agent.training.metrics import (
+        ClassReport,
+        format_report,
+        format_subject_deltas,
+        plot_subject_deltas,
+    )
+    from fedfer.agent.training.people import METHODS, personalize_people, secure_fedavg
+    from fedfer.agent.training.vfer import load_vfer
+
+    dp = _dp_config(args)
+    net = _ifer(args)
+    v = load_vfer(args.vfer)
+    group = args.performers or "test"
+    feats = _taiwanese(args, net, _performer_ids(group))
+    split = tw.FORWARD if args.split == "forward" else tw.REVERSE
+    people = tw.person_clips(feats, net.classes, num_classes=v.num_classes, split=split)
+    central = to_named_arrays(v)
+    method = METHODS[args.method]
+    result = personalize_people(people, central, num_classes=v.num_classes, method=method, dp=dp)
+    result["performers"] = group
+    if args.rounds:
+        fed = tw.FEDERATING.get(group, ()) or tuple(int(p.person) for p in people[: len(people) // 2])
+        got = secure_fedavg(
+            [p for p in people if int(p.person) in fed],
+            [p for p in people if int(p.person) not in fed],
+            central,
+            num_classes=v.num_classes,
+            method=method,
+            rounds=args.rounds,
+        )
+        result["fedavg"] = [
+            {k: r[k] for k in ("round", "clip", "image", "contributors")} for r in got["rounds"]
+        ]
+    if args.plot is not None:
+        plot_subject_deltas(result["summary"][args.level], args.plot)
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+        return 0
+    print(f"performers ({group}), {args.split} split, method {method.name}: {method.description}")
+    for when in ("before", "after"):
+        report = ClassReport.from_dict(result["table"][args.level][when])
+        print(format_report(report, title=f"{when} personalization ({args.level} level, pooled tests)"))
+        print()
+    print(format_subject_deltas(result["summary"][args.level]))
+    for rec in result.get("fedavg", []):
+        r = rec[args.level]
+        print(
+            f"central v after {rec['round']} secure FedAvg round(s), unseen performers: micro F1 "
+            f"{100 * r['micro_f1']:.1f} (macro {100 * r['macro_f1']:.1f})"
+        )
+    return 0
+
+
+def _release_ifer(args: argparse.Namespace) -> int:
+    from fedfer.agent.training.data import hash_order, list_image_folder
+    from fedfer.agent.training.ifer import load_images
+    from fedfer.agent.training.release import measure_framing, release_ifer
+
+    root: Path = args.fer / "train" if (args.fer / "train").is_dir() else args.fer
+    faces = list(load_images(hash_order(list_image_folder(root, 7))[: args.framing_faces]))
+    measured = measure_framing(faces, detector=args.detector or assets_dir() / DETECTOR_MODEL)
+    manifest = release_ifer(
+        args.source, args.out, framing=measured.framing, extra={"framing_measure": measured.as_dict()}
+    )
+    m = measured.framing
+    print(
+        f"framing measured on {measured.detected} of {measured.faces} FER2013 faces: margin {m.margin}, "
+        f"shift {m.shift}"
+    )
+    print(f"model: {manifest}")
+    return 0
+
+
 def _personalize(args: argparse.Namespace) -> int:
     from fedfer.agent.learning.personalize import PersonalizeConfig
     from fedfer.agent.training.crema import personalize_subjects
@@ -315,6 +491,8 @@ def _personalize(args: argparse.Namespace) -> int:
     from fedfer.agent.training.vfer import load_vfer
 
     _threads(args.threads)
+    if args.corpus == "taiwanese":
+        return _personalize_taiwanese(args)
     dp = _dp_config(args)  # bad DP settings fail before any clip is read
     _net, data = _crema(args)
     v = load_vfer(args.vfer)
@@ -392,11 +570,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         ),
     ):
         p = sub.add_parser(name, help=text)
-        p.add_argument("--corpus", choices=("crema-d",), default="crema-d")
+        corpora = ("crema-d", "fer2013", "taiwanese") if name == "train-vfer" else ("crema-d", "taiwanese")
+        p.add_argument("--corpus", choices=corpora, default="crema-d")
         p.add_argument(
-            "--root", type=Path, required=True, help="clips + summaryTable.csv + VideoDemographics.csv"
+            "--root",
+            type=Path,
+            required=True,
+            help="crema-d: clips + summaryTable.csv + VideoDemographics.csv; fer2013: its folder; "
+            "taiwanese: the corpus folder (faces_256x256/)",
         )
-        p.add_argument("--ifer", type=Path, required=True, help="IFER export (pseudo labels, features)")
+        p.add_argument("--ifer", type=Path, default=None, help="IFER export (default: the shipped one)")
+        p.add_argument(
+            "--performers", default=None, help="taiwanese: dev, test (default) or comma-separated ids"
+        )
         p.add_argument("--modality", choices=("face", "voice", "audiovisual"), default="face")
         p.add_argument("--detector", type=Path, default=None)
         p.add_argument("--fps", type=float, default=10.0)
@@ -406,6 +592,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         p.set_defaults(handler=handler)
         if name == "train-vfer":
             p.add_argument("--out", type=Path, required=True)
+            p.add_argument("--classes", type=int, choices=(4, 6, 7), default=6, help="fer2013/taiwanese: K")
+            p.add_argument("--float16", action="store_true", help="fer2013: store the export as float16")
             p.add_argument("--max-frames", type=int, default=None, help="pad/truncate clips to this length")
             p.add_argument(
                 "--partial-labels",
@@ -421,6 +609,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                 action="append",
                 help="actor id to score (repeatable; default: the test-split actors, 31 on the full corpus)",
             )
+            p.add_argument("--method", choices=("paper", "biases"), default="biases", help="taiwanese")
+            p.add_argument("--split", choices=("forward", "reverse"), default="forward", help="taiwanese")
+            p.add_argument("--level", choices=("image", "clip"), default="image", help="taiwanese: tables")
             p.add_argument("--per-class", type=int, default=50)
             p.add_argument("--p-threshold", type=float, default=0.5)
             noise = p.add_mutually_exclusive_group()
@@ -435,3 +626,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             p.add_argument("--plot", type=Path, default=None)
             p.add_argument("--rounds", type=int, default=0, help="also run N FedAvg rounds (Table 6 format)")
             p.add_argument("--json", action="store_true")
+    p = sub.add_parser(
+        "release-ifer", help="the shipped IFER from a trained export (framing, views, float16)"
+    )
+    p.add_argument("--from", dest="source", type=Path, required=True, help="trained IFER export (.json)")
+    p.add_argument(
+        "--fer", type=Path, required=True, help="FER2013 folder (its train faces give the framing)"
+    )
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--framing-faces", type=int, default=1000, help="faces measured (hash order)")
+    p.add_argument("--detector", type=Path, default=None)
+    p.set_defaults(handler=_release_ifer)

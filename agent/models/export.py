@@ -1,5 +1,8 @@
 """Exported models: named float32 arrays (``.npz``) plus a manifest (``.json``) that pins their SHA-256.
 
+Arrays may be stored as float16 (``storage="float16"``, recorded in the manifest's ``storage`` field): half
+the bytes for a shipped model; they are read back as float32.
+
 This is the framework-free form the aggregator stores and serves (it never needs torch): the manifest says
 what the arrays are (``kind``, class names, architecture settings) and the digest binds it to the weights.
 The same digests name models by content: :func:`state_digest` over named arrays, :func:`content_key` over
@@ -22,6 +25,7 @@ from fedfer.agent.errors import ModelFileError
 from fedfer.security.files import write_atomic
 
 __all__ = [
+    "STORAGE_DTYPES",
     "content_key",
     "load_exported",
     "pack_exported",
@@ -53,10 +57,17 @@ def state_digest(arrays: Mapping[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
+#: How arrays may be stored on disk (always float32 in memory).
+STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def _npz_bytes(arrays: Mapping[str, np.ndarray], storage: str = "float32") -> bytes:
+    if storage not in STORAGE_DTYPES:
+        raise ModelFileError(f"storage must be one of {sorted(STORAGE_DTYPES)}")
+    dtype = STORAGE_DTYPES[storage]
     buf = io.BytesIO()
     savez: Any = np.savez  # numpy's stub cannot type **arrays
-    savez(buf, **{k: np.asarray(v, dtype=np.float32) for k, v in arrays.items()})
+    savez(buf, **{k: np.asarray(v, dtype=np.float32).astype(dtype) for k, v in arrays.items()})
     return buf.getvalue()
 
 
@@ -64,6 +75,7 @@ def _described(
     name: str, blob: bytes, arrays: Mapping[str, np.ndarray], manifest: Mapping[str, Any]
 ) -> dict[str, Any]:
     meta = dict(manifest)
+    meta.pop("storage", None)
     meta.update(
         format=_FORMAT,
         weights=f"{name}.npz",
@@ -78,7 +90,7 @@ def _verified_arrays(blob: bytes, meta: Mapping[str, Any]) -> dict[str, np.ndarr
         raise ModelFileError("model weights do not match the manifest digest")
     try:
         with np.load(io.BytesIO(blob), allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
+            return {k: np.asarray(data[k], dtype=np.float32) for k in data.files}
     except (OSError, ValueError) as exc:  # pragma: no cover - the digest matched what was written
         raise ModelFileError("model weights are unreadable") from exc
 
@@ -94,7 +106,12 @@ def _check_manifest(meta: Any) -> dict[str, Any]:
 
 
 def save_exported(
-    folder: Path, name: str, arrays: Mapping[str, np.ndarray], manifest: Mapping[str, Any]
+    folder: Path,
+    name: str,
+    arrays: Mapping[str, np.ndarray],
+    manifest: Mapping[str, Any],
+    *,
+    storage: str = "float32",
 ) -> Path:
     """Write ``folder/name.npz`` and ``folder/name.json``; returns the manifest path.
 
@@ -102,15 +119,18 @@ def save_exported(
         folder: output folder (created).
         name: base file name (letters, digits, ``-``, ``_``).
         arrays: parameter name → array (stored as float32).
-        manifest: JSON-serializable description (``kind``, ``classes``, ...); ``format``, ``weights`` and
-            ``sha256`` are added here.
+        manifest: JSON-serializable description (``kind``, ``classes``, ...); ``format``, ``weights``,
+            ``sha256`` and (for float16) ``storage`` are added here.
+        storage: ``float32`` or ``float16`` (:data:`STORAGE_DTYPES`).
     """
     if not name or not all(c.isalnum() or c in "-_" for c in name):
         raise ModelFileError("export name must be letters, digits, '-' or '_'")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    blob = _npz_bytes(arrays)
+    blob = _npz_bytes(arrays, storage)
     meta = _described(name, blob, arrays, manifest)
+    if storage != "float32":
+        meta["storage"] = storage
     write_atomic(folder / f"{name}.npz", blob)
     manifest_path = folder / f"{name}.json"
     write_atomic(manifest_path, json.dumps(meta, indent=2, sort_keys=True).encode())

@@ -27,6 +27,14 @@ from fedfer.agent.errors import DatasetError, ModelFileError
 from fedfer.agent.models.export import content_key, load_exported, save_exported, state_digest
 from fedfer.agent.models.extractor import load_feature_extractor
 from fedfer.agent.models.mobilenet import MobileNetV2, Normalization, fold_batchnorm
+from fedfer.agent.models.views import (
+    PLAIN,
+    Framing,
+    View,
+    framing_from_manifest,
+    render_views,
+    views_from_manifest,
+)
 from fedfer.agent.records import CLASS_SETS, FEATURE_DIM, check_num_classes
 
 __all__ = ["NUM_BLOCKS", "FaceNet", "IferHead", "load_backbone", "load_ifer", "save_ifer"]
@@ -109,6 +117,10 @@ class FaceNet(nn.Module):
         # CPU-only constants (not buffers: they never travel and are no part of the state dict).
         self._scale = (1.0 / (255.0 * std)).view(1, 3, 1, 1)
         self._shift = (-mean / std).view(1, 3, 1, 1)
+        #: The crop the network expects around a detected face (``None``: the device's configured margin).
+        self.framing: Framing | None = None
+        #: Test-time views whose mean feature the device computes (one plain view unless the export says).
+        self.views: tuple[View, ...] = PLAIN
         # Set by reparametrize_batchnorm: the suffix's BatchNorm layers then use batch statistics in training.
         self.suffix_batchnorm_trains = False
         for p in self.prefix_parameters():
@@ -206,27 +218,16 @@ class FaceNet(nn.Module):
 
     # -- inference ---------------------------------------------------------------------------------------
     def preprocess(self, images: np.ndarray) -> torch.Tensor:
-        """uint8 faces ``(N, H, W)`` gray or ``(N, H, W, 3)`` RGB → normalized ``(N, 3, S, S)``.
+        """uint8 faces ``(N, H, W)`` gray or ``(N, H, W, 3)`` RGB → normalized ``(N, 3, S, S)`` (plain view).
 
         RGB faces are converted to grayscale first: IFER is trained on grayscale faces (FER2013), and the
         device's RGB crops and the clip path's grayscale crops must give the same features. The gray level
         is replicated into the three input channels.
         """
-        import cv2
+        return self._normalize(render_views(_gray_faces(images), PLAIN, self.input_size))
 
-        arr = np.asarray(images)
-        if arr.dtype != np.uint8 or arr.ndim not in (3, 4) or (arr.ndim == 4 and arr.shape[3] != 3):
-            raise DatasetError("faces must be uint8 (N, H, W) grayscale or (N, H, W, 3) RGB")
-        s = self.input_size
-        out = np.empty((len(arr), s, s), dtype=np.uint8)
-        for i, img in enumerate(arr):
-            if img.ndim == 3:
-                img = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
-            if img.shape[:2] != (s, s):
-                interp = cv2.INTER_AREA if img.shape[0] > s else cv2.INTER_LINEAR
-                img = cv2.resize(img, (s, s), interpolation=interp)
-            out[i] = img
-        x = torch.from_numpy(out).float().unsqueeze(1)
+    def _normalize(self, gray: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(gray).float().unsqueeze(1)
         return x * self._scale + self._shift
 
     def prefix(self, x: torch.Tensor) -> torch.Tensor:
@@ -262,16 +263,29 @@ class FaceNet(nn.Module):
             hidden=self.hidden,
         )
         net.head.load_state_dict(self.head.state_dict())
+        net.framing, net.views = self.framing, self.views
         return net.eval().to(memory_format=torch.channels_last)  # type: ignore[call-overload,no-any-return]
+
+    def embed(self, images: np.ndarray, *, channels_last: bool = True) -> torch.Tensor:
+        """f's features ``(N, 1280)`` of uint8 faces, the mean of f over :attr:`views` (inference mode).
+
+        What the device caches for v (:class:`fedfer.agent.vision.pipeline.ExportedIferModel`) and what
+        :meth:`run` gives g.
+        """
+        n = len(images)
+        x = self._normalize(render_views(_gray_faces(images), self.views, self.input_size))
+        x = x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+        f = self.features_from_prefix(self.prefix(x))
+        return f.view(n, len(self.views), -1).mean(dim=1) if len(self.views) > 1 else f
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Features ``(N, 1280)`` and probabilities ``(N, K)`` float32 through this module as it is.
 
-        Use on :meth:`fused` copies for speed; :meth:`infer` does both steps for a batch job.
+        With several :attr:`views`, a face's feature is the mean of f over its views and its probabilities
+        are g of that mean. Use on :meth:`fused` copies for speed; :meth:`infer` does both steps for a batch.
         """
         with torch.inference_mode():
-            x = self.preprocess(images).contiguous(memory_format=torch.channels_last)
-            f = self.features_from_prefix(self.prefix(x))
+            f = self.embed(images)
             p = torch.softmax(self.head(f), dim=1)
             return f.float().numpy().astype(np.float32), p.float().numpy().astype(np.float32)
 
@@ -308,6 +322,11 @@ class FaceNet(nn.Module):
         """SHA-256 over :meth:`exported_arrays`: a cache key for anything computed with this model."""
         return state_digest(self.exported_arrays())
 
+    def inference_digest(self) -> str:
+        """A cache key for features computed with this model: its weights, framing and views."""
+        views = ";".join(repr(v) for v in self.views)
+        return content_key("facenet-inference/1", self.weights_digest(), repr(self.framing), views)
+
     def identity(self) -> str:
         """Content key of the frozen prefix: its weights, input size, split and normalization."""
         prefix_state = {
@@ -325,8 +344,32 @@ class FaceNet(nn.Module):
         )
 
 
-def save_ifer(net: FaceNet, folder: Path, *, name: str = "ifer", extra: dict[str, Any] | None = None) -> Path:
-    """Export f (all blocks) and g as named arrays plus a manifest; returns the manifest path."""
+def _gray_faces(images: np.ndarray) -> list[np.ndarray]:
+    """uint8 grayscale faces from ``(N, H, W)`` gray or ``(N, H, W, 3)`` RGB (converted).
+
+    Raises:
+        DatasetError: any other array.
+    """
+    import cv2
+
+    arr = np.asarray(images)
+    if arr.dtype != np.uint8 or arr.ndim not in (3, 4) or (arr.ndim == 4 and arr.shape[3] != 3):
+        raise DatasetError("faces must be uint8 (N, H, W) grayscale or (N, H, W, 3) RGB")
+    if arr.ndim == 3:
+        return list(arr)
+    return [np.asarray(cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)) for img in arr]
+
+
+def save_ifer(
+    net: FaceNet,
+    folder: Path,
+    *,
+    name: str = "ifer",
+    extra: dict[str, Any] | None = None,
+    storage: str = "float32",
+) -> Path:
+    """Export f (all blocks) and g as named arrays plus a manifest (with the framing and views the net
+    states); returns the manifest path. ``storage="float16"`` halves the file (read back as float32)."""
     arrays = net.exported_arrays()
     manifest: dict[str, Any] = {
         "kind": "ifer",
@@ -341,8 +384,12 @@ def save_ifer(net: FaceNet, folder: Path, *, name: str = "ifer", extra: dict[str
             "std": list(net.normalization.std),
         },
     }
+    if net.framing is not None:
+        manifest["framing"] = net.framing.as_dict()
+    if net.views != PLAIN:
+        manifest["views"] = [v.as_dict() for v in net.views]
     manifest.update(extra or {})
-    return save_exported(folder, name, arrays, manifest)
+    return save_exported(folder, name, arrays, manifest, storage=storage)
 
 
 def load_ifer(path: Path) -> FaceNet:
@@ -372,6 +419,8 @@ def load_ifer(path: Path) -> FaceNet:
             hidden=int(meta["hidden"]),
         )
         net.head.load_state_dict(g_state, strict=True)
+        net.framing = framing_from_manifest(meta)
+        net.views = views_from_manifest(meta)
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise ModelFileError("IFER export does not fit the model") from exc
     return net.eval()

@@ -73,9 +73,9 @@ def corpus_features(
         raise DatasetError("IFER and v must share the class set (IFER lacks some of v's classes)")
     clips = scan_crema_clips(root)
     labels = crema_vote_labels(clips.values(), modality=modality, num_classes=num_classes)
-    nk = net.weights_digest()
+    nk = net.inference_digest()
     out: list[ClipData] = []
-    with ClipFaces(detector_path=detector, fps=fps) as faces:
+    with ClipFaces.for_model(net, detector_path=detector, fps=fps) as faces:
         for i, (name, clip) in enumerate(sorted(clips.items())):
             if clip.path is None:
                 continue

@@ -9,6 +9,7 @@ Input: 64x64 grayscale scaled to [-1, 1]; output: 7 FER2013 classes in :data:`PE
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import cast
 
@@ -17,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedfer.agent.errors import ModelFileError
+from fedfer.agent.errors import DatasetError, ModelFileError
+from fedfer.agent.models.views import PLAIN, View, render_views
 
-__all__ = ["PEER_CLASSES", "PEER_SHA256", "MiniXception", "load_peer", "peer_preprocess"]
+__all__ = ["PEER_CLASSES", "PEER_SHA256", "MiniXception", "load_peer", "peer_predict", "peer_preprocess"]
 
 PEER_CLASSES: tuple[str, ...] = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
 PEER_SHA256 = "59534287fdfb125e30a94400296c25ea9f5d706fca93dd8adbbbed916799ea0e"
@@ -92,6 +94,42 @@ def peer_preprocess(gray: np.ndarray) -> torch.Tensor:
         raise ModelFileError("peer input must be uint8 grayscale of shape (N, 64, 64)")
     x = torch.from_numpy(arr.astype(np.float32) / 255.0)
     return ((x - 0.5) * 2.0).unsqueeze(1)
+
+
+#: The peer's class names → the canonical names of :data:`fedfer.agent.records.CLASS_SETS`.
+_CANONICAL = {"angry": "anger", "happy": "happiness", "sad": "sadness"}
+
+
+def peer_predict(
+    peer: MiniXception,
+    faces: np.ndarray,
+    classes: Sequence[str],
+    *,
+    views: Sequence[View] = PLAIN,
+    batch_size: int = 512,
+) -> np.ndarray:
+    """The peer's probabilities ``(N, len(classes))`` for uint8 grayscale faces of any square size.
+
+    Faces are resized to the peer's 64x64 input (area interpolation when shrinking); with several
+    ``views`` the probabilities are averaged over them (the same test-time views an IFER export uses).
+    The peer's 7 outputs are restricted to ``classes`` and renormalized.
+
+    Raises:
+        DatasetError: a class the peer does not know.
+    """
+    names = [_CANONICAL.get(c, c) for c in PEER_CLASSES]
+    if any(c not in names for c in classes):
+        raise DatasetError("the peer knows only the 7 FER2013 classes")
+    cols = [names.index(c) for c in classes]
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(faces), batch_size):
+            part = list(faces[start : start + batch_size])
+            x = peer_preprocess(render_views(part, views, 64))
+            p = torch.softmax(peer(x), 1).numpy().reshape(len(part), len(views), -1).mean(1)
+            out.append(p[:, cols])
+    probs = np.concatenate(out) if out else np.zeros((0, len(cols)), np.float32)
+    return np.asarray(probs / probs.sum(1, keepdims=True).clip(1e-12), np.float32)
 
 
 def _group(h5: object, name: str) -> dict[str, np.ndarray]:

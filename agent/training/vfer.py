@@ -171,12 +171,17 @@ def train_vfer(
 
 
 def save_vfer(
-    model: VideoModel, folder: Path, *, name: str = "vfer", extra: dict[str, Any] | None = None
+    model: VideoModel,
+    folder: Path,
+    *,
+    name: str = "vfer",
+    extra: dict[str, Any] | None = None,
+    storage: str = "float32",
 ) -> Path:
     """Export ``v`` as named arrays + manifest (the form the aggregator serves); returns the manifest path."""
     manifest: dict[str, Any] = {"kind": "vfer", "classes": list(CLASS_SETS[model.num_classes])}
     manifest.update(extra or {})
-    return save_exported(folder, name, to_named_arrays(model), manifest)
+    return save_exported(folder, name, to_named_arrays(model), manifest, storage=storage)
 
 
 def load_vfer(path: Path) -> VideoModel:

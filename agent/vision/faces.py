@@ -98,23 +98,30 @@ class Face:
 
 
 def square_crop(
-    image: np.ndarray, box: tuple[float, float, float, float], *, margin: float, size: int = INPUT_SIZE
+    image: np.ndarray,
+    box: tuple[float, float, float, float],
+    *,
+    margin: float,
+    shift: float = 0.0,
+    size: int = INPUT_SIZE,
 ) -> np.ndarray:
     """A ``size`` x ``size`` RGB crop of ``image`` around ``box`` widened by ``margin`` on each side.
 
-    The square's side is ``max(w, h) * (1 + 2 * margin)``; parts outside the frame are black.
+    The square's side is ``max(w, h) * (1 + 2 * margin)``, its centre the box's moved down by
+    ``shift * max(w, h)`` (negative: up); parts outside the frame are black.
 
     Args:
         image: RGB ``uint8`` ``(H, W, 3)``.
         box: ``(x, y, w, h)`` in pixels.
         margin: fraction of the box size added on each side.
+        shift: vertical offset of the crop's centre, as a fraction of the box size.
         size: output side in pixels.
     """
     import cv2
 
     x, y, w, h = box
     side = max(w, h) * (1.0 + 2.0 * margin)
-    cx, cy = x + w / 2.0, y + h / 2.0
+    cx, cy = x + w / 2.0, y + h / 2.0 + shift * max(w, h)
     x0, y0 = round(cx - side / 2.0), round(cy - side / 2.0)
     s = max(1, round(side))
     height, width = image.shape[:2]
@@ -138,6 +145,8 @@ class FaceDetector:
         sha256: pinned hex digest of the model (default: the short-range detector's); never empty.
         min_confidence: detections below this score are ignored.
         margin: fraction of the box added on each side of the crop.
+        shift: the crop's centre moved down by this fraction of the box (negative: up); an IFER export's
+            :class:`fedfer.agent.models.views.Framing` gives margin and shift together.
         crop_size: side of the square crop.
 
     Raises:
@@ -156,12 +165,15 @@ class FaceDetector:
         sha256: str = MEDIAPIPE_FACE_DETECTOR.sha256,
         min_confidence: float = 0.5,
         margin: float = 0.2,
+        shift: float = 0.0,
         crop_size: int = INPUT_SIZE,
     ) -> None:
         if not 0.0 < min_confidence <= 1.0:
             raise ValidationError("min_confidence must lie in (0, 1]")
         if not 0.0 <= margin <= 1.0:
             raise ValidationError("margin must lie in [0, 1]")
+        if not -0.5 <= shift <= 0.5:
+            raise ValidationError("shift must lie in [-0.5, 0.5]")
         if type(crop_size) is not int or not 32 <= crop_size <= 1024:
             raise ValidationError("crop_size must be an int in [32, 1024]")
         expected = _pinned_digest(sha256)
@@ -184,11 +196,15 @@ class FaceDetector:
         except (RuntimeError, ValueError) as exc:
             raise WeightsError(f"MediaPipe cannot load {path.name} as a face detector") from exc
         self.margin = float(margin)
+        self.shift = float(shift)
         self.crop_size = crop_size
 
     def __repr__(self) -> str:
         is_open = self._detector is not None
-        return f"FaceDetector(margin={self.margin}, crop_size={self.crop_size}, open={is_open})"
+        return (
+            f"FaceDetector(margin={self.margin}, shift={self.shift}, crop_size={self.crop_size}, "
+            f"open={is_open})"
+        )
 
     def __enter__(self) -> FaceDetector:
         return self
@@ -250,5 +266,7 @@ class FaceDetector:
             return None
         _, box, score = best
         return Face(
-            box=box, score=score, crop=square_crop(image, box, margin=self.margin, size=self.crop_size)
+            box=box,
+            score=score,
+            crop=square_crop(image, box, margin=self.margin, shift=self.shift, size=self.crop_size),
         )

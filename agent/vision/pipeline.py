@@ -147,9 +147,7 @@ class ExportedIferModel:
     def features(self, faces: np.ndarray) -> np.ndarray:
         """See :class:`FrameModel`."""
         with torch.inference_mode():
-            x = self.net.preprocess(faces)
-            x = x.contiguous(memory_format=torch.channels_last) if self.channels_last else x.contiguous()
-            f = self.net.features_from_prefix(self.net.prefix(x))
+            f = self.net.embed(faces, channels_last=self.channels_last)
             return f.numpy().astype(np.float32, copy=True)
 
     def classify(self, features: np.ndarray) -> np.ndarray:
@@ -513,18 +511,21 @@ def open_vision(config: AgentConfig) -> VisionPipeline:
         detector_path = detector_model_file(
             config.model_path(vision.detector_model), sha256=vision.detector_sha256, url=vision.detector_url
         )
-        detector = FaceDetector(
-            model_path=detector_path,
-            sha256=vision.detector_sha256,
-            min_confidence=vision.min_score,
-            margin=vision.margin,
-        )
         model = load_frame_model(
             ifer=config.model_path(ifer) if ifer else None,
             feature_weights=config.model_path(weights) if weights else None,
             head=config.model_path(head) if head else None,
             batch_size=1,
             emulate_tflite_quantization=vision.emulate_tflite_quantization,
+        )
+        # An IFER export that states its framing is cropped the way its training faces were framed.
+        framing = model.net.framing if isinstance(model, ExportedIferModel) else None
+        detector = FaceDetector(
+            model_path=detector_path,
+            sha256=vision.detector_sha256,
+            min_confidence=vision.min_score,
+            margin=vision.margin if framing is None else framing.margin,
+            shift=0.0 if framing is None else framing.shift,
         )
     except (WeightsError, ValidationError) as exc:
         raise ComponentUnavailableError(f"vision models unavailable: {exc}") from exc

@@ -67,6 +67,30 @@ def test_daemon_stage_from_config(assets: Path, tmp_path: Path, monkeypatch: pyt
     assert all(r is not None and r.feature.shape == (1280,) for r in records)
 
 
+def test_daemon_stage_crops_faces_the_way_the_ifer_export_says(
+    assets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedfer.agent.config import config_from_dict
+    from fedfer.agent.models.ifer import load_ifer
+    from fedfer.agent.models.shipped import shipped_ifer
+    from fedfer.agent.vision.pipeline import open_vision
+
+    framing = load_ifer(shipped_ifer()).framing
+    assert framing is not None
+    config = config_from_dict(
+        {
+            "agent": {"state_dir": str(tmp_path / "state"), "assets_dir": str(assets)},
+            "vision": {"ifer_model": str(shipped_ifer()), "margin": 0.3},
+        }
+    )
+    monkeypatch.setenv("FEDFER_CACHE_DIR", str(vs.cache_dir()))
+    stage = open_vision(config)
+    # The export's framing wins over the configured margin (it is what the network was trained on).
+    assert (stage.detector.margin, stage.detector.shift) == (framing.margin, framing.shift)
+    records = _stage_records(stage, assets, frames=2)
+    assert all(r is not None and r.ifer_probs.shape == (7,) for r in records)
+
+
 def _stage_records(stage: VisionPipeline, assets: Path, *, frames: int) -> list[FrameRecord | None]:
     """Run the daemon's per-frame stage on the first frames of a real clip, then close it."""
     try:
