@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedfer.agent.capture.images import IMAGE_SUFFIXES
 from fedfer.agent.capture.video import VIDEO_SUFFIXES
 from fedfer.agent.errors import DatasetError
 from fedfer.agent.records import CLASS_SETS
@@ -38,7 +39,6 @@ __all__ = [
     "subject_split",
 ]
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 
 # Folder names seen in the wild -> the canonical class names of fedfer.agent.records.CLASS_SETS.
 FOLDER_ALIASES: dict[str, str] = {
