@@ -271,7 +271,9 @@ def secure_fedavg(
     in-process SecAgg round; the recovered mean is applied to the central v. After every round the central v
     is scored on the unseen people's test clips (pooled, clip and image level).
 
-    Returns ``{"rounds": [{round, clip: report, image: report, contributors, total_weight}], "epsilon"}``.
+    Returns ``{"rounds": [{round, clip: report, image: report, contributors, total_weight}], "epsilon",
+    "final"}``: ``epsilon`` is the user-level DP epsilon over all rounds (``None`` without ``round_dp``),
+    ``final`` the last central v's named arrays.
     """
     if type(rounds) is not int or rounds < 1:
         raise DatasetError("rounds must be a positive int")
