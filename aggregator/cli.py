@@ -2,13 +2,14 @@
 
 Commands::
 
-    fedfer-aggregator init DIR [--listen HOST:PORT] [--min-clients N] ...
-    fedfer-aggregator create-storage DIR                             # after pointing [storage] url elsewhere
+    fedfer-aggregator init DIR [--classes {4,6,7}] [--initial-model {shipped,random,none}] [--seed N]
+                           [--listen HOST:PORT] [--min-clients N] ...   # publishes the shipped v as version 1
+    fedfer-aggregator create-storage DIR [--classes ...] [--initial-model ...]  # after pointing [storage] url
     fedfer-aggregator token DIR [--label TEXT] [--ttl-hours H]       # prints one one-time token
-    fedfer-aggregator import-model DIR FILE.npz                      # publishes an initial central v
+    fedfer-aggregator import-model DIR FILE.npz                      # publishes FILE as the next central v
     fedfer-aggregator serve --config DIR/aggregator.toml [--enroll-listen HOST:PORT] [--rounds N] ...
     fedfer-aggregator revoke DIR DEVICE_ID
-    fedfer-aggregator status DIR                                      # JSON: devices, rounds, model versions
+    fedfer-aggregator status DIR                 # JSON: devices, rounds, model versions with their origins
 
 Files are read here (entry point) and nowhere deeper; secrets never reach stdout except the token that
 ``token`` exists to print.
@@ -19,9 +20,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import hashlib
+import io
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,11 +46,12 @@ from fedfer.aggregator.config import (
 )
 from fedfer.aggregator.enrollment import EnrollmentService
 from fedfer.aggregator.leader import LeaderLease
-from fedfer.aggregator.registry import ModelRegistry
+from fedfer.aggregator.registry import ModelRegistry, ModelVersion, lineage_start
 from fedfer.aggregator.rounds import RoundCoordinator, RoundSettings
 from fedfer.aggregator.secret_files import write_public_file
 from fedfer.aggregator.server import ServerTls, build_server, serve_forever
 from fedfer.aggregator.service import EdgeLimits
+from fedfer.aggregator.shipped import INITIAL_MODELS, SHIPPED_V, InitialModel, initial_central_v
 from fedfer.aggregator.storage import open_storage, redact_url
 from fedfer.security.errors import FedferError, ValidationError
 
@@ -114,6 +119,7 @@ async def _serve(args: argparse.Namespace) -> int:
         )
         settings = round_settings(config, args)
         latest = registry.latest()
+        _log_lineage(registry, latest)
         dim = latest.num_parameters if latest is not None else int(args.max_dim)
         limits = EdgeLimits.for_dimension(
             dim=max(dim, int(args.max_dim)),
@@ -146,7 +152,61 @@ async def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _log_lineage(registry: ModelRegistry, latest: ModelVersion | None) -> None:
+    """Say at start which v federation continues from; warn when its lineage starts from a random init."""
+    if latest is None:
+        return  # the coordinator says, clearly and once, that no round starts without a model
+    start = lineage_start(registry.summaries(), latest.version)
+    if start.origin_kind == "random":
+        _log.warning(
+            "model version %d descends from a RANDOM initial model (version %d, %s), not from a trained v: "
+            "federation is learning from scratch (the shipped trained v is published by `fedfer-aggregator "
+            "init` without --initial-model random, or import one with `import-model`)",
+            latest.version,
+            start.version,
+            start.origin,
+        )
+    else:
+        _log.info(
+            "latest model version %d (%s); its lineage starts at version %d (%s)",
+            latest.version,
+            latest.origin,
+            start.version,
+            start.origin,
+        )
+
+
+def _initial_model(args: argparse.Namespace) -> InitialModel | None:
+    """The initial central v the ``--initial-model``, ``--classes`` and ``--seed`` flags choose, verified."""
+    if args.seed is not None and args.initial_model != "random":
+        raise ValidationError("--seed applies only to --initial-model random")
+    return initial_central_v(args.initial_model, num_classes=args.classes, seed=args.seed or 0)
+
+
+def _model_summary(model: ModelVersion) -> dict[str, Any]:
+    return {
+        "version": model.version,
+        "origin": model.origin,
+        "sha256": model.digest,
+        "parameters": model.num_parameters,
+    }
+
+
+def _report_initial(model: ModelVersion | None, directory: object) -> None:
+    """Print what ``init`` or ``create-storage`` published as version 1, or that it published nothing."""
+    if model is None:
+        print(
+            f"no model published (--initial-model none): run `fedfer-aggregator import-model {directory} "
+            "FILE.npz` before the first round; until then `serve` starts no round"
+        )
+    else:
+        print(f"model published: {json.dumps(_model_summary(model), sort_keys=True)}")
+
+
 def _cmd_init(args: argparse.Namespace) -> int:
+    # Read and verify the initial model before anything is created: a missing or changed shipped file
+    # leaves no deployment behind.
+    initial = _initial_model(args)
     deadlines = StageDeadlines(
         advertise_keys_s=args.deadline_s, share_keys_s=args.deadline_s,
         masked_input_s=args.deadline_s, consistency_check_s=args.deadline_s, unmask_s=args.deadline_s,
@@ -161,16 +221,32 @@ def _cmd_init(args: argparse.Namespace) -> int:
         straggler_grace_s=args.straggler_grace_s,
         budget_s=args.round_budget_s,
     )
-    config = init_deployment(args.dir, listen=args.listen, rounds=rounds)
+    config = init_deployment(args.dir, listen=args.listen, rounds=rounds, initial_model=initial)
     print(f"deployment created: {config.source} (give devices {config.tls.ca_cert})")
+    if initial is None:
+        _report_initial(None, args.dir)
+    else:
+        with open_storage(config.storage_url) as storage:
+            _report_initial(ModelRegistry(storage).get(1), args.dir)
     return 0
 
 
 def _cmd_create_storage(args: argparse.Namespace) -> int:
     config = load_config(_config_path(args.dir))
+    initial = _initial_model(args)
     with open_storage(config.storage_url, create=True) as storage:
         version = storage.schema_version()
-    print(f"storage ready: {redact_url(config.storage_url)} (schema version {version})")
+        print(f"storage ready: {redact_url(config.storage_url)} (schema version {version})")
+        versions = storage.list_model_versions()
+        if versions:
+            print(
+                f"the registry already holds model versions {versions[0]}-{versions[-1]}: nothing published"
+            )
+        elif initial is None:
+            _report_initial(None, args.dir)
+        else:
+            model = ModelRegistry(storage).publish(1, initial.arrays, parent=None, origin=initial.origin)
+            _report_initial(model, args.dir)
     return 0
 
 
@@ -190,18 +266,69 @@ def _cmd_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_model_file(path: Path) -> tuple[dict[str, Any], str]:
+    """The named float arrays of a ``.npz`` (as float32) and the file's SHA-256.
+
+    Raises:
+        ValidationError: unreadable, not a ``.npz`` of arrays, empty, or an array that is not floating point.
+    """
+    try:
+        content = path.read_bytes()
+    except OSError as exc:
+        raise ValidationError(f"cannot read the model file {path.name}: {exc.strerror}") from None
+    try:
+        with np.load(io.BytesIO(content), allow_pickle=False) as data:
+            raw = {name: data[name] for name in data.files}
+    except (OSError, ValueError, AttributeError, EOFError) as exc:
+        raise ValidationError(f"cannot read {path.name}: expected a .npz of named float arrays") from exc
+    if not raw:
+        raise ValidationError(f"{path.name} holds no arrays: a central v is a .npz of named float arrays")
+    for name, array in sorted(raw.items()):
+        if array.dtype.kind != "f":
+            raise ValidationError(
+                f"{path.name}: array {name!r} is {array.dtype} (not floating point); refused"
+            )
+    arrays = {name: array.astype(np.float32) for name, array in raw.items()}
+    return arrays, hashlib.sha256(content).hexdigest()
+
+
+def _check_layout(arrays: dict[str, Any], expected: ModelVersion, file_name: str) -> None:
+    """Refuse arrays whose names or shapes differ from the deployment's current v (devices expect them)."""
+    got = {name: tuple(a.shape) for name, a in arrays.items()}
+    want = {name: tuple(a.shape) for name, a in expected.arrays.items()}
+    if set(got) != set(want):
+        missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+        raise ValidationError(
+            f"{file_name} does not have the arrays of model version {expected.version} "
+            f"(missing {missing[:5]}, unexpected {extra[:5]}); a deployment keeps one layout"
+        )
+    for name in sorted(want):
+        if got[name] != want[name]:
+            raise ValidationError(
+                f"{file_name}: array {name!r} has shape {got[name]}, model version {expected.version} has "
+                f"{want[name]} (a different class count?); a deployment keeps one layout"
+            )
+
+
+def _import_origin(path: Path, sha256: str) -> str:
+    """``import:<file name>@<sha256 prefix>``, the file name reduced to the characters an origin allows."""
+    name = re.sub(r"[^A-Za-z0-9_.+-]", "_", path.name)[:100] or "model"
+    return f"import:{name}@{sha256[:12]}"
+
+
 def _cmd_import_model(args: argparse.Namespace) -> int:
     config = load_config(_config_path(args.dir))
-    try:
-        with np.load(args.file, allow_pickle=False) as data:
-            arrays = {name: np.asarray(data[name], dtype=np.float32) for name in data.files}
-    except (OSError, ValueError) as exc:
-        raise ValidationError("cannot read the model file (expected a .npz of named arrays)") from exc
+    arrays, sha256 = _read_model_file(args.file)
     with open_storage(config.storage_url) as storage:
         registry = ModelRegistry(storage)
-        latest = storage.latest_model_version()
-        model = registry.publish((latest or 0) + 1, arrays, parent=latest)
-    print(json.dumps({"version": model.version, "sha256": model.digest, "parameters": model.num_parameters}))
+        current = registry.latest()
+        if current is not None:
+            _check_layout(arrays, current, args.file.name)
+        latest = None if current is None else current.version
+        model = registry.publish(
+            (latest or 0) + 1, arrays, parent=latest, origin=_import_origin(args.file, sha256)
+        )
+    print(json.dumps(_model_summary(model), sort_keys=True))
     return 0
 
 
@@ -209,6 +336,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     config = load_config(_config_path(args.dir))
     with open_storage(config.storage_url) as storage:
         rounds = storage.list_rounds(limit=1000)
+        summaries = ModelRegistry(storage).summaries()
         out: dict[str, Any] = {
             "rounds": [
                 {
@@ -220,6 +348,17 @@ def _cmd_status(args: argparse.Namespace) -> int:
                 for r in sorted(rounds, key=lambda r: r.round_id)
             ],
             "model_versions": storage.list_model_versions(),
+            "models": [
+                {
+                    "version": m.version,
+                    "origin": m.origin,
+                    "sha256": m.digest,
+                    "parameters": m.parameters,
+                    "parent": m.parent,
+                }
+                for m in summaries
+            ],
+            "started_from": None if not summaries else lineage_start(summaries, summaries[-1].version).origin,
             "devices": [
                 {"device_id": d.device_id, "revoked": d.revoked}
                 for d in sorted(storage.list_devices(), key=lambda d: d.device_id)
@@ -229,14 +368,35 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _initial_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--classes",
+        type=int,
+        choices=sorted(SHIPPED_V),
+        default=6,
+        help="class set of the central v (default: 6)",
+    )
+    p.add_argument(
+        "--initial-model",
+        choices=INITIAL_MODELS,
+        default="shipped",
+        help="model version 1: the shipped trained v for --classes (default), a fixed-seed random init of "
+        "the same layout (random), or nothing (none: run import-model before the first round)",
+    )
+    p.add_argument("--seed", type=int, default=None, help="seed of --initial-model random (default: 0)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``fedfer-aggregator`` argument parser."""
     parser = argparse.ArgumentParser(prog="fedfer-aggregator", description="fedfer cloud aggregator")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("init", help="create a deployment directory (CA, server certificate, config)")
+    p = sub.add_parser(
+        "init", help="create a deployment directory (CA, server certificate, config, the initial central v)"
+    )
     p.add_argument("dir", type=Path)
+    _initial_model_flags(p)
     p.add_argument("--listen", default="127.0.0.1:50051")
     p.add_argument("--min-clients", type=int, default=8)
     p.add_argument("--max-clients", type=int, default=1000)
@@ -259,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
         "create-storage", help="create the schema in the configured database (after editing [storage] url)"
     )
     p.add_argument("dir")
+    _initial_model_flags(p)
     p.set_defaults(handler=_cmd_create_storage)
 
     p = sub.add_parser("token", help="print a one-time enrollment token")

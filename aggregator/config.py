@@ -4,7 +4,8 @@ A deployment directory made by :func:`init_deployment` looks like::
 
     <dir>/                  0700
       aggregator.toml       0600  this configuration
-      aggregator.db         0600  SQLite storage (unless a PostgreSQL URL is configured)
+      aggregator.db         0600  SQLite storage (unless a PostgreSQL URL is configured), with the initial
+                                  central v as model version 1 when one is given
       pki/ca.pem            0644  CA certificate (give it to devices)
       pki/ca.key            0600  CA private key
       pki/server.pem        0644  server certificate (SAN: localhost, 127.0.0.1, configured names)
@@ -29,12 +30,14 @@ from pathlib import Path
 from typing import Any
 
 from fedfer.aggregator.enrollment import IssuedToken, issue_token
+from fedfer.aggregator.registry import ModelRegistry
 from fedfer.aggregator.secret_files import (
     ensure_private_dir,
     read_secret_file,
     write_public_file,
     write_secret_file,
 )
+from fedfer.aggregator.shipped import InitialModel
 from fedfer.aggregator.storage import open_storage
 from fedfer.aggregator.storage.factory import redact_url
 from fedfer.security.errors import ValidationError
@@ -436,9 +439,14 @@ def init_deployment(
     ca_validity: dt.timedelta = dt.timedelta(days=3650),
     server_validity: dt.timedelta = dt.timedelta(days=825),
     rounds: RoundConfig | None = None,
+    initial_model: InitialModel | None = None,
     now: dt.datetime | None = None,
 ) -> AggregatorConfig:
     """Create a deployment: CA, server certificate and key, configuration file and migrated storage.
+
+    The configuration file is written last, after ``initial_model`` (if any) is published as model version
+    1, so a deployment either has its configuration and its first model or is not a deployment at all
+    (every command refuses a directory without ``aggregator.toml``; ``init`` can be run on it again).
 
     Args:
         directory: Deployment directory (created 0700; must not already hold a configuration).
@@ -450,6 +458,8 @@ def init_deployment(
         ca_validity: CA lifetime.
         server_validity: Server certificate lifetime (capped by the CA's).
         rounds: Round parameters (defaults to :class:`RoundConfig` defaults).
+        initial_model: The first central v (``fedfer-aggregator init`` passes the shipped one by default),
+            published as version 1 with its origin; None publishes nothing (``import-model`` does later).
         now: Current time (defaults to the clock).
 
     Returns:
@@ -483,8 +493,12 @@ def init_deployment(
     write_public_file(config.tls.ca_cert, ca.certificate_pem)
     write_secret_file(config.tls.server_key, server.private_key.dangerously_export_pem())
     write_public_file(config.tls.server_cert, server.certificate_pem)
-    with open_storage(config.storage_url, now=when, create=True):
-        pass  # create and migrate the schema now; every later command refuses a database without it
+    # Create and migrate the schema now (every later command refuses a database without it), with v1 in it.
+    with open_storage(config.storage_url, now=when, create=True) as storage:
+        if initial_model is not None:
+            ModelRegistry(storage, clock=lambda: when).publish(
+                1, initial_model.arrays, parent=None, origin=initial_model.origin
+            )
     write_secret_file(config_path, config.to_toml().encode("utf-8"))
     return load_config(config_path)
 

@@ -75,6 +75,7 @@ from fedfer.security.secagg.server import (
 from fedfer.security.secagg.stage import COLLECTING, Stage
 
 __all__ = [
+    "NO_MODEL_MESSAGE",
     "DuplicateSubmissionError",
     "NotLeaderError",
     "NotParticipantError",
@@ -88,6 +89,12 @@ __all__ = [
 _log = logging.getLogger(__name__)
 T = TypeVar("T")
 _STORAGE_RETRY_S = 0.5  # between attempts at a write the storage refused for now (a full disk)
+#: Logged (once per wait) while the registry holds no central v: rounds start only from a published model.
+NO_MODEL_MESSAGE = (
+    "no central model is published: no round starts until one is (publish one with `fedfer-aggregator "
+    "import-model DIR FILE.npz`, or create the deployment with `fedfer-aggregator init` and its default "
+    "--initial-model shipped); enrollment is served meanwhile"
+)
 
 
 def _following(stage: Stage) -> Stage:
@@ -481,6 +488,7 @@ class RoundCoordinator:
                 if not self._recovered:
                     await self._sleep(1.0)
             await self._announce(True)
+            waiting = False  # for a model to be published (logged once per wait)
             while not self._stopped and (
                 self._settings.rounds == 0 or self.finished_rounds < self._settings.rounds
             ):
@@ -494,8 +502,12 @@ class RoundCoordinator:
                         continue
                     base = self._storage.latest_model_version()
                     if base is not None:
+                        waiting = False
                         await self._run_round(base)
                         continue
+                    if not waiting:
+                        waiting = True
+                        _log.warning(NO_MODEL_MESSAGE)
                 await self._sleep(0.5)
         except LeaseExpiredError:
             _log.error("the coordinator lease ran out while storage was unavailable: standing by")
@@ -883,7 +895,9 @@ class RoundCoordinator:
             arrays[name] = (current.astype(np.float64) + delta).astype(np.float32)
             offset += current.size
         latest = self._storage.latest_model_version() or 0
-        model = self._registry.prepare(latest + 1, arrays, parent=rnd.base_version)
+        model = self._registry.prepare(
+            latest + 1, arrays, parent=rnd.base_version, origin=f"round:{rnd.round_id}"
+        )
         # The model and the round's PUBLISHED status commit together: a crash leaves either both or neither,
         # so a resumed round can never publish a second version.
         await self._until_stored(

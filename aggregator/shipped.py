@@ -4,6 +4,9 @@
 trained model (FER2013-derived clips through the shipped IFER; see docs/learning.md "Shipped models" for the
 commands that reproduce each file). The files are read with numpy only (the aggregator has no torch) and
 refused with a :class:`~fedfer.security.errors.ValidationError` naming the file when a digest differs.
+
+:func:`initial_central_v` is what ``init --initial-model`` chooses between: the shipped v, a fixed-seed
+random v of the same names and shapes (:func:`random_central_v`, only when asked for), or none.
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ import hashlib
 import hmac
 import io
 import json
-from dataclasses import dataclass
+import math
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +26,17 @@ import numpy.typing as npt
 
 from fedfer.security.errors import ValidationError
 
-__all__ = ["RELEASE_DIR", "SHIPPED_V", "ShippedV", "shipped_central_v"]
+__all__ = [
+    "INITIAL_MODELS",
+    "RELEASE_DIR",
+    "SHIPPED_V",
+    "InitialModel",
+    "ShippedV",
+    "initial_central_v",
+    "random_central_v",
+    "shipped_central_v",
+    "shipped_origin",
+]
 
 #: The folder of shipped models inside the installed package.
 RELEASE_DIR = Path(__file__).resolve().parent / "release"
@@ -71,9 +86,11 @@ def _read_pinned(path: Path, sha256: str) -> bytes:
 
 
 def shipped_central_v(
-    num_classes: int, *, root: Path = RELEASE_DIR
+    num_classes: int, *, root: Path | None = None
 ) -> tuple[dict[str, npt.NDArray[np.float32]], dict[str, Any]]:
     """The shipped central v for ``num_classes`` (4, 6 or 7): named float32 arrays and its manifest.
+
+    ``root`` is the folder holding ``vfer-K/`` (default: :data:`RELEASE_DIR`, read at call time).
 
     Raises:
         ValidationError: no shipped v for that class set, or a file missing, changed or unreadable.
@@ -81,7 +98,7 @@ def shipped_central_v(
     pinned = SHIPPED_V.get(num_classes)
     if pinned is None:
         raise ValidationError(f"no shipped central v for {num_classes} classes (4, 6 or 7)")
-    folder = Path(root) / pinned.folder
+    folder = Path(RELEASE_DIR if root is None else root) / pinned.folder
     meta = json.loads(_read_pinned(folder / "vfer.json", pinned.manifest_sha256))
     blob = _read_pinned(folder / "vfer.npz", pinned.weights_sha256)
     if meta.get("kind") != "vfer" or len(meta.get("classes", ())) != num_classes:
@@ -89,3 +106,96 @@ def shipped_central_v(
     with np.load(io.BytesIO(blob), allow_pickle=False) as data:
         arrays = {name: np.asarray(data[name], dtype=np.float32) for name in data.files}
     return arrays, meta
+
+
+def shipped_origin(num_classes: int) -> str:
+    """The registry origin of the shipped v for ``num_classes``: ``shipped:vfer-K@<weights SHA-256 prefix>``.
+
+    Raises:
+        ValidationError: no shipped v for that class set.
+    """
+    pinned = SHIPPED_V.get(num_classes)
+    if pinned is None:
+        raise ValidationError(f"no shipped central v for {num_classes} classes (4, 6 or 7)")
+    return f"shipped:{pinned.folder}@{pinned.weights_sha256[:12]}"
+
+
+# PyTorch's nn.LSTM parameter names: <module>.{weight,bias}_{ih,hh}_l<layer>[_reverse].
+_LSTM_NAME = re.compile(r"(?P<module>.+)\.(?:weight|bias)_(?:ih|hh)_l(?P<layer>\d+)(?P<reverse>_reverse)?")
+
+
+def _default_init_bound(name: str, shapes: dict[str, tuple[int, ...]]) -> float:
+    """The half-width of PyTorch's default uniform init for the array ``name`` of the video model."""
+    lstm = _LSTM_NAME.fullmatch(name)
+    if lstm is not None:  # nn.LSTM: every weight and bias ~ U(-1/sqrt(hidden), 1/sqrt(hidden))
+        hh = shapes.get(f"{lstm['module']}.weight_hh_l{lstm['layer']}{lstm['reverse'] or ''}", ())
+        fan = hh[1] if len(hh) == 2 else 0
+    else:  # nn.Linear: weight (kaiming_uniform, a=sqrt(5)) and bias ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+        module, _, kind = name.rpartition(".")
+        weight = shapes.get(f"{module}.weight", ()) if kind in ("weight", "bias") else ()
+        fan = weight[1] if len(weight) == 2 else 0
+    if fan <= 0:
+        raise ValidationError(f"no default initialisation is known for the array {name!r}")
+    return 1.0 / math.sqrt(fan)
+
+
+def random_central_v(
+    num_classes: int, *, seed: int, root: Path | None = None
+) -> dict[str, npt.NDArray[np.float32]]:
+    """A random v for ``num_classes`` classes: PyTorch's default initialisation of the video model, in numpy.
+
+    The names and shapes are those of the shipped v for the class set (read and verified as
+    :func:`shipped_central_v` does), so the arrays load into the agents' ``VideoModel``; each array is drawn,
+    in name order, by numpy's PCG64 generator seeded with ``seed`` from the distribution PyTorch uses by
+    default (``nn.Linear``: weight and bias uniform in +-1/sqrt(fan_in); ``nn.LSTM``: every weight and bias
+    uniform in +-1/sqrt(hidden)). The same seed gives the same arrays on every machine; without torch
+    (the aggregator's base install has none). The values are public (the initial model is sent to every
+    device), so a non-cryptographic generator is the right tool.
+
+    Raises:
+        ValidationError: no shipped v for that class set, a shipped file missing or changed, or a bad seed.
+    """
+    if type(seed) is not int or seed < 0:
+        raise ValidationError("the seed of a random initial model must be a non-negative int")
+    shipped, _ = shipped_central_v(num_classes, root=root)
+    shapes = {name: tuple(int(d) for d in array.shape) for name, array in shipped.items()}
+    rng = np.random.default_rng(seed)
+    out: dict[str, npt.NDArray[np.float32]] = {}
+    for name in sorted(shapes):
+        bound = _default_init_bound(name, shapes)
+        out[name] = rng.uniform(-bound, bound, size=shapes[name]).astype(np.float32)
+    return out
+
+
+#: The choices of ``fedfer-aggregator init --initial-model``.
+INITIAL_MODELS = ("shipped", "random", "none")
+
+
+@dataclass(frozen=True)
+class InitialModel:
+    """A deployment's first central v and the origin the registry records for it."""
+
+    arrays: dict[str, npt.NDArray[np.float32]] = field(repr=False)
+    origin: str
+
+
+def initial_central_v(
+    choice: str, *, num_classes: int, seed: int = 0, root: Path | None = None
+) -> InitialModel | None:
+    """The first central v of a new deployment: ``"shipped"`` (the trained v for ``num_classes``),
+    ``"random"`` (:func:`random_central_v` with ``seed``, origin ``random:seed=N``) or ``"none"`` (None).
+
+    Raises:
+        ValidationError: an unknown choice, no shipped v for ``num_classes``, or a shipped file missing or
+            changed (the message names the file).
+    """
+    if choice == "shipped":
+        arrays, _ = shipped_central_v(num_classes, root=root)
+        return InitialModel(arrays, shipped_origin(num_classes))
+    if choice == "random":
+        return InitialModel(random_central_v(num_classes, seed=seed, root=root), f"random:seed={seed}")
+    if choice == "none":
+        if num_classes not in SHIPPED_V:
+            raise ValidationError(f"no central v is known for {num_classes} classes (4, 6 or 7)")
+        return None
+    raise ValidationError(f"initial model must be one of {', '.join(INITIAL_MODELS)}")

@@ -475,6 +475,8 @@ def _start_aggregator(
             agg,
             "init",
             str(directory),
+            "--initial-model",
+            "none",
             "--listen",
             "127.0.0.1:0",
             "--min-clients",

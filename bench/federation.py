@@ -197,7 +197,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         base = np.random.default_rng([args.seed, 10**6]).standard_normal(dim).astype(np.float32)
         with open_storage(config.storage_url) as storage:
-            ModelRegistry(storage).publish(1, {"v": base}, parent=None)
+            ModelRegistry(storage).publish(1, {"v": base}, parent=None, origin=f"random:seed={args.seed}")
             tokens = [issue_token(storage, now=dt.datetime.now(dt.UTC)).token for _ in range(n)]
         ports_file = root / "ports.json"
         log = (root / "serve.log").open("wb")

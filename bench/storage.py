@@ -116,7 +116,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             publish_t = _time(
                 args.models,
                 lambda i: registry.publish(
-                    first + i, arrays, parent=(first + i - 1) if first + i > 1 else None
+                    first + i,
+                    arrays,
+                    parent=(first + i - 1) if first + i > 1 else None,
+                    origin="random:seed=0",
                 ),
             )
             fetch_t = _time(args.models, lambda i: registry.get(first + i))

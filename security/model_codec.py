@@ -27,7 +27,14 @@ from cryptography.hazmat.primitives import hashes
 
 from fedfer.security.errors import IntegrityError, ValidationError
 
-__all__ = ["MAX_MODEL_BYTES", "EncodedModel", "decode_model", "encode_model", "model_digest"]
+__all__ = [
+    "MAX_MODEL_BYTES",
+    "EncodedModel",
+    "decode_model",
+    "encode_model",
+    "manifest_layout",
+    "model_digest",
+]
 
 MAX_MODEL_BYTES = 256 * 1024 * 1024
 """Default upper bound on a model's array bytes."""
@@ -96,7 +103,12 @@ def encode_model(arrays: Mapping[str, npt.NDArray[Any]], *, max_bytes: int = MAX
     return EncodedModel(manifest=manifest, blob=blob, digest=model_digest(manifest, blob))
 
 
-def _parse_manifest(manifest: str) -> list[tuple[str, tuple[int, ...]]]:
+def manifest_layout(manifest: str) -> list[tuple[str, tuple[int, ...]]]:
+    """The ``(name, shape)`` of each array a canonical manifest lists, in manifest order.
+
+    Raises:
+        ValidationError: The manifest is malformed.
+    """
     if type(manifest) is not str or len(manifest) > _MAX_MANIFEST:
         raise ValidationError("model manifest must be a JSON string of at most 1 MiB")
     try:
@@ -137,7 +149,7 @@ def decode_model(
     expected = model_digest(manifest, blob) if type(manifest) is str else ""
     if not hmac.compare_digest(expected.encode("ascii"), digest.encode("ascii", "replace")):
         raise IntegrityError("model failed its integrity check")
-    layout = _parse_manifest(manifest)
+    layout = manifest_layout(manifest)
     arrays: dict[str, npt.NDArray[np.float32]] = {}
     offset = 0
     for name, shape in layout:

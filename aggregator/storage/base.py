@@ -34,6 +34,7 @@ __all__ = [
     "DeviceRecord",
     "JsonValue",
     "LeaseRecord",
+    "ModelInfo",
     "ModelRecord",
     "NotFoundError",
     "ResponseRecord",
@@ -190,6 +191,10 @@ class ModelRecord:
         digest: Lower-case hex SHA-256 over manifest and blob (checked by the registry on read).
         blob: Concatenated array bytes.
         created_at: When the version was published.
+        origin: Where the version came from, at most 256 characters: ``shipped:vfer-6@<sha256 prefix>`` (a
+            shipped trained v), ``random:seed=0`` (a requested random init), ``import:<file>@<sha256 prefix>``
+            (``fedfer-aggregator import-model``) or ``round:<round id>`` (aggregated). Versions stored before
+            schema version 3 read ``round:<id>`` when a published round names them, else ``unrecorded``.
     """
 
     version: int
@@ -198,6 +203,20 @@ class ModelRecord:
     digest: str
     blob: bytes = field(repr=False)
     created_at: dt.datetime
+    origin: str
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What :meth:`Storage.list_models` tells of a stored version: a :class:`ModelRecord` without its blob
+    (the manifest gives the shapes; nothing here is checked against the digest)."""
+
+    version: int
+    parent: int | None
+    manifest: str
+    digest: str
+    created_at: dt.datetime
+    origin: str
 
 
 @dataclass(frozen=True)
@@ -479,3 +498,7 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def list_model_versions(self) -> list[int]:
         """Return every stored model version, ascending."""
+
+    @abc.abstractmethod
+    def list_models(self) -> list[ModelInfo]:
+        """Return every stored model version without its blob (manifest, digest, origin ...), ascending."""

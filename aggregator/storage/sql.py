@@ -22,6 +22,7 @@ from fedfer.aggregator.storage.base import (
     DeviceRecord,
     JsonValue,
     LeaseRecord,
+    ModelInfo,
     ModelRecord,
     NotFoundError,
     ResponseRecord,
@@ -127,6 +128,18 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             owner TEXT NOT NULL,
             acquired_at BIGINT NOT NULL,
             expires_at BIGINT NOT NULL
+        )""",
+    ),
+    # 3: where each model version came from. Versions stored before it are what a published round names
+    # (``round:<id>``), or 'unrecorded' (an initial import whose file is not known any more).
+    (
+        "ALTER TABLE models ADD COLUMN origin TEXT NOT NULL DEFAULT 'unrecorded'",
+        """UPDATE models SET origin = 'round:' || CAST((
+            SELECT MIN(r.round_id) FROM rounds r
+            WHERE r.model_version = models.version AND r.status = 'published'
+        ) AS TEXT)
+        WHERE EXISTS (
+            SELECT 1 FROM rounds r WHERE r.model_version = models.version AND r.status = 'published'
         )""",
     ),
 )
@@ -289,6 +302,10 @@ def _response(scope: str, request_id: str, row: Sequence[Any]) -> ResponseRecord
     return _decoded("response", fields, row)
 
 
+_MODEL_COLUMNS = "version, parent, manifest, digest, blob, created_at, origin"
+_MODEL_INFO_COLUMNS = "version, parent, manifest, digest, created_at, origin"
+
+
 def _model(row: Sequence[Any]) -> ModelRecord:
     def fields(r: Sequence[Any]) -> ModelRecord:
         return ModelRecord(
@@ -298,6 +315,21 @@ def _model(row: Sequence[Any]) -> ModelRecord:
             digest=_col_str(r[3]),
             blob=_col_bytes(r[4]),
             created_at=_from_db_time(_col_int(r[5])),
+            origin=_col_str(r[6]),
+        )
+
+    return _decoded("model", fields, row)
+
+
+def _model_info(row: Sequence[Any]) -> ModelInfo:
+    def fields(r: Sequence[Any]) -> ModelInfo:
+        return ModelInfo(
+            version=_col_int(r[0]),
+            parent=None if r[1] is None else _col_int(r[1]),
+            manifest=_col_str(r[2]),
+            digest=_col_str(r[3]),
+            created_at=_from_db_time(_col_int(r[4])),
+            origin=_col_str(r[5]),
         )
 
     return _decoded("model", fields, row)
@@ -322,6 +354,7 @@ def _model_row(model: object) -> tuple[Any, ...]:
         model.digest,
         _blob(model.blob, "blob"),
         _to_db_time(model.created_at),
+        _text(model.origin, "model origin"),
     )
 
 
@@ -690,11 +723,7 @@ class SqlStorage(Storage):
         )
         try:
             with self._tx() as cur:
-                cur.execute(
-                    "INSERT INTO models (version, parent, manifest, digest, blob, created_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
-                    row,
-                )
+                cur.execute(f"INSERT INTO models ({_MODEL_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)", row)
                 return _update_round_in(cur, round_id, expected_version, change)
         except Exception as exc:
             if self._is_integrity_error(exc):
@@ -872,8 +901,8 @@ class SqlStorage(Storage):
         row = _model_row(model)
         with self._tx() as cur:
             cur.execute(
-                "INSERT INTO models (version, parent, manifest, digest, blob, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (version) DO NOTHING",
+                f"INSERT INTO models ({_MODEL_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (version) DO NOTHING",
                 row,
             )
             if cur.rowcount == 1:
@@ -888,8 +917,7 @@ class SqlStorage(Storage):
         """Return one model version, or None."""
         with self._tx(write=False) as cur:
             cur.execute(
-                "SELECT version, parent, manifest, digest, blob, created_at FROM models WHERE version = ?",
-                (_int(version, "model version"),),
+                f"SELECT {_MODEL_COLUMNS} FROM models WHERE version = ?", (_int(version, "model version"),)
             )
             row = cur.fetchone()
         return None if row is None else _model(row)
@@ -906,3 +934,9 @@ class SqlStorage(Storage):
         with self._tx(write=False) as cur:
             cur.execute("SELECT version FROM models ORDER BY version")
             return _ints("model", cur.fetchall())
+
+    def list_models(self) -> list[ModelInfo]:
+        """Return every stored model version without its blob, ascending."""
+        with self._tx(write=False) as cur:
+            cur.execute(f"SELECT {_MODEL_INFO_COLUMNS} FROM models ORDER BY version")
+            return [_model_info(r) for r in cur.fetchall()]

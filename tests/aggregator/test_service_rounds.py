@@ -91,7 +91,9 @@ def make_devices(storage: Storage, count: int) -> list[Dev]:
 def coordinator_for(storage: Storage, clock: Clock, **overrides: Any) -> RoundCoordinator:
     registry = ModelRegistry(storage)
     if storage.latest_model_version() is None:
-        registry.publish(1, {"w": np.linspace(-1, 1, DIM, dtype=np.float32)}, parent=None)
+        registry.publish(
+            1, {"w": np.linspace(-1, 1, DIM, dtype=np.float32)}, parent=None, origin="random:seed=0"
+        )
     settings = RoundSettings(**{"min_clients": 3, "max_clients": 5, "degree": 0, "rounds": 1, **overrides})
     return RoundCoordinator(storage=storage, registry=registry, settings=settings, clock=clock)
 
@@ -201,6 +203,7 @@ def test_deadline_turns_straggler_into_dropout_and_mean_matches_oracle(storage: 
         assert record is not None and record.status is Stage.FINISHED
         assert list(record.participants) == sorted(d.device_id for d in alive)
         registry = ModelRegistry(storage)
+        assert (registry.get(2).origin, registry.get(2).parent) == (f"round:{round_id}", 1)
         got = registry.get(2).arrays["w"].astype(np.float64) - registry.get(1).arrays["w"].astype(np.float64)
         total = sum(weights[d.device_id] for d in alive)
         oracle = sum(weights[d.device_id] * np.clip(updates[d.device_id], -1, 1) for d in alive) / total
@@ -782,7 +785,7 @@ def test_a_round_opened_behind_the_leaders_back_is_recovered_not_raised(storage:
         task = asyncio.create_task(coord.run())
         await until(lambda: coord.is_leader, "the coordinator leads")  # no model yet: it waits for one
         stray = storage.create_round(params={}, now=NOW)  # what a stale leader could still do
-        registry.publish(1, {"w": np.zeros(DIM, dtype=np.float32)}, parent=None)
+        registry.publish(1, {"w": np.zeros(DIM, dtype=np.float32)}, parent=None, origin="random:seed=0")
         # Its own create_round loses to the stray round: it recovers that one (aborting it: nothing persisted)
         # and opens its own, instead of crashing out of run().
         await until(lambda: coord.view("dev-x").stage is Stage.CHECK_IN, "its own round")

@@ -21,6 +21,7 @@ from fedfer.aggregator.storage import (
     ConflictError,
     DeviceRecord,
     LeaseRecord,
+    ModelInfo,
     ModelRecord,
     NotFoundError,
     Storage,
@@ -30,7 +31,8 @@ from fedfer.aggregator.storage import (
     open_storage,
     redact_url,
 )
-from fedfer.aggregator.storage.sql import SCHEMA_VERSION
+from fedfer.aggregator.storage.postgres import PostgresStorage
+from fedfer.aggregator.storage.sql import _MIGRATIONS, SCHEMA_VERSION
 from fedfer.aggregator.storage.sqlite import SqliteStorage
 from fedfer.security.secagg import Stage
 from tests.postgres import PostgresServer
@@ -59,6 +61,14 @@ def device(name: str = "dev-1", serial: int = 1) -> DeviceRecord:
         cert_serial=serial,
         identity_public_key=bytes([serial % 256]) * 32,
         created_at=NOW,
+    )
+
+
+def model(
+    version: int, parent: int | None, digest: str, blob: bytes = b"", *, origin: str = "random:seed=0"
+) -> ModelRecord:
+    return ModelRecord(
+        version=version, parent=parent, manifest="[]", digest=digest, blob=blob, created_at=NOW, origin=origin
     )
 
 
@@ -179,10 +189,7 @@ def _sqlite_deployment(tmp_path: Path) -> Path:
     with open_storage(f"sqlite://{path}", now=NOW, create=True) as s:
         for i in range(1, 40):
             s.add_token(token(i))
-            s.put_model(
-                ModelRecord(version=i, parent=None, manifest="[]", digest=f"{i:02x}", blob=os.urandom(3000),
-                            created_at=NOW)
-            )  # fmt: skip
+            s.put_model(model(i, None, f"{i:02x}", os.urandom(3000)))
     for suffix in ("-wal", "-shm"):
         Path(f"{path}{suffix}").unlink(missing_ok=True)
     return path
@@ -491,26 +498,22 @@ def test_idempotent_responses(store: Storage) -> None:
 
 def test_model_versions(store: Storage) -> None:
     assert store.latest_model_version() is None
-    m1 = ModelRecord(version=1, parent=None, manifest="[]", digest="aa", blob=b"\x00" * 10, created_at=NOW)
-    m2 = ModelRecord(version=2, parent=1, manifest="[]", digest="bb", blob=b"\x01" * 10, created_at=NOW)
+    m1 = model(1, None, "aa", b"\x00" * 10, origin="shipped:vfer-6@f6751dd9e339")
+    m2 = model(2, 1, "bb", b"\x01" * 10, origin="round:1")
     assert store.put_model(m2) and store.put_model(m1)
     assert not store.put_model(m1)
     with pytest.raises(ConflictError):
-        store.put_model(
-            ModelRecord(version=1, parent=None, manifest="[]", digest="cc", blob=b"", created_at=NOW)
-        )
+        store.put_model(model(1, None, "cc"))
     assert store.get_model(1) == m1 and store.get_model(3) is None
     assert store.latest_model_version() == 2
     assert store.list_model_versions() == [1, 2]
     with pytest.raises(StorageError):
-        store.put_model(
-            ModelRecord(version=0, parent=None, manifest="[]", digest="", blob=b"", created_at=NOW)
-        )
+        store.put_model(model(0, None, ""))
 
 
 def test_publish_round_stores_the_model_and_finishes_the_round_in_one_transaction(store: Storage) -> None:
-    m1 = ModelRecord(version=1, parent=None, manifest="[]", digest="aa", blob=b"\x00" * 10, created_at=NOW)
-    m2 = ModelRecord(version=2, parent=1, manifest="[]", digest="bb", blob=b"\x01" * 10, created_at=NOW)
+    m1 = model(1, None, "aa", b"\x00" * 10, origin="shipped:vfer-6@f6751dd9e339")
+    m2 = model(2, 1, "bb", b"\x01" * 10, origin="round:1")
     store.put_model(m1)
     r = store.create_round(params={}, now=NOW)
     r = store.update_round(r.round_id, expected_version=1, now=NOW, status=Stage.UNMASK)
@@ -535,13 +538,105 @@ def test_publish_round_stores_the_model_and_finishes_the_round_in_one_transactio
     )
     assert store.get_model(2) == m2 and store.active_round() is None
     # A finished round cannot publish again, whatever the version.
-    m3 = ModelRecord(version=3, parent=2, manifest="[]", digest="cc", blob=b"", created_at=NOW)
+    m3 = model(3, 2, "cc")
     with pytest.raises(ConflictError):
         store.publish_round(r.round_id, expected_version=3, now=NOW, model=m3, participants=[])
     assert store.list_model_versions() == [1, 2]
     with pytest.raises(NotFoundError):
         store.publish_round(10_000, expected_version=1, now=NOW, model=m3, participants=[])
     assert store.list_model_versions() == [1, 2]
+
+
+def test_model_origins_are_stored_listed_and_checked(store: Storage) -> None:
+    m1 = model(1, None, "aa", b"\x00" * 10, origin="shipped:vfer-6@f6751dd9e339")
+    m2 = model(2, 1, "bb", b"\x01" * 10, origin="import:v0.npz@0123456789ab")
+    assert store.put_model(m1) and store.put_model(m2)
+    r = store.create_round(params={}, now=NOW)
+    m3 = model(3, 2, "cc", b"\x02" * 4, origin=f"round:{r.round_id}")
+    store.publish_round(r.round_id, expected_version=1, now=NOW, model=m3, participants=["dev-a"])
+    assert [store.get_model(v) for v in (1, 2, 3)] == [m1, m2, m3]
+    assert store.list_models() == [
+        ModelInfo(version=m.version, parent=m.parent, manifest=m.manifest, digest=m.digest, created_at=NOW,
+                  origin=m.origin)
+        for m in (m1, m2, m3)
+    ]  # fmt: skip
+    # The first write wins: a retry of the same version keeps the stored origin.
+    assert not store.put_model(model(1, None, "aa", b"\x00" * 10, origin="random:seed=0"))
+    assert store.get_model(1) == m1
+    for bad in ("", "x" * 257, None, b"round:1"):
+        with pytest.raises(StorageError, match="origin"):
+            store.put_model(model(4, 3, "dd", origin=bad))  # type: ignore[arg-type]
+    assert store.list_model_versions() == [1, 2, 3]
+
+
+def _schema_2_database(url: str) -> None:
+    """An aggregator database as schema version 2 left it (no model origins): three model versions, a
+    published round that names version 2 and an aborted one that names version 3."""
+    dialect = SqliteStorage if url.startswith("sqlite:") else PostgresStorage
+    schema = [
+        st.format(blob=dialect._blob_type, autoid=dialect._autoid_type) for m in _MIGRATIONS[:2] for st in m
+    ]
+    rows: list[tuple[str, tuple[object, ...]]] = [
+        ("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at BIGINT)", ()),
+        *((st, ()) for st in schema),
+        ("INSERT INTO schema_migrations (version, applied_at) VALUES (1, 0), (2, 0)", ()),
+        *(
+            ("INSERT INTO models (version, parent, manifest, digest, blob, created_at) "
+             "VALUES (?, ?, '[]', ?, ?, 0)", (v, parent, f"{v:02x}", b"\x00"))
+            for v, parent in ((1, None), (2, 1), (3, 2))
+        ),
+        *(
+            ("INSERT INTO rounds (cohort, status, params, created_at, updated_at, model_version, state, "
+             "participants, version) VALUES ('default', ?, '{}', 0, 0, ?, ?, '[]', 3)",
+             (status, version, b""))
+            for status, version in (("published", 2), ("aborted", 3))
+        ),
+    ]  # fmt: skip
+    if dialect is SqliteStorage:
+        import sqlite3
+
+        with contextlib.closing(sqlite3.connect(url.removeprefix("sqlite://"))) as conn:
+            for sql, params in rows:
+                conn.execute(sql, params)
+            conn.commit()
+    else:
+        with psycopg.connect(url, autocommit=True) as pg:
+            for sql, params in rows:
+                pg.execute(sql.replace("?", "%s").encode(), params)
+
+
+def test_a_schema_2_database_is_migrated_to_recorded_origins(storage_url: str) -> None:
+    _schema_2_database(storage_url)
+    with open_storage(storage_url, now=NOW) as s:  # an existing deployment: no create
+        assert s.schema_version() == SCHEMA_VERSION
+        published = [r.round_id for r in s.list_rounds() if r.status is Stage.FINISHED]
+        # What a published round names is that round's output; the rest was imported by hand, file unknown.
+        assert [(m.version, m.origin) for m in s.list_models()] == [
+            (1, "unrecorded"), (2, f"round:{published[0]}"), (3, "unrecorded"),
+        ]  # fmt: skip
+        second = s.get_model(2)
+        assert second is not None and second.origin == f"round:{published[0]}"
+        s.put_model(model(4, 3, "dd", origin="import:v4.npz@0123456789ab"))
+    with open_storage(storage_url, now=NOW) as s:  # migrated once: reopening changes nothing
+        assert [m.origin for m in s.list_models()] == [
+            "unrecorded", f"round:{published[0]}", "unrecorded", "import:v4.npz@0123456789ab",
+        ]  # fmt: skip
+        assert s.schema_version() == SCHEMA_VERSION
+
+
+def test_a_damaged_origin_reads_as_storage_corrupt_error(tmp_path: Path) -> None:
+    url = f"sqlite://{tmp_path / 'agg.db'}"
+    with open_storage(url, now=NOW, create=True) as s:
+        s.put_model(model(1, None, "aa"))
+        import sqlite3
+
+        with contextlib.closing(sqlite3.connect(url.removeprefix("sqlite://"))) as raw:
+            raw.execute("UPDATE models SET origin = x'ff'")  # not text
+            raw.commit()
+        with pytest.raises(StorageCorruptError, match="model record is damaged"):
+            s.get_model(1)
+        with pytest.raises(StorageCorruptError, match="model record is damaged"):
+            s.list_models()
 
 
 # -- leases -------------------------------------------------------------------------------------------------

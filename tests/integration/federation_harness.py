@@ -218,7 +218,12 @@ class Device:
 
 
 class Deployment:
-    """A deployment directory created by ``fedfer-aggregator init``, with an initial central model."""
+    """A deployment directory created by ``fedfer-aggregator init``, with an initial central model.
+
+    ``initial="import"`` (the default) runs ``init --initial-model none`` and imports ``model`` (or
+    :func:`default_model`) with ``import-model``, as an operator with their own v does; ``"shipped"``,
+    ``"random"`` and ``"none"`` pass that ``--initial-model`` and import nothing.
+    """
 
     def __init__(
         self,
@@ -232,9 +237,12 @@ class Deployment:
         listen: str = "127.0.0.1:0",
         model: dict[str, npt.NDArray[np.float32]] | None = None,
         storage_url: str | None = None,
+        initial: str = "import",
     ) -> None:
+        assert model is None or initial == "import", "a model is imported only with initial='import'"
         self.dir = directory
-        args = ["fedfer-aggregator", "init", str(directory), "--listen", listen]
+        choice = ["--initial-model", "none" if initial == "import" else initial]
+        args = ["fedfer-aggregator", "init", str(directory), *choice, "--listen", listen]
         args += ["--min-clients", str(min_clients), "--max-clients", str(max_clients)]
         args += ["--deadline-s", str(deadline_s)]
         if threshold is not None:
@@ -249,11 +257,12 @@ class Deployment:
             default = f'url = "sqlite://{directory.resolve() / "aggregator.db"}"'
             assert default in text
             self.config.write_text(text.replace(default, f'url = "{storage_url}"'))
-            run_cli("fedfer-aggregator", "create-storage", str(directory))
+            run_cli("fedfer-aggregator", "create-storage", str(directory), *choice)
         self.ca_pem = (directory / "pki" / "ca.pem").read_bytes()
-        model_path = directory / "model0.npz"
-        np.savez(model_path, **(model or default_model()))  # type: ignore[arg-type]
-        run_cli("fedfer-aggregator", "import-model", str(directory), str(model_path))
+        if initial == "import":
+            model_path = directory / "model0.npz"
+            np.savez(model_path, **(model or default_model()))  # type: ignore[arg-type]
+            run_cli("fedfer-aggregator", "import-model", str(directory), str(model_path))
 
     def serve(self, *extra: str) -> Aggregator:
         """Start the aggregator."""
@@ -386,7 +395,9 @@ async def start(root: Path, settings: RoundSettings, *, limits: EdgeLimits = LIM
     config = init_deployment(root / "agg", listen="127.0.0.1:0")
     with open_storage(config.storage_url) as storage:
         rng = np.random.default_rng(0)
-        ModelRegistry(storage).publish(1, {"w": rng.standard_normal(DIM).astype(np.float32)}, parent=None)
+        ModelRegistry(storage).publish(
+            1, {"w": rng.standard_normal(DIM).astype(np.float32)}, parent=None, origin="random:seed=0"
+        )
     return await start_replica(root, settings, limits=limits)
 
 
